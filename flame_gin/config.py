@@ -1,0 +1,97 @@
+"""Gin plumbing of the command line: search paths, the ``--gin.NAME=VALUE`` shorthand, parsing, config files.
+
+Conventions follow T5X: ``--gin_file`` repeats (later files override earlier ones), ``--gin_bindings`` repeat
+and apply after all files, ``--gin.NAME=VALUE`` is rewritten to the binding ``NAME = VALUE`` before absl
+parses flags, and the resolved config is written to the run directory as ``config.gin`` (re-parseable) at start
+and ``operative_config.gin`` (what was really used) after the first step.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from typing import Sequence
+
+import gin
+
+CONFIG_FILE = "config.gin"
+OPERATIVE_CONFIG_FILE = "operative_config.gin"
+_SHORTHAND = re.compile(r"^--gin\.([A-Za-z_][\w.]*(?:/[\w.]+)*)=(.*)$", re.DOTALL)
+
+
+class ConfigError(ValueError):
+  """A config problem found before anything expensive was built; the message names what is at fault."""
+
+
+def package_gin_dir() -> pathlib.Path:
+  """The ``gin/`` folder shipped beside the ``flame_gin`` package (the repository's own configs)."""
+  return pathlib.Path(__file__).resolve().parent.parent / "gin"
+
+
+def default_search_paths() -> list[str]:
+  """The current directory first, then the repository root and its ``gin/`` folder.
+
+  With these, ``--gin_file=gin/gla.gin`` works from any directory, and includes inside gin files
+  (``include 'model/gla.gin'``) resolve against the shipped ``gin/`` folder.
+  """
+  gin_dir = package_gin_dir()
+  return [os.getcwd(), str(gin_dir.parent), str(gin_dir)]
+
+
+def rewrite_shorthand(argv: Sequence[str]) -> list[str]:
+  """Turns each ``--gin.NAME=VALUE`` into ``--gin_bindings=NAME = VALUE`` so absl never sees unknown flags."""
+  out = []
+  for arg in argv:
+    match = _SHORTHAND.match(arg)
+    if match:
+      out.append(f"--gin_bindings={match.group(1)} = {match.group(2)}")
+    elif arg.startswith("--gin.") and "=" not in arg:
+      raise ConfigError(f"{arg!r}: the shorthand needs a value, as in --gin.TRAIN_STEPS=20")
+    else:
+      out.append(arg)
+  return out
+
+
+def resolve_file(name: str, search_paths: Sequence[str]) -> str:
+  """The first existing ``search_path/name``; a missing file is a ``ConfigError`` listing where it looked."""
+  if os.path.isabs(name):
+    if os.path.exists(name):
+      return name
+    raise ConfigError(f"gin file {name!r} does not exist")
+  for base in search_paths:
+    candidate = os.path.join(base, name)
+    if os.path.exists(candidate):
+      return candidate
+  raise ConfigError(f"gin file {name!r} not found in the search paths {list(search_paths)}")
+
+
+def parse(*, gin_files: Sequence[str], gin_bindings: Sequence[str], search_paths: Sequence[str]) -> None:
+  """Parses files then bindings into gin's global config and finalises it.
+
+  Every error comes back as a ``ConfigError`` carrying gin's own location (file and line) of the fault.
+  All configurables must already be registered (import ``flame_gin.configurables`` first).
+  """
+  gin.clear_config()
+  for path in search_paths:
+    gin.add_config_file_search_path(path)
+  files = [resolve_file(f, search_paths) for f in gin_files]
+  try:
+    gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=True)
+  except (ValueError, SyntaxError, TypeError, IOError) as e:
+    raise ConfigError(f"Bad gin config: {e}") from None
+
+
+def config_text() -> str:
+  """The resolved config as gin text (every binding set by files and flags), re-parseable."""
+  return gin.config_str()
+
+
+def write_config(*, workdir: str | os.PathLike, text: str, name: str = CONFIG_FILE) -> pathlib.Path:
+  """Writes ``text`` to ``workdir/name`` atomically (temp file then rename), so readers never see half."""
+  path = pathlib.Path(workdir) / name
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+  return path

@@ -1,0 +1,80 @@
+"""Metric writers from CLU, on the primary process only, without TensorFlow.
+
+``clu.metric_writers`` imports its TensorFlow summary writer at package import; TensorFlow is a multi-GB
+dependency this trainer does not need, so when it is absent a stand-in for that one submodule is registered
+first. TensorBoard event files are written by CLU's ``TorchTensorboardWriter`` (torch's SummaryWriter), which
+has no text support: texts (the config) go to a plain text event through torch's writer directly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+from typing import Any, Mapping, Sequence
+
+_SUMMARY_MODULE = "clu.metric_writers.summary_writer"
+
+
+def _import_clu_writers():
+  if _SUMMARY_MODULE not in sys.modules and importlib.util.find_spec("tensorflow") is None:
+    stub = types.ModuleType(_SUMMARY_MODULE)
+
+    class SummaryWriter:  # noqa: D401 - stand-in, refuses use
+      def __init__(self, *args, **kwargs):
+        raise ImportError("clu's SummaryWriter needs TensorFlow; flame_gin writes TensorBoard files through "
+                          "TorchTensorboardWriter instead")
+
+    stub.SummaryWriter = SummaryWriter
+    sys.modules[_SUMMARY_MODULE] = stub
+  from clu import metric_writers
+  from clu.metric_writers import torch_tensorboard_writer
+  return metric_writers, torch_tensorboard_writer
+
+
+metric_writers, _torch_tb = _import_clu_writers()
+MetricWriter = metric_writers.MetricWriter
+
+
+class TensorboardWriter(_torch_tb.TorchTensorboardWriter):
+  """CLU's torch TensorBoard writer plus text summaries (the resolved config, notes)."""
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    for key, value in texts.items():
+      self._writer.add_text(key, value, global_step=step)
+
+
+def create_writers(*, workdir: str | os.PathLike | None, is_primary: bool, tensorboard: bool = True,
+                   log_to_console: bool = True, asynchronous: bool = True,
+                   extra: Sequence[MetricWriter] = ()) -> MetricWriter:
+  """One writer fanning out to logging, TensorBoard (``workdir/tensorboard``) and ``extra`` writers.
+
+  Non-primary processes get a writer that drops everything, so callers never branch on rank. TensorBoard
+  and extra writers run on a background thread when ``asynchronous`` (file I/O off the training loop).
+  """
+  if not is_primary:
+    return metric_writers.MultiWriter([])
+  slow: list[MetricWriter] = list(extra)
+  if tensorboard and workdir is not None:
+    slow.append(TensorboardWriter(os.path.join(os.fspath(workdir), "tensorboard")))
+  if asynchronous and slow:
+    slow = [metric_writers.AsyncMultiWriter(slow)]
+  writers = ([metric_writers.LoggingWriter()] if log_to_console else []) + slow
+  return metric_writers.MultiWriter(writers)
+
+
+def format_progress(*, step: int, total_steps: int, scalars: Mapping[str, Any], eta_seconds: float | None) -> str:
+  """The human progress line: step, loss, tokens/s and ETA."""
+  parts = [f"step {step}/{total_steps}"]
+  if "loss" in scalars:
+    parts.append(f"loss {scalars['loss']:.4f}")
+  if "tokens_per_second" in scalars:
+    parts.append(f"{scalars['tokens_per_second']:,.0f} tok/s")
+  if "mfu" in scalars:
+    parts.append(f"mfu {100 * scalars['mfu']:.1f}%")
+  if eta_seconds is not None:
+    minutes, seconds = divmod(int(eta_seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    parts.append(f"eta {hours:d}:{minutes:02d}:{seconds:02d}")
+  return " | ".join(parts)
