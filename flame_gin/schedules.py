@@ -57,6 +57,8 @@ def wsd(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float =
   """
   if not 0.0 <= decay_ratio <= 1.0:
     raise ValueError(f"wsd: decay_ratio={decay_ratio} must lie in [0, 1]")
+  if decay_shape not in ("linear", "cosine", "sqrt"):
+    raise ValueError(f"wsd: unknown decay_shape {decay_shape!r}; expected 'linear', 'cosine' or 'sqrt'")
   w = _warmup(step, warmup_steps)
   if w is not None:
     return w
@@ -69,10 +71,8 @@ def wsd(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float =
     shape = 1.0 - progress
   elif decay_shape == "cosine":
     shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-  elif decay_shape == "sqrt":
-    shape = 1.0 - math.sqrt(progress)
   else:
-    raise ValueError(f"wsd: unknown decay_shape {decay_shape!r}; expected 'linear', 'cosine' or 'sqrt'")
+    shape = 1.0 - math.sqrt(progress)
   return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 

@@ -1,0 +1,47 @@
+"""The one module that registers flame_gin's injectable parts with gin.
+
+Library modules stay gin-free (plain keyword-only functions, testable without a config); this module names
+them for gin files. Importing it registers everything, which must happen before any config is parsed: gin
+refuses new configurables once a config is finalised.
+"""
+
+from __future__ import annotations
+
+import gin
+
+from flame_gin import metrics, models, optim, profiling, schedules, trainer, wandb_writer
+
+_MODULE = "flame_gin"
+
+
+def _register(fn, name: str, **kwargs):
+  return gin.external_configurable(fn, name=name, module=_MODULE, **kwargs)
+
+
+run = _register(trainer.run, "run", denylist=["config_text", "on_first_step", "stop_requested"])
+_register(models.build_config, "model_config")
+_register(schedules.make_schedule, "lr_schedule", denylist=["total_steps"])
+_register(optim.adamw, "adamw", denylist=["params"])
+_register(metrics.create_writers, "metric_writers", denylist=["workdir", "is_primary"])
+_register(profiling.Profiler, "profiler", denylist=["workdir", "rank"])
+_register(wandb_writer.WandbWriter, "wandb_writer")
+
+
+def _register_optional() -> None:
+  """Parts built in their own packages, registered when present."""
+  try:
+    from flame_gin import data
+  except ImportError:
+    return
+  for name in ("build_loader",):
+    if hasattr(data, name):
+      _register(getattr(data, name), name, denylist=["seq_len", "batch_size", "rank", "world_size", "seed", "split"])
+  try:
+    from flame_gin.data import embedded
+    _register(embedded.tokenizer_path, "embedded_tokenizer")
+    _register(embedded.corpus_dir, "embedded_corpus")
+  except ImportError:
+    pass
+
+
+_register_optional()

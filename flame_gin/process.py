@@ -1,0 +1,102 @@
+"""Process-level set-up: the process group, the device, seeding and determinism, and a clean shutdown.
+
+The trainer runs the same way under ``python -m`` (one process) and ``torchrun`` (``WORLD_SIZE`` set):
+NCCL on GPUs, gloo on CPUs. Shutdown passes a barrier before destroying the group: without it a fast rank
+can tear the group down while a slow one is still inside a collective and the job aborts after finishing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+  """Where this process sits: its global rank, the world size, its local rank and its device."""
+  rank: int
+  world_size: int
+  local_rank: int
+  device: torch.device
+
+  @property
+  def is_primary(self) -> bool:
+    return self.rank == 0
+
+
+def init(*, timeout_seconds: float = 600.0, device_type: str = "auto") -> ProcessInfo:
+  """Initialises the default process group when launched by torchrun, and picks this process's device."""
+  world_size = int(os.environ.get("WORLD_SIZE", "1"))
+  rank = int(os.environ.get("RANK", "0"))
+  local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+  if device_type == "auto":
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+  if device_type == "cuda":
+    torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank)
+  else:
+    device = torch.device("cpu")
+  if world_size > 1 and not dist.is_initialized():
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_seconds),
+                            device_id=device if device_type == "cuda" else None)
+  return ProcessInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def seed_everything(*, seed: int, deterministic: bool) -> None:
+  """Seeds Python, NumPy and torch; with ``deterministic`` also asks torch for deterministic kernels."""
+  random.seed(seed)
+  np.random.seed(seed % (2**32))
+  torch.manual_seed(seed)
+  if deterministic:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def rng_state() -> dict:
+  """Every RNG this process uses, as plain picklable values, for exact resume."""
+  state = {
+      "python": random.getstate(),
+      "numpy": np.random.get_state(),
+      "torch": torch.get_rng_state().tolist(),
+  }
+  if torch.cuda.is_available():
+    state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+  return state
+
+
+def set_rng_state(state: dict) -> None:
+  """Restores what ``rng_state`` captured."""
+  random.setstate(_as_python_state(state["python"]))
+  np_state = state["numpy"]
+  np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+  torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+  if "cuda" in state and torch.cuda.is_available():
+    torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _as_python_state(value):
+  """``random.setstate`` needs tuples; a state that went through JSON comes back as lists."""
+  version, internal, gauss = value
+  return (version, tuple(internal), gauss)
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+  """Sum over every process (identity in a single process)."""
+  if dist.is_initialized() and dist.get_world_size() > 1:
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+  return value
+
+
+def shutdown() -> None:
+  """Barrier, then destroy the process group (if one was created)."""
+  if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()

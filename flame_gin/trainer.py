@@ -1,0 +1,342 @@
+"""The training run: ``run()`` validates, builds, then loops over named phases until the last step.
+
+Order of work (each phase a function below):
+  1. validate the config cheaply (schedule, batch arithmetic, vocabulary, varlen support) before anything big;
+  2. set up the process (group, device, seeds) and the run directory (``config.gin``);
+  3. build data, model (meta, counted, materialised), optimizer; restore the latest checkpoint if any;
+  4. loop: fetch micro-batches -> forward/backward -> clip and check -> optimizer step -> log -> eval ->
+     checkpoint -> housekeeping (GC, profiler, preemption);
+  5. final save, flush metrics, shut the process group down.
+A resumed run is the same run: step, tokens seen, RNG states and every rank's data-iterator state are
+restored, and the LR comes from the step through a pure schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import math
+import os
+import pathlib
+import resource
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from absl import logging
+
+from flame_gin import config as config_lib
+from flame_gin import kernels, loss as loss_lib, metrics, models, optim, process
+
+PREEMPTED_EXIT_CODE = 42
+
+
+@dataclasses.dataclass
+class TrainState:
+  """What the loop counts, saved in every checkpoint."""
+  step: int = 0
+  tokens_seen: int = 0
+  skipped_steps: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+  loss: float
+  grad_norm: float
+  tokens: int
+  skipped: bool
+  data_wait: float
+
+
+def _validate(*, train_steps: int, batch_size: int, grad_accum_steps: int, dp_size: int, seq_len: int,
+              model_config, vocab_size: Optional[int], varlen: bool) -> int:
+  """Cheap checks before anything is built; returns the per-rank micro-batch size."""
+  if train_steps < 0:
+    raise config_lib.ConfigError(f"TRAIN_STEPS={train_steps} must be >= 0")
+  if seq_len <= 0:
+    raise config_lib.ConfigError(f"SEQ_LEN={seq_len} must be positive")
+  per_step = dp_size * grad_accum_steps
+  if batch_size <= 0 or batch_size % per_step:
+    raise config_lib.ConfigError(
+        f"BATCH_SIZE={batch_size} (global, in sequences) must be a positive multiple of data-parallel size "
+        f"{dp_size} x gradient accumulation {grad_accum_steps} = {per_step}")
+  if vocab_size is not None and vocab_size > model_config.vocab_size:
+    raise config_lib.ConfigError(
+        f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}; "
+        f"set VOCAB_SIZE >= {vocab_size}")
+  if varlen and not models.supports_varlen(model_config):
+    raise config_lib.ConfigError(
+        f"varlen packing needs layers that honour cu_seqlens; model family {model_config.model_type!r} would "
+        f"let documents see each other. Turn varlen off for this family.")
+  return batch_size // per_step
+
+
+@contextlib.contextmanager
+def _as_config_error():
+  """Turns a builder's complaint about its arguments (raised before any training) into a ``ConfigError``."""
+  try:
+    yield
+  except config_lib.ConfigError:
+    raise
+  except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as e:
+    raise config_lib.ConfigError(f"{type(e).__name__}: {e}") from e
+
+
+def _autocast(device: torch.device):
+  if device.type == "cuda":
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+  return contextlib.nullcontext()
+
+
+def _fetch(iterator: Iterator[dict], *, count: int, device: torch.device) -> tuple[list[dict], float]:
+  """Phase: the step's micro-batches, moved to the device; returns them and the time spent waiting."""
+  start = time.perf_counter()
+  batches = []
+  for _ in range(count):
+    batch = next(iterator)
+    batches.append({k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()})
+  return batches, time.perf_counter() - start
+
+
+def _forward_backward(*, model, batches: list[dict], device: torch.device, fused_loss: bool) -> tuple[float, int]:
+  """Phase: gradients of the loss normalised by the global number of valid tokens of the step."""
+  local_tokens = sum(int((b["labels"] != loss_lib.IGNORE_INDEX).sum()) for b in batches)
+  global_tokens = int(process.all_reduce_sum(torch.tensor(float(local_tokens), device=device)).item())
+  denom = max(global_tokens, 1)
+  total = torch.zeros((), device=device)
+  for batch in batches:
+    with _autocast(device):
+      loss_sum, _ = loss_lib.loss_sum(model=model, batch=batch, fused=fused_loss)
+    (loss_sum / denom).backward()
+    total += loss_sum.detach()
+  return float(process.all_reduce_sum(total).item()) / denom, global_tokens
+
+
+def _clip_and_check(*, model, max_grad_norm: float) -> float:
+  """Phase: the global gradient norm (clipped to ``max_grad_norm`` when it is positive)."""
+  params = [p for p in model.parameters() if p.grad is not None]
+  norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+  if hasattr(norm, "full_tensor"):
+    norm = norm.full_tensor()
+  return float(norm)
+
+
+def _apply(*, optimizer, lr_now: float, finite: bool, skip_nonfinite: bool) -> bool:
+  """Phase: the optimizer step at ``lr_now``; a non-finite step is dropped (returns True when skipped)."""
+  if not finite and skip_nonfinite:
+    optimizer.zero_grad(set_to_none=True)
+    return True
+  for group in optimizer.param_groups:
+    group["lr"] = lr_now
+  optimizer.step()
+  optimizer.zero_grad(set_to_none=True)
+  return False
+
+
+@torch.no_grad()
+def evaluate(*, model, loader, device: torch.device, max_batches: int, fused_loss: bool) -> dict:
+  """Mean token loss and perplexity over the held-out loader (at most ``max_batches`` batches)."""
+  was_training = model.training
+  model.eval()
+  total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+  for i, batch in enumerate(loader):
+    if max_batches and i >= max_batches:
+      break
+    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    with _autocast(device):
+      loss_sum, n = loss_lib.loss_sum(model=model, batch=batch, fused=fused_loss)
+    total += loss_sum.float()
+    count += n
+  model.train(was_training)
+  total, count = process.all_reduce_sum(total), process.all_reduce_sum(count)
+  mean = float(total / count.clamp(min=1))
+  return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+  if device.type == "cuda":
+    return torch.cuda.max_memory_allocated(device) / 2**30
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def _flops_per_token(model_config, seq_len: int) -> Optional[float]:
+  try:
+    from flame_gin import flops
+    return float(flops.flops_per_token(config=model_config, seq_len=seq_len))
+  except (ImportError, ValueError, NotImplementedError) as e:
+    logging.warning("no FLOPs count for %s (%s): MFU is not logged", model_config.model_type, e)
+    return None
+
+
+def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[..., Any], eval_data: Optional[Callable[..., Any]] = None,
+        train_steps: int, batch_size: int, seq_len: int, lr: float, lr_schedule: Callable[..., Callable[[int], float]],
+        optimizer: Callable[..., torch.optim.Optimizer] = optim.adamw, weight_decay: float = 0.1,
+        grad_accum_steps: int = 1, max_grad_norm: float = 1.0, skip_nonfinite: bool = True, seed: int = 42,
+        deterministic: bool = False, gc_interval: int = 50, eval_interval: int = 0, eval_batches: int = 0,
+        log_interval: int = 10, kernel_mode: str = "auto", fused_loss: str = "auto", varlen: bool = False,
+        writers: Callable[..., metrics.MetricWriter] = metrics.create_writers,
+        checkpointer: Optional[Callable[..., Any]] = None, checkpoint_interval: int = 0,
+        checkpoint_interval_seconds: float = 0.0, profiler: Optional[Callable[..., Any]] = None,
+        peak_tflops: Optional[float] = None, config_text: str = "", on_first_step: Optional[Callable[[], str]] = None,
+        stop_requested: Optional[Callable[[], bool]] = None) -> int:
+  """Trains to ``train_steps`` (resuming from ``workdir`` when it holds checkpoints); returns an exit status.
+
+  0 when training finished, ``PREEMPTED_EXIT_CODE`` (42) when a stop was requested (SIGTERM/SIGUSR2) and the
+  state was saved, so a Slurm wrapper can requeue the job.
+  """
+  # 1. Set up the process, then validate everything cheap before building anything big.
+  proc = process.init()
+  dp_size = proc.world_size
+  with _as_config_error():
+    model_config = model_config()
+    lr_schedule = lr_schedule(total_steps=train_steps)
+  kernel_used = kernels.select(mode=kernel_mode)
+  micro_batch = _validate(train_steps=train_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
+                          dp_size=dp_size, seq_len=seq_len, model_config=model_config, vocab_size=None,
+                          varlen=varlen)
+  use_fused = (fused_loss == "auto" and proc.device.type == "cuda") or fused_loss is True or fused_loss == "on"
+  process.seed_everything(seed=seed, deterministic=deterministic)
+
+  # 2. Data (fails early on bad paths), then the vocabulary check against the model config.
+  with _as_config_error():
+    loader = train_data(seq_len=seq_len, batch_size=micro_batch, rank=proc.rank, world_size=dp_size, seed=seed,
+                        split="train")
+  _validate(train_steps=train_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps, dp_size=dp_size,
+            seq_len=seq_len, model_config=model_config, vocab_size=getattr(loader, "vocab_size", None),
+            varlen=varlen)
+  eval_loader = (eval_data(seq_len=seq_len, batch_size=micro_batch, rank=proc.rank, world_size=dp_size,
+                           seed=seed, split="validation") if eval_data is not None and eval_interval else None)
+
+  # 3. Run directory: only now that the config is known to be sound.
+  workdir_path = pathlib.Path(workdir)
+  if proc.is_primary:
+    config_lib.write_config(workdir=workdir_path, text=config_text)
+  writer = writers(workdir=workdir_path, is_primary=proc.is_primary)
+
+  # 4. Model: meta build (counted), materialised and initialised with the seed; optimizer with groups.
+  meta = models.build_meta_model(config=model_config)
+  n_params = models.count_parameters(meta)
+  del meta
+  model = models.build_model(config=model_config, device=proc.device, seed=seed)
+  model.train()
+  groups = optim.parameter_groups(model=model, weight_decay=weight_decay)
+  opt = optimizer(params=groups, lr=lr)
+  flops_per_token = _flops_per_token(model_config, seq_len)
+  logging.info("model %s: %s parameters (%s without embeddings); kernels: %s; micro-batch %d x %d, accumulation %d",
+               model_config.model_type, f"{n_params:,}", f"{models.count_parameters(model, exclude_embeddings=True):,}",
+               kernel_used, micro_batch, seq_len, grad_accum_steps)
+  writer.write_hparams({"parameters": n_params, "family": model_config.model_type, "train_steps": train_steps,
+                        "batch_size": batch_size, "seq_len": seq_len, "lr": lr})
+
+  # 5. Resume: the latest committed checkpoint brings back the whole state.
+  state = TrainState()
+  ckpt = checkpointer(directory=str(workdir_path / "checkpoints")) if checkpointer is not None else None
+  if ckpt is not None and ckpt.latest_step() is not None:
+    extra = ckpt.restore(model=model, optimizer=opt)
+    state = TrainState(**extra["train_state"])
+    loader.load_state_dict(extra["data"][proc.rank] if isinstance(extra["data"], list) else extra["data"])
+    process.set_rng_state(extra["rng"][proc.rank] if isinstance(extra["rng"], list) else extra["rng"])
+    logging.info("resumed from step %d (%s tokens seen)", state.step, f"{state.tokens_seen:,}")
+
+  prof = profiler(workdir=str(workdir_path), rank=proc.rank) if profiler is not None else None
+  iterator = iter(loader)
+  if gc_interval > 0:
+    gc.disable()
+  status, last_save_time, start_time, start_step = 0, time.monotonic(), time.monotonic(), state.step
+  window_tokens, window_start = 0, time.perf_counter()
+  save = lambda final=False: _save(ckpt=ckpt, state=state, model=model, optimizer=opt, loader=loader,
+                                   config_text=config_text, world_size=proc.world_size, force=final)
+
+  # 6. The loop.
+  while state.step < train_steps:
+    step_start = time.perf_counter()
+    batches, data_wait = _fetch(iterator, count=grad_accum_steps, device=proc.device)
+    loss, tokens = _forward_backward(model=model, batches=batches, device=proc.device, fused_loss=use_fused)
+    grad_norm = _clip_and_check(model=model, max_grad_norm=max_grad_norm)
+    lr_now = lr * lr_schedule(state.step)
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    skipped = _apply(optimizer=opt, lr_now=lr_now, finite=finite, skip_nonfinite=skip_nonfinite)
+    state.step += 1
+    state.tokens_seen += tokens
+    state.skipped_steps += int(skipped)
+    window_tokens += tokens
+    if skipped:
+      logging.warning("step %d skipped: loss %s, grad norm %s", state.step, loss, grad_norm)
+    if state.step == start_step + 1 and on_first_step is not None and proc.is_primary:
+      config_lib.write_config(workdir=workdir_path, text=on_first_step(), name=config_lib.OPERATIVE_CONFIG_FILE)
+
+    # Log.
+    if log_interval and (state.step % log_interval == 0 or state.step == train_steps):
+      elapsed = time.perf_counter() - window_start
+      tokens_per_second = window_tokens / max(elapsed, 1e-9)
+      scalars = {"loss": loss, "lr": lr_now, "grad_norm": grad_norm, "tokens_per_second": tokens_per_second,
+                 "tokens_seen": state.tokens_seen, "step_time": time.perf_counter() - step_start,
+                 "data_wait_time": data_wait, "peak_memory_gib": _peak_memory_gib(proc.device),
+                 "skipped_steps": state.skipped_steps}
+      if flops_per_token and peak_tflops:
+        scalars["mfu"] = tokens_per_second * flops_per_token / (peak_tflops * 1e12 * proc.world_size)
+      for source, count in getattr(loader, "tokens_per_source", {}).items():
+        scalars[f"data/tokens/{source}"] = count
+      writer.write_scalars(state.step, scalars)
+      steps_per_second = (state.step - start_step) / max(time.monotonic() - start_time, 1e-9)
+      logging.info(metrics.format_progress(step=state.step, total_steps=train_steps, scalars=scalars,
+                                           eta_seconds=(train_steps - state.step) / max(steps_per_second, 1e-9)))
+      window_tokens, window_start = 0, time.perf_counter()
+
+    # Evaluate.
+    if eval_loader is not None and (state.step % eval_interval == 0 or state.step == train_steps):
+      writer.write_scalars(state.step, evaluate(model=model, loader=eval_loader, device=proc.device,
+                                                max_batches=eval_batches, fused_loss=use_fused))
+
+    # Checkpoint, and stop cleanly when the scheduler asks.
+    preempted = stop_requested is not None and stop_requested()
+    due = (checkpoint_interval and state.step % checkpoint_interval == 0) or (
+        checkpoint_interval_seconds and time.monotonic() - last_save_time >= checkpoint_interval_seconds)
+    if ckpt is not None and (due or preempted) and state.step < train_steps:
+      save(final=preempted)
+      last_save_time = time.monotonic()
+    if preempted:
+      logging.warning("stop requested: state saved at step %d, exiting with %d", state.step, PREEMPTED_EXIT_CODE)
+      status = PREEMPTED_EXIT_CODE
+      break
+
+    # Housekeeping.
+    if gc_interval > 0 and state.step % gc_interval == 0:
+      gc.collect(1)
+    if prof is not None:
+      prof.step(state.step)
+
+  # 7. Finish: final save, flush, shut down.
+  if ckpt is not None and status == 0 and state.step > 0:
+    save(final=True)
+  if ckpt is not None:
+    ckpt.wait()
+    ckpt.close()
+  if prof is not None:
+    prof.close()
+  gc.enable()
+  writer.flush()
+  writer.close()
+  process.shutdown()
+  return status
+
+
+def _save(*, ckpt, state: TrainState, model, optimizer, loader, config_text: str, world_size: int,
+          force: bool) -> None:
+  """Checkpoints model, optimizer and the run's state (per-rank data and RNG states gathered to a list)."""
+  extra = {
+      "train_state": dataclasses.asdict(state),
+      "data": _gather(loader.state_dict(), world_size),
+      "rng": _gather(process.rng_state(), world_size),
+  }
+  ckpt.save(step=state.step, model=model, optimizer=optimizer, extra=extra, config_text=config_text, force=force)
+
+
+def _gather(obj: Any, world_size: int) -> list:
+  """Every rank's ``obj`` as a list indexed by rank (the plain value in a single process)."""
+  if world_size == 1:
+    return [obj]
+  out = [None] * world_size
+  torch.distributed.all_gather_object(out, obj)
+  return out
