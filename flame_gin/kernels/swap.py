@@ -1,0 +1,142 @@
+"""The table of FLA 0.6 Triton ops that the CPU reference mode replaces, and its install/restore.
+
+FLA's layers bind their ops by name at import time (`from fla.ops.gla import chunk_gla`), so the
+replacement has to be written into each module that calls the op, not into the module that defines
+it. The table below is the single list of those (module, name) pairs; `install` checks the FLA
+version and that every name still exists before changing anything, so an FLA upgrade that renames
+or moves an op fails loudly instead of silently running a Triton kernel on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+from flame_gin.kernels import activation, attention, conv, loss, norm
+
+SUPPORTED_FLA = ((0, 6, 0), (0, 7, 0))  # [low, high)
+
+
+@dataclasses.dataclass(frozen=True)
+class Swap:
+    """Replace `module.name` (or `module.name[key]` for a dict such as ACT2FN) by `replacement`."""
+
+    module: str
+    name: str
+    replacement: Any
+    key: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.module}.{self.name}" + (f"[{self.key!r}]" if self.key is not None else "")
+
+
+def _table() -> tuple[Swap, ...]:
+    act = "fla.modules.activations.ops"
+    return (
+        # attention ops, where the layers bound them
+        Swap("fla.layers.gla", "chunk_gla", attention.chunk_gla),
+        Swap("fla.layers.gla", "fused_chunk_gla", attention.chunk_gla),
+        Swap("fla.layers.gla", "fused_recurrent_gla", attention.fused_recurrent_gla),
+        Swap("fla.layers.delta_net", "chunk_delta_rule", attention.chunk_delta_rule),
+        Swap("fla.layers.delta_net", "fused_recurrent_delta_rule", attention.fused_recurrent_delta_rule),
+        Swap("fla.layers.gated_deltanet", "chunk_gated_delta_rule", attention.chunk_gated_delta_rule),
+        Swap("fla.layers.gated_deltanet", "fused_recurrent_gated_delta_rule",
+             attention.fused_recurrent_gated_delta_rule),
+        # short convolution (ShortConvolution.forward/step, and Gated DeltaNet's fused q/k/v conv)
+        Swap("fla.modules.causal_conv1d.ops", "causal_conv1d", conv.causal_conv1d),
+        Swap("fla.modules.causal_conv1d.ops", "causal_conv1d_update", conv.causal_conv1d_update),
+        Swap("fla.layers.gated_deltanet", "causal_conv1d", conv.causal_conv1d),
+        # norms (RMSNorm, LayerNorm, GroupNorm, FusedRMSNormGated, FusedLayerNormGated, L2Norm)
+        Swap("fla.modules.norm.layernorm", "layer_norm", norm.layer_norm),
+        Swap("fla.modules.norm.layernorm", "rms_norm", norm.rms_norm),
+        Swap("fla.modules.norm.layernorm", "group_norm", norm.group_norm),
+        Swap("fla.modules.norm.fused_norm_gate", "rms_norm_gated", norm.rms_norm_gated),
+        Swap("fla.modules.norm.fused_norm_gate", "layer_norm_gated", norm.layer_norm_gated),
+        Swap("fla.modules.norm.l2norm", "l2norm", norm.l2norm),
+        # activations and the gated MLP
+        Swap(act, "ACT2FN", activation.sigmoid, key="sigmoid"),
+        Swap(act, "ACT2FN", activation.logsigmoid, key="logsigmoid"),
+        Swap(act, "ACT2FN", activation.swish, key="silu"),
+        Swap(act, "ACT2FN", activation.swish, key="swish"),
+        Swap("fla.layers.delta_net", "elu_p1", activation.elu_p1),
+        Swap("fla.modules.mlp", "swiglu", activation.swiglu),
+        Swap("fla.modules.mlp", "swiglu_linear", activation.swiglu_linear),
+        # losses built by FLA's causal-LM heads when labels are passed
+        Swap("fla.models.modeling_utils", "FusedCrossEntropyLoss", loss.ReferenceCrossEntropyLoss),
+        Swap("fla.models.modeling_utils", "FusedLinearCrossEntropyLoss", loss.ReferenceLinearCrossEntropyLoss),
+    )
+
+
+TABLE: tuple[Swap, ...] = _table()
+_originals: dict[Swap, Any] = {}
+
+
+def check_fla_version() -> str:
+    """Returns FLA's version; raises if it is outside the range this table was written against."""
+    import fla
+    from packaging.version import Version
+
+    version = Version(fla.__version__)
+    low, high = (Version(".".join(map(str, v))) for v in SUPPORTED_FLA)
+    if not low <= version < high:
+        raise RuntimeError(
+            f"flame_gin's reference kernels support flash-linear-attention >={low},<{high}; "
+            f"found {version}: re-check the swap table in {__name__} against the new FLA sources"
+        )
+    return str(version)
+
+
+def _current(swap: Swap) -> Any:
+    """The object now bound at `swap`'s place; raises naming the module and attribute if it is gone."""
+    try:
+        module = importlib.import_module(swap.module)
+    except ImportError as err:
+        raise RuntimeError(f"reference kernels: FLA module {swap.module} cannot be imported ({err})") from err
+    if not hasattr(module, swap.name):
+        raise RuntimeError(f"reference kernels: FLA module {swap.module} has no attribute {swap.name!r}")
+    value = getattr(module, swap.name)
+    if swap.key is None:
+        return value
+    if swap.key not in value:
+        raise RuntimeError(f"reference kernels: {swap.module}.{swap.name} has no entry {swap.key!r}")
+    return value[swap.key]
+
+
+def _bind(swap: Swap, value: Any) -> None:
+    module = importlib.import_module(swap.module)
+    if swap.key is None:
+        setattr(module, swap.name, value)
+    else:
+        getattr(module, swap.name)[swap.key] = value
+
+
+def check_table() -> list[str]:
+    """Checks FLA's version and that every name in the table exists; returns the labels."""
+    check_fla_version()
+    for swap in TABLE:
+        _current(swap)
+    return [swap.label for swap in TABLE]
+
+
+def install() -> None:
+    """Binds every reference op (idempotent); nothing is changed if any check fails."""
+    if _originals:
+        return
+    check_table()
+    originals = {swap: _current(swap) for swap in TABLE}
+    for swap in TABLE:
+        _bind(swap, swap.replacement)
+    _originals.update(originals)
+
+
+def restore() -> None:
+    """Puts FLA's own ops back (no-op when the reference ops are not installed)."""
+    for swap, value in _originals.items():
+        _bind(swap, value)
+    _originals.clear()
+
+
+def installed() -> bool:
+    return bool(_originals)
