@@ -1,0 +1,165 @@
+"""The on-disk layout of a checkpoint, in the format `orbax.checkpoint` reads.
+
+Kept in one place so that the writer, the reader, retention and the tests
+agree on names. A checkpoint root holds one directory per step:
+
+    <root>/<step>/                      committed (name is the step, marker inside)
+        _CHECKPOINT_METADATA            step-level metadata (CheckpointManager style)
+        commit_success.txt              commit marker
+        model/                          Orbax PyTree item: state_dict name -> array
+            _METADATA, _CHECKPOINT_METADATA, manifest.ocdbt, d/,
+            ocdbt.process_<rank>/       per-process OCDBT databases, merged
+                                        into the item's root database
+        optimizer/                      same, for the optimizer state tree
+        extra.pkl                       plain Python values of every rank
+        config.gin                      resolved gin config text
+        model_config.json               the model's HF config, when it has one
+    <root>/<step>.orbax-checkpoint-tmp  being written; never read
+
+A directory counts as a checkpoint only if its name is an integer and the
+commit marker is present, so a reader never takes a partial save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+COMMIT_MARKER = "commit_success.txt"
+CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
+TREE_METADATA = "_METADATA"
+MODEL_ITEM = "model"
+OPTIMIZER_ITEM = "optimizer"
+EXTRA_FILE = "extra.pkl"
+CONFIG_FILE = "config.gin"
+MODEL_CONFIG_FILE = "model_config.json"
+PROCESS_PREFIX = "ocdbt.process_"
+
+# Same OCDBT settings Orbax uses when it writes: small values inline, one
+# large root node, single-file manifest.
+_OCDBT_CONFIG = {
+    "max_inline_value_bytes": 1024,
+    "max_decoded_node_bytes": 100_000_000,
+    "manifest_kind": "single",
+}
+_TARGET_DATA_FILE_SIZE = 2 * 1024**3
+
+
+def step_dir(*, root: pathlib.Path, step: int) -> pathlib.Path:
+    """Final (committed) directory of `step`."""
+    return pathlib.Path(root) / str(int(step))
+
+
+def tmp_step_dir(*, root: pathlib.Path, step: int) -> pathlib.Path:
+    """Directory a save of `step` is written to before the commit rename."""
+    return pathlib.Path(root) / f"{int(step)}{TMP_SUFFIX}"
+
+
+def is_committed(path: pathlib.Path) -> bool:
+    """True for a finished checkpoint: integer name and commit marker."""
+    path = pathlib.Path(path)
+    return path.name.isdigit() and (path / COMMIT_MARKER).is_file()
+
+
+def committed_steps(root: pathlib.Path) -> list[int]:
+    """Sorted steps of the committed checkpoints under `root`."""
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if is_committed(p))
+
+
+def ocdbt_kvstore(*, path: pathlib.Path, for_write: bool) -> dict:
+    """Tensorstore kvstore spec for the OCDBT database rooted at `path`."""
+    base = {"driver": "file", "path": f"{os.path.abspath(path)}/"}
+    spec = {"driver": "ocdbt", "base": base}
+    if for_write:
+        # Data files are written once under fresh names, so they need no
+        # lock; the manifest keeps atomic replacement.
+        spec["base"] = dict(base, file_io_locking={"mode": "non_atomic"})
+        spec["manifest"] = base
+        spec.update(
+            config=dict(_OCDBT_CONFIG),
+            target_data_file_size=_TARGET_DATA_FILE_SIZE,
+            assume_config=True,
+        )
+    return spec
+
+
+def process_dir(*, item_dir: pathlib.Path, rank: int) -> pathlib.Path:
+    """Per-process OCDBT database of `rank` inside an item directory."""
+    return pathlib.Path(item_dir) / f"{PROCESS_PREFIX}{rank}"
+
+
+def zarr_spec(*, kvstore: dict, name: str) -> dict:
+    """Tensorstore spec of the zarr (v2) array stored under key `name`."""
+    return {"driver": "zarr", "kvstore": kvstore, "path": name}
+
+
+def tree_metadata(*, shapes: dict[str, list[int]]) -> dict:
+    """Orbax `_METADATA` content for a flat tree {name: array}.
+
+    Names are state_dict keys; Orbax joins a tree path with '.', so a flat
+    tree keyed by state_dict names gives the same storage keys as the nested
+    tree a JAX user would build.
+    """
+    tree = {}
+    for name, shape in shapes.items():
+        tree[str((name,))] = {
+            "key_metadata": [{"key": name, "key_type": 2}],
+            "value_metadata": {
+                "value_type": "jax.Array",
+                "skip_deserialize": False,
+                "write_shape": list(shape),
+            },
+        }
+    return {
+        "tree_metadata": tree,
+        "use_ocdbt": True,
+        "use_zarr3": False,
+        "store_array_data_equal_to_fill_value": True,
+        "custom_metadata": None,
+    }
+
+
+def checkpoint_metadata(*, init_ns: int, item_handlers) -> dict:
+    """Orbax `_CHECKPOINT_METADATA` content."""
+    return {
+        "item_handlers": item_handlers,
+        "metrics": {},
+        "performance_metrics": {},
+        "init_timestamp_nsecs": init_ns,
+        "commit_timestamp_nsecs": time.time_ns(),
+        "custom_metadata": {},
+    }
+
+
+PYTREE_HANDLER = (
+    "orbax.checkpoint._src.handlers.standard_checkpoint_handler."
+    "StandardCheckpointHandler"
+)
+
+
+def write_json(*, path: pathlib.Path, value) -> None:
+    """Write JSON durably (flush + fsync) so a commit never precedes it."""
+    write_bytes(path=path, data=json.dumps(value).encode())
+
+
+def write_bytes(*, path: pathlib.Path, data: bytes) -> None:
+    """Write bytes durably (flush + fsync)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: pathlib.Path) -> None:
+    """fsync a directory so a rename inside it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

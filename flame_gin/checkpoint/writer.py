@@ -1,0 +1,173 @@
+"""Writing one Orbax PyTree item from torch tensors with tensorstore alone.
+
+The save is split in two so that an asynchronous save blocks the training
+loop only for the first part:
+
+1. `snapshot` (caller's thread): copy this rank's boxes to host memory and
+   take any collectives needed; afterwards training may change the tensors.
+2. `write_process_db` (any thread): write the copies into this rank's own
+   OCDBT database; then, once every rank is done, `merge_item` (primary
+   only) merges the per-process databases into the item's root database and
+   `write_item_metadata` writes `_METADATA` so Orbax can restore it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+import tensorstore as ts
+import torch
+import torch.distributed as dist
+
+from flame_gin.checkpoint import layout, shards
+
+COMPRESSORS = {None: None, "zstd": {"id": "zstd", "level": 1}}
+
+
+@dataclasses.dataclass
+class ArraySnapshot:
+    """Host copy of the part of one array this rank writes (or None)."""
+
+    name: str
+    global_shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str
+    offset: tuple[int, ...]
+    data: np.ndarray | None
+
+
+def snapshot(*, tensors: dict[str, torch.Tensor]) -> list[ArraySnapshot]:
+    """Copy what this rank must write to host memory (may run collectives).
+
+    Every rank must call it with the same names in the same order.
+    """
+    out = []
+    for name, tensor in tensors.items():
+        dtype = shards.zarr_dtype(name=name, dtype=tensor.dtype)
+        box = shards.box_of(name=name, tensor=tensor)
+        if box.contiguous:
+            chunks = shards.shard_chunks(tensor=tensor)
+            write = shards.is_writer(tensor=tensor) and not box.empty
+            local = shards.local_tensor(tensor) if write else None
+            offset = box.offset
+        else:  # nested sharding of one dim: gather, first rank writes it all
+            full = tensor.full_tensor()
+            chunks = shards.shard_chunks(tensor=full)
+            write = dist.get_rank() == 0
+            local, offset = (full if write else None), (0,) * full.dim()
+        data = None
+        if local is not None:
+            data = shards.to_numpy(local.detach().to("cpu", copy=True))
+        out.append(
+            ArraySnapshot(
+                name=name,
+                global_shape=box.global_shape,
+                chunks=chunks,
+                dtype=dtype,
+                offset=offset,
+                data=data,
+            )
+        )
+    return out
+
+
+def _array_spec(*, kvstore: dict, snap: ArraySnapshot, compression) -> dict:
+    spec = layout.zarr_spec(kvstore=kvstore, name=snap.name)
+    spec.update(
+        metadata={
+            "shape": list(snap.global_shape),
+            "chunks": list(snap.chunks),
+            "dtype": snap.dtype,
+            "compressor": COMPRESSORS[compression],
+            "fill_value": None,
+            "filters": None,
+            "order": "C",
+            "dimension_separator": ".",
+            "zarr_format": 2,
+        },
+        # All-zero chunks (fresh Adam moments) must be stored too, or a
+        # reader that expects every chunk fails.
+        store_data_equal_to_fill_value=True,
+        create=True,
+        open=True,
+    )
+    return spec
+
+
+def write_process_db(
+    *,
+    item_dir: pathlib.Path,
+    rank: int,
+    arrays: list[ArraySnapshot],
+    primary: bool,
+    compression: str | None,
+) -> int:
+    """Write this rank's boxes into its OCDBT database; returns bytes written.
+
+    The primary also creates the metadata of every array, so arrays that it
+    holds no data for still exist in the merged database.
+    """
+    if compression not in COMPRESSORS:
+        raise ValueError(f"compression={compression!r}: use one of {list(COMPRESSORS)}")
+    kv = layout.ocdbt_kvstore(
+        path=layout.process_dir(item_dir=item_dir, rank=rank), for_write=True
+    )
+    context = ts.Context()
+    todo = [a for a in arrays if primary or a.data is not None]
+    opened = [
+        ts.open(_array_spec(kvstore=kv, snap=a, compression=compression), context=context)
+        for a in todo
+    ]
+    writes, nbytes = [], 0
+    for snap, fut in zip(todo, opened):
+        store = fut.result()
+        if snap.data is None:
+            continue
+        region = tuple(slice(o, o + n) for o, n in zip(snap.offset, snap.data.shape))
+        writes.append(store[region].write(snap.data))
+        nbytes += snap.data.nbytes
+    for w in writes:
+        w.result()
+    return nbytes
+
+
+def merge_item(*, item_dir: pathlib.Path) -> None:
+    """Merge every per-process database into the item's root database.
+
+    Keys are copied by reference (data files stay in the process folders).
+    The chunk grid is the shard grid, so no key is written by two ranks,
+    except the identical array metadata.
+    """
+    # Parent and children must share one context: copying by reference
+    # works only between OCDBT databases over the same base kvstore.
+    context = ts.Context()
+    parent = ts.KvStore.open(
+        layout.ocdbt_kvstore(path=item_dir, for_write=True), context=context
+    ).result()
+    txn = ts.Transaction(atomic=True)
+    children = sorted(pathlib.Path(item_dir).glob(f"{layout.PROCESS_PREFIX}*"))
+    for child_dir in children:
+        child = ts.KvStore.open(
+            layout.ocdbt_kvstore(path=child_dir, for_write=True), context=context
+        ).result()
+        child.experimental_copy_range_to(parent.with_transaction(txn)).result()
+    txn.commit_async().result()
+
+
+def write_item_metadata(
+    *, item_dir: pathlib.Path, arrays: list[ArraySnapshot], init_ns: int
+) -> None:
+    """Orbax's `_METADATA` and `_CHECKPOINT_METADATA` for the item."""
+    shapes = {a.name: list(a.global_shape) for a in arrays}
+    layout.write_json(
+        path=pathlib.Path(item_dir) / layout.TREE_METADATA,
+        value=layout.tree_metadata(shapes=shapes),
+    )
+    layout.write_json(
+        path=pathlib.Path(item_dir) / layout.CHECKPOINT_METADATA,
+        value=layout.checkpoint_metadata(
+            init_ns=init_ns, item_handlers=layout.PYTREE_HANDLER
+        ),
+    )

@@ -1,0 +1,190 @@
+"""Single-process Checkpointer behaviour: round trips, resume, retention, errors."""
+
+import os
+import pathlib
+import signal
+
+import pytest
+import torch
+
+from flame_gin.checkpoint import (
+    REQUEUE_EXIT_CODE,
+    CheckpointCorruptError,
+    CheckpointError,
+    Checkpointer,
+    PreemptionFlag,
+    load_weights,
+    save_seed_checkpoint,
+)
+from flame_gin.checkpoint import layout
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, 32, dtype=dtype)
+        self.proj = torch.nn.Linear(32, 48, dtype=dtype)
+        self.norm = torch.nn.LayerNorm(48, dtype=dtype)
+        self.head = torch.nn.Linear(48, 64, bias=False, dtype=dtype)
+
+    def forward(self, x):
+        return self.head(self.norm(torch.relu(self.proj(self.embed(x)))))
+
+
+def _train(model, opt, *, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randint(0, 64, (4, 8), generator=gen)
+        loss = model(x).float().logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _fresh(dtype=torch.float32, seed=123):
+    torch.manual_seed(seed)
+    model = Tiny(dtype)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def _assert_same_params(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype
+        # bitwise: compare raw bits, not values (NaN-safe, -0.0 vs 0.0)
+        assert torch.equal(sa[k].view(torch.uint8), sb[k].view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("async_save", [False, True])
+def test_exact_resume_bitwise(tmp_path, dtype, async_save):
+    # Reference: 6 uninterrupted steps.
+    ref, ref_opt = _fresh(dtype)
+    _train(ref, ref_opt, steps=3, seed=1)
+    _train(ref, ref_opt, steps=3, seed=2)
+    # Save after 3 steps, restore into fresh objects, continue 3 steps.
+    model, opt = _fresh(dtype)
+    _train(model, opt, steps=3, seed=1)
+    ckpt = Checkpointer(directory=tmp_path, keep=3, keep_every=None, async_save=async_save)
+    extra = {"step": 3, "rng": torch.get_rng_state(), "data": {"pos": 17}}
+    assert ckpt.save(step=3, model=model, optimizer=opt, extra=extra, config_text="LR = 0.01\n")
+    _train(model, opt, steps=1, seed=99)  # mutate while the save may be in flight
+    ckpt.close()
+    assert ckpt.last_blocked_seconds >= 0 and ckpt.last_saved_bytes > 0
+
+    fresh, fresh_opt = _fresh(dtype, seed=7)
+    got = Checkpointer(directory=tmp_path, keep=3, keep_every=None, async_save=False).restore(
+        model=fresh, optimizer=fresh_opt
+    )
+    assert got["data"] == {"pos": 17} and got["step"] == 3
+    assert torch.equal(got["rng"], extra["rng"])
+    _train(fresh, fresh_opt, steps=3, seed=2)
+    _assert_same_params(ref, fresh)
+    assert (tmp_path / "3" / layout.CONFIG_FILE).read_text() == "LR = 0.01\n"
+
+
+def test_weights_only_and_seed(tmp_path):
+    model, _ = _fresh(seed=5)
+    save_seed_checkpoint(directory=tmp_path / "seed", model=model, config_text="")
+    other, other_opt = _fresh(seed=6)
+    assert load_weights(directory=tmp_path / "seed", model=other) == 0
+    _assert_same_params(model, other)
+    with pytest.raises(CheckpointError, match="no optimizer state"):
+        Checkpointer(directory=tmp_path / "seed").restore(model=other, optimizer=other_opt)
+
+
+def test_retention_latest_and_uncommitted(tmp_path):
+    model, opt = _fresh()
+    _train(model, opt, steps=1, seed=0)
+    ckpt = Checkpointer(directory=tmp_path, keep=2, keep_every=4, async_save=True)
+    for step in range(1, 10):
+        ckpt.save(step=step, model=model, optimizer=opt, extra={"s": step}, config_text="")
+    ckpt.wait()
+    assert ckpt.all_steps() == [4, 8, 9] and ckpt.latest_step() == 9
+    # Saving an already committed step is a no-op.
+    assert not ckpt.save(step=9, model=model, optimizer=opt, extra={}, config_text="")
+    ckpt.close()
+    # A partial save (no marker / tmp name) is never taken.
+    (tmp_path / "12").mkdir()
+    (tmp_path / f"13{layout.TMP_SUFFIX}").mkdir()
+    again = Checkpointer(directory=tmp_path, keep=2)
+    assert again.latest_step() == 9
+    assert not (tmp_path / f"13{layout.TMP_SUFFIX}").exists()  # stale tmp cleaned
+    assert again.restore(model=model)["s"] == 9
+    with pytest.raises(CheckpointError, match="step 5"):
+        again.restore(model=model, step=5)
+
+
+def test_interval(tmp_path):
+    model, _ = _fresh()
+    ckpt = Checkpointer(directory=tmp_path, interval_steps=3)
+    saved = [s for s in range(1, 8) if ckpt.save(step=s, model=model, optimizer=None, extra={}, config_text="")]
+    assert saved == [3, 6]
+    assert ckpt.save(step=7, model=model, optimizer=None, extra={}, config_text="", force=True)
+
+
+def test_shape_mismatch_names_array(tmp_path):
+    model, _ = _fresh()
+    save_seed_checkpoint(directory=tmp_path, model=model)
+    wrong = torch.nn.Module()
+    wrong.embed = torch.nn.Embedding(65, 32)
+    with pytest.raises(CheckpointError, match=r"'embed.weight' has shape \(64, 32\)"):
+        load_weights(directory=tmp_path, model=wrong)
+
+
+def _data_files(item: pathlib.Path):
+    return sorted(p for p in item.rglob("d/*") if p.is_file())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_corrupt_array_error_and_fallback(tmp_path, damage):
+    model, opt = _fresh()
+    ckpt = Checkpointer(directory=tmp_path)
+    ckpt.save(step=1, model=model, optimizer=None, extra={"s": 1}, config_text="")
+    first = Tiny()
+    first.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ckpt.save(step=2, model=model, optimizer=None, extra={"s": 2}, config_text="")
+    for f in _data_files(tmp_path / "2" / "model" / "ocdbt.process_0"):
+        if damage == "truncate":
+            os.truncate(f, max(0, f.stat().st_size // 3))
+        else:
+            f.unlink()
+    target, _ = _fresh(seed=9)
+    with pytest.raises(CheckpointCorruptError, match=r"step 2: array '[\w.]+'"):
+        Checkpointer(directory=tmp_path).restore(model=target)
+    extra = Checkpointer(directory=tmp_path, fallback_to_previous=True).restore(model=target)
+    assert extra == {"s": 1}
+    _assert_same_params(first, target)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="keep=0"):
+        Checkpointer(directory=tmp_path, keep=0)
+    with pytest.raises(ValueError, match="compression='lz9'"):
+        Checkpointer(directory=tmp_path, compression="lz9")
+    with pytest.raises(CheckpointError, match="no committed checkpoint"):
+        Checkpointer(directory=tmp_path).restore(model=Tiny())
+
+
+def test_zstd_round_trip(tmp_path):
+    model, _ = _fresh(torch.bfloat16)
+    ckpt = Checkpointer(directory=tmp_path, compression="zstd")
+    ckpt.save(step=1, model=model, optimizer=None, extra={}, config_text="")
+    other, _ = _fresh(torch.bfloat16, seed=3)
+    ckpt.restore(model=other)
+    _assert_same_params(model, other)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
+def test_preemption_flag(sig):
+    before = signal.getsignal(sig)
+    with PreemptionFlag() as flag:
+        assert not flag.requested()
+        os.kill(os.getpid(), sig)
+        assert flag.requested() and flag.signal_name == signal.Signals(sig).name
+    assert signal.getsignal(sig) is before
+    assert REQUEUE_EXIT_CODE == 42
