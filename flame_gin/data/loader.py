@@ -1,0 +1,237 @@
+"""The training/evaluation data loader: build it, iterate batches, save and restore its exact position.
+
+``build_loader`` validates every option and opens every source up front (errors name the value at fault),
+then returns a ``Loader``. Each rank runs ``max(1, num_workers)`` streams (one per DataLoader worker); the
+global stream ``rank * streams_per_rank + worker`` owns a disjoint share of every source's document order, so
+ranks never read the same document.
+
+State. A worker sends every batch together with its stream's state after that batch, and the loader keeps
+the latest state per worker plus which worker delivers next; PyTorch hands out worker results round robin,
+so a loader restarted from that state (workers re-numbered to start at the next one) yields exactly the
+batches the uninterrupted run would have, prefetch included. ``state_dict()`` is this rank's state (plain
+Python, JSON-serialisable). ``load_state_dict`` takes either that dict (same ranks and workers) or the list
+of every rank's dicts, in which case it may also change the number of ranks or workers: the source cursors
+are re-split so that no document is read twice or skipped (granularity one document, see ``order``), and
+the tokens already queued by old streams are handed to the new streams rather than dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from flame_gin.data import order
+from flame_gin.data.plan import load_tokenizer, make_plan
+
+_FORMAT = 1
+
+
+def _identity(x):
+    return x
+
+
+class _WorkerStreams(torch.utils.data.IterableDataset):
+    """Runs one stream per DataLoader worker; physical worker j plays logical worker (first + j) % W."""
+
+    def __init__(self, *, plan, states, first: int, gids: list[int], num_streams: int, generation: int):
+        self._plan, self._states, self._first = plan, states, first
+        self._gids, self._num_streams, self._generation = gids, num_streams, generation
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        j, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        logical = (self._first + j) % n
+        stream = self._plan.make_stream(stream=self._gids[logical], num_streams=self._num_streams,
+                                        generation=self._generation, state=self._states[logical])
+        while True:
+            batch = stream.next_batch()
+            if batch is None:
+                return
+            yield logical, batch, stream.state_dict()
+
+
+def _to_tensors(batch: dict) -> dict:
+    out = {k: torch.from_numpy(v) for k, v in batch.items()}
+    if "cu_seqlens" in out:
+        out["cu_seqlens"] = out["cu_seqlens"].to(torch.int32)
+    return out
+
+
+class Loader:
+    """Iterable of ``dict(input_ids, labels[, cu_seqlens])`` with exact-resume state (see module docstring)."""
+
+    def __init__(self, *, plan, rank: int, world_size: int, num_workers: int, prefetch_factor: int, split: str):
+        self._plan, self._rank, self._world_size = plan, rank, world_size
+        self._num_workers, self._prefetch = num_workers, prefetch_factor
+        self._per_rank = max(1, num_workers)
+        self._restart_each_iter = split != "train"
+        self.vocab_size = len(load_tokenizer(plan.tokenizer_path))
+        names = [s.display_name for s in plan.sources]
+        self.source_names = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+        self._reset()
+
+    def _reset(self) -> None:
+        self._states = [None] * self._per_rank
+        self._live = None  # the in-process stream when num_workers == 0
+        self._next_worker, self._generation, self._batches = 0, 0, 0
+        self._iterator = None
+
+    @property
+    def num_streams(self) -> int:
+        return self._world_size * self._per_rank
+
+    def _gids(self) -> list[int]:
+        return [self._rank * self._per_rank + w for w in range(self._per_rank)]
+
+    def __iter__(self):
+        if self._restart_each_iter:
+            self._reset()
+        self._sync_live()
+        return self._generate()
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            self._iterator = iter(self)
+        return next(self._iterator)
+
+    def _sync_live(self) -> None:
+        if self._live is not None:
+            self._states[0] = self._live.state_dict()
+            self._live = None
+
+    def _generate(self):
+        if self._num_workers == 0:
+            stream = self._plan.make_stream(stream=self._gids()[0], num_streams=self.num_streams,
+                                            generation=self._generation, state=self._states[0])
+            self._live = stream
+            while True:
+                batch = stream.next_batch()
+                if batch is None:
+                    return
+                self._batches += 1
+                yield _to_tensors(batch)
+        workers = _WorkerStreams(plan=self._plan, states=list(self._states), first=self._next_worker,
+                                 gids=self._gids(), num_streams=self.num_streams, generation=self._generation)
+        dl = torch.utils.data.DataLoader(workers, batch_size=None, num_workers=self._num_workers,
+                                         prefetch_factor=self._prefetch, collate_fn=_identity)
+        for logical, batch, state in dl:
+            self._states[logical] = state
+            self._next_worker = (logical + 1) % self._per_rank
+            self._batches += 1
+            yield _to_tensors(batch)
+
+    @property
+    def tokens_per_source(self) -> dict:
+        """Tokens this rank has delivered from each source (input positions, padding excluded)."""
+        totals = np.zeros(len(self.source_names), dtype=np.int64)
+        if self._live is not None:
+            totals += self._live.tokens_per_source
+            states = self._states[1:]
+        else:
+            states = self._states
+        for st in states:
+            if st is not None:
+                totals += st["packer"]["tokens_per_source"]
+        return dict(zip(self.source_names, totals.tolist()))
+
+    def state_dict(self) -> dict:
+        streams = list(self._states)
+        if self._live is not None:
+            streams[0] = self._live.state_dict()
+        return {"format": _FORMAT, "rank": self._rank, "world_size": self._world_size,
+                "streams_per_rank": self._per_rank, "next_worker": self._next_worker,
+                "generation": self._generation, "batches": self._batches, "streams": copy.deepcopy(streams)}
+
+    def load_state_dict(self, state) -> None:
+        """Restores from this rank's dict, or from the list of every rank's dicts (which may reshard)."""
+        states = list(state) if isinstance(state, (list, tuple)) else [state]
+        for st in states:
+            if not isinstance(st, dict) or st.get("format") != _FORMAT:
+                raise ValueError(f"not a data loader state (format {_FORMAT}): {str(st)[:200]}")
+            for st_ in st["streams"]:
+                if st_ is not None and len(st_["readers"]) != len(self._plan.sources):
+                    raise ValueError(f"the saved state has {len(st_['readers'])} sources, the loader has "
+                                     f"{len(self._plan.sources)}")
+        self._reset()
+        same = [st for st in states if st["world_size"] == self._world_size and st["rank"] == self._rank
+                and st["streams_per_rank"] == self._per_rank]
+        if same:
+            st = same[0]
+            self._states = copy.deepcopy(st["streams"])
+            self._next_worker, self._generation, self._batches = st["next_worker"], st["generation"], st["batches"]
+            return
+        old_ranks = sorted(st["rank"] for st in states)
+        if old_ranks != list(range(states[0]["world_size"])):
+            raise ValueError(
+                f"cannot resume rank {self._rank} of {self._world_size} with {self._per_rank} streams per rank "
+                f"from the saved ranks {old_ranks} of {states[0]['world_size']}: to change the number of ranks "
+                "or workers, pass the list of every rank's loader state")
+        self._reshard(sorted(states, key=lambda s: s["rank"]))
+
+    def _reshard(self, states: list[dict]) -> None:
+        old = [st for r in states for st in r["streams"]]
+        s_old, s_new = len(old), self.num_streams
+        self._generation = max(r["generation"] for r in states) + 1
+        plan, n_src = self._plan, len(self._plan.sources)
+        old_readers = [st["readers"] if st else
+                       [plan.fresh_reader_state(source=s, stream=g, num_streams=s_old) for s in range(n_src)]
+                       for g, st in enumerate(old)]
+        new_streams = [{"readers": [], "packer": {"pieces": [], "sources": [], "head_is_start": True,
+                                                  "tokens_per_source": [0] * n_src},
+                        "active": [True] * n_src, "tokens_per_doc": float(plan.rows * plan.seq_len + 1)}
+                       for _ in range(s_new)]
+        for s in range(n_src):
+            cursors = [rs[s]["cursor"] for rs in old_readers]
+            new_cursors = order.reshard(cursors, num_streams=s_new)
+            lead = min(range(s_old), key=lambda g: order.peek(cursors[g]))
+            for j, cur in enumerate(new_cursors):
+                st = {"cursor": cur}
+                if "shuffle" in old_readers[lead][s]:
+                    st["shuffle"] = copy.deepcopy(old_readers[lead][s]["shuffle"])
+                new_streams[j]["readers"].append(st)
+        for g, st in enumerate(old):
+            if st is None:
+                continue
+            packer = new_streams[g % s_new]["packer"]
+            if not packer["pieces"]:
+                packer["head_is_start"] = st["packer"]["head_is_start"]
+            packer["pieces"] += st["packer"]["pieces"]
+            packer["sources"] += st["packer"]["sources"]
+            packer["tokens_per_source"] = [a + b for a, b in zip(packer["tokens_per_source"],
+                                                                  st["packer"]["tokens_per_source"])]
+        for j, st in enumerate(new_streams):
+            seed = [plan.seed, j, s_new, self._generation]
+            st["rng"] = np.random.Generator(np.random.PCG64(seed)).bit_generator.state
+        self._states = [new_streams[g] for g in self._gids()]
+
+
+def build_loader(*, tokenizer: str = "embedded", seq_len: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, split: str = "train", sources=None, probabilities=None,
+                 context_len: int | None = None, add_bos: bool | None = None, add_eos: bool = True,
+                 varlen: bool = False, shuffle: bool | None = None, buffer_size: int = 10_000,
+                 num_epochs: int | None = None, num_workers: int = 0, prefetch_factor: int = 2,
+                 offline: bool = False, cache_dir: str | None = None) -> Loader:
+    """Builds the data loader of one data-parallel rank.
+
+    ``tokenizer``: a tokenizer directory or hub name, or ``"embedded"``. ``batch_size``: sequences per batch on
+    this rank (varlen: one row of ``batch_size * seq_len`` tokens). ``sources``: ``Source`` objects, dicts of
+    their fields or paths (None: the embedded corpus); ``probabilities``: per-document mixture weights summing
+    to 1 (None: uniform). ``context_len``: longest piece a document is cut into (default ``seq_len``).
+    ``add_bos`` None means "if the tokenizer has one". ``shuffle`` None means on for ``train``; streaming
+    sources shuffle through a seeded buffer of ``buffer_size`` documents. ``num_epochs`` None means endless for
+    ``train`` and one pass for ``validation`` (which restarts on every ``iter`` and is deterministic).
+    ``offline`` tokenizes each source once into a memory-mapped token store under ``cache_dir``.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+    if num_workers < 0 or (num_workers and prefetch_factor < 1):
+        raise ValueError(f"num_workers={num_workers} and prefetch_factor={prefetch_factor} are invalid")
+    plan = make_plan(tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed, split=split,
+                     sources=sources, probabilities=probabilities, context_len=context_len, add_bos=add_bos,
+                     add_eos=add_eos, varlen=varlen, shuffle=shuffle, buffer_size=buffer_size,
+                     num_epochs=num_epochs, offline=offline, cache_dir=cache_dir)
+    return Loader(plan=plan, rank=rank, world_size=world_size, num_workers=num_workers,
+                  prefetch_factor=prefetch_factor, split=split)

@@ -1,0 +1,168 @@
+"""Everything a reading stream needs, checked once in the main process and shipped to DataLoader workers.
+
+``make_plan`` resolves the tokenizer, opens every source (or its offline token store), validates the mixture
+and the options, and raises early with the value at fault named. A ``Plan`` is picklable (opened datasets
+pickle as references to their memory-mapped Arrow files) and builds ``DocStream`` objects from plain state.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import pathlib
+
+from flame_gin.data import embedded, order, readers, sources as sources_lib, store
+from flame_gin.data.stream import DocStream, Tokenize
+
+_TOKENIZERS: dict = {}
+
+
+def load_tokenizer(path: str):
+    """Loads (once per process) an HF tokenizer; ``"embedded"`` means the embedded default's tokenizer."""
+    if path not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+        if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
+            raise FileNotFoundError(f"tokenizer path {path!r} is not a directory")
+        try:
+            _TOKENIZERS[path] = AutoTokenizer.from_pretrained(os.path.expanduser(path))
+        except Exception as e:
+            raise OSError(f"cannot load a tokenizer from {path!r}: {e}") from e
+    return _TOKENIZERS[path]
+
+
+@dataclasses.dataclass
+class Plan:
+    tokenizer_path: str
+    sources: list
+    datasets: list
+    kinds: list  # "map" (datasets.Dataset), "store" (TokenStore) or "stream" (IterableDataset)
+    probabilities: list
+    seq_len: int
+    rows: int
+    varlen: bool
+    context_len: int
+    bos: int | None
+    eos: int | None
+    pad_id: int
+    seed: int
+    shuffle: bool
+    buffer_size: int
+    num_epochs: int | None
+
+    def fresh_reader_state(self, *, source: int, stream: int, num_streams: int) -> dict:
+        st = {"cursor": order.new_cursor(stream=stream, num_streams=num_streams)}
+        if self.kinds[source] == "stream":
+            st["shuffle"] = None
+        return st
+
+    def _reader(self, s: int, state: dict):
+        ds, kind = self.datasets[s], self.kinds[s]
+        if kind == "stream":
+            field = self.sources[s].text_field
+
+            def open_iter(ds=ds, field=field):
+                return (t for batch in ds.iter(batch_size=256) for t in batch[field])
+            return readers.StreamReader(open_iter=open_iter, seed=self.seed, source=s,
+                                        buffer_size=self.buffer_size if self.shuffle else 1,
+                                        num_epochs=self.num_epochs, cursor=state["cursor"],
+                                        shuffle_state=state.get("shuffle"))
+        if kind == "store":
+            fetch = ds.fetch
+        else:
+            field = self.sources[s].text_field
+
+            def fetch(indices, ds=ds, field=field):
+                return ds[indices][field]
+        return readers.MapReader(fetch=fetch, size=len(ds), seed=self.seed, source=s, shuffle=self.shuffle,
+                                 num_epochs=self.num_epochs, cursor=state["cursor"])
+
+    def make_stream(self, *, stream: int, num_streams: int, generation: int, state: dict | None) -> DocStream:
+        """The stream with global id ``stream``; ``state`` None means fresh, a dict continues exactly."""
+        state = copy.deepcopy(state)
+        reader_states = (state["readers"] if state else
+                         [self.fresh_reader_state(source=s, stream=stream, num_streams=num_streams)
+                          for s in range(len(self.sources))])
+        reader_objs = [self._reader(s, st) for s, st in enumerate(reader_states)]
+        return DocStream(
+            readers=reader_objs, tokenized=[k == "store" for k in self.kinds],
+            tokenize=Tokenize(load_tokenizer(self.tokenizer_path)), probabilities=self.probabilities,
+            bos=self.bos, eos=self.eos, context_len=self.context_len, seq_len=self.seq_len, rows=self.rows,
+            varlen=self.varlen, pad_id=self.pad_id, mixture_seed=[self.seed, stream, num_streams, generation],
+            state=state if state and "packer" in state else None)
+
+
+def _as_source(x) -> sources_lib.Source:
+    if isinstance(x, sources_lib.Source):
+        return x
+    if isinstance(x, dict):
+        return sources_lib.source(**x)
+    if isinstance(x, (str, os.PathLike)):
+        return sources_lib.source(path=str(x))
+    raise TypeError(f"a data source must be a Source, a dict of its fields or a path, got {x!r}")
+
+
+def embedded_source(*, cache_dir=None) -> sources_lib.Source:
+    """The embedded default corpus as a ``Source`` (built on first use)."""
+    d = embedded.corpus_dir(cache_dir=cache_dir)
+    return sources_lib.source(path="json", data_files={"train": str(d / "train.jsonl"),
+                                                       "validation": str(d / "validation.jsonl")},
+                              label="stdlib")
+
+
+def _check_probabilities(probabilities, n: int) -> list[float]:
+    if probabilities is None:
+        return [1.0 / n] * n
+    probabilities = [float(p) for p in probabilities]
+    if len(probabilities) != n:
+        raise ValueError(f"probabilities={probabilities} has {len(probabilities)} entries for {n} sources")
+    if any(p < 0 or not math.isfinite(p) for p in probabilities):
+        raise ValueError(f"probabilities={probabilities} must be finite and non-negative")
+    if abs(sum(probabilities) - 1.0) > 1e-6:
+        raise ValueError(f"probabilities={probabilities} sum to {sum(probabilities)}, not 1")
+    return probabilities
+
+
+def make_plan(*, tokenizer: str, seq_len: int, batch_size: int, seed: int, split: str, sources, probabilities,
+              context_len, add_bos, add_eos, varlen, shuffle, buffer_size, num_epochs, offline, cache_dir) -> Plan:
+    """Resolves and validates every option; opens the sources. Raises before any model is built."""
+    if seq_len <= 0 or batch_size <= 0:
+        raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
+    if tokenizer == "embedded":
+        tokenizer = embedded.tokenizer_path(cache_dir=cache_dir)
+    tok = load_tokenizer(str(tokenizer))
+    srcs = [embedded_source(cache_dir=cache_dir)] if sources is None else [_as_source(x) for x in sources]
+    if not srcs:
+        raise ValueError("sources is empty: give at least one data source")
+    probs = _check_probabilities(probabilities, len(srcs))
+    bos = tok.bos_token_id if (add_bos is None or add_bos) else None
+    if add_bos and bos is None:
+        raise ValueError(f"add_bos=True but tokenizer {tokenizer!r} has no BOS token")
+    eos = tok.eos_token_id if add_eos else None
+    if add_eos and eos is None:
+        raise ValueError(f"add_eos=True but tokenizer {tokenizer!r} has no EOS token")
+    pad = next((t for t in (tok.pad_token_id, tok.eos_token_id, 0) if t is not None))
+    context_len = seq_len if context_len is None else int(context_len)
+    if context_len <= 0:
+        raise ValueError(f"context_len={context_len} must be positive")
+    training = split == "train"
+    hf_cache = None if cache_dir is None else str(pathlib.Path(cache_dir) / "hf_datasets")
+    datasets_, kinds = [], []
+    for s, src in enumerate(srcs):
+        ds = sources_lib.open_split(src, split=split, cache_dir=hf_cache)
+        if offline:
+            key = store.store_key(description={**dataclasses.asdict(src), "split": split},
+                                  tokenizer_path=str(tokenizer))
+            base = pathlib.Path(cache_dir) if cache_dir else embedded.default_cache_dir()
+            texts = (t for batch in ds.iter(batch_size=256) for t in batch[src.text_field])
+            ds = store.build_store(texts=texts, tokenize=Tokenize(tok), vocab_size=len(tok),
+                                   directory=base / "token_stores" / key)
+            kinds.append("store")
+        else:
+            kinds.append("stream" if src.streaming else "map")
+        datasets_.append(ds)
+    return Plan(tokenizer_path=str(tokenizer), sources=srcs, datasets=datasets_, kinds=kinds, probabilities=probs,
+                seq_len=seq_len, rows=batch_size, varlen=varlen, context_len=context_len, bos=bos, eos=eos,
+                pad_id=pad, seed=seed, shuffle=training if shuffle is None else bool(shuffle),
+                buffer_size=buffer_size, num_epochs=(None if training else 1) if num_epochs is None else num_epochs)

@@ -1,0 +1,144 @@
+"""Describing a text source and opening one split of it through Hugging Face ``datasets``.
+
+A ``Source`` names what ``datasets.load_dataset`` needs (a hub name, a builder such as ``json``/``parquet``/
+``text``/``arrow`` with ``data_files``/``data_dir``, or a local file or folder), the split to read for
+training and for evaluation, the text column, and whether to stream. Opening checks everything that can be
+checked before a model is built (missing files, empty splits, a missing text column) and raises an error that
+names the value at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import pathlib
+
+_BUILDER_BY_SUFFIX = {
+    ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text", ".arrow": "arrow",
+    ".csv": "csv",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One text source; ``path`` is a hub name, a ``datasets`` builder name, or a local file or folder."""
+    path: str
+    name: str | None = None
+    data_dir: str | None = None
+    data_files: str | list | dict | None = None
+    train_split: str = "train"
+    validation_split: str = "validation"
+    text_field: str = "text"
+    streaming: bool = False
+    label: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        return self.label or (self.name and f"{self.path}/{self.name}") or pathlib.Path(str(self.path)).name
+
+
+def source(*, path: str, name: str | None = None, data_dir: str | None = None, data_files=None,
+           train_split: str = "train", validation_split: str = "validation", text_field: str = "text",
+           streaming: bool = False, label: str | None = None) -> Source:
+    """Builds a ``Source`` (the gin-facing constructor; lists in ``data_files`` become tuples)."""
+    if isinstance(data_files, list):
+        data_files = tuple(data_files)
+    if isinstance(data_files, dict):
+        data_files = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_files.items()}
+    return Source(path=path, name=name, data_dir=data_dir, data_files=data_files, train_split=train_split,
+                  validation_split=validation_split, text_field=text_field, streaming=streaming, label=label)
+
+
+def _check_local_files(files, *, what: str) -> None:
+    if isinstance(files, dict):
+        for v in files.values():
+            _check_local_files(v, what=what)
+        return
+    for f in ([files] if isinstance(files, (str, os.PathLike)) else list(files)):
+        f = str(f)
+        if "://" in f:
+            continue
+        if glob.has_magic(f):
+            if not glob.glob(f, recursive=True):
+                raise FileNotFoundError(f"{what}: no file matches {f!r}")
+        elif not os.path.exists(f):
+            raise FileNotFoundError(f"{what}: file {f!r} does not exist")
+
+
+def _load_arguments(src: Source, split: str) -> dict:
+    """Translates a ``Source`` into ``load_dataset`` keyword arguments, checking local paths first."""
+    path, data_files, data_dir = str(src.path), src.data_files, src.data_dir
+    looks_local = path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in _BUILDER_BY_SUFFIX
+    if looks_local:
+        local = os.path.expanduser(path)
+        if not os.path.exists(local):
+            raise FileNotFoundError(f"data source path {path!r} does not exist")
+        if os.path.isfile(local):
+            builder = _BUILDER_BY_SUFFIX.get(os.path.splitext(local)[1])
+            if builder is None:
+                raise ValueError(f"data source {path!r}: cannot tell the format from its suffix "
+                                 f"(known: {sorted(_BUILDER_BY_SUFFIX)})")
+            path, data_files = builder, {src.train_split: local}
+        else:
+            path = local
+    if data_files is not None:
+        _check_local_files(data_files, what=f"data source {src.path!r}")
+        if isinstance(data_files, tuple):
+            data_files = list(data_files)
+        if isinstance(data_files, dict):
+            data_files = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_files.items()}
+    if data_dir is not None and "://" not in str(data_dir) and not os.path.isdir(os.path.join(path, data_dir)) \
+            and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data source {src.path!r}: data_dir {data_dir!r} does not exist")
+    kwargs = {"path": path, "split": split, "streaming": src.streaming}
+    if src.name is not None:
+        kwargs["name"] = src.name
+    if data_files is not None:
+        kwargs["data_files"] = data_files
+    if data_dir is not None:
+        kwargs["data_dir"] = data_dir
+    return kwargs
+
+
+def split_name(src: Source, split: str) -> str:
+    """The dataset split that loader split ``train``/``validation`` reads for ``src``."""
+    if split == "train":
+        return src.train_split
+    if split == "validation":
+        return src.validation_split
+    raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+
+
+def open_split(src: Source, *, split: str, cache_dir: str | None = None):
+    """Opens ``split`` of ``src``: a ``datasets.Dataset`` (or ``IterableDataset`` when streaming) of one column.
+
+    Raises early, naming the value, for a missing path, an unknown split, an empty split or a missing column.
+    """
+    import datasets
+
+    kwargs = _load_arguments(src, split_name(src, split))
+    if cache_dir is not None:
+        kwargs["cache_dir"] = str(cache_dir)
+    try:
+        ds = datasets.load_dataset(**kwargs)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+        raise type(e)(f"cannot open data source {src.path!r} (split {kwargs['split']!r}): {e}") from e
+    except Exception as e:  # hub errors (DatasetNotFoundError, offline mode) are not all OSErrors
+        raise RuntimeError(f"cannot open data source {src.path!r} (split {kwargs['split']!r}): {e}") from e
+    columns = ds.column_names
+    if columns is None and src.streaming:
+        first = next(iter(ds.take(1)), None)
+        if first is None:
+            raise ValueError(f"data source {src.path!r} split {kwargs['split']!r} is empty")
+        columns = list(first)
+    if src.text_field not in columns:
+        raise KeyError(f"data source {src.path!r}: text field {src.text_field!r} not found; "
+                       f"the columns are {sorted(columns)}")
+    ds = ds.select_columns([src.text_field])
+    if src.streaming:
+        if next(iter(ds.take(1)), None) is None:
+            raise ValueError(f"data source {src.path!r} split {kwargs['split']!r} is empty")
+    elif len(ds) == 0:
+        raise ValueError(f"data source {src.path!r} split {kwargs['split']!r} is empty")
+    return ds

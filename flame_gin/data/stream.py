@@ -1,0 +1,117 @@
+"""One reading stream: a seeded mixture over sources, online tokenization, and packing into batches.
+
+A loader runs one stream per DataLoader worker (or one in the main process without workers). Each document
+is drawn from a source chosen with the mixture probabilities by the stream's own RNG (one uniform draw per
+document, so reading ahead in chunks never changes the choices), tokenized in batches through the fast
+(Rust) tokenizer, wrapped in BOS/EOS, cut into pieces of at most ``context_len`` tokens, and queued for
+packing. ``state_dict`` captures the source cursors and shuffle buffers, the mixture RNG and the queued
+tokens, so a stream rebuilt from it continues with identical batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+
+from flame_gin.data.packing import Packer
+
+_MAX_READ_AHEAD = 512
+
+
+class Tokenize:
+    """Texts to token arrays (no special tokens) through the tokenizer's Rust backend when it has one."""
+
+    def __init__(self, tokenizer):
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._tokenizer = tokenizer
+
+    def __call__(self, texts: list[str]) -> list[np.ndarray]:
+        if self._backend is not None:
+            encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+            encs = encode(texts, add_special_tokens=False)
+            return [np.asarray(e.ids, dtype=np.int32) for e in encs]
+        ids = self._tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [np.asarray(x, dtype=np.int32) for x in ids]
+
+
+def split_document(ids: np.ndarray, *, bos: int | None, eos: int | None, context_len: int) -> list[np.ndarray]:
+    """Adds BOS/EOS to one document and cuts it into pieces of at most ``context_len`` tokens."""
+    parts = [ids]
+    if bos is not None:
+        parts.insert(0, np.asarray([bos], dtype=np.int32))
+    if eos is not None:
+        parts.append(np.asarray([eos], dtype=np.int32))
+    doc = np.concatenate(parts) if len(parts) > 1 else ids
+    if len(doc) <= context_len:
+        return [doc]
+    return [doc[i:i + context_len] for i in range(0, len(doc), context_len)]
+
+
+class DocStream:
+    """Mixture -> tokenize -> pack for one stream; ``next_batch()`` returns numpy arrays or None at the end."""
+
+    def __init__(self, *, readers: list, tokenized: list[bool], tokenize, probabilities: list[float],
+                 bos: int | None, eos: int | None, context_len: int, seq_len: int, rows: int, varlen: bool,
+                 pad_id: int, mixture_seed: list[int], state: dict | None = None):
+        self._readers, self._tokenized, self._tokenize = readers, tokenized, tokenize
+        self._probs = np.asarray(probabilities, dtype=np.float64)
+        self._active = [True] * len(readers)
+        self._bos, self._eos, self._context_len = bos, eos, context_len
+        self._seq_len, self._rows, self._varlen, self._pad_id = seq_len, rows, varlen, pad_id
+        self._packer = Packer(num_sources=len(readers))
+        self._rng = np.random.Generator(np.random.PCG64(mixture_seed))
+        self._tokens_per_doc = float(rows * seq_len + 1)  # first read: one document, then adapt
+        if state is not None:
+            self._packer.load_state_dict(state["packer"])
+            self._rng.bit_generator.state = state["rng"]
+            self._active = list(state["active"])
+            self._tokens_per_doc = state["tokens_per_doc"]
+
+    def _choose(self, k: int) -> list[int]:
+        probs = np.where(self._active, self._probs, 0.0)
+        cdf = np.cumsum(probs / probs.sum())
+        draws = self._rng.random(k)
+        return np.minimum(np.searchsorted(cdf, draws, side="right"), len(cdf) - 1).tolist()
+
+    def _fill(self, need: int) -> None:
+        while self._packer.available < need and any(self._active):
+            k = min(_MAX_READ_AHEAD, max(1, math.ceil((need - self._packer.available) / self._tokens_per_doc)))
+            choices = self._choose(k)
+            docs = {}
+            for s in sorted(set(choices)):
+                wanted = choices.count(s)
+                got = self._readers[s].read(wanted)
+                if len(got) < wanted:
+                    self._active[s] = False
+                    # draws past the exhaustion point are dropped so the survivors stay in draw order
+                if got and not self._tokenized[s]:
+                    got = self._tokenize(got)
+                docs[s] = list(got)
+            new_tokens, new_docs = 0, 0
+            for s in choices:
+                if not docs.get(s):
+                    continue
+                ids = docs[s].pop(0)
+                pieces = split_document(ids, bos=self._bos, eos=self._eos, context_len=self._context_len)
+                self._packer.push(pieces, source=s)
+                new_tokens += sum(len(p) for p in pieces)
+                new_docs += 1
+            if new_docs:
+                self._tokens_per_doc = 0.5 * self._tokens_per_doc + 0.5 * (new_tokens / new_docs)
+
+    def next_batch(self) -> dict | None:
+        self._fill(self._rows * self._seq_len + 1)
+        return self._packer.batch(rows=self._rows, seq_len=self._seq_len, varlen=self._varlen, pad_id=self._pad_id)
+
+    @property
+    def tokens_per_source(self) -> list[int]:
+        return list(self._packer.tokens_per_source)
+
+    def state_dict(self) -> dict:
+        """A deep copy of everything needed to continue exactly (plain Python, JSON-serialisable)."""
+        return copy.deepcopy({
+            "readers": [r.state_dict() for r in self._readers], "packer": self._packer.state_dict(),
+            "rng": self._rng.bit_generator.state, "active": list(self._active),
+            "tokens_per_doc": self._tokens_per_doc})
