@@ -1,0 +1,66 @@
+"""Applies the parallelisms to a model in torchtitan's order: TP -> activation checkpointing -> compile -> FSDP.
+
+Tensor parallel first (it rewrites parameters into DTensors the later steps must see), checkpointing next (so
+recomputation replays the sharded forward), compile per block after that (the checkpoint wrapper is inside
+the compiled region), and FSDP last (its all-gather/reduce-scatter hooks wrap the compiled blocks).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from flame_gin.mesh import ParallelDims
+from flame_gin.parallel.checkpointing import apply_activation_checkpointing
+from flame_gin.parallel.compile import apply_compile
+from flame_gin.parallel.fsdp import apply_data_parallel
+from flame_gin.parallel.tp_plans import apply_tensor_parallel
+
+log = logging.getLogger(__name__)
+
+
+def _blocks(model: nn.Module):
+    inner = getattr(model, "model", model)
+    if not hasattr(inner, "layers"):
+        raise ValueError(f"parallelize: {type(model).__name__} has no `.model.layers` or `.layers` blocks")
+    return inner.layers
+
+
+def parallelize(model: nn.Module, *, dims: ParallelDims, mesh: DeviceMesh, sequence_parallel: bool = True,
+                loss_parallel: bool = True, activation_checkpointing: str = "none", ac_every: int = 1,
+                compile: bool = False, compile_backend: str = "inductor", data_parallel: str = "fsdp",
+                param_dtype: str = "float32", reduce_dtype: str = "float32",
+                reshard_after_forward: bool = True, cpu_offload: bool = False, float8: bool = False,
+                float8_min_features: int = 1024) -> nn.Module:
+    """Parallelises `model` (a whole causal LM, or one pipeline stage) in place and returns it.
+
+    `mesh` is the world mesh from `ParallelDims.build`. Data parallel runs over `dp_shard_cp` (HSDP adds
+    `dp_replicate`); it is skipped when that group is a single rank and `dp_replicate` is 1.
+    """
+    if float8:
+        from flame_gin.parallel.float8 import apply_float8
+        count = apply_float8(model, min_features=float8_min_features)
+        log.info("float8: converted %d linear layers", count)
+    if dims.tp > 1:
+        apply_tensor_parallel(model, tp_mesh=mesh["tp"], sequence_parallel=sequence_parallel,
+                              loss_parallel=loss_parallel)
+    apply_activation_checkpointing(_blocks(model), mode=activation_checkpointing, every=ac_every)
+    if compile:
+        apply_compile(_blocks(model), backend=compile_backend)
+    if dims.dp_replicate > 1:
+        dp_mesh = mesh["dp_replicate", "dp_shard_cp"]
+    elif dims.dp_shard * dims.cp > 1:
+        dp_mesh = mesh["dp_shard_cp"]
+    else:
+        dp_mesh = None
+    if data_parallel == "ddp" and dp_mesh is not None and dp_mesh.ndim == 1:
+        raise ValueError(f"parallelize: data_parallel='ddp' needs dp_shard=1 and cp=1 with dp_replicate>1, got "
+                         f"{dims.describe()}")
+    if dp_mesh is not None:
+        apply_data_parallel(model, mesh=dp_mesh, mode=data_parallel, param_dtype=param_dtype,
+                            reduce_dtype=reduce_dtype, reshard_after_forward=reshard_after_forward,
+                            cpu_offload=cpu_offload, blocks=list(_blocks(model).values())
+                            if isinstance(_blocks(model), nn.ModuleDict) else list(_blocks(model)))
+    return model

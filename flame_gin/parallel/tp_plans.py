@@ -1,0 +1,262 @@
+"""Tensor-parallel plans (head sharding, sequence parallel, loss parallel) for the model zoo.
+
+Projections into heads are column-wise, projections out of heads row-wise, so the recurrent kernels see only
+their rank's heads and run unchanged. Everything that FLA computes with fused Triton kernels on its own
+weights (RMSNorm with residual, gated per-head norms, short convolutions, per-head decay parameters) runs on
+plain local tensors through `LocalCompute`: the weight is a DTensor on the tensor-parallel mesh (so
+`clip_grad_norm_` and FSDP see one kind of tensor), the module receives its local view, and the gradient of a
+replicated weight is summed over the mesh when each rank saw only part of the activations (its sequence shard
+or its heads). A sequence-parallel plan on a per-head norm would be wrong: its activations are head-sharded,
+not sequence-sharded.
+
+Families without a plan are refused with the list of those that have one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+
+log = logging.getLogger(__name__)
+
+
+class _ReplicatedToLocal(torch.autograd.Function):
+    """Local view of a replicated DTensor weight whose backward sums the per-rank partial gradients."""
+
+    @staticmethod
+    def forward(ctx, weight: DTensor):
+        ctx.mesh = weight.device_mesh
+        return weight.to_local().view_as(weight.to_local())
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.mesh.get_group())
+        return DTensor.from_local(grad, ctx.mesh, [Replicate()], run_check=False)
+
+
+class LocalCompute(ParallelStyle):
+    """Runs a module on local tensors with its parameters held as DTensors on the tensor-parallel mesh.
+
+    `shard_params` names parameters sharded on dim 0 (per-channel or per-head); all others are replicated.
+    `partial_grads`: the module sees only part of the activations (sequence or head shard), so replicated
+    weight gradients are summed across ranks. `gather_sequence`: the first input (positional or
+    `hidden_states`/`x`) arrives sequence-sharded and is all-gathered on dim 1 first.
+    """
+
+    def __init__(self, *, shard_params: tuple[str, ...] = (), partial_grads: bool = False,
+                 gather_sequence: bool = False, recurse: bool = True):
+        super().__init__()
+        self.shard_params = tuple(shard_params)
+        self.partial_grads = partial_grads
+        self.gather_sequence = gather_sequence
+        self.recurse = recurse
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        owners = list(module.named_modules()) if self.recurse else [("", module)]
+        slots = []
+        for prefix, sub in owners:
+            for name, param in list(sub.named_parameters(recurse=False)):
+                full = f"{prefix}.{name}" if prefix else name
+                placement: Placement = Shard(0) if (name in self.shard_params or full in self.shard_params) \
+                    else Replicate()
+                if not isinstance(param, DTensor):
+                    dparam = nn.Parameter(distribute_tensor(param.data, device_mesh, [placement]),
+                                          requires_grad=param.requires_grad)
+                    for attr in ("_no_weight_decay",):
+                        if hasattr(param, attr):
+                            setattr(dparam, attr, getattr(param, attr))
+                    sub.register_parameter(name, dparam)
+                slots.append((sub, name, placement))
+        saved: list = []
+        partial = self.partial_grads
+        gather = self.gather_sequence
+
+        def pre_hook(mod, args, kwargs):
+            saved.append([(sub, name, sub._parameters[name]) for sub, name, _ in slots])
+            for sub, name, placement in slots:
+                p = sub._parameters[name]
+                if not isinstance(p, DTensor):
+                    continue
+                if isinstance(placement, Replicate) and partial and p.requires_grad:
+                    local = _ReplicatedToLocal.apply(p)
+                else:
+                    local = p.to_local()
+                sub._parameters[name] = local
+            if gather:
+                args, kwargs = _gather_first(args, kwargs, device_mesh)
+            return args, kwargs
+
+        def post_hook(mod, args, output):
+            for sub, name, param in saved.pop():
+                sub._parameters[name] = param
+            return output
+
+        module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        module.register_forward_hook(post_hook)
+        return module
+
+
+def _gather_first(args, kwargs, mesh):
+    def gather(x):
+        if isinstance(x, DTensor):
+            return x.redistribute(mesh, [Replicate()]).to_local()
+        return DTensor.from_local(x, mesh, [Shard(1)], run_check=False).redistribute(mesh, [Replicate()]).to_local()
+
+    if args:
+        return (gather(args[0]), *args[1:]), kwargs
+    for key in ("hidden_states", "x"):
+        if key in kwargs:
+            return args, {**kwargs, key: gather(kwargs[key])}
+    raise ValueError("LocalCompute(gather_sequence=True): module called without a hidden_states input")
+
+
+# ----- per-family plans ----------------------------------------------------------------------------------------
+
+def _rowwise(*, sp: bool):
+    return RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
+
+
+def _attn_entry(*, sp: bool, head_params: tuple[str, ...] = ()) -> LocalCompute:
+    return LocalCompute(shard_params=head_params, gather_sequence=sp, recurse=False)
+
+
+def _mlp_plan(prefix: str, *, sp: bool, mlp: nn.Module) -> dict:
+    if getattr(mlp, "fuse_swiglu", False):
+        # the fused swiglu+down_proj kernel reads down_proj.weight directly, bypassing the row-wise plan
+        log.info("tensor parallel: disabling fuse_swiglu on %s so down_proj runs row-wise", prefix)
+        mlp.fuse_swiglu = False
+    plan = {f"{prefix}.gate_proj": ColwiseParallel(), f"{prefix}.up_proj": ColwiseParallel(),
+            f"{prefix}.down_proj": _rowwise(sp=sp)}
+    if sp:
+        plan[prefix] = LocalCompute(gather_sequence=True, recurse=False)
+    return plan
+
+
+def _head_norms(attn: nn.Module, prefix: str) -> dict:
+    """Per-head norms and short convolutions: replicated weight, head-sharded activations."""
+    plan = {}
+    for name in ("g_norm", "g_norm_swish_gate", "o_norm", "q_norm", "k_norm"):
+        if isinstance(getattr(attn, name, None), nn.Module):
+            plan[f"{prefix}.{name}"] = LocalCompute(partial_grads=True)
+    for name in ("q_conv1d", "k_conv1d", "v_conv1d"):
+        if isinstance(getattr(attn, name, None), nn.Module):
+            plan[f"{prefix}.{name}"] = LocalCompute(shard_params=("weight", "bias"))
+    return plan
+
+
+def _gla_attn(attn, prefix, *, sp):
+    if attn.num_kv_groups != 1:
+        raise ValueError(f"tensor parallel: GLA with num_kv_heads != num_heads ({prefix}) has no plan")
+    plan = {prefix: _attn_entry(sp=sp)}
+    for name in ("q_proj", "k_proj", "v_proj", "g_proj"):
+        if hasattr(attn, name):
+            plan[f"{prefix}.{name}"] = ColwiseParallel()
+    # low-rank gate: the bottleneck is replicated (input is the full hidden state), the up-projection is per head
+    plan[f"{prefix}.gk_proj.0"] = LocalCompute()
+    plan[f"{prefix}.gk_proj.1"] = ColwiseParallel()
+    plan[f"{prefix}.o_proj"] = _rowwise(sp=sp)
+    plan.update(_head_norms(attn, prefix))
+    return plan
+
+
+def _deltanet_attn(attn, prefix, *, sp):
+    plan = {prefix: _attn_entry(sp=sp)}
+    for name in ("q_proj", "k_proj", "v_proj", "g_proj", "b_proj"):
+        if isinstance(getattr(attn, name, None), nn.Module):
+            plan[f"{prefix}.{name}"] = ColwiseParallel()
+    plan[f"{prefix}.o_proj"] = _rowwise(sp=sp)
+    plan.update(_head_norms(attn, prefix))
+    return plan
+
+
+def _gated_deltanet_attn(attn, prefix, *, sp):
+    if getattr(attn, "num_v_heads", attn.num_heads) != attn.num_heads:
+        raise ValueError(f"tensor parallel: Gated DeltaNet with num_v_heads != num_heads ({prefix}) has no plan")
+    # fused q/k/v convolution reads the three conv weights at once; keep the separate per-projection path
+    if hasattr(attn, "_use_fused_qkv_conv"):
+        attn._use_fused_qkv_conv = lambda **kwargs: False
+    plan = {prefix: _attn_entry(sp=sp, head_params=("A_log", "dt_bias"))}
+    for name in ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj"):
+        if isinstance(getattr(attn, name, None), nn.Module):
+            plan[f"{prefix}.{name}"] = ColwiseParallel()
+    plan[f"{prefix}.o_proj"] = _rowwise(sp=sp)
+    plan.update(_head_norms(attn, prefix))
+    return plan
+
+
+def _llama_attn(attn, prefix, *, sp):
+    plan = {prefix: _attn_entry(sp=sp)}
+    for name in ("q_proj", "k_proj", "v_proj"):
+        plan[f"{prefix}.{name}"] = ColwiseParallel()
+    plan[f"{prefix}.o_proj"] = _rowwise(sp=sp)
+    return plan
+
+
+# model_type -> (attribute of the block holding the mixer, attribute of the block's mlp, mixer plan)
+_FAMILIES = {
+    "gla": ("attn", "mlp", ("attn_norm", "mlp_norm"), _gla_attn),
+    "delta_net": ("attn", "mlp", ("attn_norm", "mlp_norm"), _deltanet_attn),
+    "gated_deltanet": ("attn", "mlp", ("attn_norm", "mlp_norm"), _gated_deltanet_attn),
+    "llama": ("self_attn", "mlp", ("input_layernorm", "post_attention_layernorm"), _llama_attn),
+}
+
+
+def supported_families() -> tuple[str, ...]:
+    return tuple(sorted(_FAMILIES))
+
+
+def _model_parts(model: nn.Module):
+    inner = model.model
+    embed = "model.embeddings" if hasattr(inner, "embeddings") else "model.embed_tokens"
+    return inner, embed
+
+
+def apply_tensor_parallel(model: nn.Module, *, tp_mesh: DeviceMesh, sequence_parallel: bool = True,
+                          loss_parallel: bool = True) -> nn.Module:
+    """Shards `model` (a causal LM with `.model.layers` and `.lm_head`) over `tp_mesh` in place.
+
+    With `loss_parallel`, logits stay vocabulary-sharded DTensors; compute the loss with
+    `flame_gin.parallel.loss.token_loss_sum`, which enters torch's `loss_parallel` context for them.
+    """
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type not in _FAMILIES:
+        raise ValueError(f"tensor parallel: no plan for model family {model_type!r}; families with a plan: "
+                         f"{', '.join(supported_families())}")
+    if getattr(model.config, "attnres_block_size", None) is not None:
+        raise ValueError("tensor parallel: attnres_block_size is not supported")
+    if getattr(model.config, "tie_word_embeddings", False):
+        raise ValueError("tensor parallel: tie_word_embeddings=True is not supported (embedding is row-wise, "
+                         "lm_head column-wise)")
+    mixer, mlp, norms, mixer_plan = _FAMILIES[model_type]
+    sp = sequence_parallel
+    inner, embed = _model_parts(model)
+    top = {embed: RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate()),
+           "model.norm": LocalCompute(partial_grads=sp),
+           "lm_head": ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(),
+                                      output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                      use_local_output=not loss_parallel)}
+    parallelize_module(model, tp_mesh, top)
+    for i, block in enumerate(inner.layers):
+        prefix = f"model.layers.{i}"
+        plan = {f"{prefix}.{n}": LocalCompute(partial_grads=sp) for n in norms}
+        plan.update(mixer_plan(getattr(block, mixer), f"{prefix}.{mixer}", sp=sp))
+        plan.update(_mlp_plan(f"{prefix}.{mlp}", sp=sp, mlp=getattr(block, mlp)))
+        parallelize_module(model, tp_mesh, plan)
+    if sp and model_type == "llama":
+        inner.register_forward_pre_hook(_full_positions, with_kwargs=True)
+    return model
+
+
+def _full_positions(module, args, kwargs):
+    """Under sequence parallel the embedding output is sequence-sharded; positions must cover the full length."""
+    if kwargs.get("position_ids") is None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            kwargs = {**kwargs, "position_ids": torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)}
+    return args, kwargs

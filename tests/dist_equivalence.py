@@ -1,0 +1,66 @@
+"""Worker: a parallelised model must match a single-process model (losses, gradients, SGD updates)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+import dist_models
+from flame_gin.mesh import ParallelDims
+from flame_gin.parallel import global_valid_tokens, normalized_loss, parallelize, token_loss_sum
+from flame_gin.parallel.loss import reduce_for_logging
+
+ATOL, RTOL = 2e-5, 2e-4
+
+
+def _clean(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def _full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def check(rank, world, family, dims_kwargs, par_kwargs, rows=4, seq=32, steps=2, model_kwargs=None):
+    dims = ParallelDims(world_size=world, **dims_kwargs)
+    mesh = dims.build(device_type="cpu")
+    model_kwargs = model_kwargs or {}
+    ref = dist_models.build(family, **model_kwargs)
+    dims.validate_for_model(config=ref.config)
+    par = parallelize(copy.deepcopy(ref), dims=dims, mesh=mesh, **par_kwargs)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.5)
+    opt_par = torch.optim.SGD(par.parameters(), lr=0.5)
+    dp_rank, per = dims.dp_rank(rank=rank), rows // dims.dp_size
+    dp_cp = mesh["dp_cp"].get_group()
+    for step in range(steps):
+        ids, labels = dist_models.batch(rows=rows, seq=seq, seed=step + 1)
+        # reference: the whole global batch in one process
+        opt_ref.zero_grad()
+        ref_loss = token_loss_sum(logits=ref(input_ids=ids).logits, labels=labels) / (labels != -100).sum()
+        ref_loss.backward()
+        # parallel: this rank's data shard
+        opt_par.zero_grad()
+        local_ids, local_labels = ids[dp_rank * per:(dp_rank + 1) * per], labels[dp_rank * per:(dp_rank + 1) * per]
+        count = global_valid_tokens(labels=local_labels, group=dp_cp)
+        share = normalized_loss(logits=par(input_ids=local_ids).logits, labels=local_labels, global_tokens=count)
+        share.backward()
+        got = reduce_for_logging(loss_share=share, group=dp_cp)
+        assert abs(got - float(ref_loss)) < 1e-5, (step, got, float(ref_loss))
+        ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+        seen = 0
+        for name, p in par.named_parameters():
+            name = _clean(name)
+            assert p.grad is not None, f"no gradient for {name}"
+            torch.testing.assert_close(_full(p.grad), ref_grads[name], atol=ATOL, rtol=RTOL,
+                                       msg=lambda m: f"step {step} grad {name}: {m}")
+            seen += 1
+        assert seen == len(ref_grads), (seen, len(ref_grads))
+        opt_ref.step()
+        opt_par.step()
+    for name, p in par.named_parameters():
+        torch.testing.assert_close(_full(p.detach()), dict(ref.named_parameters())[_clean(name)].detach(),
+                                   atol=ATOL, rtol=RTOL)
+    dist.barrier()
