@@ -1,0 +1,178 @@
+"""FLOPs per token for every supported model family, counted from the model's real layers.
+
+Why a count of our own: the usual ``6 * parameters + 12 * layers * hidden * seq_len`` rule charges linear-attention
+models for a softmax attention they do not compute, and charges the embedding lookup (a gather, no arithmetic) as a
+matmul; for GLA-340M at 2048 tokens that over-states the work by about a third and so inflates MFU.
+
+What is counted (forward pass, per token; training is three times the forward, since the backward of every matmul
+is two matmuls of the same size):
+
+- every ``nn.Linear`` of the model, the LM head included: ``2 * in * out``; the input embedding is excluded;
+- every convolution (the short convolutions of DeltaNet-style layers, Mamba's conv): ``2 * out * in/groups * k``;
+- each mixer's own work, read from the built layer (heads, head sizes, chunk size):
+  - chunked linear attention (GLA, RetNet, HGRN2, GSA's two passes, Mamba2's SSD), per head with chunk ``c``,
+    key size ``dk`` and value size ``dv``: ``2c(dk + dv)`` for the intra-chunk scores and their product with the
+    values (full ``c x c`` blocks, as the kernels compute them) plus ``4 dk dv`` for reading and updating the state;
+  - the chunked delta rule (DeltaNet, Gated DeltaNet), WY form: ``6c dk + 4c dv + 2c^2/3 + 6 dk dv``
+    (scores ``QK^T`` and ``KK^T``, the triangular solve, ``W = AK``, ``U = AV``, scores times new values, and three
+    state products); RWKV-7's diagonal-plus-low-rank rule is charged ``8c dk + 4c dv + 2c^2/3 + 8 dk dv``;
+  - Mamba's selective scan: ``6 * d_inner * state_size`` (discretise, update, read out);
+  - softmax attention only where a layer really is softmax attention (the Llama baseline, hybrid and Samba
+    attention layers): ``4 * T_eff * heads * head_dim`` with ``T_eff`` the sequence length, or the window when
+    smaller, counting the full square as ``FlopCounterMode`` and the PaLM MFU convention do.
+
+Element-wise work (norms, gates, activations, rotary) is not counted: it is small and memory-bound.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from torch import nn
+
+from flame_gin import models
+
+CHUNK_SIZE = 64  # FLA's chunked kernels (GLA, RetNet, HGRN2, GSA, delta rules, RWKV-7) work on 64-token chunks.
+
+
+def chunked_linear_attention_flops(*, heads: int, dk: int, dv: int, chunk: int) -> float:
+    """Per token: intra-chunk scores and their product with values, plus state read-out and update."""
+    return heads * (2 * chunk * (dk + dv) + 4 * dk * dv)
+
+
+def chunked_delta_rule_flops(*, heads: int, dk: int, dv: int, chunk: int) -> float:
+    """Per token, WY form: QK^T, KK^T, triangular solve, AK, AV, scores x new values, three state products."""
+    return heads * (6 * chunk * dk + 4 * chunk * dv + 2 * chunk * chunk / 3 + 6 * dk * dv)
+
+
+def softmax_attention_flops(*, heads: int, head_dim: int, context: int) -> float:
+    """Per token: QK^T and PV over ``context`` keys (full square, as FlopCounterMode counts SDPA)."""
+    return 4 * context * heads * head_dim
+
+
+def _chunk(seq_len: int, size: int = CHUNK_SIZE) -> int:
+    return min(size, seq_len)
+
+
+def _gla_like(m, seq_len):
+    return chunked_linear_attention_flops(
+        heads=m.num_heads, dk=m.head_k_dim, dv=m.head_v_dim, chunk=_chunk(seq_len))
+
+
+def _hgrn2(m, seq_len):
+    return chunked_linear_attention_flops(
+        heads=m.num_heads, dk=m.head_f_dim, dv=m.head_i_dim, chunk=_chunk(seq_len))
+
+
+def _gsa(m, seq_len):
+    c = _chunk(seq_len)
+    return (chunked_linear_attention_flops(heads=m.num_heads, dk=m.head_k_dim, dv=m.num_slots, chunk=c) +
+            chunked_linear_attention_flops(heads=m.num_heads, dk=m.num_slots, dv=m.head_v_dim, chunk=c))
+
+
+def _delta(m, seq_len):
+    heads = getattr(m, "num_v_heads", None) or m.num_heads
+    return chunked_delta_rule_flops(heads=heads, dk=m.head_k_dim, dv=m.head_v_dim, chunk=_chunk(seq_len))
+
+
+def _rwkv7(m, seq_len):
+    c, dk, dv = _chunk(seq_len), m.head_dim, m.head_v_dim
+    return m.num_heads * (8 * c * dk + 4 * c * dv + 2 * c * c / 3 + 8 * dk * dv)
+
+
+def _mamba(m, seq_len):
+    return 6 * m.intermediate_size * m.ssm_state_size
+
+
+def _mamba2(m, seq_len):
+    return chunked_linear_attention_flops(
+        heads=m.num_heads, dk=m.ssm_state_size, dv=m.head_dim, chunk=_chunk(seq_len, m.chunk_size))
+
+
+def _fla_attention(m, seq_len):
+    context = seq_len if m.window_size is None else min(seq_len, m.window_size)
+    return softmax_attention_flops(heads=m.num_heads, head_dim=m.head_dim, context=context)
+
+
+def _hf_attention(m, seq_len):
+    return softmax_attention_flops(heads=m.config.num_attention_heads, head_dim=m.head_dim, context=seq_len)
+
+
+# Mixer classes (by class name, so importing this module imports no FLA layer) -> (kind, per-token forward FLOPs).
+_MIXERS: dict[str, tuple[str, Callable[[nn.Module, int], float]]] = {
+    "GatedLinearAttention": ("linear_attention", _gla_like),
+    "MultiScaleRetention": ("linear_attention", _gla_like),
+    "HGRN2Attention": ("linear_attention", _hgrn2),
+    "GatedSlotAttention": ("linear_attention", _gsa),
+    "DeltaNet": ("linear_attention", _delta),
+    "GatedDeltaNet": ("linear_attention", _delta),
+    "RWKV7Attention": ("linear_attention", _rwkv7),
+    "Mamba": ("linear_attention", _mamba),
+    "Mamba2": ("linear_attention", _mamba2),
+    "Attention": ("softmax_attention", _fla_attention),
+    "LlamaAttention": ("softmax_attention", _hf_attention),
+}
+SUPPORTED_FAMILIES = (
+    "gla", "retnet", "hgrn2", "gsa", "delta_net", "gated_deltanet", "rwkv7", "mamba", "mamba2", "samba", "llama")
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    body = getattr(model, "model", None) or getattr(model, "backbone", None)
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no decoder layer list (model.layers or backbone.layers)")
+    return layers
+
+
+def _mixer_of(layer: nn.Module) -> nn.Module:
+    for name in ("attn", "mixer", "self_attn"):
+        mixer = getattr(layer, name, None)
+        if isinstance(mixer, nn.Module):
+            return mixer
+    raise ValueError(f"decoder layer {type(layer).__name__} has no attn/mixer/self_attn sub-module")
+
+
+def breakdown_from_model(*, model: nn.Module, family: str, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token of a built (meta or real) model, by part; see the module docstring."""
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    parts = {"linear": 0.0, "conv": 0.0, "linear_attention": 0.0, "softmax_attention": 0.0}
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            parts["linear"] += 2.0 * module.in_features * module.out_features
+        elif isinstance(module, nn.Conv1d):
+            parts["conv"] += 2.0 * module.out_channels * (module.in_channels // module.groups) * module.kernel_size[0]
+    for index, layer in enumerate(_layers(model)):
+        mixer = _mixer_of(layer)
+        kind_and_count = _MIXERS.get(type(mixer).__name__)
+        if kind_and_count is None:
+            raise ValueError(
+                f"No FLOP formula for the mixer {type(mixer).__name__} (layer {index}) of family {family!r}; "
+                f"supported families: {', '.join(SUPPORTED_FAMILIES)}")
+        kind, count = kind_and_count
+        parts[kind] += float(count(mixer, seq_len))
+    return parts
+
+
+def flops_breakdown(*, config, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token by part (linear, conv, linear_attention, softmax_attention) for ``config``.
+
+    Builds the model on the meta device (no memory) so the count follows the layers FLA really creates.
+    """
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"No FLOP count for model family {family!r}; supported families: {', '.join(SUPPORTED_FAMILIES)}")
+    model = models.build_meta_model(config=config)
+    return breakdown_from_model(model=model, family=family, seq_len=seq_len)
+
+
+def forward_flops_per_token(*, config, seq_len: int) -> float:
+    """Forward FLOPs per token at sequence length ``seq_len`` (embedding lookup excluded)."""
+    return math.fsum(flops_breakdown(config=config, seq_len=seq_len).values())
+
+
+def flops_per_token(*, config, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward), the numerator of MFU."""
+    return 3.0 * forward_flops_per_token(config=config, seq_len=seq_len)
