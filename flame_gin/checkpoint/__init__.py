@@ -9,7 +9,7 @@ untrained starting point; `hf` exports to and imports from Hugging Face;
 from flame_gin.checkpoint.checkpointer import Checkpointer, CheckpointSaveError
 from flame_gin.checkpoint.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from flame_gin.checkpoint.reader import CheckpointCorruptError, CheckpointError
-from flame_gin.checkpoint.seed import load_weights, save_seed_checkpoint
+from flame_gin.checkpoint.seed import load_orbax_params, load_weights, save_seed_checkpoint
 
 __all__ = [
     "Checkpointer",
@@ -20,4 +20,5 @@ __all__ = [
     "REQUEUE_EXIT_CODE",
     "save_seed_checkpoint",
     "load_weights",
+    "load_orbax_params",
 ]

@@ -46,3 +46,18 @@ def load_weights(
         return chosen
     finally:
         ckpt.close()
+
+
+def load_orbax_params(*, item_dir: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Load parameters saved by `orbax.checkpoint` (e.g. from JAX) into `model`.
+
+    `item_dir` is an Orbax PyTree directory whose tree paths, joined with
+    '.', are the model's state_dict names ({"embed.weight": array} or the
+    nested {"embed": {"weight": array}}). Sharded targets read only their
+    own boxes.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from flame_gin.checkpoint import reader
+
+    reader.read_item(item_dir=item_dir, tensors=get_model_state_dict(model), step=None)
