@@ -19,18 +19,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, fn, args):
+def _entry(rank, world_size, port, fn, args, kwargs):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        fn(rank, world_size, *args)
+        fn(rank, world_size, *args, **kwargs)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def launch(fn, *, world_size: int, args: tuple = ()) -> None:
+def launch(fn, *, world_size: int, args: tuple = (), kwargs: dict | None = None) -> None:
     """Spawns `world_size` processes running `fn(rank, world_size, *args)`; raises if any fails."""
-    mp.start_processes(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size,
+    mp.start_processes(_entry, args=(world_size, _free_port(), fn, args, kwargs or {}), nprocs=world_size,
                        start_method="spawn", join=True)

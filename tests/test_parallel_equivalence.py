@@ -19,6 +19,19 @@ CASES = {
     "fsdp_tp_ac_gla": (4, "gla", dict(tp=2), dict(activation_checkpointing="full")),
 }
 
+CP_CASES = {
+    "cp_fsdp_gla": (2, "gla", dict(cp=2), dict(), dict(rows=2)),
+    "cp_gla_varlen": (2, "gla", dict(cp=2), dict(), dict(rows=1, varlen=True)),
+    "cp_delta_net_conv_varlen": (2, "delta_net", dict(cp=2), dict(),
+                                 dict(rows=1, varlen=True, model_kwargs=dict(use_short_conv=True))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CP_CASES))
+def test_context_parallel_matches_single_process(case):
+    world, family, dims, par, extra = CP_CASES[case]
+    launch(dist_equivalence.check, world_size=world, args=(family, dims, par), kwargs=extra)
+
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_single_process(case):
