@@ -112,10 +112,12 @@ def read_item(
                 f"checkpoint {where}: array {name!r} is corrupted or "
                 f"truncated ({item_dir}): {e}"
             ) from e
-        _assign(tensor=tensor, value=value, box=box)
+        assign_box(tensor=tensor, value=value, box=box)
 
 
-def _assign(*, tensor: torch.Tensor, value: torch.Tensor, box: shards.Box) -> None:
+def assign_box(*, tensor: torch.Tensor, value: torch.Tensor, box: shards.Box) -> None:
+    """Copy `value` (this rank's box, or the full array if the box is not
+    contiguous) into `tensor` (plain or DTensor) in place."""
     if isinstance(tensor, DTensor):
         if not box.contiguous:
             value = distribute_tensor(

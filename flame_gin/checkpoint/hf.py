@@ -1,0 +1,121 @@
+"""Hugging Face export and import of model weights.
+
+Export turns a checkpoint into a `save_pretrained` folder (weights in the
+chosen dtype, config, tokenizer) that `transformers.AutoModelForCausalLM`
+loads; the model is rebuilt from the HF config stored with the checkpoint.
+Import loads an HF checkpoint's weights into an existing, possibly sharded,
+model as a starting point for training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import torch
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+from flame_gin.checkpoint import layout, reader, shards
+from flame_gin.checkpoint.seed import load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _register_fla() -> None:
+    """FLA registers its configs and models with the HF Auto classes on import."""
+    try:
+        import fla  # noqa: F401
+    except ImportError:
+        pass
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r}: use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def export_model(
+    *,
+    model: torch.nn.Module,
+    output: str | os.PathLike,
+    dtype: str = "bfloat16",
+    tokenizer: str | None = None,
+) -> pathlib.Path:
+    """`save_pretrained` an (unsharded) HF model in `dtype`, with a tokenizer."""
+    torch_dtype = _dtype(dtype)
+    output = pathlib.Path(output)
+    model = model.to(torch_dtype)
+    model.config.dtype = torch_dtype
+    model.save_pretrained(output, safe_serialization=True)
+    if tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(output)
+    return output
+
+
+def export_checkpoint(
+    *,
+    checkpoint_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    step: int | None = None,
+    dtype: str = "bfloat16",
+    tokenizer: str | None = None,
+) -> pathlib.Path:
+    """Export the weights of a checkpoint (latest, or `step`) to HF format.
+
+    The checkpoint must hold the model's HF config (saved automatically when
+    the model has a `config`). Runs in one process on CPU.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _register_fla()
+    _dtype(dtype)  # fail early on a bad dtype
+    root = pathlib.Path(checkpoint_dir)
+    steps = layout.committed_steps(root)
+    if not steps:
+        raise reader.CheckpointError(f"no committed checkpoint in {root}")
+    step = steps[-1] if step is None else step
+    config_file = layout.step_dir(root=root, step=step) / layout.MODEL_CONFIG_FILE
+    if not config_file.is_file():
+        raise reader.CheckpointError(
+            f"{config_file} is missing: the checkpoint was saved from a model "
+            "without an HF config; use export_model() on a built model instead"
+        )
+    values = json.loads(config_file.read_text())
+    model_type = values.pop("model_type")
+    config = AutoConfig.for_model(model_type, **values)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    load_weights(directory=root, model=model, step=step)
+    return export_model(model=model, output=output, dtype=dtype, tokenizer=tokenizer)
+
+
+def import_hf(*, path: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Load an HF checkpoint's weights into `model` (plain or sharded).
+
+    Names must match the model's state_dict; every model tensor must be
+    present (extra HF tensors are ignored). Values are cast to the model's
+    dtypes; each rank copies only its own shards.
+    """
+    from transformers import AutoModelForCausalLM
+
+    _register_fla()
+    source = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    values = source.state_dict()
+    targets = get_model_state_dict(model)
+    missing = [n for n in targets if n not in values]
+    if missing:
+        raise reader.CheckpointError(f"HF checkpoint {path} lacks tensors {missing[:5]}")
+    for name, tensor in targets.items():
+        value = values[name]
+        if tuple(value.shape) != tuple(tensor.shape):
+            raise reader.CheckpointError(
+                f"HF checkpoint {path}: {name!r} has shape {tuple(value.shape)}, "
+                f"the model has {tuple(tensor.shape)}"
+            )
+        box = shards.box_of(name=name, tensor=tensor)
+        if box.contiguous:
+            value = value[box.slices()]
+        reader.assign_box(tensor=tensor, value=value.to(tensor.dtype), box=box)
