@@ -213,7 +213,7 @@ def supported_families() -> tuple[str, ...]:
 
 def _model_parts(model: nn.Module):
     inner = model.model
-    embed = "model.embeddings" if hasattr(inner, "embeddings") else "model.embed_tokens"
+    embed = "model.embeddings" if "embeddings" in dir(inner) else "model.embed_tokens"
     return inner, embed
 
 
@@ -241,8 +241,10 @@ def apply_tensor_parallel(model: nn.Module, *, tp_mesh: DeviceMesh, sequence_par
            "lm_head": ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(),
                                       output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                       use_local_output=not loss_parallel)}
+    top = {name: style for name, style in top.items() if _exists(model, name)}
     parallelize_module(model, tp_mesh, top)
-    for i, block in enumerate(inner.layers):
+    blocks = inner.layers.items() if isinstance(inner.layers, nn.ModuleDict) else enumerate(inner.layers)
+    for i, block in blocks:
         prefix = f"model.layers.{i}"
         plan = {f"{prefix}.{n}": LocalCompute(partial_grads=sp) for n in norms}
         plan.update(mixer_plan(getattr(block, mixer), f"{prefix}.{mixer}", sp=sp))
@@ -251,6 +253,16 @@ def apply_tensor_parallel(model: nn.Module, *, tp_mesh: DeviceMesh, sequence_par
     if sp and model_type == "llama":
         inner.register_forward_pre_hook(_full_positions, with_kwargs=True)
     return model
+
+
+def _exists(model: nn.Module, name: str) -> bool:
+    """Pipeline stages drop the embedding, final norm or head that belong to other stages."""
+    obj = model
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return False
+    return True
 
 
 def _full_positions(module, args, kwargs):

@@ -1,0 +1,148 @@
+"""Pipeline parallel with `torch.distributed.pipelining`: stage split, schedules, and a one-step function.
+
+A stage is a copy of the whole model with the blocks of other stages deleted (and the embedding / final norm
+/ head dropped where they do not belong), so parameter names stay those of the unsplit model and checkpoints
+need no renaming. Blocks live in a `ModuleDict` keyed by their original index. Each stage is then
+parallelised like a whole model (TP -> AC -> compile -> FSDP) by the caller.
+
+Schedules: "GPipe", "1F1B" (one stage per rank) and "Interleaved1F1B" (`stages_per_rank` stages per rank,
+looped). The loss of each micro-batch is its token-loss sum divided by the step's global valid-token count,
+and the schedule does not rescale gradients, so a pipelined step equals an unpipelined one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import ScheduleGPipe, ScheduleInterleaved1F1B, Schedule1F1B
+
+from flame_gin.parallel.loss import token_loss_sum
+
+SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
+
+
+def stage_layer_ranges(*, num_layers: int, num_stages: int, split_points: list[int] | None = None
+                       ) -> list[tuple[int, int]]:
+    """[start, end) block indices of each stage. `split_points`: first block of every stage after the first
+    (e.g. [4, 8, 12] for 4 stages of a 16-block model); default: as even as possible."""
+    if num_stages < 1 or num_stages > num_layers:
+        raise ValueError(f"pipeline: {num_stages} stages for {num_layers} blocks (need 1 <= stages <= blocks)")
+    if split_points is None:
+        base, extra = divmod(num_layers, num_stages)
+        sizes = [base + (1 if i < extra else 0) for i in range(num_stages)]
+        split_points = [sum(sizes[:i]) for i in range(1, num_stages)]
+    points = list(split_points)
+    if len(points) != num_stages - 1 or points != sorted(set(points)) or (points and not
+                                                                          0 < points[0] <= points[-1] < num_layers):
+        raise ValueError(f"pipeline: split_points={split_points} must be {num_stages - 1} increasing block indices "
+                         f"in (0, {num_layers})")
+    bounds = [0, *points, num_layers]
+    return [(bounds[i], bounds[i + 1]) for i in range(num_stages)]
+
+
+def _stage_forward(self, x):
+    """Forward of one stage: token ids (first stage) or hidden states in; hidden states or logits out."""
+    inner = self.model
+    embed = getattr(inner, "embeddings", None) or getattr(inner, "embed_tokens", None)
+    h = embed(x) if embed is not None else x
+    extra = {}
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is not None:
+        positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        extra["position_embeddings"] = rotary(h, position_ids=positions)
+    for block in inner.layers.values():
+        out = block(h, **extra)
+        h = out[0] if isinstance(out, tuple) else out
+    if self.lm_head is not None:
+        h = self.lm_head(inner.norm(h))
+    return h
+
+
+def split_model(model: nn.Module, *, ranges: list[tuple[int, int]], stage_ids: list[int]) -> list[nn.Module]:
+    """Stage modules for `stage_ids` (this rank's stages) of a model split at `ranges`."""
+    stages = []
+    last = len(ranges) - 1
+    for sid in stage_ids:
+        start, end = ranges[sid]
+        stage = copy.deepcopy(model)
+        inner = stage.model
+        inner.layers = nn.ModuleDict({str(i): inner.layers[i] for i in range(start, end)})
+        if sid != 0:
+            for name in ("embeddings", "embed_tokens"):
+                if hasattr(inner, name):
+                    setattr(inner, name, None)
+        if sid != last:
+            inner.norm = None
+            stage.lm_head = None
+        stage.forward = types.MethodType(_stage_forward, stage)
+        stages.append(stage)
+    return stages
+
+
+@dataclasses.dataclass
+class PipelineRuntime:
+    """What `pipeline_step` needs: this rank's stage modules, the schedule, and whether it owns the loss."""
+
+    stages: list[nn.Module]
+    schedule: object
+    has_first: bool
+    has_last: bool
+    group: object
+    _tokens: list
+
+
+def build_pipeline(model: nn.Module, *, pp_mesh, microbatches: int, schedule: str = "1F1B",
+                   stages_per_rank: int = 1, split_points: list[int] | None = None,
+                   parallelize_stage=None, device: torch.device | str = "cpu") -> PipelineRuntime:
+    """Splits `model` over `pp_mesh`, parallelises each stage with `parallelize_stage(module) -> module`
+    (e.g. `functools.partial(parallelize, dims=..., mesh=...)`), and builds the schedule."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"pipeline: schedule={schedule!r}; expected one of {sorted(SCHEDULES)}")
+    if schedule != "Interleaved1F1B" and stages_per_rank != 1:
+        raise ValueError(f"pipeline: schedule {schedule} runs one stage per rank, got stages_per_rank="
+                         f"{stages_per_rank}")
+    pp, rank = pp_mesh.size(), pp_mesh.get_local_rank()
+    num_stages = pp * stages_per_rank
+    if microbatches < pp:
+        raise ValueError(f"pipeline: microbatches={microbatches} must be >= pp={pp}")
+    ranges = stage_layer_ranges(num_layers=len(model.model.layers), num_stages=num_stages,
+                                split_points=split_points)
+    stage_ids = [rank + i * pp for i in range(stages_per_rank)]  # looped placement
+    modules = split_model(model, ranges=ranges, stage_ids=stage_ids)
+    if parallelize_stage is not None:
+        modules = [parallelize_stage(m) for m in modules]
+    group = pp_mesh.get_group()
+    stages = [PipelineStage(m, sid, num_stages, torch.device(device), group=group)
+              for m, sid in zip(modules, stage_ids)]
+    tokens: list = [None]
+
+    def loss_fn(logits, labels):
+        return token_loss_sum(logits=logits, labels=labels) / tokens[0]
+
+    cls = SCHEDULES[schedule]
+    sched = cls(stages if schedule == "Interleaved1F1B" else stages[0], n_microbatches=microbatches,
+                loss_fn=loss_fn, scale_grads=False)
+    return PipelineRuntime(stages=modules, schedule=sched, has_first=0 in stage_ids,
+                           has_last=num_stages - 1 in stage_ids, group=group, _tokens=tokens)
+
+
+def pipeline_step(runtime: PipelineRuntime, *, input_ids: torch.Tensor, labels: torch.Tensor,
+                  global_tokens: torch.Tensor) -> torch.Tensor:
+    """Runs forward and backward of one batch (split into the runtime's micro-batches) and returns this
+    data shard's loss share (sum over micro-batches of token-loss sum / `global_tokens`), the same on every
+    pipeline rank. Gradients are left in the stage parameters for the optimizer."""
+    runtime._tokens[0] = global_tokens.clamp_min(1).to(torch.float32)
+    losses: list = []
+    kwargs = {"target": labels, "losses": losses} if runtime.has_last else {}
+    args = (input_ids,) if runtime.has_first else ()
+    runtime.schedule.step(*args, **kwargs)
+    total = torch.stack([l.detach().float() for l in losses]).sum() if losses else torch.zeros(())
+    total = total.reshape(()).clone()
+    dist.all_reduce(total, group=runtime.group)
+    return total
