@@ -175,13 +175,14 @@ class Checkpointer:
             log.info("checkpoint step %d already committed; not saved again", step)
             return False
         init_ns = time.time_ns()
-        model_snap = writer.snapshot(tensors=get_model_state_dict(model))
+        copy = self._pool is not None
+        model_snap = writer.snapshot(tensors=get_model_state_dict(model), copy=copy)
         opt_snap, opt_other = None, None
         if optimizer is not None:
             tensors, opt_other = shards.flatten_optimizer(
                 get_optimizer_state_dict(model, optimizer)
             )
-            opt_snap = writer.snapshot(tensors=tensors)
+            opt_snap = writer.snapshot(tensors=tensors, copy=copy)
         extras = self._all_gather(extra)
         side = None
         if self._primary:

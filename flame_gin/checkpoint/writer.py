@@ -38,10 +38,13 @@ class ArraySnapshot:
     data: np.ndarray | None
 
 
-def snapshot(*, tensors: dict[str, torch.Tensor]) -> list[ArraySnapshot]:
-    """Copy what this rank must write to host memory (may run collectives).
+def snapshot(*, tensors: dict[str, torch.Tensor], copy: bool) -> list[ArraySnapshot]:
+    """Take what this rank must write as host arrays (may run collectives).
 
-    Every rank must call it with the same names in the same order.
+    With `copy`, CPU tensors are copied so that training may go on changing
+    them (asynchronous save); without, they are viewed in place (a
+    synchronous save writes before returning). Device tensors are always
+    copied to host. Every rank must call it with the same names in order.
     """
     out = []
     for name, tensor in tensors.items():
@@ -59,7 +62,7 @@ def snapshot(*, tensors: dict[str, torch.Tensor]) -> list[ArraySnapshot]:
             local, offset = (full if write else None), (0,) * full.dim()
         data = None
         if local is not None:
-            data = shards.to_numpy(local.detach().to("cpu", copy=True))
+            data = shards.to_numpy(local.detach().to("cpu", copy=copy))
         out.append(
             ArraySnapshot(
                 name=name,
@@ -115,9 +118,16 @@ def write_process_db(
         path=layout.process_dir(item_dir=item_dir, rank=rank), for_write=True
     )
     context = ts.Context()
+    # One transaction: a single OCDBT commit (few data files, one manifest
+    # write) instead of one per array.
+    txn = ts.Transaction()
     todo = [a for a in arrays if primary or a.data is not None]
     opened = [
-        ts.open(_array_spec(kvstore=kv, snap=a, compression=compression), context=context)
+        ts.open(
+            _array_spec(kvstore=kv, snap=a, compression=compression),
+            context=context,
+            transaction=txn,
+        )
         for a in todo
     ]
     writes, nbytes = [], 0
@@ -130,6 +140,7 @@ def write_process_db(
         nbytes += snap.data.nbytes
     for w in writes:
         w.result()
+    txn.commit_async().result()
     return nbytes
 
 
