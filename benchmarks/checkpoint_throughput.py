@@ -1,6 +1,7 @@
 """Checkpoint save/restore throughput against torch.distributed.checkpoint.
 
     python benchmarks/checkpoint_throughput.py --size_mb=256 --ranks=1,2
+    python benchmarks/checkpoint_throughput.py --size_mb=1024 --ranks=1 --device=cuda
 
 For each number of gloo ranks, a float32 model of `size_mb` (FSDP2-sharded
 when ranks > 1) is saved and restored with flame_gin's Checkpointer and with
@@ -26,6 +27,7 @@ _SIZE_MB = flags.DEFINE_integer("size_mb", 256, "State size in MiB (float32).")
 _RANKS = flags.DEFINE_list("ranks", ["1", "2"], "Numbers of gloo ranks to run.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Repeats per measurement (best taken).")
 _DIR = flags.DEFINE_string("dir", None, "Scratch folder (default: a temp folder).")
+_DEVICE = flags.DEFINE_string("device", "cpu", "Where the state lives: cpu or cuda (1 rank).")
 _WORKER = flags.DEFINE_string("worker", None, "Internal: 'rank,world,port'.")
 
 _WIDTH = 1024  # each layer is a WIDTH x WIDTH float32 matrix (4 MiB)
@@ -55,7 +57,7 @@ def _worker(rank: int, world: int, port: int, root: pathlib.Path) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    model = _model(_SIZE_MB.value)
+    model = _model(_SIZE_MB.value).to(_DEVICE.value)
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -143,7 +145,8 @@ def main(argv):
         procs = [
             subprocess.Popen(
                 [sys.executable, __file__, f"--worker={r},{world},{port}", f"--dir={run_dir}",
-                 f"--size_mb={_SIZE_MB.value}", f"--repeats={_REPEATS.value}"],
+                 f"--size_mb={_SIZE_MB.value}", f"--repeats={_REPEATS.value}",
+                 f"--device={_DEVICE.value}"],
                 env=env, stdout=subprocess.PIPE, text=True,
             )
             for r in range(world)
@@ -156,7 +159,7 @@ def main(argv):
         results.append(line)
         shutil.rmtree(run_dir, ignore_errors=True)
     print(json.dumps({"benchmark": "checkpoint_throughput", "size_mb": _SIZE_MB.value,
-                      "cpus": os.cpu_count(), "results": results}))
+                      "device": _DEVICE.value, "cpus": os.cpu_count(), "results": results}))
 
 
 if __name__ == "__main__":

@@ -103,6 +103,8 @@ class Checkpointer:
         self.last_save_seconds = 0.0
         self.last_saved_bytes = 0
         self.restored_extras: list[dict] = []
+        # Host copies reused from one save to the next (one save in flight).
+        self._buffers: dict[str, dict] = {"model": {}, "optimizer": {}}
 
     @property
     def directory(self) -> pathlib.Path:
@@ -176,13 +178,15 @@ class Checkpointer:
             return False
         init_ns = time.time_ns()
         copy = self._pool is not None
-        model_snap = writer.snapshot(tensors=get_model_state_dict(model), copy=copy)
+        model_snap = writer.snapshot(
+            tensors=get_model_state_dict(model), copy=copy, buffers=self._buffers["model"]
+        )
         opt_snap, opt_other = None, None
         if optimizer is not None:
             tensors, opt_other = shards.flatten_optimizer(
                 get_optimizer_state_dict(model, optimizer)
             )
-            opt_snap = writer.snapshot(tensors=tensors, copy=copy)
+            opt_snap = writer.snapshot(tensors=tensors, copy=copy, buffers=self._buffers["optimizer"])
         extras = self._all_gather(extra)
         side = None
         if self._primary:

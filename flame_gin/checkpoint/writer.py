@@ -38,15 +38,20 @@ class ArraySnapshot:
     data: np.ndarray | None
 
 
-def snapshot(*, tensors: dict[str, torch.Tensor], copy: bool) -> list[ArraySnapshot]:
+def snapshot(
+    *, tensors: dict[str, torch.Tensor], copy: bool, buffers: dict | None = None
+) -> list[ArraySnapshot]:
     """Take what this rank must write as host arrays (may run collectives).
 
     With `copy`, CPU tensors are copied so that training may go on changing
     them (asynchronous save); without, they are viewed in place (a
     synchronous save writes before returning). Device tensors are always
-    copied to host. Every rank must call it with the same names in order.
+    copied to host. `buffers` (name -> host tensor) keeps the host copies
+    between saves, so later saves skip allocation (pinned for GPU tensors);
+    only valid while no earlier save still reads them. Every rank must call
+    it with the same names in the same order.
     """
-    out = []
+    out, on_device = [], False
     for name, tensor in tensors.items():
         dtype = shards.zarr_dtype(name=name, dtype=tensor.dtype)
         box = shards.box_of(name=name, tensor=tensor)
@@ -62,7 +67,11 @@ def snapshot(*, tensors: dict[str, torch.Tensor], copy: bool) -> list[ArraySnaps
             local, offset = (full if write else None), (0,) * full.dim()
         data = None
         if local is not None:
-            data = shards.to_numpy(local.detach().to("cpu", copy=copy))
+            local = local.detach()
+            if copy or local.device.type != "cpu":
+                on_device |= local.device.type != "cpu"
+                local = _host_copy(name=name, tensor=local, buffers=buffers)
+            data = shards.to_numpy(local)
         out.append(
             ArraySnapshot(
                 name=name,
@@ -73,7 +82,20 @@ def snapshot(*, tensors: dict[str, torch.Tensor], copy: bool) -> list[ArraySnaps
                 data=data,
             )
         )
+    if on_device and torch.cuda.is_available():
+        torch.cuda.synchronize()  # the non-blocking copies must have landed
     return out
+
+
+def _host_copy(*, name: str, tensor: torch.Tensor, buffers: dict | None) -> torch.Tensor:
+    buf = None if buffers is None else buffers.get(name)
+    if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
+        pin = tensor.device.type == "cuda"
+        buf = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
+        if buffers is not None:
+            buffers[name] = buf
+    buf.copy_(tensor, non_blocking=tensor.device.type == "cuda")
+    return buf
 
 
 def _array_spec(*, kvstore: dict, snap: ArraySnapshot, compression) -> dict:
