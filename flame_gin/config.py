@@ -30,13 +30,14 @@ def package_gin_dir() -> pathlib.Path:
 
 
 def default_search_paths() -> list[str]:
-  """The current directory first, then the repository root and its ``gin/`` folder.
+  """The shipped ``gin/`` folder, the current directory, then the repository root.
 
-  With these, ``--gin_file=gin/gla.gin`` works from any directory, and includes inside gin files
-  (``include 'model/gla.gin'``) resolve against the shipped ``gin/`` folder.
+  With these, ``--gin_file=gin/gla.gin`` works from any directory (``--gin_file`` names are resolved against
+  the current directory first, see ``resolve_file``), and includes inside gin files (``include
+  'model/gla.gin'``) resolve against the shipped ``gin/`` folder at the first try.
   """
   gin_dir = package_gin_dir()
-  return [os.getcwd(), str(gin_dir.parent), str(gin_dir)]
+  return [str(gin_dir), os.getcwd(), str(gin_dir.parent)]
 
 
 def rewrite_shorthand(argv: Sequence[str]) -> list[str]:
@@ -75,7 +76,7 @@ def parse(*, gin_files: Sequence[str], gin_bindings: Sequence[str], search_paths
   gin.clear_config()
   for path in search_paths:
     gin.add_config_file_search_path(path)
-  files = [resolve_file(f, search_paths) for f in gin_files]
+  files = [resolve_file(f, [os.getcwd(), *search_paths]) for f in gin_files]
   try:
     gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=True)
   except (ValueError, SyntaxError, TypeError, IOError) as e:

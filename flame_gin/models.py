@@ -137,6 +137,8 @@ def supports_varlen(config: transformers.PretrainedConfig) -> bool:
 
 
 _VARLEN_FAMILIES = frozenset({
+    # Checked against FLA 0.6's layers: each passes cu_seqlens to its ops, convolutions and token shifts.
+    # (abc raises on cu_seqlens; Mamba/Mamba2/Samba layers ignore it; transformer/path_attn need flash-attn.)
     "gla", "delta_net", "gated_deltanet", "gsa", "hgrn2", "hgrn", "retnet", "rwkv6", "rwkv7", "linear_attn",
-    "abc", "comba", "kda", "gated_deltaproduct", "mesa_net", "lightnet", "path_attn", "transformer",
+    "comba", "kda", "gated_deltaproduct", "mesa_net", "lightnet",
 })

@@ -68,7 +68,7 @@ def _stop_flag():
   except ImportError:
     logging.warning("preemption handling unavailable")
     return None
-  return preemption.install().requested
+  return preemption.PreemptionFlag().requested
 
 
 def run_main() -> None:

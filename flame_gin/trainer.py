@@ -160,6 +160,19 @@ def _peak_memory_gib(device: torch.device) -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+# Dense bf16 peak of common accelerators, TFLOP/s (vendor figures); ``run.peak_tflops`` overrides.
+_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def _peak_tflops(device: torch.device, configured: Optional[float]) -> Optional[float]:
+  if configured:
+    return configured
+  if device.type != "cuda":
+    return None
+  name = torch.cuda.get_device_name(device)
+  return next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
+
+
 def _flops_per_token(model_config, seq_len: int) -> Optional[float]:
   try:
     from flame_gin import flops
@@ -223,6 +236,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   groups = optim.parameter_groups(model=model, weight_decay=weight_decay)
   opt = optimizer(params=groups, lr=lr)
   flops_per_token = _flops_per_token(model_config, seq_len)
+  peak_tflops = _peak_tflops(proc.device, peak_tflops)
   logging.info("model %s: %s parameters (%s without embeddings); kernels: %s; micro-batch %d x %d, accumulation %d",
                model_config.model_type, f"{n_params:,}", f"{models.count_parameters(model, exclude_embeddings=True):,}",
                kernel_used, micro_batch, seq_len, grad_accum_steps)

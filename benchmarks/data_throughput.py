@@ -1,0 +1,133 @@
+"""Data pipeline throughput: online tokenization + packing of a ~100 MB source-code corpus.
+
+    python benchmarks/data_throughput.py [--workers=0,1,2] [--seconds=15] [--cache_dir=~/.cache/flame_gin/bench]
+
+Builds (once, cached) a ~100 MB jsonl corpus from the Python source files installed on this machine (one
+document per file, in sorted path order) and a 32K-vocabulary byte-level BPE tokenizer trained on its first
+20 MB, then for each worker count runs ``build_loader`` with batches of 8 x 2048 in a fresh process and
+reports build time, time to the first batch, tokens/s over the timed window and peak RSS (the process plus
+its DataLoader workers). The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import site
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CORPUS_BYTES = 100_000_000
+TOKENIZER_BYTES = 20_000_000
+VOCAB = 32_000
+SEQ_LEN, BATCH = 2048, 8
+
+
+def build_corpus(cache: pathlib.Path) -> pathlib.Path:
+    """Writes ``corpus.jsonl`` of ~100 MB from installed ``.py`` files (cached)."""
+    out = cache / "corpus.jsonl"
+    if out.exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    roots = sorted({pathlib.Path(sys.base_prefix) / "lib", *map(pathlib.Path, site.getsitepackages())})
+    files = sorted({f for r in roots for f in r.rglob("*.py")})
+    tmp, written = out.with_suffix(".tmp"), 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for path in files:
+            try:
+                text = path.read_bytes().decode("utf-8", errors="replace")
+            except OSError:
+                continue
+            if text.strip():
+                line = json.dumps({"text": text}) + "\n"
+                f.write(line)
+                written += len(line)
+            if written >= CORPUS_BYTES:
+                break
+    os.replace(tmp, out)
+    return out
+
+
+def build_tokenizer(cache: pathlib.Path, corpus: pathlib.Path) -> str:
+    from flame_gin.data import embedded
+    out = cache / f"bpe{VOCAB}"
+    if (out / "tokenizer.json").exists():
+        return str(out)
+
+    def texts():
+        used = 0
+        with open(corpus, encoding="utf-8") as f:
+            for line in f:
+                t = json.loads(line)["text"]
+                yield t
+                used += len(t)
+                if used >= TOKENIZER_BYTES:
+                    return
+    embedded.train_bpe(texts=texts(), vocab_size=VOCAB, output_dir=out)
+    return str(out)
+
+
+def measure(*, corpus: str, tokenizer: str, workers: int, seconds: float, cache: str) -> dict:
+    """One configuration, in this process: build, first batch, steady tokens/s, peak RSS."""
+    import psutil
+    import torch
+    from flame_gin.data import build_loader
+    t0 = time.perf_counter()
+    loader = build_loader(tokenizer=tokenizer, seq_len=SEQ_LEN, batch_size=BATCH, sources=[corpus],
+                          num_workers=workers, prefetch_factor=4, cache_dir=cache, seed=0)
+    t1 = time.perf_counter()
+    it = iter(loader)
+    first = next(it)
+    t2 = time.perf_counter()
+    assert first["input_ids"].shape == (BATCH, SEQ_LEN) and first["input_ids"].dtype == torch.int64
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        next(it)
+        n += 1
+    elapsed = time.perf_counter() - start
+    me = psutil.Process()
+    rss_total = me.memory_info().rss + sum(c.memory_info().rss for c in me.children(recursive=True))
+    rss_peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"workers": workers, "build_s": round(t1 - t0, 3), "first_batch_s": round(t2 - t1, 3),
+            "batches": n, "tokens_per_s": round(n * BATCH * SEQ_LEN / elapsed),
+            "peak_rss_main_mib": round(rss_peak_self / 2**20, 1),
+            "rss_main_plus_workers_mib": round(rss_total / 2**20, 1)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workers", default="0,1,2")
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--cache_dir", default=str(pathlib.Path.home() / ".cache" / "flame_gin" / "bench"))
+    p.add_argument("--_one", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    cache = pathlib.Path(os.path.expanduser(args.cache_dir))
+    t = time.perf_counter()
+    corpus = build_corpus(cache)
+    tokenizer = build_tokenizer(cache, corpus)
+    setup_s = time.perf_counter() - t
+    if args._one is not None:
+        print(json.dumps(measure(corpus=str(corpus), tokenizer=tokenizer, workers=args._one,
+                                 seconds=args.seconds, cache=str(cache))))
+        return
+    results = []
+    for w in [int(x) for x in args.workers.split(",")]:
+        out = subprocess.run([sys.executable, __file__, f"--_one={w}", f"--seconds={args.seconds}",
+                              f"--cache_dir={cache}"], check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"workers={w}: {results[-1]}", flush=True)
+    summary = {"benchmark": "data_throughput", "corpus_mb": round(corpus.stat().st_size / 1e6, 1),
+               "vocab": VOCAB, "batch": [BATCH, SEQ_LEN], "setup_s": round(setup_s, 1),
+               "cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2), "results": results}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
