@@ -25,6 +25,7 @@ import torch.utils.data
 
 from flame_gin.data import order
 from flame_gin.data.plan import load_tokenizer, make_plan
+from flame_gin.data.stream import json_safe
 
 _FORMAT = 1
 
@@ -50,7 +51,7 @@ class _WorkerStreams(torch.utils.data.IterableDataset):
             batch = stream.next_batch()
             if batch is None:
                 return
-            yield logical, batch, stream.state_dict()
+            yield logical, batch, stream.state_dict(as_lists=False)
 
 
 def _to_tensors(batch: dict) -> dict:
@@ -143,7 +144,8 @@ class Loader:
             streams[0] = self._live.state_dict()
         return {"format": _FORMAT, "rank": self._rank, "world_size": self._world_size,
                 "streams_per_rank": self._per_rank, "next_worker": self._next_worker,
-                "generation": self._generation, "batches": self._batches, "streams": copy.deepcopy(streams)}
+                "generation": self._generation, "batches": self._batches,
+                "streams": [json_safe(copy.deepcopy(s)) for s in streams]}
 
     def load_state_dict(self, state) -> None:
         """Restores from this rank's dict, or from the list of every rank's dicts (which may reshard)."""

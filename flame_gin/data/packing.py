@@ -87,8 +87,10 @@ class Packer:
                 self._head_is_start = False
                 count = 0
 
-    def state_dict(self) -> dict:
-        return {"pieces": [p.tolist() for p in self._pieces], "sources": list(self._sources),
+    def state_dict(self, *, as_lists: bool = True) -> dict:
+        """Queued pieces as int lists (JSON-safe) or, cheaper for worker-to-loader transfer, array copies."""
+        pieces = [p.tolist() if as_lists else p.copy() for p in self._pieces]
+        return {"pieces": pieces, "sources": list(self._sources),
                 "head_is_start": self._head_is_start, "tokens_per_source": list(self.tokens_per_source)}
 
     def load_state_dict(self, state: dict) -> None:

@@ -109,9 +109,20 @@ class DocStream:
     def tokens_per_source(self) -> list[int]:
         return list(self._packer.tokens_per_source)
 
-    def state_dict(self) -> dict:
-        """A deep copy of everything needed to continue exactly (plain Python, JSON-serialisable)."""
+    def state_dict(self, *, as_lists: bool = True) -> dict:
+        """A copy of everything needed to continue exactly; JSON-serialisable unless ``as_lists`` is False
+        (then the queued tokens stay numpy arrays, see ``json_safe``)."""
         return copy.deepcopy({
-            "readers": [r.state_dict() for r in self._readers], "packer": self._packer.state_dict(),
+            "readers": [r.state_dict() for r in self._readers],
+            "packer": self._packer.state_dict(as_lists=as_lists),
             "rng": self._rng.bit_generator.state, "active": list(self._active),
             "tokens_per_doc": self._tokens_per_doc})
+
+
+def json_safe(state: dict | None) -> dict | None:
+    """A stream state with any numpy token arrays turned into int lists."""
+    if state is None:
+        return None
+    packer = dict(state["packer"], pieces=[p.tolist() if isinstance(p, np.ndarray) else p
+                                           for p in state["packer"]["pieces"]])
+    return dict(state, packer=packer)
