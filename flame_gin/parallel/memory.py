@@ -1,0 +1,83 @@
+"""Per-rank memory estimate of a model on a mesh and batch, before the first step (no real allocation).
+
+Parameters, gradients and optimizer states come from the parameter count and the sharding degrees; the
+activations saved for backward are measured by running one block forward on the `meta` device with a
+saved-tensor hook (works wherever the block's ops have meta implementations; on ops without one, such as
+Triton kernels, the activation figure is reported as unknown rather than guessed). Activations are measured
+on the full (tensor-unsharded) block, so with tp > 1 they are an upper bound.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from flame_gin.mesh import ParallelDims
+
+log = logging.getLogger(__name__)
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GIB = 1024 ** 3
+
+
+def _block_activation_bytes(block: nn.Module, *, batch: int, seq: int, hidden: int, dtype: torch.dtype,
+                            rotary: nn.Module | None) -> int:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    x = torch.empty(batch, seq, hidden, device="meta", dtype=dtype, requires_grad=True)
+    extra = {}
+    if rotary is not None:  # softmax-attention blocks take position embeddings from the model
+        extra["position_embeddings"] = rotary(x, position_ids=torch.arange(seq, device="meta").unsqueeze(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, **extra)
+    return total
+
+
+def estimate_memory(*, model: nn.Module, dims: ParallelDims, local_batch: int, seq_len: int,
+                    param_dtype: str = "bfloat16", optimizer_states: int = 2,
+                    activation_checkpointing: str = "none") -> dict:
+    """GiB per rank: `params` (fp32 shards), `grads`, `optimizer`, `gathered` (one block unsharded in
+    `param_dtype`), `activations` (None when unmeasurable) and `total`. `model` may live on `meta`."""
+    blocks = list(model.model.layers)
+    n_params = sum(p.numel() for p in model.parameters())
+    shard = dims.dp_shard * dims.cp * dims.tp * dims.pp
+    per_rank = n_params / shard
+    block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks) / dims.tp
+    out = {"params": per_rank * 4 / GIB, "grads": per_rank * 4 / GIB,
+           "optimizer": per_rank * 4 * optimizer_states / GIB,
+           "gathered": 2 * block_params * _BYTES[param_dtype] / GIB}
+    seq = seq_len // dims.cp
+    hidden = model.config.hidden_size
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[param_dtype]
+    try:
+        meta_block = blocks[0].to_empty(device="meta") if next(blocks[0].parameters()).device.type != "meta" \
+            else blocks[0]
+        rotary = getattr(model.model, "rotary_emb", None)
+        per_block = _block_activation_bytes(meta_block.to(dtype), batch=local_batch, seq=seq, hidden=hidden,
+                                            dtype=dtype, rotary=rotary.to_empty(device="meta") if rotary else None)
+    except Exception as err:  # an op without a meta kernel (e.g. a Triton kernel)
+        log.info("memory estimate: activations not measurable on meta: %s", err)
+        per_block = None
+    if per_block is not None:
+        layers_here = -(-len(blocks) // dims.pp)
+        if activation_checkpointing == "full":
+            kept = layers_here * local_batch * seq * hidden * _BYTES[param_dtype] + per_block
+        else:
+            kept = layers_here * per_block
+        logits = local_batch * seq * model.config.vocab_size / dims.tp * 4 * 2
+        out["activations"] = (kept + logits) / GIB
+    else:
+        out["activations"] = None
+    out["total"] = sum(v for v in out.values() if v is not None)
+    return out
+
+
+def format_estimate(estimate: dict) -> str:
+    parts = [f"{k}={v:.3f}" if v is not None else f"{k}=unknown" for k, v in estimate.items()]
+    return "memory estimate per rank (GiB): " + ", ".join(parts)
