@@ -43,12 +43,14 @@ def _run_segments(*, core, tensors, initial_state, output_final_state, state_v_f
         if state_v_first:
             initial_state = initial_state.transpose(-1, -2)
     outputs, states = [], []
-    for n, (row, start, end) in enumerate(segments):
-        parts = [t[row:row + 1, start:end] for t in tensors]
-        h0 = None if initial_state is None else initial_state[n:n + 1]
-        o, ht = core(*parts, h0)
-        outputs.append(o)
-        states.append(ht)
+    # float32 throughout, also under an enclosing bf16 autocast region
+    with torch.autocast(device_type=tensors[0].device.type, enabled=False):
+        for n, (row, start, end) in enumerate(segments):
+            parts = [t[row:row + 1, start:end] for t in tensors]
+            h0 = None if initial_state is None else initial_state[n:n + 1]
+            o, ht = core(*parts, h0)
+            outputs.append(o)
+            states.append(ht)
     if cu_seqlens is None:
         o = torch.cat(outputs, dim=0)
     else:
