@@ -86,7 +86,7 @@ def _resume_main(env, states_file, out_file, n_rest):
 
 
 def test_exact_resume_in_new_process(env, tmp_path):
-    n, k = 9, 4
+    n, k = 9, 5  # k odd: with 2 workers the resumed loader must start at worker 1
     full, states = {}, {}
     for name, kw in cases(env).items():
         ld = loader(env, **kw)

@@ -18,6 +18,7 @@ the tokens already queued by old streams are handed to the new streams rather th
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import torch
@@ -32,6 +33,16 @@ _FORMAT = 1
 
 def _identity(x):
     return x
+
+
+def _share_cores(worker_id: int) -> None:
+    """Splits the tokenizer's thread pool between workers (unless RAYON_NUM_THREADS is already set), so
+    that W workers run about one tokenizer thread per core instead of W threads per core."""
+    del worker_id
+    info = torch.utils.data.get_worker_info()
+    if "RAYON_NUM_THREADS" not in os.environ and info is not None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["RAYON_NUM_THREADS"] = str(max(1, cores // info.num_workers))
 
 
 class _WorkerStreams(torch.utils.data.IterableDataset):
@@ -117,7 +128,8 @@ class Loader:
         workers = _WorkerStreams(plan=self._plan, states=list(self._states), first=self._next_worker,
                                  gids=self._gids(), num_streams=self.num_streams, generation=self._generation)
         dl = torch.utils.data.DataLoader(workers, batch_size=None, num_workers=self._num_workers,
-                                         prefetch_factor=self._prefetch, collate_fn=_identity)
+                                         prefetch_factor=self._prefetch, collate_fn=_identity,
+                                         worker_init_fn=_share_cores)
         for logical, batch, state in dl:
             self._states[logical] = state
             self._next_worker = (logical + 1) % self._per_rank
