@@ -18,7 +18,7 @@ def configure_dynamo() -> None:
     torch._dynamo.config.inline_inbuilt_nn_modules = True
 
 
-def apply_compile(blocks: nn.ModuleList | nn.ModuleDict, *, backend: str = "inductor", fullgraph: bool = False,
+def apply_compile(blocks: nn.ModuleList | nn.ModuleDict, *, backend="inductor", fullgraph: bool = False,
                   mode: str | None = None) -> None:
     """Compiles each block of `blocks` in place (`Module.compile`, so names and state_dict keys stay)."""
     configure_dynamo()
