@@ -13,6 +13,10 @@ Python, JSON-serialisable). ``load_state_dict`` takes either that dict (same ran
 of every rank's dicts, in which case it may also change the number of ranks or workers: the source cursors
 are re-split so that no document is read twice or skipped (granularity one document, see ``order``), and
 the tokens already queued by old streams are handed to the new streams rather than dropped.
+
+With workers, a finite loader (``num_epochs`` set) resumes exactly only before its first worker runs dry.
+Streaming sources are parsed by every stream (each keeps its own share), so streaming over a network costs
+one full read per stream; prefer ``offline=True`` or map-style files for many ranks.
 """
 
 from __future__ import annotations
@@ -193,7 +197,7 @@ class Loader:
         old_readers = [st["readers"] if st else
                        [plan.fresh_reader_state(source=s, stream=g, num_streams=s_old) for s in range(n_src)]
                        for g, st in enumerate(old)]
-        new_streams = [{"readers": [], "packer": {"pieces": [], "sources": [], "head_is_start": True,
+        new_streams = [{"readers": [], "packer": {"pieces": [], "sources": [], "starts": [],
                                                   "tokens_per_source": [0] * n_src},
                         "active": [True] * n_src, "tokens_per_doc": float(plan.rows * plan.seq_len + 1)}
                        for _ in range(s_new)]
@@ -210,10 +214,9 @@ class Loader:
             if st is None:
                 continue
             packer = new_streams[g % s_new]["packer"]
-            if not packer["pieces"]:
-                packer["head_is_start"] = st["packer"]["head_is_start"]
             packer["pieces"] += st["packer"]["pieces"]
             packer["sources"] += st["packer"]["sources"]
+            packer["starts"] += st["packer"]["starts"]
             packer["tokens_per_source"] = [a + b for a, b in zip(packer["tokens_per_source"],
                                                                   st["packer"]["tokens_per_source"])]
         for j, st in enumerate(new_streams):

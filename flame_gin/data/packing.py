@@ -23,7 +23,7 @@ class Packer:
     def __init__(self, *, num_sources: int):
         self._pieces: list[np.ndarray] = []
         self._sources: list[int] = []
-        self._head_is_start = True  # False when the first queued piece was cut by the previous batch
+        self._starts: list[bool] = []  # False for a piece cut by an earlier batch (a document's remainder)
         self.available = 0
         self.tokens_per_source = [0] * num_sources
 
@@ -32,6 +32,7 @@ class Packer:
             if len(p):
                 self._pieces.append(p)
                 self._sources.append(source)
+                self._starts.append(True)
                 self.available += len(p)
 
     def batch(self, *, rows: int, seq_len: int, varlen: bool, pad_id: int) -> dict | None:
@@ -42,7 +43,7 @@ class Packer:
         for k, piece in enumerate(self._pieces):
             if taken >= want:
                 break
-            if k > 0 or self._head_is_start:
+            if self._starts[k]:
                 starts.append(taken)
             part = piece[: want - taken]
             flat.append(part)
@@ -80,22 +81,22 @@ class Packer:
                 count -= len(head)
                 self._pieces.pop(0)
                 self._sources.pop(0)
-                self._head_is_start = True
+                self._starts.pop(0)
             else:
                 self.tokens_per_source[self._sources[0]] += count
                 self._pieces[0] = head[count:]
-                self._head_is_start = False
+                self._starts[0] = False
                 count = 0
 
     def state_dict(self, *, as_lists: bool = True) -> dict:
         """Queued pieces as int lists (JSON-safe) or, cheaper for worker-to-loader transfer, array copies."""
         pieces = [p.tolist() if as_lists else p.copy() for p in self._pieces]
         return {"pieces": pieces, "sources": list(self._sources),
-                "head_is_start": self._head_is_start, "tokens_per_source": list(self.tokens_per_source)}
+                "starts": list(self._starts), "tokens_per_source": list(self.tokens_per_source)}
 
     def load_state_dict(self, state: dict) -> None:
         self._pieces = [np.asarray(p, dtype=np.int32) for p in state["pieces"]]
         self._sources = list(state["sources"])
-        self._head_is_start = state["head_is_start"]
+        self._starts = list(state["starts"])
         self.available = sum(len(p) for p in self._pieces)
         self.tokens_per_source = list(state["tokens_per_source"])
