@@ -146,6 +146,9 @@ def main(argv):
     results = []
     for world in (int(r) for r in _RANKS.value):
         port, run_dir = _free_port(), root / f"ranks{world}"
+        # As torchrun does: no more intra-op threads than cores per rank
+        # (oversubscribed OpenMP makes large copies many times slower).
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))
         procs = [
             subprocess.Popen(
                 [sys.executable, __file__, f"--worker={r},{world},{port}", f"--dir={run_dir}",
