@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gin
 
-from flame_gin import metrics, models, optim, profiling, schedules, trainer, wandb_writer
+from flame_gin import checkpoint, data, metrics, models, optim, profiling, schedules, trainer, wandb_writer
 
 _MODULE = "flame_gin"
 
@@ -25,23 +25,9 @@ _register(optim.adamw, "adamw", denylist=["params"])
 _register(metrics.create_writers, "metric_writers", denylist=["workdir", "is_primary"])
 _register(profiling.Profiler, "profiler", denylist=["workdir", "rank"])
 _register(wandb_writer.WandbWriter, "wandb_writer")
-
-
-def _register_optional() -> None:
-  """Parts built in their own packages, registered when present."""
-  try:
-    from flame_gin import data
-  except ImportError:
-    return
-  for name in ("build_loader",):
-    if hasattr(data, name):
-      _register(getattr(data, name), name, denylist=["seq_len", "batch_size", "rank", "world_size", "seed", "split"])
-  try:
-    from flame_gin.data import embedded
-    _register(embedded.tokenizer_path, "embedded_tokenizer")
-    _register(embedded.corpus_dir, "embedded_corpus")
-  except ImportError:
-    pass
-
-
-_register_optional()
+_register(data.build_loader, "build_loader",
+          denylist=["seq_len", "batch_size", "rank", "world_size", "seed", "split", "varlen"])
+_register(data.source, "data_source")
+_register(data.embedded.tokenizer_path, "embedded_tokenizer")
+_register(data.embedded.corpus_dir, "embedded_corpus")
+_register(checkpoint.Checkpointer, "checkpointer", denylist=["directory", "process_group"])

@@ -189,8 +189,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
         deterministic: bool = False, gc_interval: int = 50, eval_interval: int = 0, eval_batches: int = 0,
         log_interval: int = 10, kernel_mode: str = "auto", fused_loss: str = "auto", varlen: bool = False,
         writers: Callable[..., metrics.MetricWriter] = metrics.create_writers,
-        checkpointer: Optional[Callable[..., Any]] = None, checkpoint_interval: int = 0,
-        checkpoint_interval_seconds: float = 0.0, profiler: Optional[Callable[..., Any]] = None,
+        checkpointer: Optional[Callable[..., Any]] = None, profiler: Optional[Callable[..., Any]] = None,
         peak_tflops: Optional[float] = None, config_text: str = "", on_first_step: Optional[Callable[[], str]] = None,
         stop_requested: Optional[Callable[[], bool]] = None) -> int:
   """Trains to ``train_steps`` (resuming from ``workdir`` when it holds checkpoints); returns an exit status.
@@ -214,12 +213,12 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   # 2. Data (fails early on bad paths), then the vocabulary check against the model config.
   with _as_config_error():
     loader = train_data(seq_len=seq_len, batch_size=micro_batch, rank=proc.rank, world_size=dp_size, seed=seed,
-                        split="train")
+                        split="train", varlen=varlen)
   _validate(train_steps=train_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps, dp_size=dp_size,
             seq_len=seq_len, model_config=model_config, vocab_size=getattr(loader, "vocab_size", None),
             varlen=varlen)
   eval_loader = (eval_data(seq_len=seq_len, batch_size=micro_batch, rank=proc.rank, world_size=dp_size,
-                           seed=seed, split="validation") if eval_data is not None and eval_interval else None)
+                           seed=seed, split="validation", varlen=varlen) if eval_data is not None and eval_interval else None)
 
   # 3. Run directory: only now that the config is known to be sound.
   workdir_path = pathlib.Path(workdir)
@@ -247,20 +246,21 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   state = TrainState()
   ckpt = checkpointer(directory=str(workdir_path / "checkpoints")) if checkpointer is not None else None
   if ckpt is not None and ckpt.latest_step() is not None:
-    extra = ckpt.restore(model=model, optimizer=opt)
-    state = TrainState(**extra["train_state"])
-    loader.load_state_dict(extra["data"][proc.rank] if isinstance(extra["data"], list) else extra["data"])
-    process.set_rng_state(extra["rng"][proc.rank] if isinstance(extra["rng"], list) else extra["rng"])
+    own = ckpt.restore(model=model, optimizer=opt)
+    every = ckpt.restored_extras or [own]
+    state = TrainState(**own["train_state"])
+    loader.load_state_dict([e["data"] for e in every])  # the loader reshards if the world size changed
+    process.set_rng_state(own["rng"])
     logging.info("resumed from step %d (%s tokens seen)", state.step, f"{state.tokens_seen:,}")
 
   prof = profiler(workdir=str(workdir_path), rank=proc.rank) if profiler is not None else None
   iterator = iter(loader)
   if gc_interval > 0:
     gc.disable()
-  status, last_save_time, start_time, start_step = 0, time.monotonic(), time.monotonic(), state.step
+  status, start_time, start_step = 0, time.monotonic(), state.step
   window_tokens, window_start = 0, time.perf_counter()
   save = lambda final=False: _save(ckpt=ckpt, state=state, model=model, optimizer=opt, loader=loader,
-                                   config_text=config_text, world_size=proc.world_size, force=final)
+                                   config_text=config_text, force=final)
 
   # 6. The loop.
   while state.step < train_steps:
@@ -305,11 +305,8 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
 
     # Checkpoint, and stop cleanly when the scheduler asks.
     preempted = stop_requested is not None and stop_requested()
-    due = (checkpoint_interval and state.step % checkpoint_interval == 0) or (
-        checkpoint_interval_seconds and time.monotonic() - last_save_time >= checkpoint_interval_seconds)
-    if ckpt is not None and (due or preempted) and state.step < train_steps:
-      save(final=preempted)
-      last_save_time = time.monotonic()
+    if ckpt is not None and state.step < train_steps and save(final=preempted):
+      writer.write_scalars(state.step, {"checkpoint/blocked_seconds": ckpt.last_blocked_seconds})
     if preempted:
       logging.warning("stop requested: state saved at step %d, exiting with %d", state.step, PREEMPTED_EXIT_CODE)
       status = PREEMPTED_EXIT_CODE
@@ -336,21 +333,12 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   return status
 
 
-def _save(*, ckpt, state: TrainState, model, optimizer, loader, config_text: str, world_size: int,
-          force: bool) -> None:
-  """Checkpoints model, optimizer and the run's state (per-rank data and RNG states gathered to a list)."""
-  extra = {
-      "train_state": dataclasses.asdict(state),
-      "data": _gather(loader.state_dict(), world_size),
-      "rng": _gather(process.rng_state(), world_size),
-  }
-  ckpt.save(step=state.step, model=model, optimizer=optimizer, extra=extra, config_text=config_text, force=force)
+def _save(*, ckpt, state: TrainState, model, optimizer, loader, config_text: str, force: bool) -> bool:
+  """Checkpoints model, optimizer and this rank's run state when due (or ``force``); True when it saved.
 
-
-def _gather(obj: Any, world_size: int) -> list:
-  """Every rank's ``obj`` as a list indexed by rank (the plain value in a single process)."""
-  if world_size == 1:
-    return [obj]
-  out = [None] * world_size
-  torch.distributed.all_gather_object(out, obj)
-  return out
+  The checkpointer gathers every rank's ``extra`` (data-iterator and RNG states) and decides due-ness from its
+  own step/seconds interval.
+  """
+  extra = {"train_state": dataclasses.asdict(state), "data": loader.state_dict(), "rng": process.rng_state()}
+  return bool(ckpt.save(step=state.step, model=model, optimizer=optimizer, extra=extra, config_text=config_text,
+                        force=force))

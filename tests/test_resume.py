@@ -1,0 +1,84 @@
+"""The headline resume test: a run stopped by SIGTERM and resumed is the same run as an uninterrupted one.
+
+Both runs go through the real command line with the real data pipeline and checkpoints. The interrupted run
+gets SIGTERM mid-training, must save and exit 42 (the requeue convention), and the resumed run must then
+produce bit-identical losses at every step and bit-identical final parameters.
+"""
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+
+import torch
+
+from flame_gin import checkpoint, models
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STEPS = 30
+ARGS = ["--gin_file=gin/tiny.gin", f"--gin.TRAIN_STEPS={STEPS}", "--gin.WARMUP_STEPS=3",
+        "--gin.flame_gin.run.log_interval=1", "--gin.flame_gin.run.eval_interval=0", "--gin.CHECKPOINT_INTERVAL=1000"]
+LOSS = re.compile(r"step (\d+)/\d+ \| loss ([\d.]+)")
+
+
+def _cmd(workdir):
+  return [sys.executable, "-m", "flame_gin.train", *ARGS, f"--workdir={workdir}"]
+
+
+def _env():
+  return dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+
+
+def _losses(text):
+  return {int(m.group(1)): m.group(2) for m in LOSS.finditer(text)}
+
+
+def _final_params(workdir):
+  config = models.build_config(family="gla", overrides=dict(hidden_size=64, num_hidden_layers=2, num_heads=2,
+                                                            vocab_size=512, intermediate_size=128, expand_k=0.5,
+                                                            expand_v=1, use_output_gate=True, use_short_conv=False,
+                                                            tie_word_embeddings=False))
+  model = models.build_model(config=config, device="cpu", seed=0)
+  ckpt = checkpoint.Checkpointer(directory=workdir / "checkpoints")
+  extra = ckpt.restore(model=model)
+  ckpt.close()
+  assert extra["train_state"]["step"] == STEPS
+  return model.state_dict()
+
+
+def test_sigterm_then_resume_is_bit_identical(tmp_path):
+  straight = subprocess.run(_cmd(tmp_path / "straight"), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=300)
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  reference = _losses(straight.stderr)
+  assert sorted(reference) == list(range(1, STEPS + 1))
+
+  workdir = tmp_path / "interrupted"
+  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          text=True)
+  first_part = []
+  for line in proc.stderr:
+    first_part.append(line)
+    if " step 5/" in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  _, rest = proc.communicate(timeout=300)
+  first_text = "".join(first_part) + rest
+  assert proc.returncode == 42, first_text[-3000:]
+  stopped_at = max(_losses(first_text))
+  assert 5 <= stopped_at < STEPS
+
+  resumed = subprocess.run(_cmd(workdir), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from step {stopped_at}" in resumed.stderr
+  second = _losses(resumed.stderr)
+  assert sorted(second) == list(range(stopped_at + 1, STEPS + 1))
+  combined = {**_losses(first_text), **second}
+  assert combined == reference
+
+  a, b = _final_params(tmp_path / "straight"), _final_params(workdir)
+  assert a.keys() == b.keys()
+  for name in a:
+    assert torch.equal(a[name], b[name]), name
