@@ -1,12 +1,13 @@
 """Data pipeline throughput: online tokenization + packing of a ~100 MB source-code corpus.
 
-    python benchmarks/data_throughput.py [--workers=0,1,2] [--seconds=15] [--cache_dir=~/.cache/flame_gin/bench]
+    python benchmarks/data_throughput.py [--workers=0,1,2] [--seconds=15] [--offline] [--cache_dir=...]
 
 Builds (once, cached) a ~100 MB jsonl corpus from the Python source files installed on this machine (one
 document per file, in sorted path order) and a 32K-vocabulary byte-level BPE tokenizer trained on its first
 20 MB, then for each worker count runs ``build_loader`` with batches of 8 x 2048 in a fresh process and
 reports build time, time to the first batch, tokens/s over the timed window and peak RSS (the process plus
-its DataLoader workers). The last line printed is one JSON object with every figure.
+its DataLoader workers). ``--offline`` adds the same runs reading a memory-mapped token store (built once
+and cached; its build time is reported). The last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -74,14 +75,14 @@ def build_tokenizer(cache: pathlib.Path, corpus: pathlib.Path) -> str:
     return str(out)
 
 
-def measure(*, corpus: str, tokenizer: str, workers: int, seconds: float, cache: str) -> dict:
+def measure(*, corpus: str, tokenizer: str, workers: int, seconds: float, cache: str, offline: bool) -> dict:
     """One configuration, in this process: build, first batch, steady tokens/s, peak RSS."""
     import psutil
     import torch
     from flame_gin.data import build_loader
     t0 = time.perf_counter()
     loader = build_loader(tokenizer=tokenizer, seq_len=SEQ_LEN, batch_size=BATCH, sources=[corpus],
-                          num_workers=workers, prefetch_factor=4, cache_dir=cache, seed=0)
+                          num_workers=workers, prefetch_factor=4, cache_dir=cache, seed=0, offline=offline)
     t1 = time.perf_counter()
     it = iter(loader)
     first = next(it)
@@ -95,7 +96,7 @@ def measure(*, corpus: str, tokenizer: str, workers: int, seconds: float, cache:
     me = psutil.Process()
     rss_total = me.memory_info().rss + sum(c.memory_info().rss for c in me.children(recursive=True))
     rss_peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"workers": workers, "build_s": round(t1 - t0, 3), "first_batch_s": round(t2 - t1, 3),
+    return {"workers": workers, "offline": offline, "build_s": round(t1 - t0, 3), "first_batch_s": round(t2 - t1, 3),
             "batches": n, "tokens_per_s": round(n * BATCH * SEQ_LEN / elapsed),
             "peak_rss_main_mib": round(rss_peak_self / 2**20, 1),
             "rss_main_plus_workers_mib": round(rss_total / 2**20, 1)}
@@ -106,7 +107,9 @@ def main() -> None:
     p.add_argument("--workers", default="0,1,2")
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--cache_dir", default=str(pathlib.Path.home() / ".cache" / "flame_gin" / "bench"))
+    p.add_argument("--offline", action="store_true", help="also measure the offline token store")
     p.add_argument("--_one", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_offline", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     cache = pathlib.Path(os.path.expanduser(args.cache_dir))
     t = time.perf_counter()
@@ -115,14 +118,17 @@ def main() -> None:
     setup_s = time.perf_counter() - t
     if args._one is not None:
         print(json.dumps(measure(corpus=str(corpus), tokenizer=tokenizer, workers=args._one,
-                                 seconds=args.seconds, cache=str(cache))))
+                                 seconds=args.seconds, cache=str(cache), offline=bool(args._offline))))
         return
     results = []
-    for w in [int(x) for x in args.workers.split(",")]:
-        out = subprocess.run([sys.executable, __file__, f"--_one={w}", f"--seconds={args.seconds}",
-                              f"--cache_dir={cache}"], check=True, capture_output=True, text=True).stdout
+    runs = [(w, 0) for w in map(int, args.workers.split(","))]
+    runs += [(w, 1) for w, _ in runs] if args.offline else []
+    for w, off in runs:
+        out = subprocess.run([sys.executable, __file__, f"--_one={w}", f"--_offline={off}",
+                              f"--seconds={args.seconds}", f"--cache_dir={cache}"],
+                             check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
-        print(f"workers={w}: {results[-1]}", flush=True)
+        print(f"workers={w} offline={bool(off)}: {results[-1]}", flush=True)
     summary = {"benchmark": "data_throughput", "corpus_mb": round(corpus.stat().st_size / 1e6, 1),
                "vocab": VOCAB, "batch": [BATCH, SEQ_LEN], "setup_s": round(setup_s, 1),
                "cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2), "results": results}
