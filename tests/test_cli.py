@@ -48,7 +48,7 @@ def test_config_files_written_and_reparseable(tiny_run):
   config = (workdir / "config.gin").read_text()
   operative = (workdir / "operative_config.gin").read_text()
   assert "TRAIN_STEPS = 40" in config
-  assert "flame_gin.run.train_steps" in operative
+  assert "run.train_steps = %TRAIN_STEPS" in operative
   result = _train("--gin_file=" + str(workdir / "config.gin"), "--print_config")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "TRAIN_STEPS = 40" in result.stdout
