@@ -15,8 +15,8 @@ Schedule = Callable[[int], float]
 
 
 def _check(*, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> None:
-  if total_steps <= 0:
-    raise ValueError(f"schedule: total_steps must be positive, got {total_steps}")
+  if total_steps < 0:
+    raise ValueError(f"schedule: total_steps must be >= 0, got {total_steps}")
   if not 0 <= warmup_steps <= total_steps:
     raise ValueError(f"schedule: warmup_steps={warmup_steps} must lie in [0, total_steps={total_steps}]")
   if not 0.0 <= min_lr_ratio <= 1.0:
