@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gin
 
-from flame_gin import checkpoint, data, metrics, models, optim, profiling, schedules, trainer, wandb_writer
+from flame_gin import checkpoint, data, mesh, metrics, models, optim, profiling, schedules, trainer, wandb_writer
+from flame_gin import parallel
+from flame_gin.parallel import pipeline
 
 _MODULE = "flame_gin"
 
@@ -31,3 +33,6 @@ _register(data.source, "data_source")
 _register(data.embedded.tokenizer_path, "embedded_tokenizer")
 _register(data.embedded.corpus_dir, "embedded_corpus")
 _register(checkpoint.Checkpointer, "checkpointer", denylist=["directory", "process_group"])
+_register(mesh.ParallelDims, "ParallelDims", denylist=["world_size"])
+_register(parallel.parallelize, "parallelize", denylist=["model", "dims", "mesh"])
+_register(pipeline.build_pipeline, "build_pipeline", denylist=["model", "pp_mesh", "parallelize_stage", "device"])

@@ -7,6 +7,8 @@ per-micro-batch mean would weight short micro-batches more. Labels arrive alread
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,3 +47,27 @@ def loss_sum(*, model: nn.Module, batch: dict, fused: bool) -> tuple[torch.Tenso
   total = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                           reduction="sum")
   return total, count
+
+
+def shard_for_context(*, batch: dict, cp_mesh) -> dict:
+  """This context rank's slice of ``batch`` (sequence split over ``cp_mesh``), carrying the ``cp`` info the
+  linear-attention layers need to hand their recurrent state across ranks. Counting valid tokens on the slice
+  keeps the global count exact."""
+  from flame_gin.parallel.context import shard_batch
+  local = shard_batch(input_ids=batch["input_ids"], labels=batch["labels"], cp_mesh=cp_mesh,
+                      cu_seqlens=batch.get("cu_seqlens"))
+  return {**batch, **local}
+
+
+def parallel_loss_sum(*, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+  """``loss_sum`` for a parallelised model: the whole model is called (FSDP's root hooks gather the embedding,
+  final norm and head), and vocabulary-sharded DTensor logits (tensor + loss parallel) are reduced with
+  explicit collectives instead of being gathered. A ``cp`` entry (from ``shard_for_context``) turns the
+  context-parallel state hand-over on for this forward."""
+  from flame_gin.parallel.context import context_parallel
+  from flame_gin.parallel.loss import token_loss_sum
+  labels = batch["labels"]
+  scope = context_parallel(batch["cp"]) if batch.get("cp") is not None else contextlib.nullcontext()
+  with scope:
+    logits = model(**backbone_kwargs(batch), use_cache=False).logits
+  return token_loss_sum(logits=logits, labels=labels), (labels != IGNORE_INDEX).sum()

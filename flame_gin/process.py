@@ -88,10 +88,14 @@ def _as_python_state(value):
   return (version, tuple(internal), gauss)
 
 
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-  """Sum over every process (identity in a single process)."""
+def all_reduce_sum(value: torch.Tensor, *, group=None) -> torch.Tensor:
+  """Sum over ``group`` (default: every process; identity in a single process).
+
+  Tensor-parallel peers read the same data, so token counts and losses are summed over the data and context
+  ranks only (the mesh's ``dp_cp`` group), never over the whole world.
+  """
   if dist.is_initialized() and dist.get_world_size() > 1:
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
   return value
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import math
 import os
@@ -28,6 +29,9 @@ from absl import logging
 
 from flame_gin import config as config_lib
 from flame_gin import kernels, loss as loss_lib, metrics, models, optim, process
+from flame_gin import mesh as mesh_lib
+from flame_gin.parallel import fsdp
+from flame_gin.parallel import parallelize as parallelize_lib
 
 PREEMPTED_EXIT_CODE = 42
 
@@ -83,6 +87,30 @@ def _as_config_error():
     raise config_lib.ConfigError(f"{type(e).__name__}: {e}") from e
 
 
+def _parallel_dims(*, make: Optional[Callable[..., Any]], world_size: int, batch_size: int, seq_len: int,
+                   varlen: bool, model_config) -> mesh_lib.ParallelDims:
+  """Phase: the parallel degrees (default: every rank data parallel), checked against the batch and the
+  model config before anything is built."""
+  dims = (make or mesh_lib.ParallelDims)(world_size=world_size)
+  dims.validate_for_batch(global_batch_size=batch_size, seq_len=seq_len, varlen=varlen)
+  dims.validate_for_model(config=model_config)
+  if dims.pp > 1:
+    raise config_lib.ConfigError(f"pp > 1 is not wired into the trainer yet (ParallelDims.pp={dims.pp}); "
+                                 f"use data, tensor or context parallel")
+  return dims
+
+
+def _data_states(extras: list[dict]) -> list[dict]:
+  """One data-iterator state per data stream, in stream order: ranks that differ only in their tensor or
+  context coordinate read the same stream and saved the same state."""
+  if not all("dp_rank" in e for e in extras):
+    return [e["data"] for e in extras]
+  streams: dict[int, dict] = {}
+  for e in extras:
+    streams.setdefault(e["dp_rank"], e["data"])
+  return [streams[k] for k in sorted(streams)]
+
+
 def _autocast(device: torch.device):
   if device.type == "cuda":
     return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -99,18 +127,24 @@ def _fetch(iterator: Iterator[dict], *, count: int, device: torch.device) -> tup
   return batches, time.perf_counter() - start
 
 
-def _forward_backward(*, model, batches: list[dict], device: torch.device, fused_loss: bool) -> tuple[float, int]:
-  """Phase: gradients of the loss normalised by the global number of valid tokens of the step."""
+def _forward_backward(*, model, batches: list[dict], device: torch.device, loss_fn: Callable[..., tuple],
+                      group=None) -> tuple[float, int]:
+  """Phase: gradients of the loss normalised by the global number of valid tokens of the step.
+
+  Counts and losses are summed over ``group`` (the data and context ranks; None = every process). Gradients
+  are reduced on the last micro-batch only (a no-op without FSDP).
+  """
   local_tokens = sum(int((b["labels"] != loss_lib.IGNORE_INDEX).sum()) for b in batches)
-  global_tokens = int(process.all_reduce_sum(torch.tensor(float(local_tokens), device=device)).item())
+  global_tokens = int(process.all_reduce_sum(torch.tensor(float(local_tokens), device=device), group=group).item())
   denom = max(global_tokens, 1)
   total = torch.zeros((), device=device)
-  for batch in batches:
+  for i, batch in enumerate(batches):
+    fsdp.set_gradient_sync(model, sync=i == len(batches) - 1)
     with _autocast(device):
-      loss_sum, _ = loss_lib.loss_sum(model=model, batch=batch, fused=fused_loss)
+      loss_sum, _ = loss_fn(model=model, batch=batch)
     (loss_sum / denom).backward()
     total += loss_sum.detach()
-  return float(process.all_reduce_sum(total).item()) / denom, global_tokens
+  return float(process.all_reduce_sum(total, group=group).item()) / denom, global_tokens
 
 
 def _clip_and_check(*, model, max_grad_norm: float) -> float:
@@ -135,7 +169,8 @@ def _apply(*, optimizer, lr_now: float, finite: bool, skip_nonfinite: bool) -> b
 
 
 @torch.no_grad()
-def evaluate(*, model, loader, device: torch.device, max_batches: int, fused_loss: bool) -> dict:
+def evaluate(*, model, loader, device: torch.device, max_batches: int, loss_fn: Callable[..., tuple],
+             prepare: Callable[[dict], dict] = lambda batch: batch, group=None) -> dict:
   """Mean token loss and perplexity over the held-out loader (at most ``max_batches`` batches)."""
   was_training = model.training
   model.eval()
@@ -143,13 +178,13 @@ def evaluate(*, model, loader, device: torch.device, max_batches: int, fused_los
   for i, batch in enumerate(loader):
     if max_batches and i >= max_batches:
       break
-    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    batch = prepare({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()})
     with _autocast(device):
-      loss_sum, n = loss_lib.loss_sum(model=model, batch=batch, fused=fused_loss)
+      loss_sum, n = loss_fn(model=model, batch=batch)
     total += loss_sum.float()
     count += n
   model.train(was_training)
-  total, count = process.all_reduce_sum(total), process.all_reduce_sum(count)
+  total, count = process.all_reduce_sum(total, group=group), process.all_reduce_sum(count, group=group)
   mean = float(total / count.clamp(min=1))
   return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
 
@@ -191,18 +226,22 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
         writers: Callable[..., metrics.MetricWriter] = metrics.create_writers,
         checkpointer: Optional[Callable[..., Any]] = None, profiler: Optional[Callable[..., Any]] = None,
         peak_tflops: Optional[float] = None, config_text: str = "", on_first_step: Optional[Callable[[], str]] = None,
-        stop_requested: Optional[Callable[[], bool]] = None) -> int:
+        stop_requested: Optional[Callable[[], bool]] = None, parallel_dims: Optional[Callable[..., Any]] = None,
+        parallelize: Optional[Callable[..., Any]] = None) -> int:
   """Trains to ``train_steps`` (resuming from ``workdir`` when it holds checkpoints); returns an exit status.
 
   0 when training finished, ``PREEMPTED_EXIT_CODE`` (42) when a stop was requested (SIGTERM/SIGUSR2) and the
-  state was saved, so a Slurm wrapper can requeue the job.
+  state was saved, so a Slurm wrapper can requeue the job. ``parallel_dims(world_size=)`` gives the
+  ``ParallelDims`` (default: every rank data parallel) and ``parallelize(model, dims=, mesh=)`` applies them.
   """
   # 1. Set up the process, then validate everything cheap before building anything big.
   proc = process.init()
-  dp_size = proc.world_size
   with _as_config_error():
     model_config = model_config()
     lr_schedule = lr_schedule(total_steps=train_steps)
+    dims = _parallel_dims(make=parallel_dims, world_size=proc.world_size, batch_size=batch_size, seq_len=seq_len,
+                          varlen=varlen, model_config=model_config)
+  dp_size, dp_rank = dims.dp_size, dims.dp_rank(rank=proc.rank)
   kernel_used = kernels.select(mode=kernel_mode)
   micro_batch = _validate(train_steps=train_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
                           dp_size=dp_size, seq_len=seq_len, model_config=model_config, vocab_size=None,
@@ -212,12 +251,12 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
 
   # 2. Data (fails early on bad paths), then the vocabulary check against the model config.
   with _as_config_error():
-    loader = train_data(seq_len=seq_len, batch_size=micro_batch, rank=proc.rank, world_size=dp_size, seed=seed,
+    loader = train_data(seq_len=seq_len, batch_size=micro_batch, rank=dp_rank, world_size=dp_size, seed=seed,
                         split="train", varlen=varlen)
   _validate(train_steps=train_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps, dp_size=dp_size,
             seq_len=seq_len, model_config=model_config, vocab_size=getattr(loader, "vocab_size", None),
             varlen=varlen)
-  eval_loader = (eval_data(seq_len=seq_len, batch_size=micro_batch, rank=proc.rank, world_size=dp_size,
+  eval_loader = (eval_data(seq_len=seq_len, batch_size=micro_batch, rank=dp_rank, world_size=dp_size,
                            seed=seed, split="validation", varlen=varlen) if eval_data is not None and eval_interval else None)
 
   # 3. Run directory: only now that the config is known to be sound.
@@ -231,7 +270,19 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   n_params = models.count_parameters(meta)
   del meta
   model = models.build_model(config=model_config, device=proc.device, seed=seed)
+  mesh = dims.build(device_type=proc.device.type) if proc.world_size > 1 else None
+  if dims.cp > 1:
+    from flame_gin.parallel.context import enable_context_parallel
+    enable_context_parallel(model)
+  with _as_config_error():
+    model = (parallelize or parallelize_lib.parallelize)(model, dims=dims, mesh=mesh)
   model.train()
+  # One process keeps the plain path (bitwise the same losses); a mesh calls the whole parallelised model.
+  group = mesh["dp_cp"].get_group() if mesh is not None else None
+  loss_fn = functools.partial(loss_lib.loss_sum, fused=use_fused) if mesh is None else loss_lib.parallel_loss_sum
+  prepare = (functools.partial(loss_lib.shard_for_context, cp_mesh=mesh["cp"]) if dims.cp > 1
+             else (lambda batch: batch))
+  logging.info("parallel: %s", dims.describe())
   groups = optim.parameter_groups(model=model, weight_decay=weight_decay)
   opt = optimizer(params=groups, lr=lr)
   flops_per_token = _flops_per_token(model_config, seq_len)
@@ -249,7 +300,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     own = ckpt.restore(model=model, optimizer=opt)
     every = ckpt.restored_extras or [own]
     state = TrainState(**own["train_state"])
-    loader.load_state_dict([e["data"] for e in every])  # the loader reshards if the world size changed
+    loader.load_state_dict(_data_states(every))  # the loader reshards if the world size changed
     process.set_rng_state(own["rng"])
     logging.info("resumed from step %d (%s tokens seen)", state.step, f"{state.tokens_seen:,}")
 
@@ -260,13 +311,14 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   status, start_time, start_step = 0, time.monotonic(), state.step
   window_tokens, window_start = 0, time.perf_counter()
   save = lambda final=False: _save(ckpt=ckpt, state=state, model=model, optimizer=opt, loader=loader,
-                                   config_text=config_text, force=final)
+                                   config_text=config_text, force=final, dp_rank=dp_rank)
 
   # 6. The loop.
   while state.step < train_steps:
     step_start = time.perf_counter()
     batches, data_wait = _fetch(iterator, count=grad_accum_steps, device=proc.device)
-    loss, tokens = _forward_backward(model=model, batches=batches, device=proc.device, fused_loss=use_fused)
+    batches = [prepare(b) for b in batches]
+    loss, tokens = _forward_backward(model=model, batches=batches, device=proc.device, loss_fn=loss_fn, group=group)
     grad_norm = _clip_and_check(model=model, max_grad_norm=max_grad_norm)
     lr_now = lr * lr_schedule(state.step)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -301,7 +353,8 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     # Evaluate.
     if eval_loader is not None and (state.step % eval_interval == 0 or state.step == train_steps):
       writer.write_scalars(state.step, evaluate(model=model, loader=eval_loader, device=proc.device,
-                                                max_batches=eval_batches, fused_loss=use_fused))
+                                                max_batches=eval_batches, loss_fn=loss_fn, prepare=prepare,
+                                                group=group))
 
     # Checkpoint, and stop cleanly when the scheduler asks.
     preempted = stop_requested is not None and stop_requested()
@@ -333,12 +386,13 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   return status
 
 
-def _save(*, ckpt, state: TrainState, model, optimizer, loader, config_text: str, force: bool) -> bool:
+def _save(*, ckpt, state: TrainState, model, optimizer, loader, config_text: str, force: bool, dp_rank: int) -> bool:
   """Checkpoints model, optimizer and this rank's run state when due (or ``force``); True when it saved.
 
   The checkpointer gathers every rank's ``extra`` (data-iterator and RNG states) and decides due-ness from its
   own step/seconds interval.
   """
-  extra = {"train_state": dataclasses.asdict(state), "data": loader.state_dict(), "rng": process.rng_state()}
+  extra = {"train_state": dataclasses.asdict(state), "data": loader.state_dict(), "rng": process.rng_state(),
+           "dp_rank": dp_rank}
   return bool(ckpt.save(step=state.step, model=model, optimizer=optimizer, extra=extra, config_text=config_text,
                         force=force))
