@@ -30,8 +30,8 @@ from absl import logging
 from flame_gin import config as config_lib
 from flame_gin import kernels, loss as loss_lib, metrics, models, optim, process
 from flame_gin import mesh as mesh_lib
+from flame_gin import parallel as parallel_lib
 from flame_gin.parallel import fsdp
-from flame_gin.parallel import parallelize as parallelize_lib
 
 PREEMPTED_EXIT_CODE = 42
 
@@ -275,7 +275,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     from flame_gin.parallel.context import enable_context_parallel
     enable_context_parallel(model)
   with _as_config_error():
-    model = (parallelize or parallelize_lib.parallelize)(model, dims=dims, mesh=mesh)
+    model = (parallelize or parallel_lib.parallelize)(model, dims=dims, mesh=mesh)
   model.train()
   # One process keeps the plain path (bitwise the same losses); a mesh calls the whole parallelised model.
   group = mesh["dp_cp"].get_group() if mesh is not None else None
