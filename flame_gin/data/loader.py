@@ -30,7 +30,6 @@ import torch.utils.data
 
 from flame_gin.data import order
 from flame_gin.data.plan import load_tokenizer, make_plan
-from flame_gin.data.stream import json_safe
 
 _FORMAT = 1
 
@@ -66,7 +65,7 @@ class _WorkerStreams(torch.utils.data.IterableDataset):
             batch = stream.next_batch()
             if batch is None:
                 return
-            yield logical, batch, stream.state_dict(as_lists=False)
+            yield logical, batch, stream.state_dict()
 
 
 def _to_tensors(batch: dict) -> dict:
@@ -161,7 +160,7 @@ class Loader:
         return {"format": _FORMAT, "rank": self._rank, "world_size": self._world_size,
                 "streams_per_rank": self._per_rank, "next_worker": self._next_worker,
                 "generation": self._generation, "batches": self._batches,
-                "streams": [json_safe(copy.deepcopy(s)) for s in streams]}
+                "streams": copy.deepcopy(streams)}
 
     def load_state_dict(self, state) -> None:
         """Restores from this rank's dict, or from the list of every rank's dicts (which may reshard)."""
@@ -197,8 +196,7 @@ class Loader:
         old_readers = [st["readers"] if st else
                        [plan.fresh_reader_state(source=s, stream=g, num_streams=s_old) for s in range(n_src)]
                        for g, st in enumerate(old)]
-        new_streams = [{"readers": [], "packer": {"pieces": [], "sources": [], "starts": [],
-                                                  "tokens_per_source": [0] * n_src},
+        new_streams = [{"readers": [], "packer": {"docs": [], "tokens_per_source": [0] * n_src},
                         "active": [True] * n_src, "tokens_per_doc": float(plan.rows * plan.seq_len + 1)}
                        for _ in range(s_new)]
         for s in range(n_src):
@@ -214,9 +212,7 @@ class Loader:
             if st is None:
                 continue
             packer = new_streams[g % s_new]["packer"]
-            packer["pieces"] += st["packer"]["pieces"]
-            packer["sources"] += st["packer"]["sources"]
-            packer["starts"] += st["packer"]["starts"]
+            packer["docs"] += st["packer"]["docs"]
             packer["tokens_per_source"] = [a + b for a, b in zip(packer["tokens_per_source"],
                                                                   st["packer"]["tokens_per_source"])]
         for j, st in enumerate(new_streams):

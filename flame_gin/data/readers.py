@@ -37,14 +37,20 @@ class MapReader:
             self._perm_epoch = epoch
         return int(self._perm[i])
 
-    def read(self, k: int) -> list:
-        """Up to ``k`` next documents of this stream (fewer only when the source is exhausted)."""
-        indices = []
-        while len(indices) < k:
+    refetchable = True
+
+    def read(self, k: int) -> tuple[list[int], list]:
+        """Positions and payloads of up to ``k`` next documents (fewer only when the source is exhausted)."""
+        positions = []
+        while len(positions) < k:
             if self._limit is not None and order.peek(self.cursor) >= self._limit:
                 break
-            indices.append(self._index(order.take(self.cursor)))
-        return self._fetch(indices) if indices else []
+            positions.append(order.take(self.cursor))
+        return positions, self.fetch_at(positions)
+
+    def fetch_at(self, positions: list[int]) -> list:
+        """Payloads of the documents at global ``positions`` (any stream's), without moving the cursor."""
+        return self._fetch([self._index(p) for p in positions]) if positions else []
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor}
@@ -103,20 +109,22 @@ class StreamReader:
             return item[1]
         return None
 
-    def read(self, k: int) -> list:
-        """Up to ``k`` next documents of this stream (fewer only when the source is exhausted)."""
-        out = []
+    refetchable = False
+
+    def read(self, k: int) -> tuple[list[int], list]:
+        """Positions and texts of up to ``k`` next documents (fewer only when the source is exhausted)."""
+        positions, out = [], []
         while len(out) < k:
             target = order.peek(self.cursor)
             while self._pos < target:
                 if self._next_in_order() is None:
-                    return out
+                    return positions, out
             text = self._next_in_order()
             if text is None:
-                return out
-            order.take(self.cursor)
+                break
+            positions.append(order.take(self.cursor))
             out.append(text)
-        return out
+        return positions, out
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor, "shuffle": {

@@ -17,7 +17,9 @@ import numpy as np
 
 from flame_gin.data.packing import Packer
 
+_MIN_READ_AHEAD = 8  # documents per tokenizer call at least: keeps the tokenizer's threads busy
 _MAX_READ_AHEAD = 512
+_READ_AHEAD = 2.0  # read about two batches' worth of tokens at a time (queued documents are saved by reference)
 
 
 class Tokenize:
@@ -36,17 +38,14 @@ class Tokenize:
         return [np.asarray(x, dtype=np.int32) for x in ids]
 
 
-def split_document(ids: np.ndarray, *, bos: int | None, eos: int | None, context_len: int) -> list[np.ndarray]:
-    """Adds BOS/EOS to one document and cuts it into pieces of at most ``context_len`` tokens."""
+def with_specials(ids: np.ndarray, *, bos: int | None, eos: int | None) -> np.ndarray:
+    """One document's tokens wrapped in BOS/EOS (either may be None)."""
     parts = [ids]
     if bos is not None:
         parts.insert(0, np.asarray([bos], dtype=np.int32))
     if eos is not None:
         parts.append(np.asarray([eos], dtype=np.int32))
-    doc = np.concatenate(parts) if len(parts) > 1 else ids
-    if len(doc) <= context_len:
-        return [doc]
-    return [doc[i:i + context_len] for i in range(0, len(doc), context_len)]
+    return np.concatenate(parts) if len(parts) > 1 else ids
 
 
 class DocStream:
@@ -60,11 +59,11 @@ class DocStream:
         self._active = [True] * len(readers)
         self._bos, self._eos, self._context_len = bos, eos, context_len
         self._seq_len, self._rows, self._varlen, self._pad_id = seq_len, rows, varlen, pad_id
-        self._packer = Packer(num_sources=len(readers))
+        self._packer = Packer(num_sources=len(readers), context_len=context_len)
         self._rng = np.random.Generator(np.random.PCG64(mixture_seed))
-        self._tokens_per_doc = float(rows * seq_len + 1)  # first read: one document, then adapt
+        self._tokens_per_doc = float(rows * seq_len + 1)  # first read: a few documents, then adapt
         if state is not None:
-            self._packer.load_state_dict(state["packer"])
+            self._packer.load_state_dict(state["packer"], refetch=self._refetch)
             self._rng.bit_generator.state = state["rng"]
             self._active = list(state["active"])
             self._tokens_per_doc = state["tokens_per_doc"]
@@ -75,28 +74,40 @@ class DocStream:
         draws = self._rng.random(k)
         return np.minimum(np.searchsorted(cdf, draws, side="right"), len(cdf) - 1).tolist()
 
+    def _payload_tokens(self, s: int, payloads: list) -> list[np.ndarray]:
+        ids = payloads if self._tokenized[s] else self._tokenize(list(payloads))
+        return [with_specials(x, bos=self._bos, eos=self._eos) for x in ids]
+
+    def _refetch(self, refs: list) -> list[np.ndarray]:
+        """Token arrays of queued documents saved by reference, fetched and tokenized again."""
+        out = [None] * len(refs)
+        for s in sorted({s for s, _ in refs}):
+            idx = [i for i, (src, _) in enumerate(refs) if src == s]
+            docs = self._payload_tokens(s, self._readers[s].fetch_at([refs[i][1] for i in idx]))
+            for i, d in zip(idx, docs):
+                out[i] = d
+        return out
+
     def _fill(self, need: int) -> None:
         while self._packer.available < need and any(self._active):
-            k = min(_MAX_READ_AHEAD, max(1, math.ceil((need - self._packer.available) / self._tokens_per_doc)))
-            choices = self._choose(k)
+            k = math.ceil(_READ_AHEAD * (need - self._packer.available) / self._tokens_per_doc)
+            choices = self._choose(min(_MAX_READ_AHEAD, max(_MIN_READ_AHEAD, k)))
             docs = {}
             for s in sorted(set(choices)):
                 wanted = choices.count(s)
-                got = self._readers[s].read(wanted)
+                positions, got = self._readers[s].read(wanted)
                 if len(got) < wanted:
                     self._active[s] = False
                     # draws past the exhaustion point are dropped so the survivors stay in draw order
-                if got and not self._tokenized[s]:
-                    got = self._tokenize(got)
-                docs[s] = list(got)
+                refs = [(s, p) if self._readers[s].refetchable else None for p in positions]
+                docs[s] = list(zip(refs, self._payload_tokens(s, got) if got else []))
             new_tokens, new_docs = 0, 0
             for s in choices:
-                if not docs.get(s):
+                if not docs[s]:
                     continue
-                ids = docs[s].pop(0)
-                pieces = split_document(ids, bos=self._bos, eos=self._eos, context_len=self._context_len)
-                self._packer.push(pieces, source=s)
-                new_tokens += sum(len(p) for p in pieces)
+                ref, doc = docs[s].pop(0)
+                self._packer.push(doc, source=s, ref=ref)
+                new_tokens += len(doc)
                 new_docs += 1
             if new_docs:
                 self._tokens_per_doc = 0.5 * self._tokens_per_doc + 0.5 * (new_tokens / new_docs)
@@ -109,20 +120,11 @@ class DocStream:
     def tokens_per_source(self) -> list[int]:
         return list(self._packer.tokens_per_source)
 
-    def state_dict(self, *, as_lists: bool = True) -> dict:
-        """A copy of everything needed to continue exactly; JSON-serialisable unless ``as_lists`` is False
-        (then the queued tokens stay numpy arrays, see ``json_safe``)."""
+    def state_dict(self) -> dict:
+        """A copy of everything needed to continue exactly (plain Python, JSON-serialisable)."""
         return copy.deepcopy({
             "readers": [r.state_dict() for r in self._readers],
-            "packer": self._packer.state_dict(as_lists=as_lists),
+            "packer": self._packer.state_dict(),
             "rng": self._rng.bit_generator.state, "active": list(self._active),
             "tokens_per_doc": self._tokens_per_doc})
 
-
-def json_safe(state: dict | None) -> dict | None:
-    """A stream state with any numpy token arrays turned into int lists."""
-    if state is None:
-        return None
-    packer = dict(state["packer"], pieces=[p.tolist() if isinstance(p, np.ndarray) else p
-                                           for p in state["packer"]["pieces"]])
-    return dict(state, packer=packer)
