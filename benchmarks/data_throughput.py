@@ -102,6 +102,26 @@ def measure(*, corpus: str, tokenizer: str, workers: int, seconds: float, cache:
             "rss_main_plus_workers_mib": round(rss_total / 2**20, 1)}
 
 
+def tokenizer_ceiling(*, corpus: pathlib.Path, tokenizer: str, seconds: float) -> dict:
+    """The bare Rust tokenizer on the same documents (no reading, packing or state), for context: the
+    pipeline cannot beat it by more than the cores it adds."""
+    import itertools
+    import random
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(tokenizer, "tokenizer.json"))
+    with open(corpus, encoding="utf-8") as f:
+        lines = list(itertools.islice(f, 0, None, 7))
+    texts = [json.loads(x)["text"] for x in random.Random(0).sample(lines, min(len(lines), 2000))]
+    n, start, i = 0, time.perf_counter(), 0
+    cpu = time.process_time()
+    while time.perf_counter() - start < seconds:
+        batch = texts[i % len(texts): i % len(texts) + 32]
+        n += sum(len(e.ids) for e in tok.encode_batch_fast(batch, add_special_tokens=False))
+        i += 32
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"tokenizer_only_tokens_per_s": round(n / wall), "tokenizer_only_tokens_per_cpu_s": round(n / cpu)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", default="0,1,2")
@@ -120,6 +140,8 @@ def main() -> None:
         print(json.dumps(measure(corpus=str(corpus), tokenizer=tokenizer, workers=args._one,
                                  seconds=args.seconds, cache=str(cache), offline=bool(args._offline))))
         return
+    ceiling = tokenizer_ceiling(corpus=corpus, tokenizer=tokenizer, seconds=min(args.seconds, 10.0))
+    print(f"bare tokenizer (all threads of this process): {ceiling}", flush=True)
     results = []
     runs = [(w, 0) for w in map(int, args.workers.split(","))]
     runs += [(w, 1) for w, _ in runs] if args.offline else []
@@ -131,7 +153,8 @@ def main() -> None:
         print(f"workers={w} offline={bool(off)}: {results[-1]}", flush=True)
     summary = {"benchmark": "data_throughput", "corpus_mb": round(corpus.stat().st_size / 1e6, 1),
                "vocab": VOCAB, "batch": [BATCH, SEQ_LEN], "setup_s": round(setup_s, 1),
-               "cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2), "results": results}
+               "cpus": len(os.sched_getaffinity(0)), "loadavg_1m": round(os.getloadavg()[0], 2), **ceiling,
+               "results": results}
     print(json.dumps(summary))
 
 
