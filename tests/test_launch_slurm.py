@@ -24,7 +24,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
-TRAIN_STEPS = 12
+TRAIN_STEPS = 300  # ~40 ms a step here: leaves seconds for the signal to land mid-run
 
 
 def _skip(reason: str):
@@ -38,7 +38,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _wait_for(predicate, *, timeout: float, what: str, interval: float = 0.5):
+def _wait_for(predicate, *, timeout: float, what: str, interval: float = 0.2):
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     value = predicate()
