@@ -29,6 +29,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import torch
+from absl import logging
 from torch import nn
 
 from flame_gin import models
@@ -176,3 +178,26 @@ def forward_flops_per_token(*, config, seq_len: int) -> float:
 def flops_per_token(*, config, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward), the numerator of MFU."""
     return 3.0 * forward_flops_per_token(config=config, seq_len=seq_len)
+
+
+# Dense bf16 peak of common accelerators, TFLOP/s (vendor figures); ``flame_gin.run.peak_tflops`` overrides.
+_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def device_peak_tflops(*, device: torch.device, configured: float | None = None) -> float | None:
+    """The peak that MFU is measured against: ``configured`` if given, else the known figure of the GPU."""
+    if configured:
+        return configured
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
+
+
+def training_flops_or_none(*, config, seq_len: int) -> float | None:
+    """``flops_per_token``, or None (with a warning) for a family this module cannot count: MFU is then not logged."""
+    try:
+        return float(flops_per_token(config=config, seq_len=seq_len))
+    except (ImportError, ValueError, NotImplementedError) as e:
+        logging.warning("no FLOPs count for %s (%s): MFU is not logged", config.model_type, e)
+        return None

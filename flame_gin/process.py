@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import os
 import random
+import resource
 
 import numpy as np
 import torch
@@ -97,6 +98,13 @@ def all_reduce_sum(value: torch.Tensor, *, group=None) -> torch.Tensor:
   if dist.is_initialized() and dist.get_world_size() > 1:
     dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
   return value
+
+
+def peak_memory_gib(device: torch.device) -> float:
+  """Peak memory of this process: allocated device memory on CUDA, the resident set size on CPU."""
+  if device.type == "cuda":
+    return torch.cuda.max_memory_allocated(device) / 2**30
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def shutdown() -> None:

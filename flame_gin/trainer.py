@@ -18,9 +18,7 @@ import dataclasses
 import functools
 import gc
 import math
-import os
 import pathlib
-import resource
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -28,7 +26,7 @@ import torch
 from absl import logging
 
 from flame_gin import config as config_lib
-from flame_gin import kernels, loss as loss_lib, metrics, models, optim, process
+from flame_gin import flops, kernels, loss as loss_lib, metrics, models, optim, process
 from flame_gin import mesh as mesh_lib
 from flame_gin import parallel as parallel_lib
 from flame_gin.parallel import fsdp
@@ -189,34 +187,6 @@ def evaluate(*, model, loader, device: torch.device, max_batches: int, loss_fn: 
   return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
 
 
-def _peak_memory_gib(device: torch.device) -> float:
-  if device.type == "cuda":
-    return torch.cuda.max_memory_allocated(device) / 2**30
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-# Dense bf16 peak of common accelerators, TFLOP/s (vendor figures); ``run.peak_tflops`` overrides.
-_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
-
-
-def _peak_tflops(device: torch.device, configured: Optional[float]) -> Optional[float]:
-  if configured:
-    return configured
-  if device.type != "cuda":
-    return None
-  name = torch.cuda.get_device_name(device)
-  return next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
-
-
-def _flops_per_token(model_config, seq_len: int) -> Optional[float]:
-  try:
-    from flame_gin import flops
-    return float(flops.flops_per_token(config=model_config, seq_len=seq_len))
-  except (ImportError, ValueError, NotImplementedError) as e:
-    logging.warning("no FLOPs count for %s (%s): MFU is not logged", model_config.model_type, e)
-    return None
-
-
 def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[..., Any], eval_data: Optional[Callable[..., Any]] = None,
         train_steps: int, batch_size: int, seq_len: int, lr: float, lr_schedule: Callable[..., Callable[[int], float]],
         optimizer: Callable[..., torch.optim.Optimizer] = optim.adamw, weight_decay: float = 0.1,
@@ -285,8 +255,8 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   logging.info("parallel: %s", dims.describe())
   groups = optim.parameter_groups(model=model, weight_decay=weight_decay)
   opt = optimizer(params=groups, lr=lr)
-  flops_per_token = _flops_per_token(model_config, seq_len)
-  peak_tflops = _peak_tflops(proc.device, peak_tflops)
+  flops_per_token = flops.training_flops_or_none(config=model_config, seq_len=seq_len)
+  peak_tflops = flops.device_peak_tflops(device=proc.device, configured=peak_tflops)
   logging.info("model %s: %s parameters (%s without embeddings); kernels: %s; micro-batch %d x %d, accumulation %d",
                model_config.model_type, f"{n_params:,}", f"{models.count_parameters(model, exclude_embeddings=True):,}",
                kernel_used, micro_batch, seq_len, grad_accum_steps)
@@ -338,7 +308,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
       tokens_per_second = window_tokens / max(elapsed, 1e-9)
       scalars = {"loss": loss, "lr": lr_now, "grad_norm": grad_norm, "tokens_per_second": tokens_per_second,
                  "tokens_seen": state.tokens_seen, "step_time": time.perf_counter() - step_start,
-                 "data_wait_time": data_wait, "peak_memory_gib": _peak_memory_gib(proc.device),
+                 "data_wait_time": data_wait, "peak_memory_gib": process.peak_memory_gib(proc.device),
                  "skipped_steps": state.skipped_steps}
       if flops_per_token and peak_tflops:
         scalars["mfu"] = tokens_per_second * flops_per_token / (peak_tflops * 1e12 * proc.world_size)
@@ -346,8 +316,9 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
         scalars[f"data/tokens/{source}"] = count
       writer.write_scalars(state.step, scalars)
       steps_per_second = (state.step - start_step) / max(time.monotonic() - start_time, 1e-9)
-      logging.info(metrics.format_progress(step=state.step, total_steps=train_steps, scalars=scalars,
-                                           eta_seconds=(train_steps - state.step) / max(steps_per_second, 1e-9)))
+      if proc.is_primary:
+        logging.info(metrics.format_progress(step=state.step, total_steps=train_steps, scalars=scalars,
+                                             eta_seconds=(train_steps - state.step) / max(steps_per_second, 1e-9)))
       window_tokens, window_start = 0, time.perf_counter()
 
     # Evaluate.
@@ -357,7 +328,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
                                                 group=group))
 
     # Checkpoint, and stop cleanly when the scheduler asks.
-    preempted = stop_requested is not None and stop_requested()
+    preempted = _stop_agreed(stop_requested=stop_requested, device=proc.device, world_size=proc.world_size)
     if ckpt is not None and state.step < train_steps and save(final=preempted):
       writer.write_scalars(state.step, {"checkpoint/blocked_seconds": ckpt.last_blocked_seconds})
     if preempted:
@@ -384,6 +355,14 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   writer.close()
   process.shutdown()
   return status
+
+
+def _stop_agreed(*, stop_requested: Optional[Callable[[], bool]], device: torch.device, world_size: int) -> bool:
+  """True on every rank once any rank got a stop signal, so all ranks save and leave at the same step."""
+  local = stop_requested is not None and stop_requested()
+  if world_size == 1:
+    return local
+  return bool(process.all_reduce_sum(torch.tensor(float(local), device=device)).item() > 0)
 
 
 def _save(*, ckpt, state: TrainState, model, optimizer, loader, config_text: str, force: bool, dp_rank: int) -> bool:
