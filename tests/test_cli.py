@@ -76,6 +76,7 @@ def test_print_config_builds_nothing(tmp_path):
     (["--gin_bindings=flame_gin.model_config.overrides = {'hidden_size': 32, 'num_head': 2}"],
      r"num_head.*did you mean 'num_heads'.*Valid keys"),
     (["--gin.BATCH_SIZE=3", "--gin.flame_gin.run.grad_accum_steps=2"], r"BATCH_SIZE=3"),
+    (["--gin_file=gin/model/mamba2.gin", "--gin_file=gin/data/varlen.gin"], r"varlen.*'mamba2' would let documents"),
 ])
 def test_bad_config_is_named_and_leaves_no_debris(tmp_path, args, message):
   workdir = tmp_path / "w"
