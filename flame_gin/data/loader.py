@@ -245,6 +245,6 @@ def build_loader(*, tokenizer: str = "embedded", seq_len: int, batch_size: int, 
     plan = make_plan(tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed, split=split,
                      sources=sources, probabilities=probabilities, context_len=context_len, add_bos=add_bos,
                      add_eos=add_eos, varlen=varlen, shuffle=shuffle, buffer_size=buffer_size,
-                     num_epochs=num_epochs, offline=offline, cache_dir=cache_dir)
+                     num_epochs=num_epochs, offline=offline, cache_dir=cache_dir, num_workers=num_workers)
     return Loader(plan=plan, rank=rank, world_size=world_size, num_workers=num_workers,
                   prefetch_factor=prefetch_factor, split=split)

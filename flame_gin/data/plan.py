@@ -50,6 +50,7 @@ class Plan:
     shuffle: bool
     buffer_size: int
     num_epochs: int | None
+    read_ahead_docs: int = 8
 
     def fresh_reader_state(self, *, source: int, stream: int, num_streams: int) -> dict:
         st = {"cursor": order.new_cursor(stream=stream, num_streams=num_streams)}
@@ -90,6 +91,7 @@ class Plan:
             tokenize=Tokenize(load_tokenizer(self.tokenizer_path)), probabilities=self.probabilities,
             bos=self.bos, eos=self.eos, context_len=self.context_len, seq_len=self.seq_len, rows=self.rows,
             varlen=self.varlen, pad_id=self.pad_id, mixture_seed=[self.seed, stream, num_streams, generation],
+            min_read_ahead=self.read_ahead_docs,
             state=state if state and "packer" in state else None)
 
 
@@ -125,7 +127,8 @@ def _check_probabilities(probabilities, n: int) -> list[float]:
 
 
 def make_plan(*, tokenizer: str, seq_len: int, batch_size: int, seed: int, split: str, sources, probabilities,
-              context_len, add_bos, add_eos, varlen, shuffle, buffer_size, num_epochs, offline, cache_dir) -> Plan:
+              context_len, add_bos, add_eos, varlen, shuffle, buffer_size, num_epochs, offline, cache_dir,
+              num_workers: int = 0) -> Plan:
     """Resolves and validates every option; opens the sources. Raises before any model is built."""
     if seq_len <= 0 or batch_size <= 0:
         raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
@@ -165,4 +168,7 @@ def make_plan(*, tokenizer: str, seq_len: int, batch_size: int, seed: int, split
     return Plan(tokenizer_path=str(tokenizer), sources=srcs, datasets=datasets_, kinds=kinds, probabilities=probs,
                 seq_len=seq_len, rows=batch_size, varlen=varlen, context_len=context_len, bos=bos, eos=eos,
                 pad_id=pad, seed=seed, shuffle=training if shuffle is None else bool(shuffle),
-                buffer_size=buffer_size, num_epochs=(None if training else 1) if num_epochs is None else num_epochs)
+                buffer_size=buffer_size, num_epochs=(None if training else 1) if num_epochs is None else num_epochs,
+                # One stream per process gets all tokenizer threads: bigger calls balance them (measured +10-25%
+                # on 2 cores); with several workers, small calls keep the round-robin hand-off smooth.
+                read_ahead_docs=32 if num_workers <= 1 else 8)

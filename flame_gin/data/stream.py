@@ -17,7 +17,6 @@ import numpy as np
 
 from flame_gin.data.packing import Packer
 
-_MIN_READ_AHEAD = 8  # documents per tokenizer call at least: keeps the tokenizer's threads busy
 _MAX_READ_AHEAD = 512
 _READ_AHEAD = 2.0  # read about two batches' worth of tokens at a time (queued documents are saved by reference)
 
@@ -53,8 +52,9 @@ class DocStream:
 
     def __init__(self, *, readers: list, tokenized: list[bool], tokenize, probabilities: list[float],
                  bos: int | None, eos: int | None, context_len: int, seq_len: int, rows: int, varlen: bool,
-                 pad_id: int, mixture_seed: list[int], state: dict | None = None):
+                 pad_id: int, mixture_seed: list[int], min_read_ahead: int = 8, state: dict | None = None):
         self._readers, self._tokenized, self._tokenize = readers, tokenized, tokenize
+        self._min_read_ahead = min_read_ahead  # documents per tokenizer call at least (keeps its threads busy)
         self._probs = np.asarray(probabilities, dtype=np.float64)
         self._active = [True] * len(readers)
         self._bos, self._eos, self._context_len = bos, eos, context_len
@@ -91,7 +91,7 @@ class DocStream:
     def _fill(self, need: int) -> None:
         while self._packer.available < need and any(self._active):
             k = math.ceil(_READ_AHEAD * (need - self._packer.available) / self._tokens_per_doc)
-            choices = self._choose(min(_MAX_READ_AHEAD, max(_MIN_READ_AHEAD, k)))
+            choices = self._choose(min(_MAX_READ_AHEAD, max(self._min_read_ahead, k)))
             docs = {}
             for s in sorted(set(choices)):
                 wanted = choices.count(s)
