@@ -36,6 +36,8 @@ flags.DEFINE_bool("baseline", True, "Also run the hand-written loop and report t
 flags.DEFINE_bool("baseline_syncs", False, "Also run the hand-written loop with the trainer's per-step host "
                   "syncs (token count, loss and grad norm read back), to price them.")
 flags.DEFINE_bool("measure_peak", True, "Time a large bf16 matrix product for a measured-peak MFU (GPU only).")
+flags.DEFINE_enum("fused_kernel", "", ["", "linear", "logits"], "FLA loss kernel behind the trainer's fused "
+                  "loss on GPU (empty: flame_gin.loss.DEFAULT_FUSED).")
 flags.DEFINE_string("label", "", "Free text copied into the JSON line.")
 flags.DEFINE_string("json_out", "", "Also append the JSON line to this file.")
 
@@ -230,6 +232,9 @@ def main(argv):
   from flame_gin import configurables, config as config_lib, flops, process  # noqa: F401 (registers gin)
   import gin
 
+  from flame_gin import loss as loss_lib
+  if FLAGS.fused_kernel:
+    loss_lib.DEFAULT_FUSED = FLAGS.fused_kernel
   os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # autotuning results persist with the kernel cache
   bindings = [f"MODEL_DIR = '{tempfile.gettempdir()}/flame_gin_throughput'", *FLAGS.gin_bindings,
               "flame_gin.lr_schedule.warmup_steps = 0"]  # the LR ramp has no bearing on speed; short runs need 0
@@ -258,7 +263,7 @@ def main(argv):
   out = {"label": FLAGS.label, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
          "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "family": model_config.model_type,
          "batch": batch_size, "seq_len": seq_len, "varlen": varlen, "steps": FLAGS.steps, "warmup": FLAGS.warmup,
-         "gin_files": FLAGS.gin_file, "gin_bindings": FLAGS.gin_bindings, "fused_loss": fused_loss,
+         "gin_files": FLAGS.gin_file, "gin_bindings": FLAGS.gin_bindings, "fused_loss": fused_loss, "fused_kernel": loss_lib.DEFAULT_FUSED,
          **{k: getattr(model_config, k, None) for k in FUSE_KEYS}}
   try:
     import fla

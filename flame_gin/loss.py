@@ -16,9 +16,8 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
-def _fused_linear_ce():
-  from fla.modules import FusedLinearCrossEntropyLoss
-  return FusedLinearCrossEntropyLoss(reduction="sum")
+# What ``fused=True`` means on GPU: the faster of FLA's two kernels in benchmarks/RESULTS.md.
+DEFAULT_FUSED = "linear"
 
 
 def backbone_kwargs(batch: dict) -> dict:
@@ -29,20 +28,21 @@ def backbone_kwargs(batch: dict) -> dict:
   return kwargs
 
 
-def loss_sum(*, model: nn.Module, batch: dict, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_sum(*, model: nn.Module, batch: dict, fused: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
   """Returns (sum of token losses in fp32, number of valid tokens) for one micro-batch.
 
-  ``fused`` uses FLA's fused linear cross-entropy (the full logits tensor is never materialised; GPU only);
-  otherwise logits are computed and the loss is taken in fp32.
+  ``fused`` uses one of FLA's GPU kernels (``flame_gin.fused``: "linear", the logits are never materialised,
+  or "logits", bf16 logits with an in-place Triton cross-entropy; True means ``DEFAULT_FUSED``); otherwise
+  logits are computed and the loss is taken in fp32.
   """
   labels = batch["labels"]
   hidden = model.model(**backbone_kwargs(batch), use_cache=False).last_hidden_state
   head = model.get_output_embeddings()
   count = (labels != IGNORE_INDEX).sum()
   if fused:
-    total = _fused_linear_ce()(hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), head.weight,
-                               getattr(head, "bias", None))
-    return total.float(), count
+    from flame_gin import fused as fused_lib
+    mode = DEFAULT_FUSED if fused is True else fused
+    return fused_lib.token_loss_sum(hidden=hidden, head=head, labels=labels, mode=mode), count
   logits = head(hidden).float()
   total = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                           reduction="sum")
