@@ -193,3 +193,13 @@ def test_empty_dataset_and_unreadable_tokenizer(env, tmp_path):
         loader(env, tokenizer=str(bad), sources=[env["a"]])
     with pytest.raises(ValueError, match="validation"):
         loader(env, sources=[source(path=env["a"])], split="validation")
+
+
+def test_hub_name_goes_through_load_dataset_and_fails_clearly_offline(env, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises((ConnectionError, RuntimeError, OSError)) as e:
+        loader(env, sources=[{"path": "someorg/some-dataset", "name": "cfg", "streaming": True}])
+    assert "someorg/some-dataset" in str(e.value) and "Hub" in str(e.value)
