@@ -122,10 +122,11 @@ def open_split(src: Source, *, split: str, cache_dir: str | None = None):
         kwargs["cache_dir"] = str(cache_dir)
     try:
         ds = datasets.load_dataset(**kwargs)
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
-        raise type(e)(f"cannot open data source {src.path!r} (split {kwargs['split']!r}): {e}") from e
-    except Exception as e:  # hub errors (DatasetNotFoundError, offline mode) are not all OSErrors
-        raise RuntimeError(f"cannot open data source {src.path!r} (split {kwargs['split']!r}): {e}") from e
+    except Exception as e:  # keep the familiar type where it can carry our message, else RuntimeError
+        message = f"cannot open data source {src.path!r} (split {kwargs['split']!r}): {e}"
+        kind = next((t for t in (FileNotFoundError, ConnectionError, ValueError, OSError) if isinstance(e, t)),
+                    RuntimeError)
+        raise kind(message) from e
     columns = ds.column_names
     if columns is None and src.streaming:
         first = next(iter(ds.take(1)), None)
