@@ -216,7 +216,9 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   micro_batch = _validate(train_steps=train_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
                           dp_size=dp_size, seq_len=seq_len, model_config=model_config, vocab_size=None,
                           varlen=varlen)
-  use_fused = (fused_loss == "auto" and proc.device.type == "cuda") or fused_loss is True or fused_loss == "on"
+  # "linear"/"logits" pick one of FLA's GPU loss kernels (flame_gin.fused); True/"on"/"auto" on GPU: the default.
+  use_fused = (fused_loss if fused_loss in ("linear", "logits") else
+               (fused_loss == "auto" and proc.device.type == "cuda") or fused_loss is True or fused_loss == "on")
   process.seed_everything(seed=seed, deterministic=deterministic)
 
   # 2. Data (fails early on bad paths), then the vocabulary check against the model config.

@@ -49,3 +49,12 @@ def test_synthetic_varlen_batches_are_sound():
   assert bool((labels[0, inside] == ids[0, [i + 1 for i in inside]]).all())
   assert next(loader)["input_ids"] is not ids and next(loader)["input_ids"] is ids  # cycles over 2 batches
   assert throughput.steady_rate(times={2: 1.0, 6: 3.0}, warmup=2, steps=6, tokens_per_step=10) == 20.0
+
+
+def test_fused_loss_mode_is_checked_before_any_kernel():
+  import torch
+  from flame_gin import fused, loss
+  assert loss.DEFAULT_FUSED in fused.MODES
+  with pytest.raises(ValueError, match="'chunked'"):
+    fused.token_loss_sum(hidden=torch.zeros(2, 4), head=torch.nn.Linear(4, 8), labels=torch.zeros(2, dtype=torch.long),
+                         mode="chunked")
