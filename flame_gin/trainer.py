@@ -26,7 +26,7 @@ import torch
 from absl import logging
 
 from flame_gin import config as config_lib
-from flame_gin import flops, kernels, loss as loss_lib, metrics, models, optim, process
+from flame_gin import flops, kernels, loss as loss_lib, metrics, models, optim, process, start
 from flame_gin import mesh as mesh_lib
 from flame_gin import parallel as parallel_lib
 from flame_gin.parallel import fsdp
@@ -96,17 +96,6 @@ def _parallel_dims(*, make: Optional[Callable[..., Any]], world_size: int, batch
     raise config_lib.ConfigError(f"pp > 1 is not wired into the trainer yet (ParallelDims.pp={dims.pp}); "
                                  f"use data, tensor or context parallel")
   return dims
-
-
-def _data_states(extras: list[dict]) -> list[dict]:
-  """One data-iterator state per data stream, in stream order: ranks that differ only in their tensor or
-  context coordinate read the same stream and saved the same state."""
-  if not all("dp_rank" in e for e in extras):
-    return [e["data"] for e in extras]
-  streams: dict[int, dict] = {}
-  for e in extras:
-    streams.setdefault(e["dp_rank"], e["data"])
-  return [streams[k] for k in sorted(streams)]
 
 
 def _autocast(device: torch.device):
@@ -197,7 +186,8 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
         checkpointer: Optional[Callable[..., Any]] = None, profiler: Optional[Callable[..., Any]] = None,
         peak_tflops: Optional[float] = None, config_text: str = "", on_first_step: Optional[Callable[[], str]] = None,
         stop_requested: Optional[Callable[[], bool]] = None, parallel_dims: Optional[Callable[..., Any]] = None,
-        parallelize: Optional[Callable[..., Any]] = None) -> int:
+        parallelize: Optional[Callable[..., Any]] = None, restore_step: Optional[int] = None,
+        init_from: Optional[str] = None, init_from_hf: Optional[str] = None, seed_checkpoint_only: bool = False) -> int:
   """Trains to ``train_steps`` (resuming from ``workdir`` when it holds checkpoints); returns an exit status.
 
   0 when training finished, ``PREEMPTED_EXIT_CODE`` (42) when a stop was requested (SIGTERM/SIGUSR2) and the
@@ -265,16 +255,14 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   writer.write_hparams({"parameters": n_params, "family": model_config.model_type, "train_steps": train_steps,
                         "batch_size": batch_size, "seq_len": seq_len, "lr": lr})
 
-  # 5. Resume: the latest committed checkpoint brings back the whole state.
-  state = TrainState()
+  # 5. Start: resume the run's own checkpoint, or warm-start weights, or keep the seeded initialisation.
   ckpt = checkpointer(directory=str(workdir_path / "checkpoints")) if checkpointer is not None else None
-  if ckpt is not None and ckpt.latest_step() is not None:
-    own = ckpt.restore(model=model, optimizer=opt)
-    every = ckpt.restored_extras or [own]
-    state = TrainState(**own["train_state"])
-    loader.load_state_dict(_data_states(every))  # the loader reshards if the world size changed
-    process.set_rng_state(own["rng"])
-    logging.info("resumed from step %d (%s tokens seen)", state.step, f"{state.tokens_seen:,}")
+  if seed_checkpoint_only:
+    start.save_seed(workdir=workdir_path, model=model, config_text=config_text)
+    return _finish(ckpt=ckpt, prof=None, writer=writer, status=0)
+  restored = start.resume_or_initialise(ckpt=ckpt, model=model, optimizer=opt, loader=loader,
+                                        restore_step=restore_step, init_from=init_from, init_from_hf=init_from_hf)
+  state = TrainState(**restored) if restored else TrainState()
 
   prof = profiler(workdir=str(workdir_path), rank=proc.rank) if profiler is not None else None
   iterator = iter(loader)
@@ -347,12 +335,17 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   # 7. Finish: final save, flush, shut down.
   if ckpt is not None and status == 0 and state.step > 0:
     save(final=True)
+  gc.enable()
+  return _finish(ckpt=ckpt, prof=prof, writer=writer, status=status)
+
+
+def _finish(*, ckpt, prof, writer, status: int) -> int:
+  """Phase: wait for the last save, close the profiler and writers, shut the process group down."""
   if ckpt is not None:
     ckpt.wait()
     ckpt.close()
   if prof is not None:
     prof.close()
-  gc.enable()
   writer.flush()
   writer.close()
   process.shutdown()
