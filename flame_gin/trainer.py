@@ -242,7 +242,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   # One process keeps the plain path (bitwise the same losses); a mesh calls the whole parallelised model.
   group = mesh["dp_cp"].get_group() if mesh is not None else None
   loss_fn = functools.partial(loss_lib.loss_sum, fused=use_fused) if mesh is None else loss_lib.parallel_loss_sum
-  prepare = (functools.partial(loss_lib.shard_for_context, cp_mesh=mesh["cp"]) if dims.cp > 1
+  prepare = ((lambda batch: loss_lib.shard_for_context(batch=batch, cp_mesh=mesh["cp"])) if dims.cp > 1
              else (lambda batch: batch))
   logging.info("parallel: %s", dims.describe())
   groups = optim.parameter_groups(model=model, weight_decay=weight_decay)
