@@ -27,19 +27,24 @@ from typing import Optional
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("gin_file", [], "Gin files (later override earlier).")
-flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied after the files.")
-flags.DEFINE_integer("steps", 30, "Training steps per measured loop.")
-flags.DEFINE_integer("warmup", 10, "Steps left out of the steady-state figure.")
-flags.DEFINE_enum("data", "synthetic", ["synthetic", "gin"], "Synthetic random tokens, or the gin-bound loader.")
-flags.DEFINE_bool("baseline", True, "Also run the hand-written loop and report the ratio.")
-flags.DEFINE_bool("baseline_syncs", False, "Also run the hand-written loop with the trainer's per-step host "
-                  "syncs (token count, loss and grad norm read back), to price them.")
-flags.DEFINE_bool("measure_peak", True, "Time a large bf16 matrix product for a measured-peak MFU (GPU only).")
-flags.DEFINE_enum("fused_kernel", "", ["", "linear", "logits"], "FLA loss kernel behind the trainer's fused "
-                  "loss on GPU (empty: flame_gin.loss.DEFAULT_FUSED).")
-flags.DEFINE_string("label", "", "Free text copied into the JSON line.")
-flags.DEFINE_string("json_out", "", "Also append the JSON line to this file.")
+
+
+def _define_flags() -> None:
+  """Command-line flags, defined only when run as a script (importing the module for its loaders defines none)."""
+  flags.DEFINE_multi_string("gin_file", [], "Gin files (later override earlier).")
+  flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied after the files.")
+  flags.DEFINE_integer("steps", 30, "Training steps per measured loop.")
+  flags.DEFINE_integer("warmup", 10, "Steps left out of the steady-state figure.")
+  flags.DEFINE_enum("data", "synthetic", ["synthetic", "gin"], "Synthetic random tokens, or the gin-bound loader.")
+  flags.DEFINE_bool("baseline", True, "Also run the hand-written loop and report the ratio.")
+  flags.DEFINE_bool("baseline_syncs", False, "Also run the hand-written loop with the trainer's per-step host "
+                    "syncs (token count, loss and grad norm read back), to price them.")
+  flags.DEFINE_bool("measure_peak", True, "Time a large bf16 matrix product for a measured-peak MFU (GPU only).")
+  flags.DEFINE_enum("fused_kernel", "", ["", "linear", "logits"], "FLA loss kernel behind the trainer's fused "
+                    "loss on GPU (empty: flame_gin.loss.DEFAULT_FUSED).")
+  flags.DEFINE_string("label", "", "Free text copied into the JSON line.")
+  flags.DEFINE_string("json_out", "", "Also append the JSON line to this file.")
+
 
 FUSE_KEYS = ("fuse_norm", "fuse_swiglu", "fuse_cross_entropy", "fuse_linear_cross_entropy")
 
@@ -325,4 +330,5 @@ def _binding_or(name: str, default):
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  _define_flags()
   app.run(main)
