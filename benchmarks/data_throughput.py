@@ -9,10 +9,19 @@ reports build time, time to the first batch, tokens/s over the timed window and 
 its DataLoader workers). ``--offline`` adds the same runs reading a memory-mapped token store (built once
 and cached; its build time is reported). The last line printed is one JSON object with every figure.
 
-Measured (tokens/s, 8 x 2048): this 2-core machine at load 0.7-1.7: bare tokenizer 1.41 M; online 1.22 M
-(0 workers), 1.29 M (1), 1.05 M (2); offline 208 M / 38.6 M / 26.5 M. A 16-core device host pinned to 2 cores
-(taskset -c 0,1, idle): bare tokenizer 0.74 M; online 0.78 M / 0.62 M / 0.66 M. Online throughput is bound
-by the tokenizer itself (the pipeline reaches 83-105% of the bare figure); peak RSS stays under 2.2 GiB.
+Each run also reports the CPU it got (``cores_used``: CPU-seconds of the process and its workers per second,
+``main_process_cores`` for the main process alone) and ``tokens_per_cpu_s``, which stays meaningful on a
+shared machine where wall-clock tokens/s only says how many cores the other processes left. The bare
+tokenizer is measured the same way with one thread and with all threads; its tokens per CPU-second is the
+pipeline's ceiling per core. The corpus's bytes per token is printed so other tokenizers can be compared.
+
+Measured (8 x 2048; full tables in benchmarks/RESULTS.md, "Data pipeline"): the pipeline delivers 75-100% of
+the bare tokenizer's tokens per CPU-second in every configuration (this 2-core machine, load 2.4-2.7: bare
+0.81-0.83 M/CPU-s; pipeline 0.71 M (0 workers), 0.84 M (1), 0.61 M (2, both workers on the one core the
+load left)), and the main process uses 0.02 cores with workers. So throughput is the tokenizer's per-core
+speed times the cores the run gets. A 16-core device host pinned to 2 idle cores (taskset -c 0,1) gave
+1.11 M / 0.97 M / 1.13 M tokens/s (0 / 1 / 2 workers) against a bare 2-thread tokenizer at 1.15 M
+(0.65 M per CPU-second), using 1.7-1.9 of the 2 cores. Peak RSS (main plus workers) stays under 2.2 GiB.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ CORPUS_BYTES = 100_000_000
 TOKENIZER_BYTES = 20_000_000
 VOCAB = 32_000
 SEQ_LEN, BATCH = 2048, 8
+REFERENCE = {"1": 1_410_000, "2": 2_490_000}  # flame's pipeline on a 2-core machine, by DataLoader workers
 
 
 def build_corpus(cache: pathlib.Path) -> pathlib.Path:
@@ -80,11 +90,24 @@ def build_tokenizer(cache: pathlib.Path, corpus: pathlib.Path) -> str:
     return str(out)
 
 
+def _cpu_seconds(proc) -> float:
+    """CPU seconds (user + system) of ``proc`` and its live children (the DataLoader workers)."""
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except Exception:  # a child that just exited
+            pass
+    return total
+
+
 def measure(*, corpus: str, tokenizer: str, workers: int, seconds: float, cache: str, offline: bool) -> dict:
-    """One configuration, in this process: build, first batch, steady tokens/s, peak RSS."""
+    """One configuration, in this process: build, first batch, steady tokens/s, CPU used, peak RSS."""
     import psutil
     import torch
     from flame_gin.data import build_loader
+    me = psutil.Process()
     t0 = time.perf_counter()
     loader = build_loader(tokenizer=tokenizer, seq_len=SEQ_LEN, batch_size=BATCH, sources=[corpus],
                           num_workers=workers, prefetch_factor=4, cache_dir=cache, seed=0, offline=offline)
@@ -93,23 +116,29 @@ def measure(*, corpus: str, tokenizer: str, workers: int, seconds: float, cache:
     first = next(it)
     t2 = time.perf_counter()
     assert first["input_ids"].shape == (BATCH, SEQ_LEN) and first["input_ids"].dtype == torch.int64
-    n, start = 0, time.perf_counter()
+    for _ in range(3):  # let the workers fill their prefetch queues before timing
+        next(it)
+    n, cpu0, main0, start = 0, _cpu_seconds(me), time.process_time(), time.perf_counter()
     while time.perf_counter() - start < seconds:
         next(it)
         n += 1
     elapsed = time.perf_counter() - start
-    me = psutil.Process()
+    cpu, main_cpu = _cpu_seconds(me) - cpu0, time.process_time() - main0
     rss_total = me.memory_info().rss + sum(c.memory_info().rss for c in me.children(recursive=True))
     rss_peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tokens = n * BATCH * SEQ_LEN
     return {"workers": workers, "offline": offline, "build_s": round(t1 - t0, 3), "first_batch_s": round(t2 - t1, 3),
-            "batches": n, "tokens_per_s": round(n * BATCH * SEQ_LEN / elapsed),
+            "batches": n, "tokens_per_s": round(tokens / elapsed),
+            "tokens_per_cpu_s": round(tokens / max(cpu, 1e-9)), "cores_used": round(cpu / elapsed, 2),
+            "main_process_cores": round(main_cpu / elapsed, 2), "loadavg_1m": round(os.getloadavg()[0], 2),
             "peak_rss_main_mib": round(rss_peak_self / 2**20, 1),
             "rss_main_plus_workers_mib": round(rss_total / 2**20, 1)}
 
 
 def tokenizer_ceiling(*, corpus: pathlib.Path, tokenizer: str, seconds: float) -> dict:
-    """The bare Rust tokenizer on the same documents (no reading, packing or state), for context: the
-    pipeline cannot beat it by more than the cores it adds."""
+    """The bare Rust tokenizer on a sample of the same documents (no reading, packing or state), in calls of
+    32 documents, with this process's threads (RAYON_NUM_THREADS / TOKENIZERS_PARALLELISM decide). Per
+    CPU-second it is the speed of one core: the pipeline cannot beat it by more than the cores it uses."""
     import itertools
     import random
     from tokenizers import Tokenizer
@@ -117,14 +146,16 @@ def tokenizer_ceiling(*, corpus: pathlib.Path, tokenizer: str, seconds: float) -
     with open(corpus, encoding="utf-8") as f:
         lines = list(itertools.islice(f, 0, None, 7))
     texts = [json.loads(x)["text"] for x in random.Random(0).sample(lines, min(len(lines), 2000))]
-    n, start, i = 0, time.perf_counter(), 0
-    cpu = time.process_time()
+    n, nbytes, i = 0, 0, 0
+    start, cpu = time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         batch = texts[i % len(texts): i % len(texts) + 32]
         n += sum(len(e.ids) for e in tok.encode_batch_fast(batch, add_special_tokens=False))
+        nbytes += sum(len(t.encode("utf-8")) for t in batch)
         i += 32
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {"tokenizer_only_tokens_per_s": round(n / wall), "tokenizer_only_tokens_per_cpu_s": round(n / cpu)}
+    return {"tokens_per_s": round(n / wall), "tokens_per_cpu_s": round(n / cpu), "cores_used": round(cpu / wall, 2),
+            "bytes_per_token": round(nbytes / n, 3), "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
 def main() -> None:
@@ -135,18 +166,29 @@ def main() -> None:
     p.add_argument("--offline", action="store_true", help="also measure the offline token store")
     p.add_argument("--_one", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_offline", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--_ceiling", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     cache = pathlib.Path(os.path.expanduser(args.cache_dir))
     t = time.perf_counter()
     corpus = build_corpus(cache)
     tokenizer = build_tokenizer(cache, corpus)
     setup_s = time.perf_counter() - t
+    if args._ceiling:
+        print(json.dumps(tokenizer_ceiling(corpus=corpus, tokenizer=tokenizer, seconds=min(args.seconds, 10.0))))
+        return
     if args._one is not None:
         print(json.dumps(measure(corpus=str(corpus), tokenizer=tokenizer, workers=args._one,
                                  seconds=args.seconds, cache=str(cache), offline=bool(args._offline))))
         return
-    ceiling = tokenizer_ceiling(corpus=corpus, tokenizer=tokenizer, seconds=min(args.seconds, 10.0))
-    print(f"bare tokenizer (all threads of this process): {ceiling}", flush=True)
+    print(f"load average at start: {os.getloadavg()}", flush=True)
+    ceiling = {}
+    for name, env in [("tokenizer_1_thread", {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}),
+                      ("tokenizer_all_threads", {})]:
+        out = subprocess.run([sys.executable, __file__, "--_ceiling=1", f"--seconds={args.seconds}",
+                              f"--cache_dir={cache}"], env={**os.environ, **env},
+                             check=True, capture_output=True, text=True).stdout
+        ceiling[name] = json.loads(out.strip().splitlines()[-1])
+        print(f"bare tokenizer, {name}: {ceiling[name]}", flush=True)
     results = []
     runs = [(w, 0) for w in map(int, args.workers.split(","))]
     runs += [(w, 1) for w, _ in runs] if args.offline else []
@@ -158,8 +200,11 @@ def main() -> None:
         print(f"workers={w} offline={bool(off)}: {results[-1]}", flush=True)
     summary = {"benchmark": "data_throughput", "corpus_mb": round(corpus.stat().st_size / 1e6, 1),
                "vocab": VOCAB, "batch": [BATCH, SEQ_LEN], "setup_s": round(setup_s, 1),
-               "cpus": len(os.sched_getaffinity(0)), "loadavg_1m": round(os.getloadavg()[0], 2), **ceiling,
-               "results": results}
+               "cpus": len(os.sched_getaffinity(0)), "loadavg_1m_end": round(os.getloadavg()[0], 2), **ceiling,
+               "results": results, "reference_tokens_per_s": REFERENCE,
+               "reference_reached": {w: next((r["tokens_per_s"] >= v for r in results
+                                              if r["workers"] == int(w) and not r["offline"]), None)
+                                     for w, v in REFERENCE.items()}}
     print(json.dumps(summary))
 
 

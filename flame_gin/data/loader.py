@@ -39,13 +39,17 @@ def _identity(x):
 
 
 def _share_cores(worker_id: int) -> None:
-    """Splits the tokenizer's thread pool between workers (unless RAYON_NUM_THREADS is already set), so
-    that W workers run about one tokenizer thread per core instead of W threads per core."""
+    """Gives each DataLoader worker its share of the cores for the tokenizer's thread pool (unless
+    RAYON_NUM_THREADS is already set): W workers on C cores run C // W threads each, and a worker left with one
+    core tokenizes in its own thread (no pool hand-offs), so W workers are W independent tokenizers."""
     del worker_id
     info = torch.utils.data.get_worker_info()
     if "RAYON_NUM_THREADS" not in os.environ and info is not None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        os.environ["RAYON_NUM_THREADS"] = str(max(1, cores // info.num_workers))
+        threads = max(1, cores // info.num_workers)
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+        if threads == 1:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
 class _WorkerStreams(torch.utils.data.IterableDataset):
