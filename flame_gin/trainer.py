@@ -26,10 +26,9 @@ import torch
 from absl import logging
 
 from flame_gin import config as config_lib
-from flame_gin import flops, kernels, loss as loss_lib, metrics, models, optim, process, start
+from flame_gin import flops, kernels, loss as loss_lib, metrics, models, optim, process, start, steps
 from flame_gin import mesh as mesh_lib
 from flame_gin import parallel as parallel_lib
-from flame_gin.parallel import fsdp
 
 PREEMPTED_EXIT_CODE = 42
 
@@ -92,88 +91,28 @@ def _parallel_dims(*, make: Optional[Callable[..., Any]], world_size: int, batch
   dims = (make or mesh_lib.ParallelDims)(world_size=world_size)
   dims.validate_for_batch(global_batch_size=batch_size, seq_len=seq_len, varlen=varlen)
   dims.validate_for_model(config=model_config)
-  if dims.pp > 1:
-    raise config_lib.ConfigError(f"pp > 1 is not wired into the trainer yet (ParallelDims.pp={dims.pp}); "
-                                 f"use data, tensor or context parallel")
+  if dims.pp > 1 and dims.cp > 1:
+    raise config_lib.ConfigError(f"pipeline stages do not hand context-parallel state across ranks: "
+                                 f"ParallelDims.pp={dims.pp} with ParallelDims.cp={dims.cp}; use one of them")
   return dims
 
 
-def _autocast(device: torch.device):
-  if device.type == "cuda":
-    return torch.autocast("cuda", dtype=torch.bfloat16)
-  return contextlib.nullcontext()
-
-
-def _fetch(iterator: Iterator[dict], *, count: int, device: torch.device) -> tuple[list[dict], float]:
-  """Phase: the step's micro-batches, moved to the device; returns them and the time spent waiting."""
-  start = time.perf_counter()
-  batches = []
-  for _ in range(count):
-    batch = next(iterator)
-    batches.append({k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()})
-  return batches, time.perf_counter() - start
-
-
-def _forward_backward(*, model, batches: list[dict], device: torch.device, loss_fn: Callable[..., tuple],
-                      group=None) -> tuple[float, int]:
-  """Phase: gradients of the loss normalised by the global number of valid tokens of the step.
-
-  Counts and losses are summed over ``group`` (the data and context ranks; None = every process). Gradients
-  are reduced on the last micro-batch only (a no-op without FSDP).
-  """
-  local_tokens = sum(int((b["labels"] != loss_lib.IGNORE_INDEX).sum()) for b in batches)
-  global_tokens = int(process.all_reduce_sum(torch.tensor(float(local_tokens), device=device), group=group).item())
-  denom = max(global_tokens, 1)
-  total = torch.zeros((), device=device)
-  for i, batch in enumerate(batches):
-    fsdp.set_gradient_sync(model, sync=i == len(batches) - 1)
-    with _autocast(device):
-      loss_sum, _ = loss_fn(model=model, batch=batch)
-    (loss_sum / denom).backward()
-    total += loss_sum.detach()
-  return float(process.all_reduce_sum(total, group=group).item()) / denom, global_tokens
-
-
-def _clip_and_check(*, model, max_grad_norm: float) -> float:
-  """Phase: the global gradient norm (clipped to ``max_grad_norm`` when it is positive)."""
-  params = [p for p in model.parameters() if p.grad is not None]
-  norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-  if hasattr(norm, "full_tensor"):
-    norm = norm.full_tensor()
-  return float(norm)
-
-
-def _apply(*, optimizer, lr_now: float, finite: bool, skip_nonfinite: bool) -> bool:
-  """Phase: the optimizer step at ``lr_now``; a non-finite step is dropped (returns True when skipped)."""
-  if not finite and skip_nonfinite:
-    optimizer.zero_grad(set_to_none=True)
-    return True
-  for group in optimizer.param_groups:
-    group["lr"] = lr_now
-  optimizer.step()
-  optimizer.zero_grad(set_to_none=True)
-  return False
-
-
-@torch.no_grad()
-def evaluate(*, model, loader, device: torch.device, max_batches: int, loss_fn: Callable[..., tuple],
-             prepare: Callable[[dict], dict] = lambda batch: batch, group=None) -> dict:
-  """Mean token loss and perplexity over the held-out loader (at most ``max_batches`` batches)."""
-  was_training = model.training
-  model.eval()
-  total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-  for i, batch in enumerate(loader):
-    if max_batches and i >= max_batches:
-      break
-    batch = prepare({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()})
-    with _autocast(device):
-      loss_sum, n = loss_fn(model=model, batch=batch)
-    total += loss_sum.float()
-    count += n
-  model.train(was_training)
-  total, count = process.all_reduce_sum(total, group=group), process.all_reduce_sum(count, group=group)
-  mean = float(total / count.clamp(min=1))
-  return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
+def _parallel_model(*, model, dims: mesh_lib.ParallelDims, mesh, parallelize: Optional[Callable[..., Any]],
+                    pipeline: Optional[Callable[..., Any]], device: torch.device):
+  """Phase: context-parallel hooks, then parallelisms (TP -> AC -> compile -> FSDP) on the whole model, or on
+  each pipeline stage. Returns the module the optimizer, clipping and checkpoints see (for a pipeline: this
+  rank's stages under the unsplit model's names) and the pipeline runtime (None without one)."""
+  if dims.cp > 1:
+    from flame_gin.parallel.context import enable_context_parallel
+    enable_context_parallel(model)
+  apply = functools.partial(parallelize or parallel_lib.parallelize, dims=dims, mesh=mesh)
+  if dims.pp == 1:
+    return apply(model).train(), None
+  parallelize_stage = lambda stage: steps.shard_plain_stage(apply(stage), mesh=mesh["dp_shard_cp"])
+  runtime = pipeline(model, pp_mesh=mesh["pp"], parallelize_stage=parallelize_stage, device=device)
+  for stage in runtime.stages:
+    stage.train()
+  return steps.stage_union(runtime.stages), runtime
 
 
 def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[..., Any], eval_data: Optional[Callable[..., Any]] = None,
@@ -187,12 +126,15 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
         peak_tflops: Optional[float] = None, config_text: str = "", on_first_step: Optional[Callable[[], str]] = None,
         stop_requested: Optional[Callable[[], bool]] = None, parallel_dims: Optional[Callable[..., Any]] = None,
         parallelize: Optional[Callable[..., Any]] = None, restore_step: Optional[int] = None,
-        init_from: Optional[str] = None, init_from_hf: Optional[str] = None, seed_checkpoint_only: bool = False) -> int:
+        init_from: Optional[str] = None, init_from_hf: Optional[str] = None, seed_checkpoint_only: bool = False,
+        pipeline: Optional[Callable[..., Any]] = None) -> int:
   """Trains to ``train_steps`` (resuming from ``workdir`` when it holds checkpoints); returns an exit status.
 
   0 when training finished, ``PREEMPTED_EXIT_CODE`` (42) when a stop was requested (SIGTERM/SIGUSR2) and the
   state was saved, so a Slurm wrapper can requeue the job. ``parallel_dims(world_size=)`` gives the
-  ``ParallelDims`` (default: every rank data parallel) and ``parallelize(model, dims=, mesh=)`` applies them.
+  ``ParallelDims`` (default: every rank data parallel) and ``parallelize(model, dims=, mesh=)`` applies them;
+  with ``pp > 1``, ``pipeline(model, pp_mesh=, parallelize_stage=, device=)`` (``flame_gin.build_pipeline``)
+  splits the model into stages and builds the schedule.
   """
   # 1. Set up the process, then validate everything cheap before building anything big.
   proc = process.init()
@@ -202,6 +144,12 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     dims = _parallel_dims(make=parallel_dims, world_size=proc.world_size, batch_size=batch_size, seq_len=seq_len,
                           varlen=varlen, model_config=model_config)
   dp_size, dp_rank = dims.dp_size, dims.dp_rank(rank=proc.rank)
+  if dims.pp > 1 and eval_data is not None and eval_interval:
+    raise config_lib.ConfigError(f"evaluation does not run through pipeline stages (ParallelDims.pp={dims.pp}); "
+                                 f"set flame_gin.run.eval_interval = 0 or evaluate the checkpoints separately")
+  if dims.pp > 1 and pipeline is None:
+    raise config_lib.ConfigError(f"ParallelDims.pp={dims.pp} needs a schedule: set flame_gin.run.pipeline = "
+                                 f"@flame_gin.build_pipeline (see gin/parallel/pp2.gin)")
   kernel_used = kernels.select(mode=kernel_mode)
   micro_batch = _validate(train_steps=train_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
                           dp_size=dp_size, seq_len=seq_len, model_config=model_config, vocab_size=None,
@@ -233,12 +181,9 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   del meta
   model = models.build_model(config=model_config, device=proc.device, seed=seed)
   mesh = dims.build(device_type=proc.device.type) if proc.world_size > 1 else None
-  if dims.cp > 1:
-    from flame_gin.parallel.context import enable_context_parallel
-    enable_context_parallel(model)
   with _as_config_error():
-    model = (parallelize or parallel_lib.parallelize)(model, dims=dims, mesh=mesh)
-  model.train()
+    model, runtime = _parallel_model(model=model, dims=dims, mesh=mesh, parallelize=parallelize,
+                                     pipeline=pipeline, device=proc.device)
   # One process keeps the plain path (bitwise the same losses); a mesh calls the whole parallelised model.
   group = mesh["dp_cp"].get_group() if mesh is not None else None
   loss_fn = functools.partial(loss_lib.loss_sum, fused=use_fused) if mesh is None else loss_lib.parallel_loss_sum
@@ -247,6 +192,8 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   logging.info("parallel: %s", dims.describe())
   groups = optim.parameter_groups(model=model, weight_decay=weight_decay)
   opt = optimizer(params=groups, lr=lr)
+  if runtime is not None:
+    steps.stage_local_optimizer_state(opt, mesh=mesh["dp_replicate", "dp_shard", "cp", "tp"])
   flops_per_token = flops.training_flops_or_none(config=model_config, seq_len=seq_len)
   peak_tflops = flops.device_peak_tflops(device=proc.device, configured=peak_tflops)
   logging.info("model %s: %s parameters (%s without embeddings); kernels: %s; micro-batch %d x %d, accumulation %d",
@@ -276,13 +223,19 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   # 6. The loop.
   while state.step < train_steps:
     step_start = time.perf_counter()
-    batches, data_wait = _fetch(iterator, count=grad_accum_steps, device=proc.device)
+    batches, data_wait = steps.fetch(iterator, count=grad_accum_steps, device=proc.device)
     batches = [prepare(b) for b in batches]
-    loss, tokens = _forward_backward(model=model, batches=batches, device=proc.device, loss_fn=loss_fn, group=group)
-    grad_norm = _clip_and_check(model=model, max_grad_norm=max_grad_norm)
+    if runtime is None:
+      loss, tokens = steps.forward_backward(model=model, batches=batches, device=proc.device, loss_fn=loss_fn,
+                                            group=group)
+    else:
+      loss, tokens = steps.pipeline_forward_backward(runtime=runtime, batches=batches, device=proc.device,
+                                                     group=group)
+    grad_norm = steps.clip_and_check(model=model, max_grad_norm=max_grad_norm,
+                                     pp_group=mesh["pp"].get_group() if dims.pp > 1 else None)
     lr_now = lr * lr_schedule(state.step)
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    skipped = _apply(optimizer=opt, lr_now=lr_now, finite=finite, skip_nonfinite=skip_nonfinite)
+    skipped = steps.apply(optimizer=opt, lr_now=lr_now, finite=finite, skip_nonfinite=skip_nonfinite)
     state.step += 1
     state.tokens_seen += tokens
     state.skipped_steps += int(skipped)
@@ -313,7 +266,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
 
     # Evaluate.
     if eval_loader is not None and (state.step % eval_interval == 0 or state.step == train_steps):
-      writer.write_scalars(state.step, evaluate(model=model, loader=eval_loader, device=proc.device,
+      writer.write_scalars(state.step, steps.evaluate(model=model, loader=eval_loader, device=proc.device,
                                                 max_batches=eval_batches, loss_fn=loss_fn, prepare=prepare,
                                                 group=group))
 

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from flame_gin import models, trainer
+from flame_gin import config as config_lib, models, trainer
 from flame_gin.mesh import ParallelDims
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -100,8 +100,31 @@ def test_context_parallel_varlen_matches_single_process_varlen(tmp_path):
   assert_close(losses, want, range(1, PAR_STEPS + 1))
 
 
+def test_pipeline_parallel_matches_single_process_then_resumes_in_one_process(reference, tmp_path):
+  losses, log = train(tmp_path, steps=PAR_STEPS, procs=2,
+                      extra=["--gin_file=gin/parallel/pp2.gin", FP32, "--gin.build_pipeline.microbatches=2"])
+  assert "pp=2" in log and "data streams=1" in log
+  assert sorted(losses) == list(range(1, PAR_STEPS + 1))
+  assert_close(losses, reference, range(1, PAR_STEPS + 1))
+  # each stage wrote its own arrays under the unsplit model's names: the run goes on in one process, exactly
+  resumed, log = train(tmp_path, steps=REF_STEPS)
+  assert f"resumed from step {PAR_STEPS}" in log
+  assert sorted(resumed) == list(range(PAR_STEPS + 1, REF_STEPS + 1))
+  assert_close(resumed, reference, range(PAR_STEPS + 1, REF_STEPS + 1))
+
+
+def _tiny_config():
+  return models.build_config(family="gla", overrides=dict(hidden_size=32, num_hidden_layers=2, num_heads=2,
+                                                          vocab_size=64))
+
+
+def test_pipeline_with_context_parallel_is_a_config_error():
+  with pytest.raises(config_lib.ConfigError, match=r"ParallelDims.pp=2 with ParallelDims.cp=2"):
+    trainer._parallel_dims(make=functools.partial(ParallelDims, pp=2, cp=2), world_size=4, batch_size=4,
+                           seq_len=64, varlen=False, model_config=_tiny_config())
+
+
 def test_bad_split_is_a_config_error_before_anything_is_built():
-  config = models.build_config(family="gla", overrides=dict(hidden_size=32, num_hidden_layers=2, num_heads=2,
-                                                            vocab_size=64))
   with pytest.raises(ValueError, match="not divisible by the data-parallel size 4"):
-    trainer._parallel_dims(make=None, world_size=4, batch_size=6, seq_len=64, varlen=False, model_config=config)
+    trainer._parallel_dims(make=None, world_size=4, batch_size=6, seq_len=64, varlen=False,
+                           model_config=_tiny_config())

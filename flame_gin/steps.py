@@ -1,0 +1,195 @@
+"""One training step's work, in the variants the mesh asks for: whole-model forward/backward or a pipeline
+schedule, gradient clipping within one stage or across pipeline stages, the optimizer step, and evaluation.
+
+The loss of every variant is the sum of token losses divided by the step's global count of valid tokens (over
+data and context ranks and every micro-batch), so a step equals the same step on one process. A pipelined rank
+holds only its stages: ``stage_union`` gives them one module under the unsplit model's parameter names, which
+the optimizer, the clipping and the checkpointer see as "the model".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flame_gin import loss as loss_lib, process
+from flame_gin.parallel import fsdp
+
+
+def autocast(device: torch.device):
+  """bf16 autocast on CUDA; nothing on CPU (fp32, deterministic)."""
+  if device.type == "cuda":
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+  return contextlib.nullcontext()
+
+
+def fetch(iterator: Iterator[dict], *, count: int, device: torch.device) -> tuple[list[dict], float]:
+  """The step's micro-batches, moved to the device; returns them and the time spent waiting."""
+  start = time.perf_counter()
+  batches = []
+  for _ in range(count):
+    batch = next(iterator)
+    batches.append({k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()})
+  return batches, time.perf_counter() - start
+
+
+def _global_tokens(*, batches: list[dict], device: torch.device, group) -> int:
+  local = sum(int((b["labels"] != loss_lib.IGNORE_INDEX).sum()) for b in batches)
+  return int(process.all_reduce_sum(torch.tensor(float(local), device=device), group=group).item())
+
+
+def forward_backward(*, model, batches: list[dict], device: torch.device, loss_fn: Callable[..., tuple],
+                     group=None) -> tuple[float, int]:
+  """Gradients of the loss normalised by the global number of valid tokens of the step.
+
+  Counts and losses are summed over ``group`` (the data and context ranks; None = every process). Gradients
+  are reduced on the last micro-batch only (a no-op without FSDP).
+  """
+  global_tokens = _global_tokens(batches=batches, device=device, group=group)
+  denom = max(global_tokens, 1)
+  total = torch.zeros((), device=device)
+  for i, batch in enumerate(batches):
+    fsdp.set_gradient_sync(model, sync=i == len(batches) - 1)
+    with autocast(device):
+      loss_sum, _ = loss_fn(model=model, batch=batch)
+    (loss_sum / denom).backward()
+    total += loss_sum.detach()
+  return float(process.all_reduce_sum(total, group=group).item()) / denom, global_tokens
+
+
+def pipeline_forward_backward(*, runtime, batches: list[dict], device: torch.device, group) -> tuple[float, int]:
+  """``forward_backward`` through a pipeline schedule (``flame_gin.parallel.pipeline``): each accumulated
+  micro-batch is one schedule step (itself split into the schedule's micro-batches); the loss share that every
+  pipeline rank gets back is summed over ``group`` (data ranks) into the global mean."""
+  from flame_gin.parallel.pipeline import pipeline_step
+  global_tokens = _global_tokens(batches=batches, device=device, group=group)
+  count = torch.tensor(float(global_tokens), device=device)
+  total = torch.zeros((), device=device)
+  for batch in batches:
+    with autocast(device):
+      total += pipeline_step(runtime, input_ids=batch["input_ids"], labels=batch["labels"],
+                             global_tokens=count).to(device)
+  return float(process.all_reduce_sum(total, group=group).item()), global_tokens
+
+
+def clip_and_check(*, model, max_grad_norm: float, pp_group=None) -> float:
+  """The global gradient norm (clipped to ``max_grad_norm`` when it is positive).
+
+  With ``pp_group`` (pipeline ranks) the norm covers every stage: each rank's squared norm is summed over the
+  group before the common clipping factor is applied.
+  """
+  params = [p for p in model.parameters() if p.grad is not None]
+  limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+  if pp_group is None:
+    norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+  norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+  norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
+  squared = norm ** 2
+  dist.all_reduce(squared, group=pp_group)
+  total = squared.sqrt()
+  torch.nn.utils.clip_grads_with_norm_(params, limit, total)
+  return float(total)
+
+
+def apply(*, optimizer, lr_now: float, finite: bool, skip_nonfinite: bool) -> bool:
+  """The optimizer step at ``lr_now``; a non-finite step is dropped (returns True when skipped)."""
+  if not finite and skip_nonfinite:
+    optimizer.zero_grad(set_to_none=True)
+    return True
+  for group in optimizer.param_groups:
+    group["lr"] = lr_now
+  optimizer.step()
+  optimizer.zero_grad(set_to_none=True)
+  return False
+
+
+@torch.no_grad()
+def evaluate(*, model, loader, device: torch.device, max_batches: int, loss_fn: Callable[..., tuple],
+             prepare: Callable[[dict], dict] = lambda batch: batch, group=None) -> dict:
+  """Mean token loss and perplexity over the held-out loader (at most ``max_batches`` batches)."""
+  was_training = model.training
+  model.eval()
+  total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+  for i, batch in enumerate(loader):
+    if max_batches and i >= max_batches:
+      break
+    batch = prepare({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()})
+    with autocast(device):
+      loss_sum, n = loss_fn(model=model, batch=batch)
+    total += loss_sum.float()
+    count += n
+  model.train(was_training)
+  total, count = process.all_reduce_sum(total, group=group), process.all_reduce_sum(count, group=group)
+  mean = float(total / count.clamp(min=1))
+  return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
+
+
+def stage_union(stages: list[nn.Module]) -> nn.Module:
+  """One module holding this rank's pipeline stages (shared, not copied) under the unsplit model's names
+  (``model.embeddings``, ``model.layers.<i>``, ``model.norm``, ``lm_head``), for the optimizer, clipping and
+  checkpoints. A single stage already has those names and is returned as is."""
+  if len(stages) == 1:
+    return stages[0]
+  union, inner = nn.Module(), nn.Module()
+  union.config = stages[0].config
+  union.model = inner
+  inner.layers = nn.ModuleDict()
+  for stage in stages:
+    for name, child in stage.model.named_children():
+      if name == "layers":
+        for index, block in child.items():
+          inner.layers[index] = block
+      elif child is not None:
+        setattr(inner, name, child)
+    for name, child in stage.named_children():
+      if name != "model" and child is not None:
+        setattr(union, name, child)
+  return union
+
+
+def shard_plain_stage(stage: nn.Module, *, mesh) -> nn.Module:
+  """A stage with plain (unsharded) parameters becomes an FSDP module over this rank alone (``mesh``: a
+  one-rank mesh), so the checkpointer, which writes a plain tensor from the first rank only, lets every
+  pipeline rank write its own stage's arrays. No data is exchanged."""
+  from torch.distributed.tensor import DTensor
+  if mesh.size() != 1 or any(isinstance(p, DTensor) for p in stage.parameters()):
+    return stage
+  return fsdp.apply_data_parallel(stage, mesh=mesh, mode="fsdp", blocks=list(stage.model.layers.values()),
+                                  reshard_after_forward=False)
+
+
+def stage_local_optimizer_state(optimizer, *, mesh) -> None:
+  """Lets every pipeline stage's optimizer state reach the checkpoint.
+
+  The optimizer's per-parameter ``step`` counters are plain tensors even under FSDP, and the checkpointer
+  writes a plain tensor from the first rank only, which holds none of the other stages' parameters. In the
+  state dict handed out they become DTensors replicated over ``mesh`` (the ranks of this pipeline stage:
+  every non-pipeline dimension), so one rank per stage writes them; a state dict loaded back gets plain
+  tensors again.
+  """
+  from torch.distributed.tensor import DTensor, Replicate
+
+  def to_stage(_, state_dict):
+    for per_param in state_dict["state"].values():
+      for key, value in per_param.items():
+        if torch.is_tensor(value) and not isinstance(value, DTensor):
+          per_param[key] = DTensor.from_local(value, device_mesh=mesh, placements=[Replicate()] * mesh.ndim,
+                                              run_check=False)
+    return state_dict
+
+  def to_local(_, state_dict):
+    for per_param in state_dict["state"].values():
+      for key, value in per_param.items():
+        if isinstance(value, DTensor) and all(p.is_replicate() for p in value.placements):
+          per_param[key] = value.to_local()
+    return state_dict
+
+  optimizer.register_state_dict_post_hook(to_stage)
+  optimizer.register_load_state_dict_pre_hook(to_local)
