@@ -18,7 +18,8 @@ pipeline's ceiling per core. The corpus's bytes per token is printed so other to
 Measured (8 x 2048; full tables in benchmarks/RESULTS.md, "Data pipeline"): the pipeline delivers 75-100% of
 the bare tokenizer's tokens per CPU-second in every configuration (this 2-core machine, load 2.4-2.7: bare
 0.81-0.83 M/CPU-s; pipeline 0.71 M (0 workers), 0.84 M (1), 0.61 M (2, both workers on the one core the
-load left)), and the main process uses 0.02 cores with workers. So throughput is the tokenizer's per-core
+load left); at load 1.8-2.4, with 1.85 cores free, 2 workers gave 1.38-1.40 M tokens/s at 0.74 M per
+CPU-s), and the main process uses 0.02-0.04 cores with workers. So throughput is the tokenizer's per-core
 speed times the cores the run gets. A 16-core device host pinned to 2 idle cores (taskset -c 0,1) gave
 1.11 M / 0.97 M / 1.13 M tokens/s (0 / 1 / 2 workers) against a bare 2-thread tokenizer at 1.15 M
 (0.65 M per CPU-second), using 1.7-1.9 of the 2 cores. Peak RSS (main plus workers) stays under 2.2 GiB.
