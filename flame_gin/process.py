@@ -31,8 +31,21 @@ class ProcessInfo:
     return self.rank == 0
 
 
-def init(*, timeout_seconds: float = 600.0, device_type: str = "auto") -> ProcessInfo:
-  """Initialises the default process group when launched by torchrun, and picks this process's device."""
+def init(*, timeout_seconds: float = 600.0, device_type: str = "auto",
+         nccl_trace_buffer_size: int | None = None) -> ProcessInfo:
+  """Initialises the default process group when launched by torchrun, and picks this process's device.
+
+  ``timeout_seconds`` bounds every collective until ``set_timeout`` changes it (start-up: rendezvous, first
+  all-gathers, checkpoint restore). ``nccl_trace_buffer_size`` (entries of NCCL's flight recorder, which keeps
+  the last collectives of each rank for a post-mortem of a hang) must be set before the group exists, so it
+  is exported here as ``TORCH_NCCL_TRACE_BUFFER_SIZE``; None leaves the environment as it is.
+  """
+  if nccl_trace_buffer_size is not None:
+    if nccl_trace_buffer_size < 0:
+      raise ValueError(f"nccl_trace_buffer_size={nccl_trace_buffer_size} must be >= 0 (0 turns it off)")
+    os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] = str(nccl_trace_buffer_size)
+  if timeout_seconds <= 0:
+    raise ValueError(f"timeout_seconds={timeout_seconds} must be positive")
   world_size = int(os.environ.get("WORLD_SIZE", "1"))
   rank = int(os.environ.get("RANK", "0"))
   local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -98,6 +111,19 @@ def all_reduce_sum(value: torch.Tensor, *, group=None) -> torch.Tensor:
   if dist.is_initialized() and dist.get_world_size() > 1:
     dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
   return value
+
+
+def set_timeout(*, seconds: float, groups=()) -> None:
+  """Sets the collective timeout of the default group and of ``groups`` (the mesh's groups, which torch
+  creates with its own default): start-up may take long, a training step should not, and a hung rank is
+  found sooner with a short one."""
+  if seconds <= 0:
+    raise ValueError(f"timeout seconds={seconds} must be positive")
+  if not dist.is_initialized():
+    return
+  timeout = datetime.timedelta(seconds=seconds)
+  for group in (None, *groups):
+    dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 
 def peak_memory_gib(device: torch.device) -> float:

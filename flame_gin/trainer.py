@@ -115,6 +115,16 @@ def _parallel_model(*, model, dims: mesh_lib.ParallelDims, mesh, parallelize: Op
   return steps.stage_union(runtime.stages), runtime
 
 
+def _memory_estimate(*, meta, dims: mesh_lib.ParallelDims, micro_batch: int, seq_len: int,
+                     device: torch.device) -> str:
+  """Phase: the per-rank memory estimate of this mesh and micro-batch, from the meta model (nothing
+  allocated); bf16 activations on GPU, fp32 on CPU, no activation checkpointing (an upper bound)."""
+  from flame_gin.parallel import memory
+  estimate = memory.estimate_memory(model=meta, dims=dims, local_batch=micro_batch, seq_len=seq_len,
+                                    param_dtype="bfloat16" if device.type == "cuda" else "float32")
+  return memory.format_estimate(estimate)
+
+
 def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[..., Any], eval_data: Optional[Callable[..., Any]] = None,
         train_steps: int, batch_size: int, seq_len: int, lr: float, lr_schedule: Callable[..., Callable[[int], float]],
         optimizer: Callable[..., torch.optim.Optimizer] = optim.adamw, weight_decay: float = 0.1,
@@ -127,17 +137,23 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
         stop_requested: Optional[Callable[[], bool]] = None, parallel_dims: Optional[Callable[..., Any]] = None,
         parallelize: Optional[Callable[..., Any]] = None, restore_step: Optional[int] = None,
         init_from: Optional[str] = None, init_from_hf: Optional[str] = None, seed_checkpoint_only: bool = False,
-        pipeline: Optional[Callable[..., Any]] = None) -> int:
+        pipeline: Optional[Callable[..., Any]] = None, init_timeout_seconds: float = 600.0,
+        train_timeout_seconds: Optional[float] = None, nccl_trace_buffer_size: Optional[int] = None) -> int:
   """Trains to ``train_steps`` (resuming from ``workdir`` when it holds checkpoints); returns an exit status.
 
   0 when training finished, ``PREEMPTED_EXIT_CODE`` (42) when a stop was requested (SIGTERM/SIGUSR2) and the
   state was saved, so a Slurm wrapper can requeue the job. ``parallel_dims(world_size=)`` gives the
   ``ParallelDims`` (default: every rank data parallel) and ``parallelize(model, dims=, mesh=)`` applies them;
   with ``pp > 1``, ``pipeline(model, pp_mesh=, parallelize_stage=, device=)`` (``flame_gin.build_pipeline``)
-  splits the model into stages and builds the schedule.
+  splits the model into stages and builds the schedule. Collectives time out after ``init_timeout_seconds``
+  until the first step is done, then after ``train_timeout_seconds`` (None: unchanged);
+  ``nccl_trace_buffer_size`` sizes NCCL's flight recorder (None: the environment's setting).
   """
   # 1. Set up the process, then validate everything cheap before building anything big.
-  proc = process.init()
+  with _as_config_error():
+    proc = process.init(timeout_seconds=init_timeout_seconds, nccl_trace_buffer_size=nccl_trace_buffer_size)
+    if train_timeout_seconds is not None and train_timeout_seconds <= 0:
+      raise ValueError(f"train_timeout_seconds={train_timeout_seconds} must be positive")
   with _as_config_error():
     model_config = model_config()
     lr_schedule = lr_schedule(total_steps=train_steps)
@@ -178,9 +194,15 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   # 4. Model: meta build (counted), materialised and initialised with the seed; optimizer with groups.
   meta = models.build_meta_model(config=model_config)
   n_params = models.count_parameters(meta)
+  if proc.is_primary:
+    logging.info(_memory_estimate(meta=meta, dims=dims, micro_batch=micro_batch, seq_len=seq_len,
+                                  device=proc.device))
   del meta
   model = models.build_model(config=model_config, device=proc.device, seed=seed)
   mesh = dims.build(device_type=proc.device.type) if proc.world_size > 1 else None
+  mesh_groups = ([mesh[name].get_group() for name in (*mesh_lib.MESH_DIMS, "dp", "dp_shard_cp", "dp_cp")]
+                 if mesh is not None else [])
+  process.set_timeout(seconds=init_timeout_seconds, groups=mesh_groups)
   with _as_config_error():
     model, runtime = _parallel_model(model=model, dims=dims, mesh=mesh, parallelize=parallelize,
                                      pipeline=pipeline, device=proc.device)
@@ -242,6 +264,8 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     window_tokens += tokens
     if skipped:
       logging.warning("step %d skipped: loss %s, grad norm %s", state.step, loss, grad_norm)
+    if state.step == start_step + 1 and train_timeout_seconds is not None:
+      process.set_timeout(seconds=train_timeout_seconds, groups=mesh_groups)
     if state.step == start_step + 1 and on_first_step is not None and proc.is_primary:
       config_lib.write_config(workdir=workdir_path, text=on_first_step(), name=config_lib.OPERATIVE_CONFIG_FILE)
 
