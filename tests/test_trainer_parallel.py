@@ -1,15 +1,20 @@
-"""The trainer under torchrun (2 gloo CPU processes, real command line, gin/parallel/ files, real data and
-checkpoints).
+"""The trainer on a 2-process gloo CPU mesh (torchrun, gin/parallel/ files, real data and checkpoints) against
+single-process runs of the same global batch.
 
-References: tensor and context parallel read one data stream, so they must match the single-process run step
-by step (context parallel also in varlen mode, against a single-process varlen run); FSDP reads two streams
-(the loader splits documents by stream, so its global batch is not the single process's), so it must match
-the same two streams trained with replicated parameters (DDP semantics: all-reduced gradients, no sharding).
-The FSDP run directory then resumes in a single process. The learning rate is constant (no warm-up, cosine
-floor 1.0), so shorter runs are prefixes of longer ones. Each run is made once per module and shared.
+References: tensor, context and pipeline parallel read one data stream, so they must match the single-process
+run step by step (context parallel also in varlen mode, against a single-process varlen run); FSDP reads two
+streams (the loader splits documents by stream), so it must match the same two streams trained with
+replicated parameters (DDP semantics: all-reduced gradients, no sharding). The FSDP and pipeline run
+directories then resume in a single process. The learning rate is constant (no warm-up, cosine floor 1.0),
+so shorter runs are prefixes of longer ones.
+
+Start-up (imports) costs far more than a tiny step, so every 2-process run is made by one torchrun launch and
+every single-process run by one more, each calling the trainer once per configuration with a fresh gin
+config and process group (this file is also that worker); the results are shared by the tests.
 """
 
 import functools
+import json
 import os
 import pathlib
 import re
@@ -18,9 +23,6 @@ import sys
 
 import pytest
 
-from flame_gin import config as config_lib, models, trainer
-from flame_gin.mesh import ParallelDims
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REF_STEPS, PAR_STEPS = 4, 3
 COMMON = ["--gin_file=gin/tiny.gin", "--gin.WARMUP_STEPS=0", "--gin.MIN_LR_RATIO=1.0", "--gin.BATCH_SIZE=4",
@@ -28,103 +30,170 @@ COMMON = ["--gin_file=gin/tiny.gin", "--gin.WARMUP_STEPS=0", "--gin.MIN_LR_RATIO
           "--gin.CHECKPOINT_INTERVAL=1000"]
 VARLEN = ["--gin_file=gin/data/varlen.gin", "--gin.CONTEXT_LEN=24"]
 FP32 = "--gin_bindings=parallelize.param_dtype = 'float32'"
+RUN_SETTINGS = ["--gin.flame_gin.run.init_timeout_seconds=120", "--gin.flame_gin.run.train_timeout_seconds=60",
+                "--gin.flame_gin.run.nccl_trace_buffer_size=2000"]
 # The primary's metric line: "[step] ..., loss=6.24355, ..." (6 significant digits).
 LOSS = re.compile(r"\[(\d+)\] [^\n]*?\bloss=([0-9.e+-]+)")
+MARK = "=== run "
+
+PARALLEL = {  # name: (steps, extra arguments), run in this order by one torchrun launch
+    "ddp": (PAR_STEPS, ["--gin_file=gin/parallel/ddp.gin"]),
+    "fsdp": (PAR_STEPS, ["--gin_file=gin/parallel/fsdp.gin", FP32]),
+    "tp": (PAR_STEPS, ["--gin_file=gin/parallel/tp2.gin", FP32, *RUN_SETTINGS]),
+    "cp": (PAR_STEPS, ["--gin_file=gin/parallel/cp2.gin", FP32]),
+    "cp_varlen": (PAR_STEPS, [*VARLEN, "--gin_file=gin/parallel/cp2.gin", FP32]),
+    "pp": (PAR_STEPS, ["--gin_file=gin/parallel/pp2.gin", FP32, "--gin.build_pipeline.microbatches=2"]),
+}
+SINGLE = {  # run after the parallel runs; "resume_*" continue the parallel run directories
+    "reference": (REF_STEPS, []),
+    "varlen": (PAR_STEPS, VARLEN),
+    "resume_fsdp": (REF_STEPS, []),
+    "resume_pp": (REF_STEPS, []),
+}
 
 
-def _env():
-  return dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+def _launch(*, specs: list[dict], procs: int) -> dict[str, tuple[dict, str]]:
+  """Runs ``specs`` in one launch; returns name -> ({step: loss} of the primary, that run's log)."""
+  env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+  worker = [str(pathlib.Path(__file__).resolve()), json.dumps(specs)]
+  cmd = ([sys.executable, *worker] if procs == 1 else
+         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *worker])
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-6000:]
+  results = {}
+  for chunk in out.stderr.split(MARK)[1:]:
+    name, _, log = chunk.partition("\n")
+    results[name.strip()] = ({int(m.group(1)): float(m.group(2)) for m in LOSS.finditer(log)}, log)
+  assert sorted(results) == sorted(s["name"] for s in specs), out.stderr[-4000:]
+  return results
 
 
-def train(workdir, *, steps, procs=1, extra=()):
-  """Runs the trainer's command line; returns {step: loss} of the primary and its log."""
-  args = [*COMMON, f"--gin.TRAIN_STEPS={steps}", f"--workdir={workdir}", *extra]
-  if procs == 1:
-    cmd = [sys.executable, "-m", "flame_gin.train", *args]
-  else:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-           "-m", "flame_gin.train", *args]
-  out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
-  assert out.returncode == 0, out.stderr[-4000:]
-  return {int(m.group(1)): float(m.group(2)) for m in LOSS.finditer(out.stderr)}, out.stderr
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("runs")
+  spec = lambda name, steps, extra, workdir=None: dict(
+      name=name, args=[*COMMON, f"--gin.TRAIN_STEPS={steps}", *extra], workdir=str(root / (workdir or name)))
+  out = _launch(specs=[spec(n, *v) for n, v in PARALLEL.items()], procs=2)
+  out.update(_launch(specs=[spec(n, *v, workdir=n.replace("resume_", "")) for n, v in SINGLE.items()], procs=1))
+  return out
 
 
 def assert_close(got, want, steps, rtol=1e-4):
+  assert sorted(got) == list(steps), (got, list(steps))
   for step in steps:
     assert got[step] == pytest.approx(want[step], rel=rtol), (step, got[step], want[step])
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  losses, _ = train(tmp_path_factory.mktemp("single"), steps=REF_STEPS)
+def test_reference_learns(runs):
+  losses, log = runs["reference"]
   assert sorted(losses) == list(range(1, REF_STEPS + 1))
-  assert losses[REF_STEPS] < losses[1]  # it learns
-  return losses
+  assert losses[REF_STEPS] < losses[1]
+  assert "memory estimate per rank (GiB): params=" in log
 
 
-def test_fsdp_matches_replicated_then_resumes_in_one_process(reference, tmp_path):
-  replicated, log = train(tmp_path / "ddp", steps=PAR_STEPS, procs=2, extra=["--gin_file=gin/parallel/ddp.gin"])
+def test_fsdp_matches_replicated_then_resumes_in_one_process(runs):
+  replicated, log = runs["ddp"]
   assert "dp_replicate=2 dp_shard=1" in log
-  losses, log = train(tmp_path / "fsdp", steps=PAR_STEPS, procs=2, extra=["--gin_file=gin/parallel/fsdp.gin", FP32])
+  losses, log = runs["fsdp"]
   assert "dp_replicate=1 dp_shard=2" in log
-  assert sorted(losses) == list(range(1, PAR_STEPS + 1))
   assert_close(losses, replicated, range(1, PAR_STEPS + 1))
   # same initial weights as one process: only the data differs, by a little
-  assert losses[1] == pytest.approx(reference[1], rel=1e-3)
-  assert losses[PAR_STEPS] < losses[1]
+  assert losses[1] == pytest.approx(runs["reference"][0][1], rel=1e-3)
   # the 2-rank sharded checkpoint (weights, optimizer, both data streams) resumes in a single process
-  resumed, log = train(tmp_path / "fsdp", steps=REF_STEPS)
+  resumed, log = runs["resume_fsdp"]
   assert f"resumed from step {PAR_STEPS}" in log
   assert sorted(resumed) == list(range(PAR_STEPS + 1, REF_STEPS + 1))
   assert all(abs(resumed[s] - losses[PAR_STEPS]) < 0.2 for s in resumed), (resumed, losses)
 
 
-def test_tensor_parallel_matches_single_process(reference, tmp_path):
-  losses, log = train(tmp_path, steps=PAR_STEPS, procs=2, extra=["--gin_file=gin/parallel/tp2.gin", FP32])
+def test_tensor_parallel_matches_single_process_under_run_timeouts(runs):
+  losses, log = runs["tp"]
   assert "tp=2" in log and "data streams=1" in log
-  assert_close(losses, reference, range(1, PAR_STEPS + 1))
+  assert_close(losses, runs["reference"][0], range(1, PAR_STEPS + 1))
 
 
-def test_context_parallel_matches_single_process(reference, tmp_path):
-  losses, log = train(tmp_path, steps=PAR_STEPS, procs=2, extra=["--gin_file=gin/parallel/cp2.gin", FP32])
+def test_context_parallel_matches_single_process(runs):
+  losses, log = runs["cp"]
   assert "cp=2" in log and "data streams=1" in log
-  assert_close(losses, reference, range(1, PAR_STEPS + 1))
+  assert_close(losses, runs["reference"][0], range(1, PAR_STEPS + 1))
 
 
-def test_context_parallel_varlen_matches_single_process_varlen(tmp_path):
-  want, _ = train(tmp_path / "single", steps=PAR_STEPS, extra=VARLEN)
-  losses, log = train(tmp_path / "cp", steps=PAR_STEPS, procs=2,
-                      extra=[*VARLEN, "--gin_file=gin/parallel/cp2.gin", FP32])
+def test_context_parallel_varlen_matches_single_process_varlen(runs):
+  losses, log = runs["cp_varlen"]
   assert "cp=2" in log
-  assert sorted(losses) == list(range(1, PAR_STEPS + 1))
-  assert_close(losses, want, range(1, PAR_STEPS + 1))
+  assert_close(losses, runs["varlen"][0], range(1, PAR_STEPS + 1))
+  assert losses != runs["cp"][0]  # documents really were cut
 
 
-def test_pipeline_parallel_matches_single_process_then_resumes_in_one_process(reference, tmp_path):
-  losses, log = train(tmp_path, steps=PAR_STEPS, procs=2,
-                      extra=["--gin_file=gin/parallel/pp2.gin", FP32, "--gin.build_pipeline.microbatches=2"])
+def test_pipeline_parallel_matches_single_process_then_resumes_in_one_process(runs):
+  losses, log = runs["pp"]
   assert "pp=2" in log and "data streams=1" in log
-  assert sorted(losses) == list(range(1, PAR_STEPS + 1))
-  assert_close(losses, reference, range(1, PAR_STEPS + 1))
+  assert_close(losses, runs["reference"][0], range(1, PAR_STEPS + 1))
   # each stage wrote its own arrays under the unsplit model's names: the run goes on in one process, exactly
-  resumed, log = train(tmp_path, steps=REF_STEPS)
+  resumed, log = runs["resume_pp"]
   assert f"resumed from step {PAR_STEPS}" in log
-  assert sorted(resumed) == list(range(PAR_STEPS + 1, REF_STEPS + 1))
-  assert_close(resumed, reference, range(PAR_STEPS + 1, REF_STEPS + 1))
+  assert_close(resumed, runs["reference"][0], range(PAR_STEPS + 1, REF_STEPS + 1))
 
 
 def _tiny_config():
+  from flame_gin import models
   return models.build_config(family="gla", overrides=dict(hidden_size=32, num_hidden_layers=2, num_heads=2,
                                                           vocab_size=64))
 
 
 def test_pipeline_with_context_parallel_is_a_config_error():
+  from flame_gin import config as config_lib, trainer
+  from flame_gin.mesh import ParallelDims
   with pytest.raises(config_lib.ConfigError, match=r"ParallelDims.pp=2 with ParallelDims.cp=2"):
     trainer._parallel_dims(make=functools.partial(ParallelDims, pp=2, cp=2), world_size=4, batch_size=4,
                            seq_len=64, varlen=False, model_config=_tiny_config())
 
 
 def test_bad_split_is_a_config_error_before_anything_is_built():
+  from flame_gin import trainer
   with pytest.raises(ValueError, match="not divisible by the data-parallel size 4"):
     trainer._parallel_dims(make=None, world_size=4, batch_size=6, seq_len=64, varlen=False,
                            model_config=_tiny_config())
+
+
+def test_nccl_trace_buffer_is_exported_before_the_group_and_bad_timeouts_refused(monkeypatch):
+  from flame_gin import process
+  monkeypatch.delenv("WORLD_SIZE", raising=False)
+  monkeypatch.delenv("TORCH_NCCL_TRACE_BUFFER_SIZE", raising=False)
+  process.init(device_type="cpu", nccl_trace_buffer_size=4096)
+  assert os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "4096"
+  with pytest.raises(ValueError, match="timeout_seconds=0 must be positive"):
+    process.init(device_type="cpu", timeout_seconds=0)
+  with pytest.raises(ValueError, match="nccl_trace_buffer_size=-1"):
+    process.init(device_type="cpu", nccl_trace_buffer_size=-1)
+
+
+def _worker(specs: list[dict]) -> None:
+  """Each spec: the command line's gin arguments and a run directory; the trainer runs once per spec.
+
+  The process group outlives the runs (a run's shutdown passes its barrier but leaves the group to the next
+  run; it is destroyed after the last), as the runs of one launch share the processes.
+  """
+  import torch.distributed as dist
+  from flame_gin import config as config_lib, configurables, process
+  process.shutdown = lambda: dist.barrier() if dist.is_initialized() else None
+  for spec in specs:
+    argv = config_lib.rewrite_shorthand(spec["args"])
+    files = [a.split("=", 1)[1] for a in argv if a.startswith("--gin_file=")]
+    bindings = [a.split("=", 1)[1] for a in argv if a.startswith("--gin_bindings=")]
+    config_lib.parse(gin_files=files, gin_bindings=[*bindings, f"MODEL_DIR = {spec['workdir']!r}"],
+                     search_paths=config_lib.default_search_paths())
+    if os.environ.get("RANK", "0") == "0":
+      print(f"{MARK}{spec['name']}", file=sys.stderr, flush=True)
+    assert configurables.run(config_text=config_lib.config_text()) == 0, spec["name"]
+  if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+  from absl import logging as absl_logging
+  absl_logging.use_absl_handler()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  sys.path.remove(str(pathlib.Path(__file__).resolve().parent))  # the tests folder must not shadow packages
+  _worker(json.loads(sys.argv[1]))
