@@ -131,13 +131,23 @@ def evaluate(*, model, loader, device: torch.device, max_batches: int, loss_fn: 
   return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
 
 
+class _StageUnion(nn.Module):
+  """Several stages of one rank as one module (parameters and state dict only; never called)."""
+
+  def get_input_embeddings(self):
+    return getattr(self.model, "embeddings", None) or getattr(self.model, "embed_tokens", None)
+
+  def get_output_embeddings(self):
+    return getattr(self, "lm_head", None)
+
+
 def stage_union(stages: list[nn.Module]) -> nn.Module:
   """One module holding this rank's pipeline stages (shared, not copied) under the unsplit model's names
   (``model.embeddings``, ``model.layers.<i>``, ``model.norm``, ``lm_head``), for the optimizer, clipping and
   checkpoints. A single stage already has those names and is returned as is."""
   if len(stages) == 1:
     return stages[0]
-  union, inner = nn.Module(), nn.Module()
+  union, inner = _StageUnion(), nn.Module()
   union.config = stages[0].config
   union.model = inner
   inner.layers = nn.ModuleDict()

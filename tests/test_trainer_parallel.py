@@ -43,12 +43,16 @@ PARALLEL = {  # name: (steps, extra arguments), run in this order by one torchru
     "cp": (PAR_STEPS, ["--gin_file=gin/parallel/cp2.gin", FP32]),
     "cp_varlen": (PAR_STEPS, [*VARLEN, "--gin_file=gin/parallel/cp2.gin", FP32]),
     "pp": (PAR_STEPS, ["--gin_file=gin/parallel/pp2.gin", FP32, "--gin.build_pipeline.microbatches=2"]),
+    "pp_interleaved": (PAR_STEPS, ["--gin.NUM_LAYERS=4", "--gin_file=gin/parallel/pp2_interleaved.gin", FP32,
+                                   "--gin.build_pipeline.microbatches=4"]),
 }
 SINGLE = {  # run after the parallel runs; "resume_*" continue the parallel run directories
     "reference": (REF_STEPS, []),
     "varlen": (PAR_STEPS, VARLEN),
     "resume_fsdp": (REF_STEPS, []),
     "resume_pp": (REF_STEPS, []),
+    "reference_4_blocks": (REF_STEPS, ["--gin.NUM_LAYERS=4"]),
+    "resume_pp_interleaved": (REF_STEPS, ["--gin.NUM_LAYERS=4"]),
 }
 
 
@@ -133,6 +137,16 @@ def test_pipeline_parallel_matches_single_process_then_resumes_in_one_process(ru
   resumed, log = runs["resume_pp"]
   assert f"resumed from step {PAR_STEPS}" in log
   assert_close(resumed, runs["reference"][0], range(PAR_STEPS + 1, REF_STEPS + 1))
+
+
+def test_interleaved_pipeline_two_stages_per_rank_matches_single_process_then_resumes(runs):
+  losses, log = runs["pp_interleaved"]
+  assert "pp=2" in log
+  reference = runs["reference_4_blocks"][0]
+  assert_close(losses, reference, range(1, PAR_STEPS + 1))
+  resumed, log = runs["resume_pp_interleaved"]
+  assert f"resumed from step {PAR_STEPS}" in log
+  assert_close(resumed, reference, range(PAR_STEPS + 1, REF_STEPS + 1))
 
 
 def _tiny_config():
