@@ -189,6 +189,9 @@ def test_sbatch_preempt_requeue_resume(cluster, tmp_path):
               what="the job to be requeued")
     # Skip the ~2 minute BeginTime Slurm puts on requeued jobs.
     _wait_for(lambda: cluster.job_field(job_id, "JobState") == "PENDING", timeout=60, what="the job pending again")
+    # slurmd refuses to relaunch a job within the second its old credential was revoked ("Job credential
+    # revoked"): let that second pass before moving the start time to now.
+    time.sleep(2)
     cluster.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
     _wait_for(ended, timeout=150, what="the job to finish after the requeue")
   except AssertionError:
@@ -199,7 +202,7 @@ def test_sbatch_preempt_requeue_resume(cluster, tmp_path):
 
   log = text()
   print(log[-4000:])
-  assert cluster.job_field(job_id, "JobState") in ("COMPLETED", ""), log[-3000:]
+  assert cluster.job_field(job_id, "JobState") in ("COMPLETED", ""), log[-3000:] + "\n" + cluster.logs()
   assert "restart 0:" in log and "restart 1:" in log, log[-3000:]
   assert "requeueing job" in log, log[-3000:]
   saved = re.search(r"state saved at step (\d+)", log)

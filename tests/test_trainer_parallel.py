@@ -73,8 +73,13 @@ def _launch(*, specs: list[dict], procs: int) -> dict[str, tuple[dict, str]]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("runs")
+def runs_root(tmp_path_factory):
+  return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def runs(runs_root):
+  root = runs_root
   spec = lambda name, steps, extra, workdir=None: dict(
       name=name, args=[*COMMON, f"--gin.TRAIN_STEPS={steps}", *extra], workdir=str(root / (workdir or name)))
   out = _launch(specs=[spec(n, *v) for n, v in PARALLEL.items()], procs=2)
@@ -129,7 +134,7 @@ def test_context_parallel_varlen_matches_single_process_varlen(runs):
   assert losses != runs["cp"][0]  # documents really were cut
 
 
-def test_pipeline_parallel_matches_single_process_then_resumes_in_one_process(runs):
+def test_pipeline_parallel_matches_single_process_then_resumes_in_one_process(runs, runs_root):
   losses, log = runs["pp"]
   assert "pp=2" in log and "data streams=1" in log
   assert_close(losses, runs["reference"][0], range(1, PAR_STEPS + 1))
@@ -137,6 +142,10 @@ def test_pipeline_parallel_matches_single_process_then_resumes_in_one_process(ru
   resumed, log = runs["resume_pp"]
   assert f"resumed from step {PAR_STEPS}" in log
   assert_close(resumed, runs["reference"][0], range(PAR_STEPS + 1, REF_STEPS + 1))
+  # Orbax's tree metadata of the pipelined checkpoint lists every array of both stages, as an unsplit run's does.
+  tree = lambda run: set(json.loads((runs_root / run / "checkpoints" / str(PAR_STEPS) / "model" / "_METADATA")
+                                    .read_text())["tree_metadata"])
+  assert tree("pp") == tree("fsdp") and len(tree("pp")) > 30
 
 
 def test_interleaved_pipeline_two_stages_per_rank_matches_single_process_then_resumes(runs):

@@ -187,7 +187,16 @@ class Checkpointer:
                 get_optimizer_state_dict(model, optimizer)
             )
             opt_snap = writer.snapshot(tensors=tensors, copy=copy, buffers=self._buffers["optimizer"])
-        extras = self._all_gather(extra)
+        snaps = {layout.MODEL_ITEM: model_snap}
+        if opt_snap is not None:
+            snaps[layout.OPTIMIZER_ITEM] = opt_snap
+        # Every rank's extra and the arrays it knows: with pipeline stages, no rank
+        # holds every array, and `_METADATA` must still list the whole tree.
+        gathered = self._all_gather(
+            (extra, {k: {a.name: list(a.global_shape) for a in v} for k, v in snaps.items()})
+        )
+        extras = [g[0] for g in gathered]
+        item_shapes = {k: {n: sh for g in gathered for n, sh in g[1][k].items()} for k in snaps}
         side = None
         if self._primary:
             side = dict(
@@ -197,6 +206,7 @@ class Checkpointer:
                 step=step,
                 config_text=config_text,
                 model_config=_model_config(model),
+                item_shapes=item_shapes,
             )
         job = lambda: self._write(  # noqa: E731
             step=step, model_snap=model_snap, opt_snap=opt_snap, side=side, init_ns=init_ns
@@ -252,7 +262,9 @@ class Checkpointer:
     def _commit(self, *, tmp, step, items, side, init_ns) -> None:
         for name, snap in items.items():
             writer.merge_item(item_dir=tmp / name)
-            writer.write_item_metadata(item_dir=tmp / name, arrays=snap, init_ns=init_ns)
+            writer.write_item_metadata(
+                item_dir=tmp / name, shapes=side["item_shapes"][name], init_ns=init_ns
+            )
         layout.write_bytes(path=tmp / layout.EXTRA_FILE, data=pickle.dumps(side))
         layout.write_bytes(path=tmp / layout.CONFIG_FILE, data=side["config_text"].encode())
         if side["model_config"] is not None:

@@ -190,10 +190,9 @@ def merge_item(*, item_dir: pathlib.Path) -> None:
 
 
 def write_item_metadata(
-    *, item_dir: pathlib.Path, arrays: list[ArraySnapshot], init_ns: int
+    *, item_dir: pathlib.Path, shapes: dict[str, list[int]], init_ns: int
 ) -> None:
-    """Orbax's `_METADATA` and `_CHECKPOINT_METADATA` for the item."""
-    shapes = {a.name: list(a.global_shape) for a in arrays}
+    """Orbax's `_METADATA` and `_CHECKPOINT_METADATA` for the item (`shapes`: every array of every rank)."""
     layout.write_json(
         path=pathlib.Path(item_dir) / layout.TREE_METADATA,
         value=layout.tree_metadata(shapes=shapes),
