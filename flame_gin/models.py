@@ -63,13 +63,19 @@ def valid_config_keys(config_class: type) -> set[str]:
   return params | set(config_class().to_dict())
 
 
-def build_config(*, family: str, overrides: Mapping[str, Any] | None = None) -> transformers.PretrainedConfig:
-  """Builds the config of ``family`` with ``overrides``; unknown families or keys are a ``ValueError``."""
+def build_config(*, family: str, overrides: Mapping[str, Any] | None = None,
+                 extra_overrides: Mapping[str, Any] | None = None) -> transformers.PretrainedConfig:
+  """Builds the config of ``family`` with ``overrides``; unknown families or keys are a ``ValueError``.
+
+  ``extra_overrides`` is applied on top of ``overrides``: a gin dict binding replaces the whole dict, so an
+  ablation file changes one model key with ``flame_gin.model_config.extra_overrides = {'key': value}`` and
+  leaves the family file's ``overrides`` alone.
+  """
   known = families()
   if family not in known:
     raise ValueError(f"Unknown model family {family!r}. Known families: {', '.join(sorted(known))}")
   config_class = known[family]
-  overrides = dict(overrides or {})
+  overrides = {**(overrides or {}), **(extra_overrides or {})}
   valid = valid_config_keys(config_class)
   unknown = sorted(set(overrides) - valid)
   if unknown:

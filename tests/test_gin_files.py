@@ -29,6 +29,30 @@ def test_top_level_gin_file_dry_runs(name, tmp_path):
   assert "parameters" in result.stderr and (tmp_path / "w" / "config.gin").exists()
 
 
+ABLATIONS = sorted(p.name for p in (ROOT / "gin" / "ablations").glob("*.gin"))
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_ablation_layers_over_the_tiny_experiment(name, tmp_path):
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+  result = subprocess.run([sys.executable, "-m", "flame_gin.train", "--gin_file=gin/tiny.gin",
+                           f"--gin_file=gin/ablations/{name}", "--gin.TRAIN_STEPS=1", "--gin.WARMUP_STEPS=0",
+                           "--gin.flame_gin.run.eval_interval=0", "--gin.flame_gin.run.log_interval=1",
+                           f"--workdir={tmp_path / 'w'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "step 1/1" in result.stderr
+
+
+def test_extra_overrides_change_one_key_and_are_checked():
+  from flame_gin import models
+  config = models.build_config(family="gla", overrides={"hidden_size": 32, "use_short_conv": False},
+                               extra_overrides={"use_short_conv": True})
+  assert config.use_short_conv is True and config.hidden_size == 32
+  with pytest.raises(ValueError, match="use_short_cnv"):
+    models.build_config(family="gla", overrides={}, extra_overrides={"use_short_cnv": True})
+
+
 def test_every_gin_file_opens_with_its_command():
   files = sorted((ROOT / "gin").rglob("*.gin"))
   assert len(files) > 40
