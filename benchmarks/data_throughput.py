@@ -78,16 +78,7 @@ def build_tokenizer(cache: pathlib.Path, corpus: pathlib.Path) -> str:
     if (out / "tokenizer.json").exists():
         return str(out)
 
-    def texts():
-        used = 0
-        with open(corpus, encoding="utf-8") as f:
-            for line in f:
-                t = json.loads(line)["text"]
-                yield t
-                used += len(t)
-                if used >= TOKENIZER_BYTES:
-                    return
-    embedded.train_bpe(texts=texts(), vocab_size=VOCAB, output_dir=out)
+    embedded.train_bpe(texts=embedded.training_texts(corpus, TOKENIZER_BYTES), vocab_size=VOCAB, output_dir=out)
     return str(out)
 
 

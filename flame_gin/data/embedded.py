@@ -77,7 +77,8 @@ def corpus_dir(*, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     return final
 
 
-def _training_texts(train_file: pathlib.Path, budget: int):
+def training_texts(train_file: pathlib.Path, budget: int):
+    """The texts of a jsonl file, in order, until ``budget`` characters have been yielded (tokenizer training)."""
     used = 0
     with open(train_file, encoding="utf-8") as f:
         for line in f:
@@ -127,7 +128,7 @@ def tokenizer_path(*, cache_dir: str | os.PathLike | None = None, vocab_size: in
     previous = os.environ.get("RAYON_NUM_THREADS")
     os.environ["RAYON_NUM_THREADS"] = "1"
     try:
-        train_bpe(texts=_training_texts(corpus / "train.jsonl", _TOKENIZER_TRAIN_BYTES),
+        train_bpe(texts=training_texts(corpus / "train.jsonl", _TOKENIZER_TRAIN_BYTES),
                   vocab_size=vocab_size, output_dir=tmp)
     finally:
         if previous is None:
