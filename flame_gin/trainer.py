@@ -298,7 +298,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     preempted = _stop_agreed(stop_requested=stop_requested, device=proc.device, world_size=proc.world_size)
     if ckpt is not None and state.step < train_steps and save(final=preempted):
       writer.write_scalars(state.step, {"checkpoint/blocked_seconds": ckpt.last_blocked_seconds})
-    if preempted:
+    if preempted and state.step < train_steps:  # at the last step the final save below is the stop
       logging.warning("stop requested: state saved at step %d, exiting with %d", state.step, PREEMPTED_EXIT_CODE)
       status = PREEMPTED_EXIT_CODE
       break
