@@ -165,14 +165,19 @@ def _gla_attn(attn, prefix, *, sp):
     return plan
 
 
-def _deltanet_attn(attn, prefix, *, sp):
-    plan = {prefix: _attn_entry(sp=sp)}
-    for name in ("q_proj", "k_proj", "v_proj", "g_proj", "b_proj"):
+def _per_head_projections(attn, prefix, *, sp, names, head_params=()):
+    """The delta-rule layers' plan: each present projection in ``names`` colwise, o_proj rowwise, head norms."""
+    plan = {prefix: _attn_entry(sp=sp, head_params=head_params)}
+    for name in names:
         if isinstance(getattr(attn, name, None), nn.Module):
             plan[f"{prefix}.{name}"] = ColwiseParallel()
     plan[f"{prefix}.o_proj"] = _rowwise(sp=sp)
     plan.update(_head_norms(attn, prefix))
     return plan
+
+
+def _deltanet_attn(attn, prefix, *, sp):
+    return _per_head_projections(attn, prefix, sp=sp, names=("q_proj", "k_proj", "v_proj", "g_proj", "b_proj"))
 
 
 def _gated_deltanet_attn(attn, prefix, *, sp):
@@ -181,13 +186,8 @@ def _gated_deltanet_attn(attn, prefix, *, sp):
     # fused q/k/v convolution reads the three conv weights at once; keep the separate per-projection path
     if hasattr(attn, "_use_fused_qkv_conv"):
         attn._use_fused_qkv_conv = lambda **kwargs: False
-    plan = {prefix: _attn_entry(sp=sp, head_params=("A_log", "dt_bias"))}
-    for name in ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj"):
-        if isinstance(getattr(attn, name, None), nn.Module):
-            plan[f"{prefix}.{name}"] = ColwiseParallel()
-    plan[f"{prefix}.o_proj"] = _rowwise(sp=sp)
-    plan.update(_head_norms(attn, prefix))
-    return plan
+    return _per_head_projections(attn, prefix, sp=sp, head_params=("A_log", "dt_bias"),
+                                 names=("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj"))
 
 
 def _llama_attn(attn, prefix, *, sp):
