@@ -33,7 +33,8 @@ class ProcessInfo:
 
 def init(*, timeout_seconds: float = 600.0, device_type: str = "auto",
          nccl_trace_buffer_size: int | None = None) -> ProcessInfo:
-  """Initialises the default process group when launched by torchrun, and picks this process's device.
+  """Initialises the default process group when launched by torchrun (also for one process, so that a mesh,
+  e.g. FSDP over one GPU, can be built), and picks this process's device.
 
   ``timeout_seconds`` bounds every collective until ``set_timeout`` changes it (start-up: rendezvous, first
   all-gathers, checkpoint restore). ``nccl_trace_buffer_size`` (entries of NCCL's flight recorder, which keeps
@@ -56,7 +57,7 @@ def init(*, timeout_seconds: float = 600.0, device_type: str = "auto",
     device = torch.device("cuda", local_rank)
   else:
     device = torch.device("cpu")
-  if world_size > 1 and not dist.is_initialized():
+  if (world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not dist.is_initialized():
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
                             timeout=datetime.timedelta(seconds=timeout_seconds),
                             device_id=device if device_type == "cuda" else None)
@@ -111,6 +112,13 @@ def all_reduce_sum(value: torch.Tensor, *, group=None) -> torch.Tensor:
   if dist.is_initialized() and dist.get_world_size() > 1:
     dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
   return value
+
+
+def group_size(group=None) -> int:
+  """Number of processes in ``group`` (default: every process; 1 without a process group)."""
+  if not dist.is_initialized():
+    return 1
+  return dist.get_world_size(group)
 
 
 def set_timeout(*, seconds: float, groups=()) -> None:

@@ -29,57 +29,61 @@ def autocast(device: torch.device):
   return contextlib.nullcontext()
 
 
-def fetch(iterator: Iterator[dict], *, count: int, device: torch.device) -> tuple[list[dict], float]:
-  """The step's micro-batches, moved to the device; returns them and the time spent waiting."""
+def fetch(iterator: Iterator[dict], *, count: int, device: torch.device) -> tuple[list[dict], int, float]:
+  """The step's micro-batches, moved to the device; returns them, their valid-label count (counted on the
+  host before the copy, so no device read-back) and the time spent waiting."""
   start = time.perf_counter()
-  batches = []
+  batches, tokens = [], 0
   for _ in range(count):
     batch = next(iterator)
+    tokens += int((batch["labels"] != loss_lib.IGNORE_INDEX).sum())
     batches.append({k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()})
-  return batches, time.perf_counter() - start
+  return batches, tokens, time.perf_counter() - start
 
 
-def _global_tokens(*, batches: list[dict], device: torch.device, group) -> int:
-  local = sum(int((b["labels"] != loss_lib.IGNORE_INDEX).sum()) for b in batches)
+def global_tokens(*, local: int, device: torch.device, group) -> int:
+  """The step's valid-label count over ``group`` (data and context ranks); no collective on one rank."""
+  if process.group_size(group) == 1:
+    return local
   return int(process.all_reduce_sum(torch.tensor(float(local), device=device), group=group).item())
 
 
-def forward_backward(*, model, batches: list[dict], device: torch.device, loss_fn: Callable[..., tuple],
-                     group=None) -> tuple[float, int]:
-  """Gradients of the loss normalised by the global number of valid tokens of the step.
+def forward_backward(*, model, batches: list[dict], tokens: int, device: torch.device,
+                     loss_fn: Callable[..., tuple], group=None) -> torch.Tensor:
+  """Gradients of the loss normalised by ``tokens``, the global number of valid tokens of the step; returns
+  the global mean loss as a device tensor (read back only when logged).
 
-  Counts and losses are summed over ``group`` (the data and context ranks; None = every process). Gradients
-  are reduced on the last micro-batch only (a no-op without FSDP).
+  Losses are summed over ``group`` (the data and context ranks; None = every process). Gradients are reduced
+  on the last micro-batch only (a no-op without FSDP).
   """
-  global_tokens = _global_tokens(batches=batches, device=device, group=group)
-  denom = max(global_tokens, 1)
+  denom = max(tokens, 1)
   total = torch.zeros((), device=device)
   for i, batch in enumerate(batches):
     fsdp.set_gradient_sync(model, sync=i == len(batches) - 1)
     with autocast(device):
       loss_sum, _ = loss_fn(model=model, batch=batch)
     (loss_sum / denom).backward()
-    total += loss_sum.detach()
-  return float(process.all_reduce_sum(total, group=group).item()) / denom, global_tokens
+    total += loss_sum.detach().float()
+  return process.all_reduce_sum(total, group=group) / denom
 
 
-def pipeline_forward_backward(*, runtime, batches: list[dict], device: torch.device, group) -> tuple[float, int]:
+def pipeline_forward_backward(*, runtime, batches: list[dict], tokens: int, device: torch.device,
+                              group) -> torch.Tensor:
   """``forward_backward`` through a pipeline schedule (``flame_gin.parallel.pipeline``): each accumulated
   micro-batch is one schedule step (itself split into the schedule's micro-batches); the loss share that every
   pipeline rank gets back is summed over ``group`` (data ranks) into the global mean."""
   from flame_gin.parallel.pipeline import pipeline_step
-  global_tokens = _global_tokens(batches=batches, device=device, group=group)
-  count = torch.tensor(float(global_tokens), device=device)
+  count = torch.tensor(float(tokens), device=device)
   total = torch.zeros((), device=device)
   for batch in batches:
     with autocast(device):
       total += pipeline_step(runtime, input_ids=batch["input_ids"], labels=batch["labels"],
                              global_tokens=count).to(device)
-  return float(process.all_reduce_sum(total, group=group).item()), global_tokens
+  return process.all_reduce_sum(total, group=group)
 
 
-def clip_and_check(*, model, max_grad_norm: float, pp_group=None) -> float:
-  """The global gradient norm (clipped to ``max_grad_norm`` when it is positive).
+def clip_and_check(*, model, max_grad_norm: float, pp_group=None) -> torch.Tensor:
+  """The global gradient norm as a device tensor (clipped to ``max_grad_norm`` when it is positive).
 
   With ``pp_group`` (pipeline ranks) the norm covers every stage: each rank's squared norm is summed over the
   group before the common clipping factor is applied.
@@ -88,26 +92,58 @@ def clip_and_check(*, model, max_grad_norm: float, pp_group=None) -> float:
   limit = max_grad_norm if max_grad_norm > 0 else float("inf")
   if pp_group is None:
     norm = torch.nn.utils.clip_grad_norm_(params, limit)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
   norm = torch.nn.utils.get_total_norm([p.grad for p in params])
   norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
   squared = norm ** 2
   dist.all_reduce(squared, group=pp_group)
   total = squared.sqrt()
   torch.nn.utils.clip_grads_with_norm_(params, limit, total)
-  return float(total)
+  return total
 
 
-def apply(*, optimizer, lr_now: float, finite: bool, skip_nonfinite: bool) -> bool:
-  """The optimizer step at ``lr_now``; a non-finite step is dropped (returns True when skipped)."""
-  if not finite and skip_nonfinite:
-    optimizer.zero_grad(set_to_none=True)
-    return True
+def apply(*, optimizer, lr_now: float, loss: torch.Tensor, grad_norm: torch.Tensor,
+          skip_nonfinite: bool) -> torch.Tensor:
+  """The optimizer step at ``lr_now``; with ``skip_nonfinite`` a step whose loss or gradient norm is not finite
+  is dropped. Returns 1.0 (skipped) or 0.0 as a device tensor.
+
+  A fused AdamW drops the step on the device (its ``found_inf`` input, as under a gradient scaler: no
+  parameter, moment or step-count change), so the host never waits for the GPU; other optimizers read the
+  flag back.
+  """
   for group in optimizer.param_groups:
     group["lr"] = lr_now
-  optimizer.step()
+  bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float() if skip_nonfinite else None
+  if bad is not None and optimizer.defaults.get("fused"):
+    optimizer.found_inf = bad
+    try:
+      optimizer.step()
+    finally:
+      del optimizer.found_inf
+  elif bad is None or not bool(bad):
+    optimizer.step()
   optimizer.zero_grad(set_to_none=True)
-  return False
+  return bad if bad is not None else torch.zeros((), device=loss.device)
+
+
+class StepTally:
+  """The last step's loss and gradient norm and the count of skipped steps, kept on the device and read back
+  (one host synchronisation) only when they are logged or checkpointed."""
+
+  def __init__(self, *, device: torch.device):
+    self._skipped = torch.zeros((), device=device)
+    self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+  def add(self, *, loss: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor) -> None:
+    self._skipped += skipped
+    self._last = (loss, grad_norm)
+
+  def read(self) -> tuple[float, float, int]:
+    """(last loss, last gradient norm, steps skipped since the last read)."""
+    loss, norm = self._last if self._last is not None else (torch.tensor(math.nan),) * 2
+    values = torch.stack([loss.float(), norm.float(), self._skipped]).tolist()
+    self._skipped.zero_()
+    return values[0], values[1], int(values[2])
 
 
 @torch.no_grad()

@@ -17,12 +17,12 @@ import contextlib
 import dataclasses
 import functools
 import gc
-import math
 import pathlib
 import time
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 from absl import logging
 
 from flame_gin import config as config_lib
@@ -39,15 +39,6 @@ class TrainState:
   step: int = 0
   tokens_seen: int = 0
   skipped_steps: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class StepResult:
-  loss: float
-  grad_norm: float
-  tokens: int
-  skipped: bool
-  data_wait: float
 
 
 def _validate(*, train_steps: int, batch_size: int, grad_accum_steps: int, dp_size: int, seq_len: int,
@@ -199,7 +190,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
                                   device=proc.device))
   del meta
   model = models.build_model(config=model_config, device=proc.device, seed=seed)
-  mesh = dims.build(device_type=proc.device.type) if proc.world_size > 1 else None
+  mesh = dims.build(device_type=proc.device.type) if dist.is_initialized() else None
   mesh_groups = ([mesh[name].get_group() for name in (*mesh_lib.MESH_DIMS, "dp", "dp_shard_cp", "dp_cp")]
                  if mesh is not None else [])
   process.set_timeout(seconds=init_timeout_seconds, groups=mesh_groups)
@@ -239,41 +230,56 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     gc.disable()
   status, start_time, start_step = 0, time.monotonic(), state.step
   window_tokens, window_start = 0, time.perf_counter()
-  save = lambda final=False: _save(ckpt=ckpt, state=state, model=model, optimizer=opt, loader=loader,
-                                   config_text=config_text, force=final, dp_rank=dp_rank)
+  tally = steps.StepTally(device=proc.device)
+
+  def read_tally() -> tuple[float, float]:
+    loss_value, grad_norm_value, skipped = tally.read()
+    if skipped:
+      logging.warning("%d step(s) up to step %d skipped: non-finite loss or gradient norm (last loss %s, "
+                      "grad norm %s)", skipped, state.step, loss_value, grad_norm_value)
+    state.skipped_steps += skipped
+    return loss_value, grad_norm_value
+
+  def save(final: bool = False) -> bool:
+    if ckpt is None or not (final or ckpt.should_save(step=state.step)):
+      return False
+    read_tally()
+    return _save(ckpt=ckpt, state=state, model=model, optimizer=opt, loader=loader, config_text=config_text,
+                 dp_rank=dp_rank)
 
   # 6. The loop.
   while state.step < train_steps:
     step_start = time.perf_counter()
-    batches, data_wait = steps.fetch(iterator, count=grad_accum_steps, device=proc.device)
+    batches, local_tokens, data_wait = steps.fetch(iterator, count=grad_accum_steps, device=proc.device)
     batches = [prepare(b) for b in batches]
+    tokens = steps.global_tokens(local=local_tokens, device=proc.device, group=group)
     if runtime is None:
-      loss, tokens = steps.forward_backward(model=model, batches=batches, device=proc.device, loss_fn=loss_fn,
-                                            group=group)
+      loss = steps.forward_backward(model=model, batches=batches, tokens=tokens, device=proc.device,
+                                    loss_fn=loss_fn, group=group)
     else:
-      loss, tokens = steps.pipeline_forward_backward(runtime=runtime, batches=batches, device=proc.device,
-                                                     group=group)
+      loss = steps.pipeline_forward_backward(runtime=runtime, batches=batches, tokens=tokens, device=proc.device,
+                                             group=group)
     grad_norm = steps.clip_and_check(model=model, max_grad_norm=max_grad_norm,
                                      pp_group=mesh["pp"].get_group() if dims.pp > 1 else None)
     lr_now = lr * lr_schedule(state.step)
-    finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    skipped = steps.apply(optimizer=opt, lr_now=lr_now, finite=finite, skip_nonfinite=skip_nonfinite)
+    tally.add(loss=loss, grad_norm=grad_norm,
+              skipped=steps.apply(optimizer=opt, lr_now=lr_now, loss=loss, grad_norm=grad_norm,
+                                  skip_nonfinite=skip_nonfinite))
     state.step += 1
     state.tokens_seen += tokens
-    state.skipped_steps += int(skipped)
     window_tokens += tokens
-    if skipped:
-      logging.warning("step %d skipped: loss %s, grad norm %s", state.step, loss, grad_norm)
     if state.step == start_step + 1 and train_timeout_seconds is not None:
       process.set_timeout(seconds=train_timeout_seconds, groups=mesh_groups)
     if state.step == start_step + 1 and on_first_step is not None and proc.is_primary:
       config_lib.write_config(workdir=workdir_path, text=on_first_step(), name=config_lib.OPERATIVE_CONFIG_FILE)
 
-    # Log.
+    # Log (the only per-step read-back of device values).
     if log_interval and (state.step % log_interval == 0 or state.step == train_steps):
+      loss_value, grad_norm_value = read_tally()
       elapsed = time.perf_counter() - window_start
       tokens_per_second = window_tokens / max(elapsed, 1e-9)
-      scalars = {"loss": loss, "lr": lr_now, "grad_norm": grad_norm, "tokens_per_second": tokens_per_second,
+      scalars = {"loss": loss_value, "lr": lr_now, "grad_norm": grad_norm_value,
+                 "tokens_per_second": tokens_per_second,
                  "tokens_seen": state.tokens_seen, "step_time": time.perf_counter() - step_start,
                  "data_wait_time": data_wait, "peak_memory_gib": process.peak_memory_gib(proc.device),
                  "skipped_steps": state.skipped_steps}
@@ -312,6 +318,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   # 7. Finish: final save, flush, shut down.
   if ckpt is not None and status == 0 and state.step > 0:
     save(final=True)
+  read_tally()  # warns about skipped steps not yet logged
   gc.enable()
   return _finish(ckpt=ckpt, prof=prof, writer=writer, status=status)
 
@@ -337,13 +344,12 @@ def _stop_agreed(*, stop_requested: Optional[Callable[[], bool]], device: torch.
   return bool(process.all_reduce_sum(torch.tensor(float(local), device=device)).item() > 0)
 
 
-def _save(*, ckpt, state: TrainState, model, optimizer, loader, config_text: str, force: bool, dp_rank: int) -> bool:
-  """Checkpoints model, optimizer and this rank's run state when due (or ``force``); True when it saved.
+def _save(*, ckpt, state: TrainState, model, optimizer, loader, config_text: str, dp_rank: int) -> bool:
+  """Checkpoints model, optimizer and this rank's run state (due-ness already decided); True when it saved.
 
-  The checkpointer gathers every rank's ``extra`` (data-iterator and RNG states) and decides due-ness from its
-  own step/seconds interval.
+  The checkpointer gathers every rank's ``extra`` (data-iterator and RNG states).
   """
   extra = {"train_state": dataclasses.asdict(state), "data": loader.state_dict(), "rng": process.rng_state(),
            "dp_rank": dp_rank}
   return bool(ckpt.save(step=state.step, model=model, optimizer=optimizer, extra=extra, config_text=config_text,
-                        force=force))
+                        force=True))

@@ -7,8 +7,10 @@ import torch
 VOCAB = 128
 
 
-def build(family: str, *, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0, **extra):
-    """A tiny causal LM of `family` with weights drawn from `seed` (reference kernels on CPU for FLA)."""
+def build(family: str, *, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0,
+          kernel_mode: str = "reference", **extra):
+    """A tiny causal LM of `family` with weights drawn from `seed` (reference kernels on CPU for FLA;
+    `kernel_mode="compiled"` for the custom-op attention that compiled blocks use)."""
     torch.manual_seed(seed)
     if family == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -19,7 +21,7 @@ def build(family: str, *, layers: int = 2, hidden: int = 32, heads: int = 4, see
         model = LlamaForCausalLM(cfg)
     else:
         import flame_gin.kernels
-        flame_gin.kernels.select(mode="reference")
+        flame_gin.kernels.select(mode=kernel_mode)
         from fla.models import (DeltaNetConfig, DeltaNetForCausalLM, GatedDeltaNetConfig, GatedDeltaNetForCausalLM,
                                 GLAConfig, GLAForCausalLM)
         classes = {"gla": (GLAConfig, GLAForCausalLM), "delta_net": (DeltaNetConfig, DeltaNetForCausalLM),

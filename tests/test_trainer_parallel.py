@@ -54,13 +54,16 @@ SINGLE = {  # run after the parallel runs; "resume_*" continue the parallel run 
     "reference_4_blocks": (REF_STEPS, ["--gin.NUM_LAYERS=4"]),
     "resume_pp_interleaved": (REF_STEPS, ["--gin.NUM_LAYERS=4"]),
 }
+ONE_RANK = {  # torchrun with one process: a one-rank process group and mesh
+    "fsdp_one_rank": (REF_STEPS, ["--gin_file=gin/parallel/fsdp_one_gpu.gin", FP32]),
+}
 
 
-def _launch(*, specs: list[dict], procs: int) -> dict[str, tuple[dict, str]]:
+def _launch(*, specs: list[dict], procs: int, torchrun: bool = False) -> dict[str, tuple[dict, str]]:
   """Runs ``specs`` in one launch; returns name -> ({step: loss} of the primary, that run's log)."""
   env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
   worker = [str(pathlib.Path(__file__).resolve()), json.dumps(specs)]
-  cmd = ([sys.executable, *worker] if procs == 1 else
+  cmd = ([sys.executable, *worker] if procs == 1 and not torchrun else
          [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *worker])
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-6000:]
@@ -84,6 +87,7 @@ def runs(runs_root):
       name=name, args=[*COMMON, f"--gin.TRAIN_STEPS={steps}", *extra], workdir=str(root / (workdir or name)))
   out = _launch(specs=[spec(n, *v) for n, v in PARALLEL.items()], procs=2)
   out.update(_launch(specs=[spec(n, *v, workdir=n.replace("resume_", "")) for n, v in SINGLE.items()], procs=1))
+  out.update(_launch(specs=[spec(n, *v) for n, v in ONE_RANK.items()], procs=1, torchrun=True))
   return out
 
 
@@ -113,6 +117,12 @@ def test_fsdp_matches_replicated_then_resumes_in_one_process(runs):
   assert f"resumed from step {PAR_STEPS}" in log
   assert sorted(resumed) == list(range(PAR_STEPS + 1, REF_STEPS + 1))
   assert all(abs(resumed[s] - losses[PAR_STEPS]) < 0.2 for s in resumed), (resumed, losses)
+
+
+def test_fsdp_on_one_rank_shards_and_matches_the_plain_run(runs):
+  losses, log = runs["fsdp_one_rank"]
+  assert "data parallel: fsdp over ('dp_shard_cp',) (1 ranks)" in log
+  assert_close(losses, runs["reference"][0], range(1, REF_STEPS + 1), rtol=1e-5)
 
 
 def test_tensor_parallel_matches_single_process_under_run_timeouts(runs):

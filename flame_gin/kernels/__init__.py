@@ -13,7 +13,13 @@ import torch
 
 from flame_gin.kernels.swap import TABLE, check_fla_version, check_table, installed, restore
 
-MODES = ("auto", "triton", "reference")
+MODES = ("auto", "triton", "reference", "compiled")
+_current = {"mode": "triton"}
+
+
+def current_mode() -> str:
+    """The mode the last `select` installed ("triton" before any)."""
+    return _current["mode"]
 
 
 def select(*, mode: str = "auto") -> str:
@@ -22,18 +28,22 @@ def select(*, mode: str = "auto") -> str:
     "auto" is "reference" when no CUDA device is available, else "triton". "reference" installs the
     PyTorch ops (idempotent; raises naming the FLA module and attribute if a name to swap is gone, or
     if the FLA version is unsupported); "triton" puts FLA's own ops back if they were swapped.
+    "compiled" is for `torch.compile`d blocks: FLA's chunked GLA/DeltaNet kernels as custom ops (the
+    references on CPU) and PyTorch norms, activations and convolutions that the compiler fuses.
     """
     if mode not in MODES:
         raise ValueError(f"kernel mode must be one of {MODES}, got {mode!r}")
     if mode == "auto":
         mode = "triton" if torch.cuda.is_available() else "reference"
-    if mode == "reference":
+    if mode in ("reference", "compiled"):
         from flame_gin.kernels import swap
 
-        swap.install()
+        swap.install(swap.TABLE if mode == "reference" else
+                     swap.compiled_table(on_gpu=torch.cuda.is_available()))
     else:
         restore()
+    _current["mode"] = mode
     return mode
 
 
-__all__ = ["MODES", "TABLE", "check_fla_version", "check_table", "installed", "restore", "select"]
+__all__ = ["MODES", "TABLE", "current_mode", "check_fla_version", "check_table", "installed", "restore", "select"]

@@ -13,7 +13,7 @@ import dataclasses
 import importlib
 from typing import Any
 
-from flame_gin.kernels import activation, attention, conv, loss, norm
+from flame_gin.kernels import activation, attention, conv, loss, norm, opaque
 
 SUPPORTED_FLA = ((0, 6, 0), (0, 7, 0))  # [low, high)
 
@@ -70,6 +70,26 @@ def _table() -> tuple[Swap, ...]:
 
 
 TABLE: tuple[Swap, ...] = _table()
+_ATTENTION_MODULES = ("fla.layers.gla", "fla.layers.delta_net", "fla.layers.gated_deltanet")
+_OPAQUE = {("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
+           ("fla.layers.delta_net", "chunk_delta_rule"): opaque.chunk_delta_rule}
+
+
+def compiled_table(*, on_gpu: bool) -> tuple[Swap, ...]:
+    """The swaps for compiled blocks: the chunked GLA/DeltaNet ops become custom ops (one graph node each)
+    and norms, activations and short convolutions become PyTorch ops that inductor fuses with their
+    neighbours. On GPU the other attention ops and the losses stay FLA's; on CPU everything else is the
+    reference table."""
+    swaps = []
+    for swap in TABLE:
+        key = (swap.module, swap.name)
+        if key in _OPAQUE:
+            swaps.append(Swap(swap.module, swap.name, _OPAQUE[key]))
+        elif not on_gpu or (swap.module not in _ATTENTION_MODULES and "Loss" not in swap.name):
+            swaps.append(swap)
+    return tuple(swaps)
+
+
 _originals: dict[Swap, Any] = {}
 
 
@@ -120,13 +140,15 @@ def check_table() -> list[str]:
     return [swap.label for swap in TABLE]
 
 
-def install() -> None:
-    """Binds every reference op (idempotent); nothing is changed if any check fails."""
-    if _originals:
+def install(table: tuple[Swap, ...] = TABLE) -> None:
+    """Binds every op of `table` (idempotent; another table installed before is restored first); nothing is
+    changed if any check fails."""
+    if _originals and set(_originals) == set(table):
         return
+    restore()
     check_table()
-    originals = {swap: _current(swap) for swap in TABLE}
-    for swap in TABLE:
+    originals = {swap: _current(swap) for swap in table}
+    for swap in table:
         _bind(swap, swap.replacement)
     _originals.update(originals)
 

@@ -30,15 +30,21 @@ def _blocks(model: nn.Module):
 
 def parallelize(model: nn.Module, *, dims: ParallelDims, mesh: DeviceMesh, sequence_parallel: bool = True,
                 loss_parallel: bool = True, activation_checkpointing: str = "none", ac_every: int = 1,
-                compile: bool = False, compile_backend: str = "inductor", data_parallel: str = "fsdp",
+                compile: bool = False, compile_backend: str = "inductor", compile_fullgraph: bool = False,
+                data_parallel: str = "fsdp",
                 param_dtype: str = "float32", reduce_dtype: str = "float32",
                 reshard_after_forward: bool = True, cpu_offload: bool = False, float8: bool = False,
-                float8_min_features: int = 1024) -> nn.Module:
+                float8_min_features: int = 1024, fsdp_on_one_rank: bool = False) -> nn.Module:
     """Parallelises `model` (a whole causal LM, or one pipeline stage) in place and returns it.
 
     `mesh` is the world mesh from `ParallelDims.build`. Data parallel runs over `dp_shard_cp` (HSDP adds
-    `dp_replicate`); it is skipped when that group is a single rank and `dp_replicate` is 1.
+    `dp_replicate`); it is skipped when that group is a single rank and `dp_replicate` is 1, unless
+    `fsdp_on_one_rank` (FSDP2 over one rank: its bf16-parameter/fp32-gradient numerics on a single GPU, and a
+    one-device check of the FSDP path).
     """
+    if fsdp_on_one_rank and mesh is None:
+        raise ValueError("parallelize.fsdp_on_one_rank needs a process group: launch one process with "
+                         "torchrun --nproc_per_node=1")
     if float8:
         from flame_gin.parallel.float8 import apply_float8
         count = apply_float8(model, min_features=float8_min_features)
@@ -48,10 +54,10 @@ def parallelize(model: nn.Module, *, dims: ParallelDims, mesh: DeviceMesh, seque
                               loss_parallel=loss_parallel)
     apply_activation_checkpointing(_blocks(model), mode=activation_checkpointing, every=ac_every)
     if compile:
-        apply_compile(_blocks(model), backend=compile_backend)
+        apply_compile(_blocks(model), backend=compile_backend, fullgraph=compile_fullgraph)
     if dims.dp_replicate > 1:
         dp_mesh = mesh["dp_replicate", "dp_shard_cp"]
-    elif dims.dp_shard * dims.cp > 1:
+    elif dims.dp_shard * dims.cp > 1 or (fsdp_on_one_rank and data_parallel == "fsdp"):
         dp_mesh = mesh["dp_shard_cp"]
     else:
         dp_mesh = None
@@ -59,6 +65,8 @@ def parallelize(model: nn.Module, *, dims: ParallelDims, mesh: DeviceMesh, seque
         raise ValueError(f"parallelize: data_parallel='ddp' needs dp_shard=1 and cp=1 with dp_replicate>1, got "
                          f"{dims.describe()}")
     if dp_mesh is not None:
+        log.info("data parallel: %s over %s (%d ranks), parameters %s, gradient reduction %s", data_parallel,
+                 dp_mesh.mesh_dim_names, dp_mesh.size(), param_dtype, reduce_dtype)
         apply_data_parallel(model, mesh=dp_mesh, mode=data_parallel, param_dtype=param_dtype,
                             reduce_dtype=reduce_dtype, reshard_after_forward=reshard_after_forward,
                             cpu_offload=cpu_offload, blocks=list(_blocks(model).values())

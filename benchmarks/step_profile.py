@@ -1,0 +1,100 @@
+"""Where one training step's GPU time goes: the hand-written loop's step (FLA model, autocast bf16, fused AdamW)
+under the torch profiler, kernels grouped by kind.
+
+Why: the throughput target is a ratio against that loop; before a lever is built, the profile says how much of
+the step it can touch (a 10% kernel cannot give 30%).
+  python3 benchmarks/step_profile.py --gin_file=gin/gla.gin --steps=3
+Prints the top kernels and one JSON line last: milliseconds per step and share per kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+
+import torch
+
+KINDS = (  # first match wins; names are CUDA kernel names (Triton kernels keep their Python names)
+    ("attention (FLA chunk kernels)", r"chunk|fwd_h|bwd_dh|wy|solve_tril|kkt|recompute_w_u|cumsum|gla|delta"),
+    ("loss (cross-entropy)", r"cross_entropy|logsumexp|softmax|ce_"),
+    ("matmul (cuBLAS/cutlass)", r"gemm|cutlass|sm90|nvjet|xmma|cublas"),
+    ("norms and gates (FLA Triton)", r"norm|swiglu|swish|sigmoid|silu|layer_norm|rms"),
+    ("optimizer (fused AdamW, clipping)", r"adam|foreach|multi_tensor|norm_kernel|lpnorm"),
+    ("inductor-generated", r"triton_(poi|red|per|tem)"),
+    ("elementwise and copies", r"elementwise|vectorized|copy|fill|cat|index|reduce|Memcpy|Memset"),
+)
+
+
+def kind_of(name: str) -> str:
+  for kind, pattern in KINDS:
+    if re.search(pattern, name, flags=re.IGNORECASE):
+      return kind
+  return "other"
+
+
+def _resolve(value):
+  """A gin value with macros resolved."""
+  import gin
+  while isinstance(value, gin.config.ConfigurableReference):
+    value = value.scoped_configurable_fn()
+  return value
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--gin_file", action="append", default=[])
+  parser.add_argument("--gin_bindings", action="append", default=[])
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--top", type=int, default=25)
+  args = parser.parse_args()
+
+  import gin
+  import transformers
+  from flame_gin import config as config_lib, configurables, kernels  # noqa: F401 (registers gin)
+  config_lib.parse(gin_files=args.gin_file, gin_bindings=["MODEL_DIR = '/tmp/flame_gin_profile'", *args.gin_bindings],
+                   search_paths=config_lib.default_search_paths())
+  model_config = gin.query_parameter("flame_gin.run.model_config").scoped_configurable_fn()
+  batch, seq = (_resolve(gin.query_parameter(f"flame_gin.run.{name}")) for name in ("batch_size", "seq_len"))
+  kernels.select(mode="triton")
+  device = torch.device("cuda")
+  torch.manual_seed(0)
+  with device:
+    model = transformers.AutoModelForCausalLM.from_config(model_config)
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+  ids = torch.randint(0, model_config.vocab_size, (batch, seq), device=device)
+
+  def step():
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+      loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  for _ in range(3):  # compile, autotune, allocator warm-up
+    step()
+  torch.cuda.synchronize()
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    for _ in range(args.steps):
+      step()
+    torch.cuda.synchronize()
+  per_kernel = collections.Counter()
+  for event in prof.events():
+    if event.device_type == torch.autograd.DeviceType.CUDA:
+      per_kernel[event.name] += event.device_time / 1e3 / args.steps  # ms per step
+  total = sum(per_kernel.values())
+  for name, ms in per_kernel.most_common(args.top):
+    print(f"{ms:8.2f} ms {100 * ms / total:5.1f}%  [{kind_of(name)}] {name[:110]}")
+  shares = collections.Counter()
+  for name, ms in per_kernel.items():
+    shares[kind_of(name)] += ms
+  print(json.dumps({"device": torch.cuda.get_device_name(), "family": model_config.model_type, "batch": batch,
+                    "seq_len": seq, "gpu_ms_per_step": round(total, 2),
+                    "share": {k: round(v / total, 4) for k, v in shares.most_common()},
+                    "ms": {k: round(v, 2) for k, v in shares.most_common()}}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,97 @@
+"""Compile-opaque attention ops: FLA's chunked GLA/DeltaNet ops as custom ops, one graph for every block.
+
+FLA 0.6 wraps `chunk_gla`/`chunk_delta_rule` in `torch.compiler.disable` (a graph break in every block); the
+custom ops must keep one graph for any depth under `fullgraph=True`, pass torch's op checks, and give the
+reference model's logits and gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dist_models
+import flame_gin.kernels
+from flame_gin.kernels import attention, opaque
+from flame_gin.parallel.compile import apply_compile
+
+
+def _count_graphs(model, *, ids, fullgraph: bool):
+    torch._dynamo.reset()
+    count = 0
+
+    def backend(gm, example_inputs):
+        nonlocal count
+        count += 1
+        return gm.forward
+
+    apply_compile(model.model.layers, backend=backend, fullgraph=fullgraph)
+    out = model(input_ids=ids).logits
+    out.float().square().mean().backward()
+    return count, out
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    yield
+    torch._dynamo.reset()
+    flame_gin.kernels.select(mode="reference")
+
+
+@pytest.mark.parametrize("family", ["gla", "delta_net"])
+def test_compiled_mode_one_graph_for_all_blocks_and_reference_values(family):
+    ids = torch.randint(0, dist_models.VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    reference = dist_models.build(family, layers=3)
+    ref_logits = reference(input_ids=ids).logits
+    ref_logits.float().square().mean().backward()
+
+    counts = []
+    for layers in (1, 3):
+        model = dist_models.build(family, layers=layers, kernel_mode="compiled")
+        counts.append(_count_graphs(model, ids=ids, fullgraph=True))
+    assert counts[0][0] == counts[1][0] == 1, [c for c, _ in counts]
+    torch.testing.assert_close(counts[1][1], ref_logits, rtol=1e-5, atol=1e-5)
+    ref_grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _gla_inputs(*, batch, length, heads=2, dk=8, dv=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(batch, length, heads, dk, generator=g) for _ in range(2))
+    v = torch.randn(batch, length, heads, dv, generator=g)
+    gate = torch.nn.functional.logsigmoid(torch.randn(batch, length, heads, dk, generator=g))
+    return q, k, v, gate
+
+
+def test_custom_ops_pass_opcheck():
+    q, k, v, g = (x.requires_grad_() for x in _gla_inputs(batch=2, length=40))
+    torch.library.opcheck(opaque.gla_fwd, (q, k, v, g, 0.5, True, None))
+    beta = torch.rand(2, 40, 2, requires_grad=True)
+    torch.library.opcheck(opaque.delta_fwd, (q, k, v, beta, 0.5, None))
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_gla_op_gradients_match_reference_autograd(varlen):
+    inputs = _gla_inputs(batch=1 if varlen else 2, length=48)
+    cu = torch.tensor([0, 5, 30, 48]) if varlen else None
+    a = [x.clone().double().requires_grad_() for x in inputs]
+    b = [x.clone().double().requires_grad_() for x in inputs]
+    out, state = opaque.chunk_gla(*a, cu_seqlens=cu)
+    ref, _ = attention.chunk_gla(*b, cu_seqlens=cu)
+    assert state is None
+    weights = torch.randn_like(ref)
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(out, ref)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_states_fall_back_to_the_unwrapped_op():
+    q, k, v, g = _gla_inputs(batch=1, length=8)
+    h0 = torch.randn(1, 2, 16, 8)
+    out, state = opaque.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, state_v_first=True)
+    ref, ref_state = attention.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, state_v_first=True)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(state, ref_state)
