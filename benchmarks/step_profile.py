@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import re
+import sys
 
 import torch
 
@@ -97,4 +99,5 @@ def main():
 
 
 if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   main()

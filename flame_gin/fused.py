@@ -25,6 +25,11 @@ def token_loss_sum(*, hidden: torch.Tensor, head: nn.Module, labels: torch.Tenso
     from fla.modules import FusedLinearCrossEntropyLoss
     return FusedLinearCrossEntropyLoss(reduction="sum")(hidden, labels, head.weight,
                                                         getattr(head, "bias", None)).float()
+  return logits_loss_sum(logits=head(hidden), labels=labels)
+
+
+def logits_loss_sum(*, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+  """Sum of the token cross-entropies of (bf16) ``logits``: FLA's Triton cross-entropy, gradient in place."""
   from fla.modules import FusedCrossEntropyLoss
-  logits = head(hidden)
-  return FusedCrossEntropyLoss(inplace_backward=True, reduction="sum")(logits, labels).float()
+  return FusedCrossEntropyLoss(inplace_backward=True, reduction="sum")(
+      logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device)).float()

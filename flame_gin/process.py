@@ -39,12 +39,14 @@ def init(*, timeout_seconds: float = 600.0, device_type: str = "auto",
   ``timeout_seconds`` bounds every collective until ``set_timeout`` changes it (start-up: rendezvous, first
   all-gathers, checkpoint restore). ``nccl_trace_buffer_size`` (entries of NCCL's flight recorder, which keeps
   the last collectives of each rank for a post-mortem of a hang) must be set before the group exists, so it
-  is exported here as ``TORCH_NCCL_TRACE_BUFFER_SIZE``; None leaves the environment as it is.
+  is exported here as ``TORCH_NCCL_TRACE_BUFFER_SIZE`` and ``TORCH_FR_BUFFER_SIZE`` (its name from torch 2.11);
+  None leaves the environment as it is.
   """
   if nccl_trace_buffer_size is not None:
     if nccl_trace_buffer_size < 0:
       raise ValueError(f"nccl_trace_buffer_size={nccl_trace_buffer_size} must be >= 0 (0 turns it off)")
-    os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] = str(nccl_trace_buffer_size)
+    os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] = str(nccl_trace_buffer_size)  # torch < 2.11
+    os.environ["TORCH_FR_BUFFER_SIZE"] = str(nccl_trace_buffer_size)  # its name from torch 2.11 on
   if timeout_seconds <= 0:
     raise ValueError(f"timeout_seconds={timeout_seconds} must be positive")
   world_size = int(os.environ.get("WORLD_SIZE", "1"))

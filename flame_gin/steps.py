@@ -36,9 +36,14 @@ def fetch(iterator: Iterator[dict], *, count: int, device: torch.device) -> tupl
   batches, tokens = [], 0
   for _ in range(count):
     batch = next(iterator)
-    tokens += int((batch["labels"] != loss_lib.IGNORE_INDEX).sum())
+    tokens += valid_tokens([batch])
     batches.append({k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()})
   return batches, tokens, time.perf_counter() - start
+
+
+def valid_tokens(batches: list[dict]) -> int:
+  """Labels that count in the loss (a device read-back when the labels live on the GPU)."""
+  return sum(int((b["labels"] != loss_lib.IGNORE_INDEX).sum()) for b in batches)
 
 
 def global_tokens(*, local: int, device: torch.device, group) -> int:

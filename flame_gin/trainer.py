@@ -112,7 +112,8 @@ def _memory_estimate(*, meta, dims: mesh_lib.ParallelDims, micro_batch: int, seq
   allocated); bf16 activations on GPU, fp32 on CPU, no activation checkpointing (an upper bound)."""
   from flame_gin.parallel import memory
   estimate = memory.estimate_memory(model=meta, dims=dims, local_batch=micro_batch, seq_len=seq_len,
-                                    param_dtype="bfloat16" if device.type == "cuda" else "float32")
+                                    param_dtype="bfloat16" if device.type == "cuda" else "float32",
+                                    run_blocks=not (torch.cuda.is_available() and kernels.current_mode() == "triton"))
   return memory.format_estimate(estimate)
 
 
@@ -251,7 +252,9 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   while state.step < train_steps:
     step_start = time.perf_counter()
     batches, local_tokens, data_wait = steps.fetch(iterator, count=grad_accum_steps, device=proc.device)
-    batches = [prepare(b) for b in batches]
+    if dims.cp > 1:  # each context rank keeps its slice of the sequence: count what it kept
+      batches = [prepare(b) for b in batches]
+      local_tokens = steps.valid_tokens(batches)
     tokens = steps.global_tokens(local=local_tokens, device=proc.device, group=group)
     if runtime is None:
       loss = steps.forward_backward(model=model, batches=batches, tokens=tokens, device=proc.device,

@@ -193,8 +193,9 @@ def test_nccl_trace_buffer_is_exported_before_the_group_and_bad_timeouts_refused
   from flame_gin import process
   monkeypatch.delenv("WORLD_SIZE", raising=False)
   monkeypatch.delenv("TORCH_NCCL_TRACE_BUFFER_SIZE", raising=False)
+  monkeypatch.delenv("TORCH_FR_BUFFER_SIZE", raising=False)
   process.init(device_type="cpu", nccl_trace_buffer_size=4096)
-  assert os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "4096"
+  assert os.environ["TORCH_NCCL_TRACE_BUFFER_SIZE"] == os.environ["TORCH_FR_BUFFER_SIZE"] == "4096"
   with pytest.raises(ValueError, match="timeout_seconds=0 must be positive"):
     process.init(device_type="cpu", timeout_seconds=0)
   with pytest.raises(ValueError, match="nccl_trace_buffer_size=-1"):

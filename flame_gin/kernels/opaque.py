@@ -15,7 +15,9 @@ change broke them. On CPU they run the float32 references of `flame_gin.kernels.
 recomputation), so CPU tests exercise the same graphs.
 
 Calls with a recurrent state (an initial state, a final state wanted: generation, context parallel) fall
-back to the unwrapped op; training never passes one.
+back to the unwrapped op; training never passes one. The layers' cache helpers are replaced too: FLA's read
+the block's integer `layer_idx` even without a cache, and torch 2.11's dynamo guards on that value, so each
+layer recompiled; these return at once when there is no cache.
 """
 
 from __future__ import annotations
@@ -236,3 +238,21 @@ def _unwrapped_delta(q: Tensor):
         from fla.ops.delta_rule import chunk_delta_rule as fla_chunk_delta_rule
         return fla_chunk_delta_rule
     return attention.chunk_delta_rule
+
+
+# --- cache helpers -------------------------------------------------------------------------------------------
+
+def get_layer_cache(module, past_key_values):
+    """`fla.layers.utils.get_layer_cache` that reads nothing of `module` when there is no cache."""
+    if past_key_values is None:
+        return None
+    from fla.layers import utils
+    return utils.get_layer_cache(module, past_key_values)
+
+
+def update_layer_cache(module, past_key_values, **kwargs):
+    """`fla.layers.utils.update_layer_cache` that reads nothing of `module` when there is no cache."""
+    if past_key_values is None:
+        return None
+    from fla.layers import utils
+    return utils.update_layer_cache(module, past_key_values, **kwargs)

@@ -76,9 +76,9 @@ _OPAQUE = {("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
 
 
 def compiled_table(*, on_gpu: bool) -> tuple[Swap, ...]:
-    """The swaps for compiled blocks: the chunked GLA/DeltaNet ops become custom ops (one graph node each)
-    and norms, activations and short convolutions become PyTorch ops that inductor fuses with their
-    neighbours. On GPU the other attention ops and the losses stay FLA's; on CPU everything else is the
+    """The swaps for compiled blocks: the chunked GLA/DeltaNet ops become custom ops (one graph node each),
+    norms, activations and short convolutions become PyTorch ops that inductor fuses with their neighbours,
+    and the layers' cache helpers stop reading `layer_idx` without a cache. On GPU the other attention ops and the losses stay FLA's; on CPU everything else is the
     reference table."""
     swaps = []
     for swap in TABLE:
@@ -87,6 +87,9 @@ def compiled_table(*, on_gpu: bool) -> tuple[Swap, ...]:
             swaps.append(Swap(swap.module, swap.name, _OPAQUE[key]))
         elif not on_gpu or (swap.module not in _ATTENTION_MODULES and "Loss" not in swap.name):
             swaps.append(swap)
+    for module in _ATTENTION_MODULES:
+        swaps.append(Swap(module, "get_layer_cache", opaque.get_layer_cache))
+        swaps.append(Swap(module, "update_layer_cache", opaque.update_layer_cache))
     return tuple(swaps)
 
 

@@ -69,9 +69,13 @@ def _vocab_parallel_loss_sum(logits: DTensor, labels: torch.Tensor) -> torch.Ten
 
 
 def token_loss_sum(*, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies (fp32), ignoring -100; accepts vocabulary-sharded DTensor logits."""
+    """Sum of token cross-entropies (fp32), ignoring -100; accepts vocabulary-sharded DTensor logits. On GPU,
+    whole logits go to FLA's Triton cross-entropy (no fp32 copy; the plain path's default, `flame_gin.fused`)."""
     if isinstance(logits, DTensor):
         return _vocab_parallel_loss_sum(logits, labels)
+    if logits.is_cuda:
+        from flame_gin import fused
+        return fused.logits_loss_sum(logits=logits, labels=labels)
     return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten().to(logits.device),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 

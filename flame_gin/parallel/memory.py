@@ -41,9 +41,14 @@ def _block_activation_bytes(block: nn.Module, *, batch: int, seq: int, hidden: i
 
 def estimate_memory(*, model: nn.Module, dims: ParallelDims, local_batch: int, seq_len: int,
                     param_dtype: str = "bfloat16", optimizer_states: int = 2,
-                    activation_checkpointing: str = "none") -> dict:
+                    activation_checkpointing: str = "none", run_blocks: bool = True) -> dict:
     """GiB per rank: `params` (fp32 shards), `grads`, `optimizer`, `gathered` (one block unsharded in
-    `param_dtype`), `activations` (None when unmeasurable) and `total`. `model` may live on `meta`."""
+    `param_dtype`), `activations` (None when unmeasurable) and `total`. `model` may live on `meta`.
+
+    Activations are measured by running one block on meta tensors; `run_blocks=False` skips that, which the
+    caller must do when the block would launch GPU kernels (FLA's Triton kernels take a meta tensor's null
+    pointer and fault the device: an illegal memory access that poisons the whole process).
+    """
     blocks = list(model.model.layers)
     n_params = sum(p.numel() for p in model.parameters())
     shard = dims.dp_shard * dims.cp * dims.tp * dims.pp
@@ -56,6 +61,8 @@ def estimate_memory(*, model: nn.Module, dims: ParallelDims, local_batch: int, s
     hidden = model.config.hidden_size
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[param_dtype]
     try:
+        if not run_blocks:
+            raise RuntimeError("the block's kernels do not run on meta tensors")
         meta_block = blocks[0].to_empty(device="meta") if next(blocks[0].parameters()).device.type != "meta" \
             else blocks[0]
         rotary = getattr(model.model, "rotary_emb", None)
