@@ -35,3 +35,43 @@ def test_tensor_parallel_refuses_unknown_family():
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="no plan for model family 'gpt2'.*gla"):
         apply_tensor_parallel(model, tp_mesh=None)
+
+
+@pytest.mark.parametrize("family", ["llama", "gla"])
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_gradients(family, mode):
+    """Recomputation replays the same forward: gradients equal those without checkpointing (HF Llama with
+    SDPA included, called as the trainer calls it, without a KV cache)."""
+    from flame_gin.parallel.checkpointing import apply_activation_checkpointing
+    ids, _ = dist_models.batch(rows=2, seq=16)
+    grads = []
+    for checkpointing in ("none", mode):
+        model = dist_models.build(family, layers=2)
+        apply_activation_checkpointing(model.model.layers, mode=checkpointing)
+        model(input_ids=ids, use_cache=False).logits.square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert len(grads[0]) == len(grads[1])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain)
+
+
+def test_memory_estimate_can_skip_running_blocks():
+    model = dist_models.build("gla").to("meta")
+    ran = estimate_memory(model=model, dims=ParallelDims(world_size=1), local_batch=2, seq_len=32)
+    skipped = estimate_memory(model=model, dims=ParallelDims(world_size=1), local_batch=2, seq_len=32,
+                              run_blocks=False)
+    assert ran["activations"] is not None and skipped["activations"] is None
+    assert skipped["params"] == ran["params"]
+
+
+def test_async_tp_is_refused_without_tp_compile_or_cuda():
+    from flame_gin.parallel.parallelize import parallelize
+    model = dist_models.build("gla")
+    with pytest.raises(ValueError, match="needs tensor parallel and compiled blocks: ParallelDims.tp=1"):
+        parallelize(model, dims=ParallelDims(world_size=1), mesh=None, async_tp=True, compile=True)
+    with pytest.raises(ValueError, match="parallelize.compile=False"):
+        parallelize(model, dims=ParallelDims(world_size=2, tp=2, dp_shard=1), mesh=None, async_tp=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs CUDA"):
+            parallelize(model, dims=ParallelDims(world_size=2, tp=2, dp_shard=1), mesh=None, async_tp=True,
+                        compile=True)

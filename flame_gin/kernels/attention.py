@@ -14,6 +14,8 @@ dependency is a unit lower-triangular solve. Results do not depend on `chunk_siz
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -44,7 +46,10 @@ def _run_segments(*, core, tensors, initial_state, output_final_state, state_v_f
             initial_state = initial_state.transpose(-1, -2)
     outputs, states = [], []
     # float32 throughout, also under an enclosing bf16 autocast region
-    with torch.autocast(device_type=tensors[0].device.type, enabled=False):
+    device_type = tensors[0].device.type
+    off = (torch.autocast(device_type=device_type, enabled=False) if device_type in ("cpu", "cuda")
+           else contextlib.nullcontext())  # no autocast on meta (memory estimates run blocks there)
+    with off:
         for n, (row, start, end) in enumerate(segments):
             parts = [t[row:row + 1, start:end] for t in tensors]
             h0 = None if initial_state is None else initial_state[n:n + 1]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+import torch._inductor.config
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -28,23 +30,38 @@ def _blocks(model: nn.Module):
     return inner.layers
 
 
+def _enable_async_tp(*, dims: ParallelDims, compile: bool) -> None:
+    if dims.tp == 1 or not compile:
+        raise ValueError(f"parallelize.async_tp needs tensor parallel and compiled blocks: ParallelDims.tp={dims.tp}, "
+                         f"parallelize.compile={compile}")
+    if not torch.cuda.is_available():
+        raise ValueError("parallelize.async_tp needs CUDA (symmetric memory); it has no CPU/gloo path")
+    torch._inductor.config._micro_pipeline_tp = True
+    log.info("async tensor parallel: inductor micro-pipelines the TP collectives of compiled blocks")
+
+
 def parallelize(model: nn.Module, *, dims: ParallelDims, mesh: DeviceMesh, sequence_parallel: bool = True,
                 loss_parallel: bool = True, activation_checkpointing: str = "none", ac_every: int = 1,
                 compile: bool = False, compile_backend: str = "inductor", compile_fullgraph: bool = False,
                 data_parallel: str = "fsdp",
                 param_dtype: str = "float32", reduce_dtype: str = "float32",
                 reshard_after_forward: bool = True, cpu_offload: bool = False, float8: bool = False,
-                float8_min_features: int = 1024, fsdp_on_one_rank: bool = False) -> nn.Module:
+                float8_min_features: int = 1024, fsdp_on_one_rank: bool = False,
+                async_tp: bool = False) -> nn.Module:
     """Parallelises `model` (a whole causal LM, or one pipeline stage) in place and returns it.
 
     `mesh` is the world mesh from `ParallelDims.build`. Data parallel runs over `dp_shard_cp` (HSDP adds
     `dp_replicate`); it is skipped when that group is a single rank and `dp_replicate` is 1, unless
     `fsdp_on_one_rank` (FSDP2 over one rank: its bf16-parameter/fp32-gradient numerics on a single GPU, and a
-    one-device check of the FSDP path).
+    one-device check of the FSDP path). `async_tp` lets inductor overlap the tensor-parallel collectives with
+    the matrix products they feed (micro-pipelined TP over CUDA symmetric memory); it needs `tp > 1`, compiled
+    blocks and CUDA, and is refused otherwise.
     """
     if fsdp_on_one_rank and mesh is None:
         raise ValueError("parallelize.fsdp_on_one_rank needs a process group: launch one process with "
                          "torchrun --nproc_per_node=1")
+    if async_tp:
+        _enable_async_tp(dims=dims, compile=compile)
     if float8:
         from flame_gin.parallel.float8 import apply_float8
         count = apply_float8(model, min_features=float8_min_features)
