@@ -13,11 +13,26 @@ from flame_gin.parallel.memory import estimate_memory
 from flame_gin.parallel.tp_plans import apply_tensor_parallel
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchao") is not None, reason="torchao installed")
-def test_float8_says_torchao_is_missing():
+def test_float8_says_torchao_is_missing(monkeypatch):
+    import sys
     from flame_gin.parallel.float8 import apply_float8
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # as if torchao were not installed
     with pytest.raises(RuntimeError, match="torchao is not installed"):
         apply_float8(torch.nn.Sequential(torch.nn.Linear(16, 16)))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed")
+def test_float8_converts_only_large_linears_and_never_the_head():
+    """torchao's real conversion (CPU: modules only; float8 matmuls need an H100) under the size filter."""
+    from torchao.float8.float8_linear import Float8Linear
+    from flame_gin.parallel.float8 import apply_float8
+    model = dist_models.build("gla", hidden=64, heads=4)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    want = {n for n, m in linears.items() if "lm_head" not in n and min(m.in_features, m.out_features) >= 64}
+    assert want and len(want) < len(linears)
+    assert apply_float8(model, min_features=64) == len(want)
+    got = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    assert got == want
 
 
 def test_memory_estimate_scales_with_sharding():
