@@ -22,10 +22,15 @@ DEFAULT_FUSED = "logits"
 
 
 def backbone_kwargs(batch: dict) -> dict:
-  """Keyword arguments for the model body: ``cu_seqlens`` only in varlen mode."""
+  """Keyword arguments for the model body: ``cu_seqlens`` only in varlen mode.
+
+  The number of documents changes from batch to batch, so ``cu_seqlens``'s length is marked dynamic: compiled
+  blocks then keep one graph instead of recompiling for every new document count (a no-op in eager mode).
+  """
   kwargs = {"input_ids": batch["input_ids"]}
   if batch.get("cu_seqlens") is not None:
     kwargs["cu_seqlens"] = batch["cu_seqlens"]
+    torch._dynamo.maybe_mark_dynamic(kwargs["cu_seqlens"], 0)
   return kwargs
 
 
