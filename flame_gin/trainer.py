@@ -113,7 +113,7 @@ def _memory_estimate(*, meta, dims: mesh_lib.ParallelDims, micro_batch: int, seq
   from flame_gin.parallel import memory
   estimate = memory.estimate_memory(model=meta, dims=dims, local_batch=micro_batch, seq_len=seq_len,
                                     param_dtype="bfloat16" if device.type == "cuda" else "float32",
-                                    run_blocks=not (torch.cuda.is_available() and kernels.current_mode() == "triton"))
+                                    run_blocks=not (device.type == "cuda" and kernels.current_mode() == "triton"))
   return memory.format_estimate(estimate)
 
 

@@ -14,21 +14,16 @@ import dist_models
 import flame_gin.kernels
 from flame_gin.kernels import attention, opaque
 from flame_gin.parallel.compile import apply_compile
+from graph_count import GraphCounter
 
 
 def _count_graphs(model, *, ids, fullgraph: bool):
     torch._dynamo.reset()
-    count = 0
-
-    def backend(gm, example_inputs):
-        nonlocal count
-        count += 1
-        return gm.forward
-
-    apply_compile(model.model.layers, backend=backend, fullgraph=fullgraph)
+    counter = GraphCounter()
+    apply_compile(model.model.layers, backend=counter, fullgraph=fullgraph)
     out = model(input_ids=ids).logits
     out.float().square().mean().backward()
-    return count, out
+    return counter.count, out
 
 
 @pytest.fixture(autouse=True)
@@ -100,21 +95,15 @@ def test_states_fall_back_to_the_unwrapped_op():
 def test_varlen_batches_with_different_document_counts_share_one_graph():
     from flame_gin import loss as loss_lib
     torch._dynamo.reset()
-    count = 0
-
-    def backend(gm, example_inputs):
-        nonlocal count
-        count += 1
-        return gm.forward
-
+    counter = GraphCounter()
     ids = torch.randint(0, dist_models.VOCAB, (1, 160), generator=torch.Generator().manual_seed(0))
     batches = [{"input_ids": ids, "cu_seqlens": torch.tensor(cuts, dtype=torch.int32)}  # > 64 tokens: chunked
                for cuts in ([0, 70, 160], [0, 5, 90, 160], [0, 7, 9, 100, 140, 160])]
     reference = dist_models.build("gla", layers=2)  # kernel selection is process-wide: reference first
     want = [reference.model(**loss_lib.backbone_kwargs(b), use_cache=False).last_hidden_state for b in batches]
     model = dist_models.build("gla", layers=2, kernel_mode="compiled")
-    apply_compile(model.model.layers, backend=backend, fullgraph=True)
+    apply_compile(model.model.layers, backend=counter, fullgraph=True)
     for batch, expected in zip(batches, want):
         out = model.model(**loss_lib.backbone_kwargs(batch), use_cache=False).last_hidden_state
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert count == 1, count
+    assert counter.count == 1, counter.count

@@ -6,23 +6,18 @@ import torch
 
 import dist_models
 from flame_gin.parallel.compile import apply_compile
+from graph_count import GraphCounter
 
 
 def _compiles(layers: int) -> tuple[int, torch.Tensor]:
     torch._dynamo.reset()
-    count = 0
-
-    def backend(gm, example_inputs):
-        nonlocal count
-        count += 1
-        return gm.forward
-
+    counter = GraphCounter()
     model = dist_models.build("gla", layers=layers)
-    apply_compile(model.model.layers, backend=backend)
+    apply_compile(model.model.layers, backend=counter)
     ids = torch.arange(8).unsqueeze(0)
     logits = model(input_ids=ids).logits
     logits.sum().backward()
-    return count, logits
+    return counter.count, logits
 
 
 def test_blocks_compile_once_not_per_layer():

@@ -19,6 +19,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from flame_gin.kernels import norm
+
 DEFAULT_CHUNK_SIZE = 64
 
 
@@ -121,10 +123,6 @@ def _delta_core(q, k, v, beta, g, h0, *, scale, chunk_size):
     return torch.cat(outputs, dim=1), h
 
 
-def _l2norm(x):
-    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + 1e-6)
-
-
 def _check_chunk_size(chunk_size):
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -175,7 +173,7 @@ def _delta_common(
         raise ValueError(f"value heads ({v_heads}) must be a multiple of query/key heads ({heads})")
     q, k, v = q.float(), k.float(), v.float()
     if use_qk_l2norm_in_kernel:
-        q, k = _l2norm(q), _l2norm(k)
+        q, k = norm.l2norm(q), norm.l2norm(k)
     if v_heads != heads:
         q = q.repeat_interleave(v_heads // heads, dim=2)
         k = k.repeat_interleave(v_heads // heads, dim=2)

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from flame_gin.kernels import attention
+from flame_gin.kernels import attention, norm
 
 Tensor = torch.Tensor
 GLA_CHUNK_LIMITS = (16, 64)  # FLA's ChunkGLAFunction: min(64, max(16, next_power_of_2(T)))
@@ -212,12 +212,6 @@ def _delta_backward(ctx, do, _da):
 delta_fwd.register_autograd(_delta_backward, setup_context=_delta_setup)
 
 
-def _l2norm(x: Tensor) -> Tensor:
-    """q/k normalisation in float32 outside the op (FLA does it inside; the compiled graph fuses this)."""
-    y = x.float()
-    return (y * torch.rsqrt(y.square().sum(-1, keepdim=True) + 1e-6)).to(x.dtype)
-
-
 def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
                      use_qk_l2norm_in_kernel=False, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
     """`fla.ops.delta_rule.chunk_delta_rule` as one compiled-graph node; falls back with states."""
@@ -226,8 +220,8 @@ def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final
                                    output_final_state=output_final_state,
                                    use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens,
                                    cu_seqlens_cpu=cu_seqlens_cpu, **kwargs)
-    if use_qk_l2norm_in_kernel:
-        q, k = _l2norm(q), _l2norm(k)
+    if use_qk_l2norm_in_kernel:  # outside the op (FLA does it inside): the compiled graph fuses it
+        q, k = norm.l2norm(q), norm.l2norm(k)
     scale = k.shape[-1] ** -0.5 if scale is None else float(scale)
     o, _ = delta_fwd(q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), scale, cu_seqlens)
     return o, None

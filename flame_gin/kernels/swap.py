@@ -78,8 +78,8 @@ _OPAQUE = {("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
 def compiled_table(*, on_gpu: bool) -> tuple[Swap, ...]:
     """The swaps for compiled blocks: the chunked GLA/DeltaNet ops become custom ops (one graph node each),
     norms, activations and short convolutions become PyTorch ops that inductor fuses with their neighbours,
-    and the layers' cache helpers stop reading `layer_idx` without a cache. On GPU the other attention ops and the losses stay FLA's; on CPU everything else is the
-    reference table."""
+    and the layers' cache helpers stop reading `layer_idx` without a cache. On GPU the other attention ops
+    and the losses stay FLA's; on CPU everything else is the reference table."""
     swaps = []
     for swap in TABLE:
         key = (swap.module, swap.name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch._inductor.config
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -36,7 +35,8 @@ def _enable_async_tp(*, dims: ParallelDims, compile: bool) -> None:
                          f"parallelize.compile={compile}")
     if not torch.cuda.is_available():
         raise ValueError("parallelize.async_tp needs CUDA (symmetric memory); it has no CPU/gloo path")
-    torch._inductor.config._micro_pipeline_tp = True
+    from torch._inductor import config as inductor_config  # only here: no start-up cost for every run
+    inductor_config._micro_pipeline_tp = True
     log.info("async tensor parallel: inductor micro-pipelines the TP collectives of compiled blocks")
 
 
