@@ -4,7 +4,11 @@ under the torch profiler, kernels grouped by kind.
 Why: the throughput target is a ratio against that loop; before a lever is built, the profile says how much of
 the step it can touch (a 10% kernel cannot give 30%).
   python3 benchmarks/step_profile.py --gin_file=gin/gla.gin --steps=3
-Prints the top kernels and one JSON line last: milliseconds per step and share per kind.
+With ``--trace``, the same grouping of a Chrome trace that the trainer's profiler wrote (``flame_gin.profiler``),
+so the trainer's own step (compiled blocks included) is read the same way; ``--steps`` is the steps it covers:
+  python3 benchmarks/step_profile.py --trace=WORKDIR/profile/step_20/rank0_trace.json --steps=2
+Prints the top kernels and one JSON line last: milliseconds per step and share per kind; for a trace also how
+busy the GPU was over the traced window (kernel time over wall time, overlaps merged).
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ import sys
 import torch
 
 KINDS = (  # first match wins; names are CUDA kernel names (Triton kernels keep their Python names)
+    ("inductor-generated", r"triton_(poi|red|per|tem)"),  # before the rest: fused names mention norms
     ("attention (FLA chunk kernels)", r"chunk|fwd_h|bwd_dh|wy|solve_tril|kkt|recompute_w_u|cumsum|gla|delta"),
     ("loss (cross-entropy)", r"cross_entropy|logsumexp|softmax|ce_"),
     ("matmul (cuBLAS/cutlass)", r"gemm|cutlass|sm90|nvjet|xmma|cublas"),
     ("norms and gates (FLA Triton)", r"norm|swiglu|swish|sigmoid|silu|layer_norm|rms"),
     ("optimizer (fused AdamW, clipping)", r"adam|foreach|multi_tensor|norm_kernel|lpnorm"),
-    ("inductor-generated", r"triton_(poi|red|per|tem)"),
     ("elementwise and copies", r"elementwise|vectorized|copy|fill|cat|index|reduce|Memcpy|Memset"),
 )
 
@@ -50,7 +54,11 @@ def main():
   parser.add_argument("--gin_bindings", action="append", default=[])
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--top", type=int, default=25)
+  parser.add_argument("--trace", default="", help="Chrome trace of the trainer's profiler to read instead.")
   args = parser.parse_args()
+  if args.trace:
+    report(*trace_kernels(args.trace, steps=args.steps), top=args.top, header={"trace": args.trace})
+    return
 
   import gin
   import transformers
@@ -86,14 +94,44 @@ def main():
   for event in prof.events():
     if event.device_type == torch.autograd.DeviceType.CUDA:
       per_kernel[event.name] += event.device_time / 1e3 / args.steps  # ms per step
-  total = sum(per_kernel.values())
-  for name, ms in per_kernel.most_common(args.top):
-    print(f"{ms:8.2f} ms {100 * ms / total:5.1f}%  [{kind_of(name)}] {name[:110]}")
+  report(per_kernel, {}, top=args.top, header={"device": torch.cuda.get_device_name(),
+                                               "family": model_config.model_type, "batch": batch, "seq_len": seq})
+
+
+def trace_kernels(path: str, *, steps: int) -> tuple[collections.Counter, dict]:
+  """Milliseconds per step per kernel name in a Chrome trace, and the GPU's busy share of the traced window."""
+  with open(path) as f:
+    events = json.load(f)["traceEvents"]
+  kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+  if not kernels:
+    raise ValueError(f"{path}: no GPU kernel events (was the trace taken on a GPU?)")
+  per_kernel = collections.Counter()
+  for e in kernels:
+    per_kernel[e["name"]] += e["dur"] / 1e3 / steps
+  spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+  busy, end = 0.0, spans[0][0]
+  for start, stop in spans:  # union of kernel intervals
+    if stop > end:
+      busy += stop - max(start, end)
+      end = stop
+  window = spans[-1][1] - spans[0][0]
+  return per_kernel, {"wall_ms_per_step": round(window / 1e3 / steps, 2), "gpu_busy": round(busy / window, 4)}
+
+
+def by_kind(per_kernel: collections.Counter) -> collections.Counter:
   shares = collections.Counter()
   for name, ms in per_kernel.items():
     shares[kind_of(name)] += ms
-  print(json.dumps({"device": torch.cuda.get_device_name(), "family": model_config.model_type, "batch": batch,
-                    "seq_len": seq, "gpu_ms_per_step": round(total, 2),
+  return shares
+
+
+def report(per_kernel: collections.Counter, extra: dict, *, top: int, header: dict) -> None:
+  """Prints the top kernels, then one JSON line: per-step totals and shares by kind."""
+  total = sum(per_kernel.values())
+  for name, ms in per_kernel.most_common(top):
+    print(f"{ms:8.2f} ms {100 * ms / total:5.1f}%  [{kind_of(name)}] {name[:110]}")
+  shares = by_kind(per_kernel)
+  print(json.dumps({**header, "gpu_ms_per_step": round(total, 2), **extra,
                     "share": {k: round(v / total, 4) for k, v in shares.most_common()},
                     "ms": {k: round(v, 2) for k, v in shares.most_common()}}))
 

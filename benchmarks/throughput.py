@@ -16,6 +16,7 @@ the vendor peak and the bf16 matrix-product peak measured on this device.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
@@ -43,6 +44,9 @@ def _define_flags() -> None:
   flags.DEFINE_bool("measure_peak", True, "Time a large bf16 matrix product for a measured-peak MFU (GPU only).")
   flags.DEFINE_enum("fused_kernel", "", ["", "linear", "logits"], "FLA loss kernel behind the trainer's fused "
                     "loss on GPU (empty: flame_gin.loss.DEFAULT_FUSED).")
+  flags.DEFINE_string("trace_dir", "", "Profile the trainer's steps warmup+1..warmup+2 into this directory and add "
+                      "their kernel summary (benchmarks/step_profile.py) to the JSON line; the profiler slows "
+                      "those steps, so read tokens/s from a run without it.")
   flags.DEFINE_string("label", "", "Free text copied into the JSON line.")
   flags.DEFINE_string("json_out", "", "Also append the JSON line to this file.")
 
@@ -206,7 +210,8 @@ def run_baseline(*, config, loader, device, steps: int, warmup: int, lr: float, 
   return result
 
 
-def run_flame(*, run_fn, loader_factory, device, steps: int, warmup: int, tokens_per_step: int) -> dict:
+def run_flame(*, run_fn, loader_factory, device, steps: int, warmup: int, tokens_per_step: int,
+              profiler=None) -> dict:
   """The trainer for ``steps`` steps with a capturing writer (no eval, no checkpoints).
 
   It logs every ``gcd(warmup, steps)`` steps, not every step: a log reads the loss back from the device, which
@@ -228,7 +233,7 @@ def run_flame(*, run_fn, loader_factory, device, steps: int, warmup: int, tokens
     t0 = time.perf_counter()
     kwargs = {"train_data": loader_factory} if loader_factory is not None else {}
     status = run_fn(workdir=workdir, train_steps=steps, log_interval=math.gcd(warmup, steps), eval_interval=0,
-                    checkpointer=None, profiler=None, writers=lambda **_: writer, on_first_step=on_first_step,
+                    checkpointer=None, profiler=profiler, writers=lambda **_: writer, on_first_step=on_first_step,
                     **kwargs)
   if status != 0:
     raise RuntimeError(f"flame_gin.run returned {status}")
@@ -314,8 +319,21 @@ def main(argv):
                           syncs=True, **training)
     out["baseline_with_syncs"] = {k: _round(v) for k, v in synced.items()}
     print("baseline with syncs:", json.dumps(out["baseline_with_syncs"]), flush=True)
+  profiler = None
+  if FLAGS.trace_dir:
+    from flame_gin import profiling
+    profiler = functools.partial(profiling.Profiler, interval=FLAGS.warmup, active_steps=2)
+    profiler = lambda *, workdir, rank, make=profiler: make(workdir=FLAGS.trace_dir, rank=rank)  # noqa: E731
   flame = run_flame(run_fn=configurables.run, loader_factory=loader_factory, tokens_per_step=tokens_per_step,
-                    **training)
+                    profiler=profiler, **training)
+  if FLAGS.trace_dir:
+    import step_profile
+    trace = os.path.join(FLAGS.trace_dir, "profile", f"step_{FLAGS.warmup}", "rank0_trace.json")
+    per_kernel, busy = step_profile.trace_kernels(trace, steps=2)
+    step_profile.report(per_kernel, busy, top=30, header={"trace": trace})
+    total = sum(per_kernel.values())
+    out["profile"] = {**busy, "gpu_ms_per_step": round(total, 2),
+                      "ms": {k: round(v, 2) for k, v in step_profile.by_kind(per_kernel).most_common()}}
   out["flame"] = {k: _round(v) for k, v in flame.items()}
   out["tokens_per_second"] = round(flame["tokens_per_second"])
   out["peak_memory_gib"] = _round(flame["peak_memory_gib"], 2)

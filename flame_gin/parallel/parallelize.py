@@ -43,7 +43,7 @@ def _enable_async_tp(*, dims: ParallelDims, compile: bool) -> None:
 def parallelize(model: nn.Module, *, dims: ParallelDims, mesh: DeviceMesh, sequence_parallel: bool = True,
                 loss_parallel: bool = True, activation_checkpointing: str = "none", ac_every: int = 1,
                 compile: bool = False, compile_backend: str = "inductor", compile_fullgraph: bool = False,
-                data_parallel: str = "fsdp",
+                compile_mode: str | None = None, data_parallel: str = "fsdp",
                 param_dtype: str = "float32", reduce_dtype: str = "float32",
                 reshard_after_forward: bool = True, cpu_offload: bool = False, float8: bool = False,
                 float8_min_features: int = 1024, fsdp_on_one_rank: bool = False,
@@ -55,7 +55,8 @@ def parallelize(model: nn.Module, *, dims: ParallelDims, mesh: DeviceMesh, seque
     `fsdp_on_one_rank` (FSDP2 over one rank: its bf16-parameter/fp32-gradient numerics on a single GPU, and a
     one-device check of the FSDP path). `async_tp` lets inductor overlap the tensor-parallel collectives with
     the matrix products they feed (micro-pipelined TP over CUDA symmetric memory); it needs `tp > 1`, compiled
-    blocks and CUDA, and is refused otherwise.
+    blocks and CUDA, and is refused otherwise. `compile_mode` is `torch.compile`'s mode (None: the default;
+    "max-autotune-no-cudagraphs" lets inductor time its own matmul templates against cuBLAS, slower to compile).
     """
     if fsdp_on_one_rank and mesh is None:
         raise ValueError("parallelize.fsdp_on_one_rank needs a process group: launch one process with "
@@ -71,7 +72,7 @@ def parallelize(model: nn.Module, *, dims: ParallelDims, mesh: DeviceMesh, seque
                               loss_parallel=loss_parallel)
     apply_activation_checkpointing(_blocks(model), mode=activation_checkpointing, every=ac_every)
     if compile:
-        apply_compile(_blocks(model), backend=compile_backend, fullgraph=compile_fullgraph)
+        apply_compile(_blocks(model), backend=compile_backend, fullgraph=compile_fullgraph, mode=compile_mode)
     if dims.dp_replicate > 1:
         dp_mesh = mesh["dp_replicate", "dp_shard_cp"]
     elif dims.dp_shard * dims.cp > 1 or (fsdp_on_one_rank and data_parallel == "fsdp"):
