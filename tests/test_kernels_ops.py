@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from flame_gin.kernels import attention, conv, norm
+from graph_count import GraphCounter
 
 
 def recurrence64(*, q, k, v, scale, gk=None, g=None, beta=None, h0=None):
@@ -162,6 +163,41 @@ def test_causal_conv_matches_padded_conv1d_and_carries_its_cache():
     packed, _ = conv.causal_conv1d(x=x.reshape(1, 22, 6), weight=w, bias=b, cu_seqlens=torch.tensor([0, 11, 22]))
     plain, _ = conv.causal_conv1d(x=x, weight=w, bias=b)
     torch.testing.assert_close(packed.reshape(2, 11, 6), plain)
+
+
+def _conv64_with_state(*, x, w, b, state):
+    """Float64 depthwise causal convolution of one sequence x [T, D] continued from state [D, W] (oldest first)."""
+    width = w.shape[-1]
+    padded = torch.cat([state.double()[:, 1:], x.double().t()], dim=1)  # the last W - 1 past inputs, then x
+    y = F.conv1d(padded[None], w.double()[:, None], b.double(), groups=w.shape[0])[0].t()
+    return F.silu(y), torch.cat([state.double(), x.double().t()], dim=1)[:, -width:]
+
+
+def test_packed_causal_conv_keeps_documents_apart_with_states_and_short_documents():
+    gen = torch.Generator().manual_seed(5)
+    edges = [0, 2, 9, 10, 17]  # documents of 2, 7, 1 and 7 tokens: two shorter than the width 4
+    x, w, b = torch.randn(1, 17, 6, generator=gen), torch.randn(6, 4, generator=gen), torch.randn(6, generator=gen)
+    h0 = torch.randn(4, 6, 4, generator=gen)
+    y, state = conv.causal_conv1d(x=x, weight=w, bias=b, activation="silu", initial_state=h0,
+                                  output_final_state=True, cu_seqlens=torch.tensor(edges))
+    for n, (start, end) in enumerate(zip(edges, edges[1:])):
+        y64, s64 = _conv64_with_state(x=x[0, start:end], w=w, b=b, state=h0[n])
+        torch.testing.assert_close(y[0, start:end].double(), y64, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state[n].double(), s64)
+
+
+def test_packed_causal_conv_compiles_to_one_graph_for_any_document_count():
+    counter = GraphCounter()
+    fn = torch.compile(conv.causal_conv1d, backend=counter, fullgraph=True, dynamic=False)
+    gen = torch.Generator().manual_seed(6)
+    x, w = torch.randn(1, 16, 6, generator=gen), torch.randn(6, 4, generator=gen)
+    for edges in ([0, 5, 16], [0, 3, 8, 16], [0, 1, 2, 9, 16]):
+        cu = torch.tensor(edges)
+        torch._dynamo.mark_dynamic(cu, 0)
+        got, _ = fn(x, w, None, cu_seqlens=cu)
+        want, _ = conv.causal_conv1d(x=x, weight=w, cu_seqlens=cu)
+        torch.testing.assert_close(got, want)
+    assert counter.count == 1
 
 
 def test_norms_match_float64_formulas():
