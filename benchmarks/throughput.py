@@ -38,6 +38,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("steps", 30, "Training steps per measured loop.")
   flags.DEFINE_integer("warmup", 10, "Steps left out of the steady-state figure.")
   flags.DEFINE_enum("data", "synthetic", ["synthetic", "gin"], "Synthetic random tokens, or the gin-bound loader.")
+  flags.DEFINE_integer("doc_tokens", 0, "Varlen synthetic batches: mean document length (0: lengths scale "
+                       "with seq_len; see SyntheticLoader).")
   flags.DEFINE_bool("baseline", True, "Also run the hand-written loop and report the ratio.")
   flags.DEFINE_bool("baseline_syncs", False, "Also run the hand-written loop with the trainer's per-step host "
                     "syncs (token count, loss and grad norm read back), to price them.")
@@ -57,12 +59,15 @@ FUSE_KEYS = ("fuse_norm", "fuse_swiglu", "fuse_cross_entropy", "fuse_linear_cros
 class SyntheticLoader:
   """Endless random-token batches in the data loader's interface (iterator, state, vocabulary).
 
-  ``varlen``: one row of ``batch_size * seq_len`` tokens cut into documents of random length (at most
-  ``seq_len``), with ``cu_seqlens`` and the label at each document's end masked. A few distinct batches are
+  ``varlen``: one row of ``batch_size * seq_len`` tokens cut into documents of random length, with
+  ``cu_seqlens`` and the label at each document's end masked. Lengths are uniform in [seq_len / 8, seq_len], or,
+  with ``doc_tokens`` > 0, uniform in [doc_tokens / 2, 3 doc_tokens / 2] and cut at ``seq_len``: a packed
+  corpus's documents do not grow with the context, so comparing context lengths needs the second form. A few distinct batches are
   made once (pinned on GPU hosts) and cycled, so the loader costs nothing measurable.
   """
 
-  def __init__(self, *, vocab_size: int, seq_len: int, batch_size: int, seed: int, varlen: bool, distinct: int = 4):
+  def __init__(self, *, vocab_size: int, seq_len: int, batch_size: int, seed: int, varlen: bool, distinct: int = 4,
+               doc_tokens: int = 0):
     import torch
     self.vocab_size, self.tokens_per_source, self._i = vocab_size, {}, 0
     gen = torch.Generator().manual_seed(seed)
@@ -75,7 +80,8 @@ class SyntheticLoader:
       if varlen:
         lengths, total = [], 0
         while total < width:
-          n = min(int(torch.randint(max(seq_len // 8, 1), seq_len + 1, (1,), generator=gen)), width - total)
+          low, high = (doc_tokens // 2, doc_tokens * 3 // 2) if doc_tokens > 0 else (seq_len // 8, seq_len)
+          n = min(int(torch.randint(max(low, 1), high + 1, (1,), generator=gen)), seq_len, width - total)
           lengths.append(n)
           total += n
         cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32)
@@ -275,7 +281,7 @@ def main(argv):
 
   def synthetic(**kw):
     return SyntheticLoader(vocab_size=model_config.vocab_size, seq_len=kw["seq_len"], batch_size=kw["batch_size"],
-                           seed=kw["seed"], varlen=kw["varlen"])
+                           seed=kw["seed"], varlen=kw["varlen"], doc_tokens=FLAGS.doc_tokens)
 
   if FLAGS.data == "synthetic":
     loader_factory, baseline_loader = synthetic, lambda: synthetic(seq_len=seq_len, batch_size=batch_size, seed=42,
@@ -289,6 +295,7 @@ def main(argv):
   out = {"label": FLAGS.label, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
          "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "family": model_config.model_type,
          "batch": batch_size, "seq_len": seq_len, "varlen": varlen, "steps": FLAGS.steps, "warmup": FLAGS.warmup,
+         "doc_tokens": FLAGS.doc_tokens if varlen else None,
          "gin_files": FLAGS.gin_file, "gin_bindings": FLAGS.gin_bindings, "fused_loss": fused_loss, "fused_kernel": loss_lib.DEFAULT_FUSED,
          **{k: getattr(model_config, k, None) for k in FUSE_KEYS}}
   try:

@@ -51,6 +51,17 @@ def test_synthetic_varlen_batches_are_sound():
   assert throughput.steady_rate(times={2: 1.0, 6: 3.0}, warmup=2, steps=6, tokens_per_step=10) == 20.0
 
 
+def test_synthetic_varlen_document_lengths_do_not_grow_with_the_context():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import throughput
+  for seq_len, batch in ((64, 16), (256, 4)):
+    loader = throughput.SyntheticLoader(vocab_size=50, seq_len=seq_len, batch_size=batch, seed=0, varlen=True,
+                                        distinct=1, doc_tokens=40)
+    lengths = (lambda cu: cu[1:] - cu[:-1])(next(loader)["cu_seqlens"].long())
+    assert int(lengths.sum()) == 1024 and int(lengths[:-1].min()) >= 20 and int(lengths.max()) <= 60
+    assert 30 <= float(lengths[:-1].float().mean()) <= 50  # about doc_tokens at either context length
+
+
 def test_fused_loss_mode_is_checked_before_any_kernel():
   import torch
   from flame_gin import fused, loss
