@@ -107,14 +107,14 @@ def _parallel_model(*, model, dims: mesh_lib.ParallelDims, mesh, parallelize: Op
 
 
 def _memory_estimate(*, meta, dims: mesh_lib.ParallelDims, micro_batch: int, seq_len: int,
-                     device: torch.device) -> str:
+                     device: torch.device, compiled: bool) -> str:
   """Phase: the per-rank memory estimate of this mesh and micro-batch, from the meta model (nothing
   allocated); bf16 activations on GPU, fp32 on CPU, no activation checkpointing (an upper bound)."""
   from flame_gin.parallel import memory
   estimate = memory.estimate_memory(model=meta, dims=dims, local_batch=micro_batch, seq_len=seq_len,
                                     param_dtype="bfloat16" if device.type == "cuda" else "float32",
                                     run_blocks=not (device.type == "cuda" and kernels.current_mode() == "triton"))
-  return memory.format_estimate(estimate)
+  return memory.format_estimate(estimate, compiled=compiled)
 
 
 def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[..., Any], eval_data: Optional[Callable[..., Any]] = None,
@@ -188,7 +188,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   n_params = models.count_parameters(meta)
   if proc.is_primary:
     logging.info(_memory_estimate(meta=meta, dims=dims, micro_batch=micro_batch, seq_len=seq_len,
-                                  device=proc.device))
+                                  device=proc.device, compiled=kernels.current_mode() == "compiled"))
   del meta
   model = models.build_model(config=model_config, device=proc.device, seed=seed)
   mesh = dims.build(device_type=proc.device.type) if dist.is_initialized() else None

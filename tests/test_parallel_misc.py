@@ -9,7 +9,7 @@ import torch
 
 import dist_models
 from flame_gin.mesh import ParallelDims
-from flame_gin.parallel.memory import estimate_memory
+from flame_gin.parallel.memory import estimate_memory, format_estimate
 from flame_gin.parallel.tp_plans import apply_tensor_parallel
 
 
@@ -77,6 +77,8 @@ def test_memory_estimate_can_skip_running_blocks():
                               run_blocks=False)
     assert ran["activations"] is not None and skipped["activations"] is None
     assert skipped["params"] == ran["params"]
+    assert "upper bound" in format_estimate(ran, compiled=True) and "upper bound" not in format_estimate(ran)
+    assert "upper bound" not in format_estimate(skipped, compiled=True)  # nothing measured, nothing to qualify
 
 
 def test_async_tp_is_refused_without_tp_compile_or_cuda():

@@ -85,6 +85,12 @@ def estimate_memory(*, model: nn.Module, dims: ParallelDims, local_batch: int, s
     return out
 
 
-def format_estimate(estimate: dict) -> str:
+def format_estimate(estimate: dict, *, compiled: bool = False) -> str:
+    """One log line. `compiled`: the blocks will be compiled, so the activation figure (saved tensors of the
+    uncompiled block) is an upper bound, and the line says so rather than presenting it as a forecast."""
     parts = [f"{k}={v:.3f}" if v is not None else f"{k}=unknown" for k, v in estimate.items()]
-    return "memory estimate per rank (GiB): " + ", ".join(parts)
+    line = "memory estimate per rank (GiB): " + ", ".join(parts)
+    if compiled and estimate.get("activations") is not None:
+        line += (" (activations and total are upper bounds: measured on the uncompiled block, whose unfused ops "
+                 "save more than inductor's compiled graph does)")
+    return line
