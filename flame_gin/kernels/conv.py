@@ -74,9 +74,10 @@ def causal_conv1d(
     width = weight.shape[-1]
     seq, pos = _positions(length=length, cu_seqlens=cu_seqlens, device=x.device)
     y = torch.zeros((), device=x.device) if bias is None else bias.float()
+    padded = F.pad(x, (0, 0, width - 1, 0))  # one copy; every lag is a view of it (what a compiled graph saves)
     for lag in range(width):
-        shifted = x if lag == 0 else F.pad(x, (0, 0, lag, 0))[:, :length]
-        if lag > 0:
+        shifted = padded[:, width - 1 - lag:width - 1 - lag + length]
+        if lag > 0 and (seq is not None or initial_state is not None):  # zero padding ends a lone row already
             inside = (pos >= lag)[None, :, None]
             if initial_state is None:
                 shifted = torch.where(inside, shifted, torch.zeros((), dtype=x.dtype, device=x.device))
