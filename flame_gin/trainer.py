@@ -29,6 +29,7 @@ from flame_gin import config as config_lib
 from flame_gin import flops, kernels, loss as loss_lib, metrics, models, optim, process, start, steps
 from flame_gin import mesh as mesh_lib
 from flame_gin import parallel as parallel_lib
+from flame_gin.parallel import compile as compile_lib
 
 PREEMPTED_EXIT_CODE = 42
 
@@ -130,7 +131,8 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
         parallelize: Optional[Callable[..., Any]] = None, restore_step: Optional[int] = None,
         init_from: Optional[str] = None, init_from_hf: Optional[str] = None, seed_checkpoint_only: bool = False,
         pipeline: Optional[Callable[..., Any]] = None, init_timeout_seconds: float = 600.0,
-        train_timeout_seconds: Optional[float] = None, nccl_trace_buffer_size: Optional[int] = None) -> int:
+        train_timeout_seconds: Optional[float] = None, nccl_trace_buffer_size: Optional[int] = None,
+        compile_cache: bool = True) -> int:
   """Trains to ``train_steps`` (resuming from ``workdir`` when it holds checkpoints); returns an exit status.
 
   0 when training finished, ``PREEMPTED_EXIT_CODE`` (42) when a stop was requested (SIGTERM/SIGUSR2) and the
@@ -139,7 +141,8 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   with ``pp > 1``, ``pipeline(model, pp_mesh=, parallelize_stage=, device=)`` (``flame_gin.build_pipeline``)
   splits the model into stages and builds the schedule. Collectives time out after ``init_timeout_seconds``
   until the first step is done, then after ``train_timeout_seconds`` (None: unchanged);
-  ``nccl_trace_buffer_size`` sizes NCCL's flight recorder (None: the environment's setting).
+  ``nccl_trace_buffer_size`` sizes NCCL's flight recorder (None: the environment's setting). ``compile_cache``
+  keeps compiled blocks' artifacts in the workdir after the first step and loads them on a resume.
   """
   # 1. Set up the process, then validate everything cheap before building anything big.
   with _as_config_error():
@@ -190,6 +193,8 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     logging.info(_memory_estimate(meta=meta, dims=dims, micro_batch=micro_batch, seq_len=seq_len,
                                   device=proc.device, compiled=kernels.current_mode() == "compiled"))
   del meta
+  if compile_cache:  # before any block is compiled (compilation happens at the first call)
+    compile_lib.load_compile_cache(workdir=workdir_path)
   model = models.build_model(config=model_config, device=proc.device, seed=seed)
   mesh = dims.build(device_type=proc.device.type) if dist.is_initialized() else None
   mesh_groups = ([mesh[name].get_group() for name in (*mesh_lib.MESH_DIMS, "dp", "dp_shard_cp", "dp_cp")]
@@ -275,6 +280,8 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
       process.set_timeout(seconds=train_timeout_seconds, groups=mesh_groups)
     if state.step == start_step + 1 and on_first_step is not None and proc.is_primary:
       config_lib.write_config(workdir=workdir_path, text=on_first_step(), name=config_lib.OPERATIVE_CONFIG_FILE)
+    if state.step == start_step + 1 and compile_cache and proc.is_primary:
+      compile_lib.save_compile_cache(workdir=workdir_path)
 
     # Log (the only per-step read-back of device values).
     if log_interval and (state.step % log_interval == 0 or state.step == train_steps):

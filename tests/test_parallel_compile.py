@@ -1,12 +1,25 @@
-"""Per-block compile: all blocks share compiled graphs instead of recompiling once per layer (`layer_idx`)."""
+"""Per-block compile: all blocks share compiled graphs instead of recompiling once per layer (`layer_idx`), and
+a resumed run compiles from the artifacts its first process left in the workdir."""
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import torch
+from torch._dynamo.utils import counters
+from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
 import dist_models
-from flame_gin.parallel.compile import apply_compile
+from flame_gin import config as config_lib
+from flame_gin import configurables
+from flame_gin.parallel.compile import CACHE_FILE, apply_compile
 from graph_count import GraphCounter
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY_COMPILED = ["--gin_file=gin/tiny.gin", "--gin_file=gin/parallel/compile.gin"]
 
 
 def _compiles(layers: int) -> tuple[int, torch.Tensor]:
@@ -29,3 +42,26 @@ def test_blocks_compile_once_not_per_layer():
     assert graphs_4 == graphs_2, (graphs_2, graphs_4)  # independent of depth: no per-layer recompilation
     eager = dist_models.build("gla", layers=4)(input_ids=torch.arange(8).unsqueeze(0)).logits
     torch.testing.assert_close(logits, eager)
+
+
+def test_a_resume_on_a_node_with_an_empty_cache_compiles_from_the_workdir_artifacts(tmp_path):
+    workdir = tmp_path / "run"
+    first = subprocess.run(
+        [sys.executable, "-m", "flame_gin.train", *TINY_COMPILED, f"--workdir={workdir}", "--gin.TRAIN_STEPS=2",
+         "--gin.WARMUP_STEPS=0", "--gin.CHECKPOINT_INTERVAL=2", "--gin.flame_gin.run.eval_interval=0"],
+        cwd=ROOT, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "node_a")}, capture_output=True,
+        text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (workdir / CACHE_FILE).stat().st_size > 0
+    with temporary_cache_dir(str(tmp_path / "node_b")):  # this process plays a fresh node: nothing cached
+        torch._dynamo.reset()
+        counters.clear()
+        config_lib.parse(gin_files=["gin/tiny.gin", "gin/parallel/compile.gin"],
+                         gin_bindings=[f"MODEL_DIR = {str(workdir)!r}", "TRAIN_STEPS = 3", "WARMUP_STEPS = 0",
+                                       "flame_gin.run.eval_interval = 0"],
+                         search_paths=config_lib.default_search_paths())
+        assert configurables.run(config_text="", on_first_step=None) == 0
+        hits = counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"]
+        misses = counters["aot_autograd"]["autograd_cache_miss"] + counters["inductor"]["fxgraph_cache_miss"]
+        torch._dynamo.reset()
+    assert hits >= 1 and misses == 0, dict(counters)
