@@ -15,7 +15,7 @@ from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 import dist_models
 from flame_gin import config as config_lib
 from flame_gin import configurables
-from flame_gin.parallel.compile import CACHE_FILE, apply_compile
+from flame_gin.parallel.compile import CACHE_FILE, apply_compile, load_compile_cache, save_compile_cache
 from graph_count import GraphCounter
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -65,3 +65,16 @@ def test_a_resume_on_a_node_with_an_empty_cache_compiles_from_the_workdir_artifa
         misses = counters["aot_autograd"]["autograd_cache_miss"] + counters["inductor"]["fxgraph_cache_miss"]
         torch._dynamo.reset()
     assert hits >= 1 and misses == 0, dict(counters)
+
+
+def test_a_broken_compile_cache_never_stops_training(tmp_path, monkeypatch):
+    (tmp_path / CACHE_FILE).write_bytes(b"not a cache")
+    assert load_compile_cache(workdir=tmp_path) is False  # unreadable: logged, compile anew
+    assert load_compile_cache(workdir=tmp_path / "absent") is False
+
+    def fail():
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", fail)
+    assert save_compile_cache(workdir=tmp_path) is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CACHE_FILE]  # the old file kept, no temporary left

@@ -66,12 +66,17 @@ def load_compile_cache(*, workdir) -> bool:
 def save_compile_cache(*, workdir) -> bool:
     """Writes the artifacts this process compiled so far to the run directory (written to a temporary name and
     renamed, so a reader never sees half a file); nothing when nothing was compiled. Returns whether written."""
-    saved = torch.compiler.save_cache_artifacts()
-    if saved is None or not saved[0]:
-        return False
     path = pathlib.Path(workdir) / CACHE_FILE
     tmp = path.with_name(f".{CACHE_FILE}.{os.getpid()}.tmp")
-    tmp.write_bytes(saved[0])
-    os.replace(tmp, path)
+    try:
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None or not saved[0]:
+            return False
+        tmp.write_bytes(saved[0])
+        os.replace(tmp, path)
+    except Exception as err:  # only a speed-up for later starts: training goes on without it
+        log.warning("compile cache not saved to %s (%s: %s)", path, type(err).__name__, err)
+        tmp.unlink(missing_ok=True)
+        return False
     log.info("compile cache saved to %s (%d bytes)", path, len(saved[0]))
     return True
