@@ -62,7 +62,7 @@ def main():
   config_lib.parse(gin_files=args.gin_file, gin_bindings=["MODEL_DIR = '/tmp/flame_gin_saved'", *args.gin_bindings],
                    search_paths=config_lib.default_search_paths())
   config = gin.query_parameter("flame_gin.run.model_config").scoped_configurable_fn()
-  batch, seq = (_resolve(gin.query_parameter(f"flame_gin.run.{name}")) for name in ("batch_size", "seq_len"))
+  batch, seq = (config_lib.bound_value(f"flame_gin.run.{name}") for name in ("batch_size", "seq_len"))
   layers = config.num_hidden_layers
   config.num_hidden_layers = 1
   kernels.select(mode="compiled")
@@ -83,14 +83,6 @@ def main():
                     "saved_tensors": len(rows), "batch": batch, "seq_len": seq, "layers": layers,
                     "mib_per_token_per_block": round(per_token, 5), "fixed_mib_per_block": round(fixed, 2),
                     "gib_all_layers_at_batch": round(layers * (fixed + per_token * batch * seq) / 1024, 2)}))
-
-
-def _resolve(value):
-  """A gin value with macros resolved."""
-  import gin
-  while isinstance(value, gin.config.ConfigurableReference):
-    value = value.scoped_configurable_fn()
-  return value
 
 
 if __name__ == "__main__":

@@ -40,14 +40,6 @@ def kind_of(name: str) -> str:
   return "other"
 
 
-def _resolve(value):
-  """A gin value with macros resolved."""
-  import gin
-  while isinstance(value, gin.config.ConfigurableReference):
-    value = value.scoped_configurable_fn()
-  return value
-
-
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--gin_file", action="append", default=[])
@@ -66,7 +58,7 @@ def main():
   config_lib.parse(gin_files=args.gin_file, gin_bindings=["MODEL_DIR = '/tmp/flame_gin_profile'", *args.gin_bindings],
                    search_paths=config_lib.default_search_paths())
   model_config = gin.query_parameter("flame_gin.run.model_config").scoped_configurable_fn()
-  batch, seq = (_resolve(gin.query_parameter(f"flame_gin.run.{name}")) for name in ("batch_size", "seq_len"))
+  batch, seq = (config_lib.bound_value(f"flame_gin.run.{name}") for name in ("batch_size", "seq_len"))
   kernels.select(mode="triton")
   device = torch.device("cuda")
   torch.manual_seed(0)

@@ -272,10 +272,10 @@ def main(argv):
               "flame_gin.lr_schedule.warmup_steps = 0"]  # the LR ramp has no bearing on speed; short runs need 0
   config_lib.parse(gin_files=FLAGS.gin_file, gin_bindings=bindings, search_paths=config_lib.default_search_paths())
   model_config = gin.query_parameter("flame_gin.run.model_config").scoped_configurable_fn()
-  seq_len, batch_size = _binding_or("flame_gin.run.seq_len", None), _binding_or("flame_gin.run.batch_size", None)
-  lr = _binding_or("flame_gin.run.lr", None)
-  varlen = _binding_or("flame_gin.run.varlen", False)
-  fused_loss = _binding_or("flame_gin.run.fused_loss", "auto")
+  seq_len, batch_size = config_lib.bound_value("flame_gin.run.seq_len", None), config_lib.bound_value("flame_gin.run.batch_size", None)
+  lr = config_lib.bound_value("flame_gin.run.lr", None)
+  varlen = config_lib.bound_value("flame_gin.run.varlen", False)
+  fused_loss = config_lib.bound_value("flame_gin.run.fused_loss", "auto")
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   tokens_per_step = batch_size * seq_len
 
@@ -355,18 +355,6 @@ def main(argv):
     with open(FLAGS.json_out, "a") as f:
       f.write(line + "\n")
   print(line, flush=True)
-
-
-def _binding_or(name: str, default):
-  """The value bound to ``name`` (macros resolved), or ``default`` when nothing is bound."""
-  import gin
-  try:
-    value = gin.query_parameter(name)
-  except ValueError:
-    return default
-  while isinstance(value, gin.config.ConfigurableReference) and value.configurable.name == "macro":
-    value = value.scoped_configurable_fn()
-  return value
 
 
 if __name__ == "__main__":

@@ -83,6 +83,23 @@ def parse(*, gin_files: Sequence[str], gin_bindings: Sequence[str], search_paths
     raise ConfigError(f"Bad gin config: {e}") from None
 
 
+_REQUIRED = object()
+
+
+def bound_value(name: str, default=_REQUIRED):
+  """The value bound to the gin parameter ``name``, macros resolved, for tools that read a parsed config
+  without running it (benchmarks); ``default`` when nothing is bound (a ``ValueError`` without one)."""
+  try:
+    value = gin.query_parameter(name)
+  except ValueError:
+    if default is _REQUIRED:
+      raise
+    return default
+  while isinstance(value, gin.config.ConfigurableReference) and value.configurable.name == "macro":
+    value = value.scoped_configurable_fn()
+  return value
+
+
 def config_text() -> str:
   """The resolved config as gin text (every binding set by files and flags), re-parseable."""
   return gin.config_str()

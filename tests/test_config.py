@@ -66,3 +66,12 @@ def test_config_text_is_reparseable(tmp_path):
   assert gin.query_parameter("%TRAIN_STEPS") == 3
   assert gin.query_parameter("flame_gin.lr_schedule.name") == "cosine"
   assert config_lib.config_text() == text
+
+
+def test_bound_value_resolves_macros_and_falls_back_only_when_unbound():
+  config_lib.parse(gin_files=["gin/tiny.gin"], gin_bindings=["MODEL_DIR = '/tmp/x'", "SEQ_LEN = 48"],
+                   search_paths=config_lib.default_search_paths())
+  assert config_lib.bound_value("flame_gin.run.seq_len") == 48  # bound through the SEQ_LEN macro
+  assert config_lib.bound_value("flame_gin.run.restore_step", default="unset") == "unset"
+  with pytest.raises(ValueError):
+    config_lib.bound_value("flame_gin.run.restore_step")
