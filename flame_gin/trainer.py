@@ -193,8 +193,8 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     logging.info(_memory_estimate(meta=meta, dims=dims, micro_batch=micro_batch, seq_len=seq_len,
                                   device=proc.device, compiled=kernels.current_mode() == "compiled"))
   del meta
-  if compile_cache:  # before any block is compiled (compilation happens at the first call)
-    compile_lib.load_compile_cache(workdir=workdir_path)
+  # Before any block is compiled (at its first call); a run that loaded the file keeps it as it is.
+  save_compiled = compile_cache and not compile_lib.load_compile_cache(workdir=workdir_path)
   model = models.build_model(config=model_config, device=proc.device, seed=seed)
   mesh = dims.build(device_type=proc.device.type) if dist.is_initialized() else None
   mesh_groups = ([mesh[name].get_group() for name in (*mesh_lib.MESH_DIMS, "dp", "dp_shard_cp", "dp_cp")]
@@ -280,7 +280,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
       process.set_timeout(seconds=train_timeout_seconds, groups=mesh_groups)
     if state.step == start_step + 1 and on_first_step is not None and proc.is_primary:
       config_lib.write_config(workdir=workdir_path, text=on_first_step(), name=config_lib.OPERATIVE_CONFIG_FILE)
-    if state.step == start_step + 1 and compile_cache and proc.is_primary:
+    if state.step == start_step + 1 and save_compiled and proc.is_primary:
       compile_lib.save_compile_cache(workdir=workdir_path)
 
     # Log (the only per-step read-back of device values).

@@ -52,7 +52,8 @@ def test_a_resume_on_a_node_with_an_empty_cache_compiles_from_the_workdir_artifa
         cwd=ROOT, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "node_a")}, capture_output=True,
         text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert (workdir / CACHE_FILE).stat().st_size > 0
+    artifacts = (workdir / CACHE_FILE).read_bytes()
+    assert artifacts
     with temporary_cache_dir(str(tmp_path / "node_b")):  # this process plays a fresh node: nothing cached
         torch._dynamo.reset()
         counters.clear()
@@ -65,6 +66,7 @@ def test_a_resume_on_a_node_with_an_empty_cache_compiles_from_the_workdir_artifa
         misses = counters["aot_autograd"]["autograd_cache_miss"] + counters["inductor"]["fxgraph_cache_miss"]
         torch._dynamo.reset()
     assert hits >= 1 and misses == 0, dict(counters)
+    assert (workdir / CACHE_FILE).read_bytes() == artifacts  # the resume left the file it loaded as it was
 
 
 def test_a_broken_compile_cache_never_stops_training(tmp_path, monkeypatch):
