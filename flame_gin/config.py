@@ -8,6 +8,7 @@ and ``operative_config.gin`` (what was really used) after the first step.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import re
@@ -18,6 +19,16 @@ import gin
 CONFIG_FILE = "config.gin"
 OPERATIVE_CONFIG_FILE = "operative_config.gin"
 _SHORTHAND = re.compile(r"^--gin\.([A-Za-z_][\w.]*(?:/[\w.]+)*)=(.*)$", re.DOTALL)
+
+
+def _not_a_search_miss(record: logging.LogRecord) -> bool:
+  """False for gin's "Path not found" error, which its package-resource reader logs for every search path that
+  does not hold an included file, even when a later one does; a real miss still fails as a ConfigError."""
+  return not (record.levelno == logging.ERROR and record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+              and record.getMessage().startswith("Path not found"))
+
+
+logging.getLogger().addFilter(_not_a_search_miss)  # gin logs it on the root logger
 
 
 class ConfigError(ValueError):

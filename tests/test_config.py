@@ -75,3 +75,13 @@ def test_bound_value_resolves_macros_and_falls_back_only_when_unbound():
   assert config_lib.bound_value("flame_gin.run.restore_step", default="unset") == "unset"
   with pytest.raises(ValueError):
     config_lib.bound_value("flame_gin.run.restore_step")
+
+
+def test_includes_found_on_a_later_search_path_log_no_error(caplog, tmp_path):
+  config_lib.parse(gin_files=["gin/tiny.gin"], gin_bindings=["MODEL_DIR = '/tmp/x'"],
+                   search_paths=config_lib.default_search_paths())  # tiny.gin includes base.gin from gin/
+  assert not [r for r in caplog.records if "Path not found" in r.getMessage()]
+  (tmp_path / "broken.gin").write_text("include 'no_such_file.gin'\n")
+  with pytest.raises(config_lib.ConfigError, match="no_such_file.gin"):  # a real miss still fails, named
+    config_lib.parse(gin_files=[str(tmp_path / "broken.gin")], gin_bindings=[],
+                     search_paths=config_lib.default_search_paths())
