@@ -117,15 +117,18 @@ def by_kind(per_kernel: collections.Counter) -> collections.Counter:
   return shares
 
 
-def report(per_kernel: collections.Counter, extra: dict, *, top: int, header: dict) -> None:
-  """Prints the top kernels, then one JSON line: per-step totals and shares by kind."""
+def report(per_kernel: collections.Counter, extra: dict, *, top: int, header: dict) -> dict:
+  """Prints the top kernels, then one JSON line (``header`` and the summary); returns the summary: per-step
+  totals, ``extra``, and milliseconds and shares by kind."""
   total = sum(per_kernel.values())
   for name, ms in per_kernel.most_common(top):
     print(f"{ms:8.2f} ms {100 * ms / total:5.1f}%  [{kind_of(name)}] {name[:110]}")
   shares = by_kind(per_kernel)
-  print(json.dumps({**header, "gpu_ms_per_step": round(total, 2), **extra,
-                    "share": {k: round(v / total, 4) for k, v in shares.most_common()},
-                    "ms": {k: round(v, 2) for k, v in shares.most_common()}}))
+  summary = {"gpu_ms_per_step": round(total, 2), **extra,
+             "share": {k: round(v / total, 4) for k, v in shares.most_common()},
+             "ms": {k: round(v, 2) for k, v in shares.most_common()}}
+  print(json.dumps({**header, **summary}))
+  return summary
 
 
 if __name__ == "__main__":

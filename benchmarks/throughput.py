@@ -16,7 +16,6 @@ the vendor peak and the bf16 matrix-product peak measured on this device.
 
 from __future__ import annotations
 
-import functools
 import gc
 import json
 import math
@@ -62,8 +61,8 @@ class SyntheticLoader:
   ``varlen``: one row of ``batch_size * seq_len`` tokens cut into documents of random length, with
   ``cu_seqlens`` and the label at each document's end masked. Lengths are uniform in [seq_len / 8, seq_len], or,
   with ``doc_tokens`` > 0, uniform in [doc_tokens / 2, 3 doc_tokens / 2] and cut at ``seq_len``: a packed
-  corpus's documents do not grow with the context, so comparing context lengths needs the second form. A few distinct batches are
-  made once (pinned on GPU hosts) and cycled, so the loader costs nothing measurable.
+  corpus's documents do not grow with the context, so comparing context lengths needs the second form. A few
+  distinct batches are made once (pinned on GPU hosts) and cycled, so the loader costs nothing measurable.
   """
 
   def __init__(self, *, vocab_size: int, seq_len: int, batch_size: int, seed: int, varlen: bool, distinct: int = 4,
@@ -272,7 +271,8 @@ def main(argv):
               "flame_gin.lr_schedule.warmup_steps = 0"]  # the LR ramp has no bearing on speed; short runs need 0
   config_lib.parse(gin_files=FLAGS.gin_file, gin_bindings=bindings, search_paths=config_lib.default_search_paths())
   model_config = gin.query_parameter("flame_gin.run.model_config").scoped_configurable_fn()
-  seq_len, batch_size = config_lib.bound_value("flame_gin.run.seq_len", None), config_lib.bound_value("flame_gin.run.batch_size", None)
+  seq_len = config_lib.bound_value("flame_gin.run.seq_len", None)
+  batch_size = config_lib.bound_value("flame_gin.run.batch_size", None)
   lr = config_lib.bound_value("flame_gin.run.lr", None)
   varlen = config_lib.bound_value("flame_gin.run.varlen", False)
   fused_loss = config_lib.bound_value("flame_gin.run.fused_loss", "auto")
@@ -329,18 +329,17 @@ def main(argv):
   profiler = None
   if FLAGS.trace_dir:
     from flame_gin import profiling
-    profiler = functools.partial(profiling.Profiler, interval=FLAGS.warmup, active_steps=2)
-    profiler = lambda *, workdir, rank, make=profiler: make(workdir=FLAGS.trace_dir, rank=rank)  # noqa: E731
+
+    def profiler(*, workdir, rank):  # the trainer's profiler, writing to trace_dir instead of its workdir
+      del workdir
+      return profiling.Profiler(workdir=FLAGS.trace_dir, rank=rank, interval=FLAGS.warmup, active_steps=2)
   flame = run_flame(run_fn=configurables.run, loader_factory=loader_factory, tokens_per_step=tokens_per_step,
                     profiler=profiler, **training)
   if FLAGS.trace_dir:
     import step_profile
     trace = os.path.join(FLAGS.trace_dir, "profile", f"step_{FLAGS.warmup}", "rank0_trace.json")
     per_kernel, busy = step_profile.trace_kernels(trace, steps=2)
-    step_profile.report(per_kernel, busy, top=30, header={"trace": trace})
-    total = sum(per_kernel.values())
-    out["profile"] = {**busy, "gpu_ms_per_step": round(total, 2),
-                      "ms": {k: round(v, 2) for k, v in step_profile.by_kind(per_kernel).most_common()}}
+    out["profile"] = step_profile.report(per_kernel, busy, top=30, header={"trace": trace})
   out["flame"] = {k: _round(v) for k, v in flame.items()}
   out["tokens_per_second"] = round(flame["tokens_per_second"])
   out["peak_memory_gib"] = _round(flame["peak_memory_gib"], 2)

@@ -108,14 +108,14 @@ def _parallel_model(*, model, dims: mesh_lib.ParallelDims, mesh, parallelize: Op
 
 
 def _memory_estimate(*, meta, dims: mesh_lib.ParallelDims, micro_batch: int, seq_len: int,
-                     device: torch.device, compiled: bool) -> str:
+                     device: torch.device) -> str:
   """Phase: the per-rank memory estimate of this mesh and micro-batch, from the meta model (nothing
   allocated); bf16 activations on GPU, fp32 on CPU, no activation checkpointing (an upper bound)."""
   from flame_gin.parallel import memory
   estimate = memory.estimate_memory(model=meta, dims=dims, local_batch=micro_batch, seq_len=seq_len,
                                     param_dtype="bfloat16" if device.type == "cuda" else "float32",
                                     run_blocks=not (device.type == "cuda" and kernels.current_mode() == "triton"))
-  return memory.format_estimate(estimate, compiled=compiled)
+  return memory.format_estimate(estimate, compiled=kernels.current_mode() == "compiled")
 
 
 def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[..., Any], eval_data: Optional[Callable[..., Any]] = None,
@@ -191,7 +191,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   n_params = models.count_parameters(meta)
   if proc.is_primary:
     logging.info(_memory_estimate(meta=meta, dims=dims, micro_batch=micro_batch, seq_len=seq_len,
-                                  device=proc.device, compiled=kernels.current_mode() == "compiled"))
+                                  device=proc.device))
   del meta
   # Before any block is compiled (at its first call); a run that loaded the file keeps it as it is.
   save_compiled = compile_cache and not compile_lib.load_compile_cache(workdir=workdir_path)
