@@ -94,7 +94,8 @@ def _cpu_seconds(proc) -> float:
     return total
 
 
-def measure(*, corpus: str, tokenizer: str, workers: int, seconds: float, cache: str, offline: bool) -> dict:
+def measure(*, corpus: str, tokenizer: str, workers: int, seconds: float, cache: str, offline: bool,
+            fast: bool) -> dict:
     """One configuration, in this process: build, first batch, steady tokens/s, CPU used, peak RSS."""
     import psutil
     import torch
@@ -102,7 +103,8 @@ def measure(*, corpus: str, tokenizer: str, workers: int, seconds: float, cache:
     me = psutil.Process()
     t0 = time.perf_counter()
     loader = build_loader(tokenizer=tokenizer, seq_len=SEQ_LEN, batch_size=BATCH, sources=[corpus],
-                          num_workers=workers, prefetch_factor=4, cache_dir=cache, seed=0, offline=offline)
+                          num_workers=workers, prefetch_factor=4, cache_dir=cache, seed=0, offline=offline,
+                          fast_tokenizer=fast)
     t1 = time.perf_counter()
     it = iter(loader)
     first = next(it)
@@ -119,7 +121,8 @@ def measure(*, corpus: str, tokenizer: str, workers: int, seconds: float, cache:
     rss_total = me.memory_info().rss + sum(c.memory_info().rss for c in me.children(recursive=True))
     rss_peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tokens = n * BATCH * SEQ_LEN
-    return {"workers": workers, "offline": offline, "build_s": round(t1 - t0, 3), "first_batch_s": round(t2 - t1, 3),
+    return {"workers": workers, "offline": offline, "fast_tokenizer": fast, "build_s": round(t1 - t0, 3),
+            "first_batch_s": round(t2 - t1, 3),
             "batches": n, "tokens_per_s": round(tokens / elapsed),
             "tokens_per_cpu_s": round(tokens / max(cpu, 1e-9)), "cores_used": round(cpu / elapsed, 2),
             "main_process_cores": round(main_cpu / elapsed, 2), "loadavg_1m": round(os.getloadavg()[0], 2),
@@ -127,14 +130,21 @@ def measure(*, corpus: str, tokenizer: str, workers: int, seconds: float, cache:
             "rss_main_plus_workers_mib": round(rss_total / 2**20, 1)}
 
 
-def tokenizer_ceiling(*, corpus: pathlib.Path, tokenizer: str, seconds: float) -> dict:
-    """The bare Rust tokenizer on a sample of the same documents (no reading, packing or state), in calls of
-    32 documents, with this process's threads (RAYON_NUM_THREADS / TOKENIZERS_PARALLELISM decide). Per
-    CPU-second it is the speed of one core: the pipeline cannot beat it by more than the cores it uses."""
+def tokenizer_ceiling(*, corpus: pathlib.Path, tokenizer: str, seconds: float, fast: bool) -> dict:
+    """The bare tokenizer on a sample of the same documents (no reading, packing or state), in calls of
+    32 documents, with this process's threads (RAYON_NUM_THREADS / TOKENIZERS_PARALLELISM decide): HF's Rust
+    tokenizer, or with ``fast`` the pipeline's exact fast BPE path (audit off). Per CPU-second it is the speed
+    of one core: the pipeline cannot beat it by more than the cores it uses."""
     import itertools
     import random
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(os.path.join(tokenizer, "tokenizer.json"))
+    encode = lambda batch: [e.ids for e in tok.encode_batch_fast(batch, add_special_tokens=False)]  # noqa: E731
+    if fast:
+        from transformers import AutoTokenizer
+        from flame_gin.data import fast_bpe
+        encode, why = fast_bpe.compile_fast(AutoTokenizer.from_pretrained(tokenizer), audit_every=0)
+        assert why is None, why
     with open(corpus, encoding="utf-8") as f:
         lines = list(itertools.islice(f, 0, None, 7))
     texts = [json.loads(x)["text"] for x in random.Random(0).sample(lines, min(len(lines), 2000))]
@@ -142,7 +152,7 @@ def tokenizer_ceiling(*, corpus: pathlib.Path, tokenizer: str, seconds: float) -
     start, cpu = time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         batch = texts[i % len(texts): i % len(texts) + 32]
-        n += sum(len(e.ids) for e in tok.encode_batch_fast(batch, add_special_tokens=False))
+        n += sum(len(ids) for ids in encode(batch))
         nbytes += sum(len(t.encode("utf-8")) for t in batch)
         i += 32
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -156,6 +166,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--cache_dir", default=str(pathlib.Path.home() / ".cache" / "flame_gin" / "bench"))
     p.add_argument("--offline", action="store_true", help="also measure the offline token store")
+    p.add_argument("--fast_tokenizer", type=int, default=1, help="1: exact fast BPE path (default), 0: HF only")
     p.add_argument("--_one", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_offline", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--_ceiling", type=int, default=0, help=argparse.SUPPRESS)
@@ -166,17 +177,20 @@ def main() -> None:
     tokenizer = build_tokenizer(cache, corpus)
     setup_s = time.perf_counter() - t
     if args._ceiling:
-        print(json.dumps(tokenizer_ceiling(corpus=corpus, tokenizer=tokenizer, seconds=min(args.seconds, 10.0))))
+        print(json.dumps(tokenizer_ceiling(corpus=corpus, tokenizer=tokenizer, seconds=min(args.seconds, 10.0),
+                                           fast=args._ceiling == 2)))
         return
     if args._one is not None:
         print(json.dumps(measure(corpus=str(corpus), tokenizer=tokenizer, workers=args._one,
-                                 seconds=args.seconds, cache=str(cache), offline=bool(args._offline))))
+                                 seconds=args.seconds, cache=str(cache), offline=bool(args._offline),
+                                 fast=bool(args.fast_tokenizer))))
         return
     print(f"load average at start: {os.getloadavg()}", flush=True)
     ceiling = {}
-    for name, env in [("tokenizer_1_thread", {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}),
-                      ("tokenizer_all_threads", {})]:
-        out = subprocess.run([sys.executable, __file__, "--_ceiling=1", f"--seconds={args.seconds}",
+    one = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for name, env, kind in [("tokenizer_1_thread", one, 1), ("tokenizer_all_threads", {}, 1),
+                            ("fast_bpe_1_thread", one, 2), ("fast_bpe_all_threads", {}, 2)]:
+        out = subprocess.run([sys.executable, __file__, f"--_ceiling={kind}", f"--seconds={args.seconds}",
                               f"--cache_dir={cache}"], env={**os.environ, **env},
                              check=True, capture_output=True, text=True).stdout
         ceiling[name] = json.loads(out.strip().splitlines()[-1])
@@ -186,7 +200,8 @@ def main() -> None:
     runs += [(w, 1) for w, _ in runs] if args.offline else []
     for w, off in runs:
         out = subprocess.run([sys.executable, __file__, f"--_one={w}", f"--_offline={off}",
-                              f"--seconds={args.seconds}", f"--cache_dir={cache}"],
+                              f"--seconds={args.seconds}", f"--cache_dir={cache}",
+                              f"--fast_tokenizer={args.fast_tokenizer}"],
                              check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         print(f"workers={w} offline={bool(off)}: {results[-1]}", flush=True)

@@ -230,7 +230,8 @@ def build_loader(*, tokenizer: str = "embedded", seq_len: int, batch_size: int, 
                  context_len: int | None = None, add_bos: bool | None = None, add_eos: bool = True,
                  varlen: bool = False, shuffle: bool | None = None, buffer_size: int = 10_000,
                  num_epochs: int | None = None, num_workers: int = 0, prefetch_factor: int = 2,
-                 offline: bool = False, cache_dir: str | None = None) -> Loader:
+                 offline: bool = False, cache_dir: str | None = None, fast_tokenizer: bool = True,
+                 tokenizer_audit_every: int = 256) -> Loader:
     """Builds the data loader of one data-parallel rank.
 
     ``tokenizer``: a tokenizer directory or hub name, or ``"embedded"``. ``batch_size``: sequences per batch on
@@ -241,14 +242,20 @@ def build_loader(*, tokenizer: str = "embedded", seq_len: int, batch_size: int, 
     sources shuffle through a seeded buffer of ``buffer_size`` documents. ``num_epochs`` None means endless for
     ``train`` and one pass for ``validation`` (which restarts on every ``iter`` and is deterministic).
     ``offline`` tokenizes each source once into a memory-mapped token store under ``cache_dir``.
+    ``fast_tokenizer`` encodes byte-level BPE tokenizers through ``fast_bpe`` (the HF tokenizer's ids, several
+    times faster; other tokenizers always go through HF); every ``tokenizer_audit_every``-th document is also
+    encoded by HF and a difference raises (0: never).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
     if num_workers < 0 or (num_workers and prefetch_factor < 1):
         raise ValueError(f"num_workers={num_workers} and prefetch_factor={prefetch_factor} are invalid")
+    if not isinstance(tokenizer_audit_every, int) or tokenizer_audit_every < 0:
+        raise ValueError(f"tokenizer_audit_every={tokenizer_audit_every!r} must be an integer >= 0 (0: no audit)")
     plan = make_plan(tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed, split=split,
                      sources=sources, probabilities=probabilities, context_len=context_len, add_bos=add_bos,
                      add_eos=add_eos, varlen=varlen, shuffle=shuffle, buffer_size=buffer_size,
-                     num_epochs=num_epochs, offline=offline, cache_dir=cache_dir, num_workers=num_workers)
+                     num_epochs=num_epochs, offline=offline, cache_dir=cache_dir, num_workers=num_workers,
+                     fast_tokenizer=fast_tokenizer, audit_every=tokenizer_audit_every)
     return Loader(plan=plan, rank=rank, world_size=world_size, num_workers=num_workers,
                   prefetch_factor=prefetch_factor, split=split)

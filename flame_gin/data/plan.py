@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import os
 import pathlib
 
-from flame_gin.data import embedded, order, readers, sources as sources_lib, store
+from flame_gin.data import embedded, fast_bpe, order, readers, sources as sources_lib, store
 from flame_gin.data.stream import DocStream, Tokenize
 
 _TOKENIZERS: dict = {}
+_TOKENIZE: dict = {}
 
 
 def load_tokenizer(path: str):
@@ -30,6 +32,20 @@ def load_tokenizer(path: str):
         except Exception as e:
             raise OSError(f"cannot load a tokenizer from {path!r}: {e}") from e
     return _TOKENIZERS[path]
+
+
+def load_tokenize(path: str, *, fast: bool, audit_every: int) -> Tokenize:
+    """The per-process text -> ids function for ``path``: the exact fast BPE path when ``fast`` and the
+    tokenizer qualifies (see ``fast_bpe``), else the HF tokenizer; why the fast path is off is logged once."""
+    key = (path, fast, audit_every)
+    if key not in _TOKENIZE:
+        tok, fast_path = load_tokenizer(path), None
+        if fast:
+            fast_path, why = fast_bpe.compile_fast(tok, audit_every=audit_every)
+            if fast_path is None:
+                logging.info("tokenizer %s: HF tokenization (fast BPE path off: %s)", path, why)
+        _TOKENIZE[key] = Tokenize(tok, fast=fast_path)
+    return _TOKENIZE[key]
 
 
 @dataclasses.dataclass
@@ -51,6 +67,11 @@ class Plan:
     buffer_size: int
     num_epochs: int | None
     read_ahead_docs: int = 8
+    fast_tokenizer: bool = True
+    audit_every: int = 256
+
+    def tokenize(self) -> Tokenize:
+        return load_tokenize(self.tokenizer_path, fast=self.fast_tokenizer, audit_every=self.audit_every)
 
     def fresh_reader_state(self, *, source: int, stream: int, num_streams: int) -> dict:
         st = {"cursor": order.new_cursor(stream=stream, num_streams=num_streams)}
@@ -88,7 +109,7 @@ class Plan:
         reader_objs = [self._reader(s, st) for s, st in enumerate(reader_states)]
         return DocStream(
             readers=reader_objs, tokenized=[k == "store" for k in self.kinds],
-            tokenize=Tokenize(load_tokenizer(self.tokenizer_path)), probabilities=self.probabilities,
+            tokenize=self.tokenize(), probabilities=self.probabilities,
             bos=self.bos, eos=self.eos, context_len=self.context_len, seq_len=self.seq_len, rows=self.rows,
             varlen=self.varlen, pad_id=self.pad_id, mixture_seed=[self.seed, stream, num_streams, generation],
             min_read_ahead=self.read_ahead_docs,
@@ -128,7 +149,7 @@ def _check_probabilities(probabilities, n: int) -> list[float]:
 
 def make_plan(*, tokenizer: str, seq_len: int, batch_size: int, seed: int, split: str, sources, probabilities,
               context_len, add_bos, add_eos, varlen, shuffle, buffer_size, num_epochs, offline, cache_dir,
-              num_workers: int = 0) -> Plan:
+              num_workers: int = 0, fast_tokenizer: bool = True, audit_every: int = 256) -> Plan:
     """Resolves and validates every option; opens the sources. Raises before any model is built."""
     if seq_len <= 0 or batch_size <= 0:
         raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
@@ -159,7 +180,8 @@ def make_plan(*, tokenizer: str, seq_len: int, batch_size: int, seed: int, split
                                   tokenizer_path=str(tokenizer))
             base = pathlib.Path(cache_dir) if cache_dir else embedded.default_cache_dir()
             texts = (t for batch in ds.iter(batch_size=256) for t in batch[src.text_field])
-            ds = store.build_store(texts=texts, tokenize=Tokenize(tok), vocab_size=len(tok),
+            tokenize = load_tokenize(str(tokenizer), fast=fast_tokenizer, audit_every=audit_every)
+            ds = store.build_store(texts=texts, tokenize=tokenize, vocab_size=len(tok),
                                    directory=base / "token_stores" / key)
             kinds.append("store")
         else:
@@ -171,4 +193,5 @@ def make_plan(*, tokenizer: str, seq_len: int, batch_size: int, seed: int, split
                 buffer_size=buffer_size, num_epochs=(None if training else 1) if num_epochs is None else num_epochs,
                 # One stream per process gets all tokenizer threads: bigger calls balance them (measured +10-25%
                 # on 2 cores); with several workers, small calls keep the round-robin hand-off smooth.
-                read_ahead_docs=32 if num_workers <= 1 else 8)
+                read_ahead_docs=32 if num_workers <= 1 else 8, fast_tokenizer=fast_tokenizer,
+                audit_every=audit_every)

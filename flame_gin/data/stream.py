@@ -22,13 +22,16 @@ _READ_AHEAD = 2.0  # read about two batches' worth of tokens at a time (queued d
 
 
 class Tokenize:
-    """Texts to token arrays (no special tokens) through the tokenizer's Rust backend when it has one."""
+    """Texts to token arrays (no special tokens added): through ``fast`` (an exact ``fast_bpe.FastBPE``) when
+    given, else through the tokenizer's Rust backend when it has one."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, *, fast=None):
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._tokenizer = tokenizer
+        self._tokenizer, self._fast = tokenizer, fast
 
     def __call__(self, texts: list[str]) -> list[np.ndarray]:
+        if self._fast is not None:
+            return self._fast(texts)
         if self._backend is not None:
             encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
             encs = encode(texts, add_special_tokens=False)
