@@ -10,9 +10,10 @@ import pytest
 from flame_gin.data import build_loader, embedded, fast_bpe
 
 _SCRIPTS = ["hello", "Straße", "naïve", "Ünïcödé", "日本語の文", "中文字符", "русский", "ελληνικά", "עברית",
-            "العربية", "हिन्दी", "한국어", "🙂🚀", "e\u0301", "x\u200dy", "\u00a0", "\u3000", "\t\t", "\r\n",
-            "don't", "I'll", "we've", "O'Neil's", "3.14159", "٣٤٥", "1_000_000", "<s>", "</s>", "<pad>", "<s",
-            "  ", "    \n", "def f(x):", "return x**2", "#!", "\\u00e9", "", "'", "''s", "\x00", "\x7f"]
+            "العربية", "हिन्दी", "한국어", "🙂🚀", "e\u0301", "x\u200dy", "\u00a0", "\u3000", "\t\t",
+            "\r\n", "don't", "I'll", "we've", "O'Neil's", "3.14159", "٣٤٥", "1_000_000", "<s>", "</s>",
+            "<pad>", "<s", "  ", "    \n", "def f(x):", "return x**2", "#!", "\\u00e9", "", "'", "''s",
+            "\x00", "\x7f"]
 
 
 def _mixed_texts(n: int, seed: int) -> list[str]:
