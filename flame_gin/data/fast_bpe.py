@@ -144,31 +144,31 @@ class FastBPE:
                 parts.append(self._ranks_to_ids(piece))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
-    def _threads(self) -> int:
+    def threads(self) -> int:
+        """Encoding threads: RAYON_NUM_THREADS / TOKENIZERS_PARALLELISM as for HF tokenizers, else all cores."""
         if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("0", "false", "no", "off"):
             return 1
         n = os.environ.get("RAYON_NUM_THREADS")
         return max(1, int(n)) if n else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
 
     def __call__(self, texts: list[str]) -> list[np.ndarray]:
-        threads = self._threads()
-        if threads == 1 or len(texts) == 0:
+        if self.threads() == 1:
             out = [self._one(t) for t in texts]
-        else:
-            if self._pool_pid != os.getpid():  # a forked DataLoader worker inherits no pool threads
-                self._pool, self._pool_pid = ThreadPoolExecutor(max_workers=threads), os.getpid()
-            # Long documents are cut where the split provably restarts, and the pieces go to the threads
-            # longest first, so one large file does not leave the other threads idle. tiktoken releases
-            # the GIL while it encodes.
-            jobs = [(i, k, piece) for i, t in enumerate(texts) for k, piece in enumerate(self._pieces(t))]
-            jobs.sort(key=lambda job: -len(job[2]))
-            done = self._pool.map(self._one, [piece for _, _, piece in jobs])
-            parts = [[] for _ in texts]
-            for (i, _, _), ids in sorted(zip(jobs, done), key=lambda x: x[0][:2]):
-                parts[i].append(ids)
-            out = [p[0] if len(p) == 1 else np.concatenate(p) for p in parts]
-        self._audit(texts, out)
-        return out
+            self._audit(texts, out)
+            return out
+        return self.submit(texts).result()
+
+    def submit(self, texts: list[str]) -> "_Pending":
+        """Starts encoding ``texts`` on the thread pool; ``.result()`` waits and returns what ``self(texts)``
+        would. Long documents are cut where the split provably restarts (``_pieces``) and the pieces queued
+        longest first, so one large file does not leave the other threads idle; tiktoken releases the GIL
+        while it encodes."""
+        if self._pool_pid != os.getpid():  # a forked DataLoader worker inherits no pool threads
+            self._pool, self._pool_pid = ThreadPoolExecutor(max_workers=self.threads()), os.getpid()
+        jobs = [(i, k, piece) for i, t in enumerate(texts) for k, piece in enumerate(self._pieces(t))]
+        jobs.sort(key=lambda job: -len(job[2]))
+        futures = [(i, k, self._pool.submit(self._one, piece)) for i, k, piece in jobs]
+        return _Pending(owner=self, texts=texts, futures=futures)
 
     def _pieces(self, text: str) -> list[str]:
         """``text`` cut after newlines that have a printable ASCII character on each side, about every
@@ -206,3 +206,18 @@ class FastBPE:
 
     def __getstate__(self):
         raise TypeError("FastBPE is built per process (compile_fast); do not pickle it")
+
+
+class _Pending:
+    """Encodings in flight on ``FastBPE``'s pool; ``result()`` assembles the pieces and audits."""
+
+    def __init__(self, *, owner: FastBPE, texts: list[str], futures: list):
+        self._owner, self._texts, self._futures = owner, texts, futures
+
+    def result(self) -> list[np.ndarray]:
+        parts = [[] for _ in self._texts]
+        for i, _, fut in sorted(self._futures, key=lambda x: x[:2]):
+            parts[i].append(fut.result())
+        out = [p[0] if len(p) == 1 else np.concatenate(p) for p in parts]
+        self._owner._audit(self._texts, out)
+        return out

@@ -6,6 +6,12 @@ document, so reading ahead in chunks never changes the choices), tokenized in ba
 (Rust) tokenizer, wrapped in BOS/EOS, cut into pieces of at most ``context_len`` tokens, and queued for
 packing. ``state_dict`` captures the source cursors and shuffle buffers, the mixture RNG and the queued
 tokens, so a stream rebuilt from it continues with identical batches.
+
+Read-ahead. When the tokenizer encodes on background threads (the fast BPE path with more than one thread),
+``next_batch`` starts, after returning a batch, the very read that the next call would begin with, so the
+threads tokenize while the caller trains or ships the batch. Until the next call collects it,
+``state_dict`` is the snapshot taken before that read: a stream restored from it makes the same read, so
+batches and resume are exactly those of the synchronous order.
 """
 
 from __future__ import annotations
@@ -21,6 +27,16 @@ _MAX_READ_AHEAD = 512
 _READ_AHEAD = 2.0  # read about two batches' worth of tokens at a time (queued documents are saved by reference)
 
 
+class _Done:
+    """An already computed result, with the interface of a pending one."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+
 class Tokenize:
     """Texts to token arrays (no special tokens added): through ``fast`` (an exact ``fast_bpe.FastBPE``) when
     given, else through the tokenizer's Rust backend when it has one."""
@@ -28,6 +44,16 @@ class Tokenize:
     def __init__(self, tokenizer, *, fast=None):
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self._tokenizer, self._fast = tokenizer, fast
+
+    @property
+    def runs_in_background(self) -> bool:
+        return self._fast is not None and self._fast.threads() > 1
+
+    def submit(self, texts: list[str]):
+        """Starts encoding ``texts``; ``.result()`` gives what ``self(texts)`` would."""
+        if self.runs_in_background:
+            return self._fast.submit(texts)
+        return _Done(self(texts))
 
     def __call__(self, texts: list[str]) -> list[np.ndarray]:
         if self._fast is not None:
@@ -65,6 +91,7 @@ class DocStream:
         self._packer = Packer(num_sources=len(readers), context_len=context_len)
         self._rng = np.random.Generator(np.random.PCG64(mixture_seed))
         self._tokens_per_doc = float(rows * seq_len + 1)  # first read: a few documents, then adapt
+        self._ahead, self._snapshot = None, None  # the read started after the last batch (see module docstring)
         if state is not None:
             self._packer.load_state_dict(state["packer"], refetch=self._refetch)
             self._rng.bit_generator.state = state["rng"]
@@ -77,9 +104,11 @@ class DocStream:
         draws = self._rng.random(k)
         return np.minimum(np.searchsorted(cdf, draws, side="right"), len(cdf) - 1).tolist()
 
-    def _payload_tokens(self, s: int, payloads: list) -> list[np.ndarray]:
-        ids = payloads if self._tokenized[s] else self._tokenize(list(payloads))
+    def _specials(self, ids: list[np.ndarray]) -> list[np.ndarray]:
         return [with_specials(x, bos=self._bos, eos=self._eos) for x in ids]
+
+    def _payload_tokens(self, s: int, payloads: list) -> list[np.ndarray]:
+        return self._specials(payloads if self._tokenized[s] else self._tokenize(list(payloads)))
 
     def _refetch(self, refs: list) -> list[np.ndarray]:
         """Token arrays of queued documents saved by reference, fetched and tokenized again."""
@@ -91,33 +120,51 @@ class DocStream:
                 out[i] = d
         return out
 
+    def _read(self, need: int):
+        """One read of the fill loop: mixture draws, documents from the sources, tokenization started."""
+        k = math.ceil(_READ_AHEAD * (need - self._packer.available) / self._tokens_per_doc)
+        choices = self._choose(min(_MAX_READ_AHEAD, max(self._min_read_ahead, k)))
+        reads = {}
+        for s in sorted(set(choices)):
+            wanted = choices.count(s)
+            positions, got = self._readers[s].read(wanted)
+            if len(got) < wanted:
+                self._active[s] = False
+                # draws past the exhaustion point are dropped so the survivors stay in draw order
+            refs = [(s, p) if self._readers[s].refetchable else None for p in positions]
+            pending = _Done(list(got)) if self._tokenized[s] or not got else self._tokenize.submit(list(got))
+            reads[s] = (refs, pending)
+        return choices, reads
+
+    def _push(self, choices: list[int], reads: dict) -> None:
+        docs = {s: list(zip(refs, self._specials(pending.result()))) for s, (refs, pending) in reads.items()}
+        new_tokens, new_docs = 0, 0
+        for s in choices:
+            if not docs[s]:
+                continue
+            ref, doc = docs[s].pop(0)
+            self._packer.push(doc, source=s, ref=ref)
+            new_tokens += len(doc)
+            new_docs += 1
+        if new_docs:
+            self._tokens_per_doc = 0.5 * self._tokens_per_doc + 0.5 * (new_tokens / new_docs)
+
     def _fill(self, need: int) -> None:
+        if self._ahead is not None:
+            (choices, reads), self._ahead, self._snapshot = self._ahead, None, None
+            self._push(choices, reads)
         while self._packer.available < need and any(self._active):
-            k = math.ceil(_READ_AHEAD * (need - self._packer.available) / self._tokens_per_doc)
-            choices = self._choose(min(_MAX_READ_AHEAD, max(self._min_read_ahead, k)))
-            docs = {}
-            for s in sorted(set(choices)):
-                wanted = choices.count(s)
-                positions, got = self._readers[s].read(wanted)
-                if len(got) < wanted:
-                    self._active[s] = False
-                    # draws past the exhaustion point are dropped so the survivors stay in draw order
-                refs = [(s, p) if self._readers[s].refetchable else None for p in positions]
-                docs[s] = list(zip(refs, self._payload_tokens(s, got) if got else []))
-            new_tokens, new_docs = 0, 0
-            for s in choices:
-                if not docs[s]:
-                    continue
-                ref, doc = docs[s].pop(0)
-                self._packer.push(doc, source=s, ref=ref)
-                new_tokens += len(doc)
-                new_docs += 1
-            if new_docs:
-                self._tokens_per_doc = 0.5 * self._tokens_per_doc + 0.5 * (new_tokens / new_docs)
+            self._push(*self._read(need))
 
     def next_batch(self) -> dict | None:
-        self._fill(self._rows * self._seq_len + 1)
-        return self._packer.batch(rows=self._rows, seq_len=self._seq_len, varlen=self._varlen, pad_id=self._pad_id)
+        need = self._rows * self._seq_len + 1
+        self._fill(need)
+        batch = self._packer.batch(rows=self._rows, seq_len=self._seq_len, varlen=self._varlen, pad_id=self._pad_id)
+        if (batch is not None and self._tokenize.runs_in_background and self._packer.available < need
+                and any(self._active)):
+            self._snapshot = self._state()
+            self._ahead = self._read(need)
+        return batch
 
     @property
     def tokens_per_source(self) -> list[int]:
@@ -125,6 +172,9 @@ class DocStream:
 
     def state_dict(self) -> dict:
         """A copy of everything needed to continue exactly (plain Python, JSON-serialisable)."""
+        return copy.deepcopy(self._snapshot) if self._ahead is not None else self._state()
+
+    def _state(self) -> dict:
         return copy.deepcopy({
             "readers": [r.state_dict() for r in self._readers],
             "packer": self._packer.state_dict(),
