@@ -12,17 +12,15 @@ and cached; its build time is reported). The last line printed is one JSON objec
 Each run also reports the CPU it got (``cores_used``: CPU-seconds of the process and its workers per second,
 ``main_process_cores`` for the main process alone) and ``tokens_per_cpu_s``, which stays meaningful on a
 shared machine where wall-clock tokens/s only says how many cores the other processes left. The bare
-tokenizer is measured the same way with one thread and with all threads; its tokens per CPU-second is the
-pipeline's ceiling per core. The corpus's bytes per token is printed so other tokenizers can be compared.
+tokenizers (HF's Rust tokenizer and the pipeline's exact fast BPE path) are measured the same way with one
+thread and with all threads; their tokens per CPU-second is the pipeline's ceiling per core. Each worker
+count runs with the fast path and, in the same benchmark, HF-only (``--compare_hf=0`` skips that), so the
+JSON line carries ``fast_over_hf_same_run`` and ``reference_ratio`` (against flame's figures). The corpus's
+bytes per token is printed so other tokenizers can be compared.
 
-Measured (8 x 2048; full tables in benchmarks/RESULTS.md, "Data pipeline"): the pipeline delivers 75-100% of
-the bare tokenizer's tokens per CPU-second in every configuration (this 2-core machine, load 2.4-2.7: bare
-0.81-0.83 M/CPU-s; pipeline 0.71 M (0 workers), 0.84 M (1), 0.61 M (2, both workers on the one core the
-load left); at load 1.8-2.4, with 1.85 cores free, 2 workers gave 1.38-1.40 M tokens/s at 0.74 M per
-CPU-s), and the main process uses 0.02-0.04 cores with workers. So throughput is the tokenizer's per-core
-speed times the cores the run gets. A 16-core device host pinned to 2 idle cores (taskset -c 0,1) gave
-1.11 M / 0.97 M / 1.13 M tokens/s (0 / 1 / 2 workers) against a bare 2-thread tokenizer at 1.15 M
-(0.65 M per CPU-second), using 1.7-1.9 of the 2 cores. Peak RSS (main plus workers) stays under 2.2 GiB.
+Measured on the 2-core CPU machine (8 x 2048; tables in benchmarks/RESULTS.md, "Data pipeline"): fast path
+2.21 M / 1.76-2.29 M / 2.30-2.79 M tokens/s with 0 / 1 / 2 workers, 2.6-4.0x the HF-only pipeline of the
+same run; RSS of main plus workers at most 1.2 GiB.
 """
 
 from __future__ import annotations
@@ -167,6 +165,7 @@ def main() -> None:
     p.add_argument("--cache_dir", default=str(pathlib.Path.home() / ".cache" / "flame_gin" / "bench"))
     p.add_argument("--offline", action="store_true", help="also measure the offline token store")
     p.add_argument("--fast_tokenizer", type=int, default=1, help="1: exact fast BPE path (default), 0: HF only")
+    p.add_argument("--compare_hf", type=int, default=1, help="also run each worker count HF-only (same run)")
     p.add_argument("--_one", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_offline", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--_ceiling", type=int, default=0, help=argparse.SUPPRESS)
@@ -196,22 +195,25 @@ def main() -> None:
         ceiling[name] = json.loads(out.strip().splitlines()[-1])
         print(f"bare tokenizer, {name}: {ceiling[name]}", flush=True)
     results = []
-    runs = [(w, 0) for w in map(int, args.workers.split(","))]
-    runs += [(w, 1) for w, _ in runs] if args.offline else []
-    for w, off in runs:
+    workers = list(map(int, args.workers.split(",")))
+    runs = [(w, 0, args.fast_tokenizer) for w in workers]
+    runs += [(w, 0, 0) for w in workers] if args.fast_tokenizer and args.compare_hf else []
+    runs += [(w, 1, args.fast_tokenizer) for w in workers] if args.offline else []
+    for w, off, fast in runs:
         out = subprocess.run([sys.executable, __file__, f"--_one={w}", f"--_offline={off}",
-                              f"--seconds={args.seconds}", f"--cache_dir={cache}",
-                              f"--fast_tokenizer={args.fast_tokenizer}"],
+                              f"--seconds={args.seconds}", f"--cache_dir={cache}", f"--fast_tokenizer={fast}"],
                              check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
-        print(f"workers={w} offline={bool(off)}: {results[-1]}", flush=True)
+        print(f"workers={w} offline={bool(off)} fast_tokenizer={bool(fast)}: {results[-1]}", flush=True)
+    online = {(r["workers"], r["fast_tokenizer"]): r["tokens_per_s"] for r in results if not r["offline"]}
     summary = {"benchmark": "data_throughput", "corpus_mb": round(corpus.stat().st_size / 1e6, 1),
                "vocab": VOCAB, "batch": [BATCH, SEQ_LEN], "setup_s": round(setup_s, 1),
                "cpus": len(os.sched_getaffinity(0)), "loadavg_1m_end": round(os.getloadavg()[0], 2), **ceiling,
                "results": results, "reference_tokens_per_s": REFERENCE,
-               "reference_reached": {w: next((r["tokens_per_s"] >= v for r in results
-                                              if r["workers"] == int(w) and not r["offline"]), None)
-                                     for w, v in REFERENCE.items()}}
+               "reference_ratio": {w: round(online[int(w), bool(args.fast_tokenizer)] / v, 3)
+                                   for w, v in REFERENCE.items() if (int(w), bool(args.fast_tokenizer)) in online},
+               "fast_over_hf_same_run": {w: round(online[w, True] / online[w, False], 3) for w in workers
+                                         if (w, True) in online and (w, False) in online}}
     print(json.dumps(summary))
 
 
