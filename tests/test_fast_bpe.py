@@ -196,3 +196,18 @@ def test_read_ahead_keeps_state_and_resume_exact(tmp_path, monkeypatch, workers)
         for want in ref[k:k + 3]:
             got = next(rest)
             assert all((got[key] == want[key]).all() for key in want)
+
+
+def test_many_added_tokens_cut_out_as_hf_does(mixed_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+    tok, _ = mixed_tokenizer
+    tok.save_pretrained(str(tmp_path / "more"))
+    more = AutoTokenizer.from_pretrained(str(tmp_path / "more"))
+    extra = [f"<|tag{i}|>" for i in range(12)] + ["<|tag1|><|tag2|>"]
+    more.add_tokens(extra)
+    fast, why = fast_bpe.compile_fast(more, audit_every=0)
+    assert why is None
+    rng = random.Random(3)
+    texts = ["".join(rng.choice(extra + ["<s>", " x", "日本", "\n", "<|tag", "|>"]) for _ in range(40))
+             for _ in range(200)]
+    assert [list(x) for x in fast(texts)] == _hf_ids(more, texts)

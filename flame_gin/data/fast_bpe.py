@@ -133,8 +133,15 @@ class FastBPE:
         ranks = np.frombuffer(array.array("I", self._enc.encode_ordinary(text)), dtype=np.uint32)
         return self._id_of_rank[ranks]
 
+    def _mentions_added(self, text: str) -> bool:
+        if self._split is None:
+            return False
+        if len(self._added) <= 8:  # a few substring scans beat the regex
+            return any(a in text for a in self._added)
+        return self._split.search(text) is not None
+
     def _one(self, text: str) -> np.ndarray:
-        if self._split is None or not any(a in text for a in self._added):
+        if not self._mentions_added(text):
             return self._ranks_to_ids(text)
         parts = []
         for k, piece in enumerate(self._split.split(text)):
