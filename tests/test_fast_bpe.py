@@ -211,3 +211,47 @@ def test_many_added_tokens_cut_out_as_hf_does(mixed_tokenizer, tmp_path):
     texts = ["".join(rng.choice(extra + ["<s>", " x", "日本", "\n", "<|tag", "|>"]) for _ in range(40))
              for _ in range(200)]
     assert [list(x) for x in fast(texts)] == _hf_ids(more, texts)
+
+
+LLAMA3_STYLE_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                      r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.mark.parametrize("ignore_merges", [False, True])
+def test_split_then_byte_level_tokenizer(mixed_tokenizer, tmp_path, monkeypatch, ignore_merges):
+    """A Llama-3-style pre-tokenizer (Split on its own pattern, then ByteLevel without regex), with and
+    without ignore_merges: same ids as HF, and long documents are not cut (the newline rule is GPT-2's)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    _, code = mixed_tokenizer
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_STYLE_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(code + _mixed_texts(2000, seed=11), trainer=trainers.BpeTrainer(
+        vocab_size=1500, special_tokens=["<|begin|>", "<|end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    spec = json.loads(tok.to_str())
+    spec["model"]["ignore_merges"] = ignore_merges
+    hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
+    fast, why = fast_bpe.compile_fast(hf, audit_every=0)
+    assert why is None, why
+    monkeypatch.setenv("RAYON_NUM_THREADS", "2")
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    long_doc = "x;\n".join(code[:30])
+    assert fast._pieces(long_doc) == [long_doc]
+    texts = code[30:130] + _mixed_texts(1000, seed=12) + [long_doc, "a<|begin|>b<|end|>\n\n  \r\n 123456 ;\n\n"]
+    assert [list(x) for x in fast(texts)] == _hf_ids(hf, texts)
+
+
+def test_declines_a_split_it_does_not_know(tmp_path):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    spec = json.loads(_toy_bpe(tmp_path, [("b", "c")]).backend_tokenizer.to_str())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\s+"}, "behavior": "Removed", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
+    fast, why = fast_bpe.compile_fast(other)
+    assert fast is None and "pre-tokenizer" in why

@@ -2,7 +2,8 @@
 
 Online tokenization bounds the data pipeline: the HF tokenizer's Rust backend spends most of its time on
 per-token bookkeeping (alignments, token strings) that training never reads. ``tiktoken`` runs the same
-GPT-2-style split and byte-pair merging several times faster, but it merges by *token rank* (any adjacent
+regex split (GPT-2's, or the ``Split`` pattern of Llama-3-style tokenizers) and byte-pair merging several
+times faster, but it merges by *token rank* (any adjacent
 pair whose concatenation is a token) where HF's BPE merges only *listed pairs*, in list order. The two agree
 on every input when the rank table is built as follows, and ``compile_fast`` builds it that way or declines:
 
@@ -13,10 +14,11 @@ on every input when the rank table is built as follows, and ``compile_fast`` bui
   alone, so a token HF can ever emit encodes to itself; and if tiktoken could join adjacent ``x, y`` into a
   token ``t`` that is not their listed merge, HF on ``t``'s bytes alone would stop at ``[x, y]``, which the
   self-encoding check rules out. Tokens that fail the check are never produced by HF, so dropping them
-  changes nothing.
+  changes nothing. With ``ignore_merges`` (HF emits a piece that is a token as it is, as tiktoken does) the
+  check runs on a merge-only copy of the model and no token may fail it.
 
 Added tokens (``<s>``, ``</s>``, ...) are cut out of the text first and mapped to their ids, as HF does.
-What remains assumed is that tiktoken's regex engine splits the GPT-2 pattern as HF's does (both follow
+What remains assumed is that tiktoken's regex engine splits the pattern as HF's does (both follow
 Unicode's letter/number/space classes; versions of the Unicode tables could differ on newly assigned
 characters), so ``FastBPE`` re-encodes a fixed share of documents with HF and raises on any difference.
 """
@@ -47,6 +49,23 @@ class TokenizerMismatch(RuntimeError):
     """The fast path and the HF tokenizer disagreed on a document (see ``FastBPE``)."""
 
 
+def _split_pattern(pre: dict) -> str | None:
+    """The regex that splits text into pieces: ByteLevel's own (GPT-2), or a Split(Isolated) in front of a
+    ByteLevel without regex (Llama-3 style); None for any other pre-tokenizer."""
+    if pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space") and pre.get("use_regex", True):
+        return GPT2_SPLIT
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") != "Sequence" or len(steps) != 2:
+        return None
+    split, byte_level = steps
+    if (split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert")
+            or "Regex" not in (split.get("pattern") or {})):
+        return None
+    if byte_level.get("type") != "ByteLevel" or byte_level.get("add_prefix_space") or byte_level.get("use_regex"):
+        return None
+    return split["pattern"]["Regex"]
+
+
 def _ineligible(spec: dict) -> str | None:
     """Why the tokenizer's JSON spec is outside what the proof covers, or None."""
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
@@ -54,13 +73,14 @@ def _ineligible(spec: dict) -> str | None:
         return f"model type {model.get('type')!r} is not BPE"
     if spec.get("normalizer") is not None:
         return "it has a normalizer"
-    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
-        return "its pre-tokenizer is not ByteLevel(add_prefix_space=False, use_regex=True)"
+    if _split_pattern(pre) is None:
+        return ("its pre-tokenizer is neither ByteLevel(add_prefix_space=False, use_regex=True) nor "
+                "Split(regex, Isolated) + ByteLevel(use_regex=False)")
     for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
             return f"its BPE model sets {key}={model[key]!r}"
-    if model.get("byte_fallback") or model.get("ignore_merges"):
-        return "its BPE model uses byte_fallback or ignore_merges"
+    if model.get("byte_fallback"):
+        return "its BPE model uses byte_fallback"
     for tok in spec.get("added_tokens") or []:
         if tok.get("lstrip") or tok.get("rstrip") or tok.get("single_word"):
             return f"added token {tok['content']!r} strips spaces or matches single words"
@@ -99,6 +119,9 @@ def compile_fast(tokenizer, *, audit_every: int = 256):
     for ch, b in byte_of.items():
         id_of_rank[b] = vocab[ch]
     bpe = backend.model
+    if model.get("ignore_merges"):
+        from tokenizers import models
+        bpe = models.BPE(vocab=vocab, merges=merges)  # merges only, for the self-encoding check
     dropped = 0
     for i, tok in enumerate(results):
         if [t.id for t in bpe.tokenize(tok)] != [vocab[tok]]:
@@ -106,11 +129,14 @@ def compile_fast(tokenizer, *, audit_every: int = 256):
             continue
         ranks[bytes(byte_of[c] for c in tok)] = 256 + i
         id_of_rank[256 + i] = vocab[tok]
-    encoding = tiktoken.Encoding(name="flame_gin_fast_bpe", pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
+    if dropped and model.get("ignore_merges"):
+        return None, f"ignore_merges with {dropped} tokens that merging alone never builds"
+    pattern = _split_pattern(spec["pre_tokenizer"])
+    encoding = tiktoken.Encoding(name="flame_gin_fast_bpe", pat_str=pattern, mergeable_ranks=ranks,
                                  special_tokens={}, explicit_n_vocab=None)
     added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
     fast = FastBPE(encoding=encoding, id_of_rank=id_of_rank, added=added, reference=backend,
-                   audit_every=audit_every)
+                   audit_every=audit_every, cut_newlines=pattern == GPT2_SPLIT)
     logging.info("fast BPE path on: %d merged tokens, %d never emitted by the HF model left out, %d added tokens",
                  len(merges) - dropped, dropped, len(added))
     return fast, None
@@ -119,13 +145,15 @@ def compile_fast(tokenizer, *, audit_every: int = 256):
 class FastBPE:
     """Texts to int32 id arrays; every ``audit_every``-th document is also encoded by HF and compared."""
 
-    def __init__(self, *, encoding, id_of_rank: np.ndarray, added: dict, reference, audit_every: int):
+    def __init__(self, *, encoding, id_of_rank: np.ndarray, added: dict, reference, audit_every: int,
+                 cut_newlines: bool):
         self._enc, self._id_of_rank, self._added, self._ref = encoding, id_of_rank, added, reference
         self._split = (re.compile("(" + "|".join(map(re.escape, sorted(added, key=len, reverse=True))) + ")")
                        if added else None)
         self._audit_every, self._seen = audit_every, 0
         self._pool, self._pool_pid = None, None
-        self._newline_in_added = any("\n" in a for a in added)
+        # the newline cut of _pieces is proven for the GPT-2 pattern only
+        self._cut_newlines = cut_newlines and not any("\n" in a for a in added)
 
     def _ranks_to_ids(self, text: str) -> np.ndarray:
         # encode_ordinary skips the special-token scan of encode/encode_to_numpy (measured 20-30% faster here);
@@ -181,8 +209,9 @@ class FastBPE:
         """``text`` cut after newlines that have a printable ASCII character on each side, about every
         ``_PIECE_CHARS`` characters. Such a newline is a split piece of its own under the pattern (no
         whitespace run reaches it, the lookahead sees a non-space either way), so the ids of the pieces,
-        concatenated, are the ids of the text. Never cuts when an added token contains a newline."""
-        if len(text) <= 2 * _PIECE_CHARS or self._newline_in_added:
+        concatenated, are the ids of the text. Only for the GPT-2 pattern and when no added token contains a
+        newline."""
+        if len(text) <= 2 * _PIECE_CHARS or not self._cut_newlines:
             return [text]
         cuts, pos = [0], _PIECE_CHARS
         while pos < len(text) - 1:

@@ -156,6 +156,8 @@ def make_plan(*, tokenizer: str, seq_len: int, batch_size: int, seed: int, split
     if tokenizer == "embedded":
         tokenizer = embedded.tokenizer_path(cache_dir=cache_dir)
     tok = load_tokenizer(str(tokenizer))
+    if fast_tokenizer:  # built once here, so forked DataLoader workers inherit it instead of rebuilding it
+        load_tokenize(str(tokenizer), fast=True, audit_every=audit_every)
     srcs = [embedded_source(cache_dir=cache_dir)] if sources is None else [_as_source(x) for x in sources]
     if not srcs:
         raise ValueError("sources is empty: give at least one data source")
