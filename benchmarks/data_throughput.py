@@ -19,8 +19,8 @@ JSON line carries ``fast_over_hf_same_run`` and ``reference_ratio`` (against fla
 bytes per token is printed so other tokenizers can be compared.
 
 Measured on the 2-core CPU machine (8 x 2048; tables in benchmarks/RESULTS.md, "Data pipeline"): fast path
-2.21 M / 1.76-2.29 M / 2.30-2.79 M tokens/s with 0 / 1 / 2 workers, 2.6-4.0x the HF-only pipeline of the
-same run; RSS of main plus workers at most 1.2 GiB.
+1.98-2.29 M / 1.76-2.29 M / 2.30-2.79 M tokens/s with 0 / 1 / 2 workers, 2.6-4.4x the HF-only pipeline of
+the same run; RSS of main plus workers at most 1.2 GiB.
 """
 
 from __future__ import annotations
