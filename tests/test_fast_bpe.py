@@ -255,3 +255,12 @@ def test_declines_a_split_it_does_not_know(tmp_path):
     other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
     fast, why = fast_bpe.compile_fast(other)
     assert fast is None and "pre-tokenizer" in why
+
+
+def test_lone_surrogate_is_a_clear_error(mixed_tokenizer):
+    tok, _ = mixed_tokenizer
+    fast, _ = fast_bpe.compile_fast(tok, audit_every=0)
+    with pytest.raises(TypeError):
+        tok.backend_tokenizer.encode("ok \ud800 no")  # HF has no ids for it either
+    with pytest.raises(ValueError, match="lone surrogate at character 3"):
+        fast(["ok \ud800 no"])

@@ -169,6 +169,12 @@ class FastBPE:
         return self._split.search(text) is not None
 
     def _one(self, text: str) -> np.ndarray:
+        try:  # tiktoken would quietly replace a lone surrogate; HF cannot encode the text at all
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"a document holds invalid Unicode (a lone surrogate at character {e.start}, near "
+                             f"{text[max(0, e.start - 40):e.start + 40]!r}), which the HF tokenizer cannot "
+                             "encode either: clean the source") from None
         if not self._mentions_added(text):
             return self._ranks_to_ids(text)
         parts = []
