@@ -69,7 +69,7 @@ def test_print_config_builds_nothing(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("args, message", [
+_BAD_CONFIGS = [
     (["--gin_bindings=flame_gin.run.sede = 1"], r"sede.*bindings string line 1"),
     (["--gin_bindings=flame_gin.nope.x = 1"], r"No configurable matching 'flame_gin.nope'"),
     (["--gin_file=gin/does_not_exist.gin"], r"does_not_exist.gin.*not found"),
@@ -77,13 +77,34 @@ def test_print_config_builds_nothing(tmp_path):
      r"num_head.*did you mean 'num_heads'.*Valid keys"),
     (["--gin.BATCH_SIZE=3", "--gin.flame_gin.run.grad_accum_steps=2"], r"BATCH_SIZE=3"),
     (["--gin_file=gin/model/mamba2.gin", "--gin_file=gin/data/varlen.gin"], r"varlen.*'mamba2' would let documents"),
-])
-def test_bad_config_is_named_and_leaves_no_debris(tmp_path, args, message):
-  workdir = tmp_path / "w"
-  result = _train(*TINY, f"--workdir={workdir}", *args)
-  assert result.returncode != 0
-  assert re.search(message, result.stderr, re.DOTALL), result.stderr[-2000:]
-  assert "Traceback" not in result.stderr
+]
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(tmp_path_factory):
+  """Every bad-config case started at once: each is its own process that fails early, after the imports that
+  take most of its time, so they share the cores instead of queueing. Yields (workdir, returncode, stderr)."""
+  base = tmp_path_factory.mktemp("bad")
+  env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+  started = []
+  for i, (args, _) in enumerate(_BAD_CONFIGS):
+    workdir = base / f"w{i}"
+    started.append((workdir, subprocess.Popen(
+        [sys.executable, "-m", "flame_gin.train", *TINY, f"--workdir={workdir}", *args], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+  runs = []
+  for workdir, proc in started:
+    _, stderr = proc.communicate(timeout=600)
+    runs.append((workdir, proc.returncode, stderr))
+  return runs
+
+
+@pytest.mark.parametrize("case", range(len(_BAD_CONFIGS)), ids=[m for _, m in _BAD_CONFIGS])
+def test_bad_config_is_named_and_leaves_no_debris(bad_config_runs, case):
+  workdir, returncode, stderr = bad_config_runs[case]
+  assert returncode != 0
+  assert re.search(_BAD_CONFIGS[case][1], stderr, re.DOTALL), stderr[-2000:]
+  assert "Traceback" not in stderr
   assert not workdir.exists()
 
 
