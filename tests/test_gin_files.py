@@ -19,29 +19,51 @@ TINY_OVERRIDES = ["--gin.TRAIN_STEPS=0", "--gin.WARMUP_STEPS=0", "--gin.BATCH_SI
                   "--gin.INTERMEDIATE_SIZE=64", "--gin.VOCAB_SIZE=512", "--gin.flame_gin.run.eval_interval=0"]
 
 
-@pytest.mark.parametrize("name", TOP_LEVEL)
-def test_top_level_gin_file_dry_runs(name, tmp_path):
-  env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-  result = subprocess.run([sys.executable, "-m", "flame_gin.train", f"--gin_file=gin/{name}",
-                           "--gin_file=gin/data/embedded.gin", *TINY_OVERRIDES, f"--workdir={tmp_path / 'w'}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "parameters" in result.stderr and (tmp_path / "w" / "config.gin").exists()
-
-
 ABLATIONS = sorted(p.name for p in (ROOT / "gin" / "ablations").glob("*.gin"))
 
 
-@pytest.mark.parametrize("name", ABLATIONS)
-def test_ablation_layers_over_the_tiny_experiment(name, tmp_path):
+def _dry_run_args(name: str, workdir: pathlib.Path) -> list[str]:
+  return [f"--gin_file=gin/{name}", "--gin_file=gin/data/embedded.gin", *TINY_OVERRIDES, f"--workdir={workdir}"]
+
+
+def _ablation_args(name: str, workdir: pathlib.Path) -> list[str]:
+  return ["--gin_file=gin/tiny.gin", f"--gin_file=gin/ablations/{name}", "--gin.TRAIN_STEPS=1",
+          "--gin.WARMUP_STEPS=0", "--gin.flame_gin.run.eval_interval=0", "--gin.flame_gin.run.log_interval=1",
+          f"--workdir={workdir}"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Every dry run and ablation run started at once (most of each process is imports and model building on
+  one core), so they share the cores instead of queueing. Maps (kind, name) to (workdir, returncode, stderr)."""
+  base = tmp_path_factory.mktemp("gin_runs")
   env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-  result = subprocess.run([sys.executable, "-m", "flame_gin.train", "--gin_file=gin/tiny.gin",
-                           f"--gin_file=gin/ablations/{name}", "--gin.TRAIN_STEPS=1", "--gin.WARMUP_STEPS=0",
-                           "--gin.flame_gin.run.eval_interval=0", "--gin.flame_gin.run.log_interval=1",
-                           f"--workdir={tmp_path / 'w'}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=240)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "step 1/1" in result.stderr
+  cases = [("top", n, _dry_run_args) for n in TOP_LEVEL] + [("ablation", n, _ablation_args) for n in ABLATIONS]
+  started = {}
+  for kind, name, make_args in cases:
+    workdir = base / kind / name / "w"
+    started[kind, name] = (workdir, subprocess.Popen(
+        [sys.executable, "-m", "flame_gin.train", *make_args(name, workdir)], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  out = {}
+  for key, (workdir, proc) in started.items():
+    _, stderr = proc.communicate(timeout=600)
+    out[key] = (workdir, proc.returncode, stderr)
+  return out
+
+
+@pytest.mark.parametrize("name", TOP_LEVEL)
+def test_top_level_gin_file_dry_runs(name, runs):
+  workdir, returncode, stderr = runs["top", name]
+  assert returncode == 0, stderr[-3000:]
+  assert "parameters" in stderr and (workdir / "config.gin").exists()
+
+
+@pytest.mark.parametrize("name", ABLATIONS)
+def test_ablation_layers_over_the_tiny_experiment(name, runs):
+  _, returncode, stderr = runs["ablation", name]
+  assert returncode == 0, stderr[-3000:]
+  assert "step 1/1" in stderr
 
 
 def test_extra_overrides_change_one_key_and_are_checked():
