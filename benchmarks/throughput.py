@@ -16,7 +16,9 @@ the vendor peak and the bf16 matrix-product peak measured on this device.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import glob
 import json
 import math
 import os
@@ -48,6 +50,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("trace_dir", "", "Profile the trainer's steps warmup+1..warmup+2 into this directory and add "
                       "their kernel summary (benchmarks/step_profile.py) to the JSON line; the profiler slows "
                       "those steps, so read tokens/s from a run without it.")
+  flags.DEFINE_string("workdir", "", "The trainer's run directory (its kernel cache lands in WORKDIR/kernel_cache, "
+                      "so a second process given the same directory starts from it); empty: a new temporary one.")
   flags.DEFINE_string("label", "", "Free text copied into the JSON line.")
   flags.DEFINE_string("json_out", "", "Also append the JSON line to this file.")
 
@@ -216,7 +220,7 @@ def run_baseline(*, config, loader, device, steps: int, warmup: int, lr: float, 
 
 
 def run_flame(*, run_fn, loader_factory, device, steps: int, warmup: int, tokens_per_step: int,
-              profiler=None) -> dict:
+              profiler=None, workdir: str = "") -> dict:
   """The trainer for ``steps`` steps with a capturing writer (no eval, no checkpoints).
 
   It logs every ``gcd(warmup, steps)`` steps, not every step: a log reads the loss back from the device, which
@@ -234,7 +238,7 @@ def run_flame(*, run_fn, loader_factory, device, steps: int, warmup: int, tokens
     first["t"] = time.perf_counter()
     return "# throughput benchmark: no operative config written\n"
 
-  with tempfile.TemporaryDirectory() as workdir:
+  with (contextlib.nullcontext(workdir) if workdir else tempfile.TemporaryDirectory()) as workdir:
     t0 = time.perf_counter()
     kwargs = {"train_data": loader_factory} if loader_factory is not None else {}
     status = run_fn(workdir=workdir, train_steps=steps, log_interval=math.gcd(warmup, steps), eval_interval=0,
@@ -334,7 +338,7 @@ def main(argv):
       del workdir
       return profiling.Profiler(workdir=FLAGS.trace_dir, rank=rank, interval=FLAGS.warmup, active_steps=2)
   flame = run_flame(run_fn=configurables.run, loader_factory=loader_factory, tokens_per_step=tokens_per_step,
-                    profiler=profiler, **training)
+                    profiler=profiler, workdir=FLAGS.workdir, **training)
   if FLAGS.trace_dir:
     import step_profile
     trace = os.path.join(FLAGS.trace_dir, "profile", f"step_{FLAGS.warmup}", "rank0_trace.json")
@@ -349,6 +353,9 @@ def main(argv):
   if FLAGS.baseline:
     out["ratio"] = _round(flame["tokens_per_second"] / base["tokens_per_second"], 3)
     out["baseline_mfu_vendor"] = mfu(base["tokens_per_second"], vendor_peak)
+  cache_dir = os.environ.get("TRITON_CACHE_DIR")  # where the trainer's kernel cache went (flame_gin.kernels.cache)
+  if cache_dir and os.path.isdir(cache_dir):
+    out["kernel_cache"] = {"dir": cache_dir, "autotune_results": len(glob.glob(f"{cache_dir}/*/*.autotune.json"))}
   line = json.dumps(out)
   if FLAGS.json_out:
     with open(FLAGS.json_out, "a") as f:

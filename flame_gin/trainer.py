@@ -132,7 +132,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
         init_from: Optional[str] = None, init_from_hf: Optional[str] = None, seed_checkpoint_only: bool = False,
         pipeline: Optional[Callable[..., Any]] = None, init_timeout_seconds: float = 600.0,
         train_timeout_seconds: Optional[float] = None, nccl_trace_buffer_size: Optional[int] = None,
-        compile_cache: bool = True) -> int:
+        compile_cache: bool = True, kernel_cache: bool = True) -> int:
   """Trains to ``train_steps`` (resuming from ``workdir`` when it holds checkpoints); returns an exit status.
 
   0 when training finished, ``PREEMPTED_EXIT_CODE`` (42) when a stop was requested (SIGTERM/SIGUSR2) and the
@@ -142,7 +142,9 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   splits the model into stages and builds the schedule. Collectives time out after ``init_timeout_seconds``
   until the first step is done, then after ``train_timeout_seconds`` (None: unchanged);
   ``nccl_trace_buffer_size`` sizes NCCL's flight recorder (None: the environment's setting). ``compile_cache``
-  keeps compiled blocks' artifacts in the workdir after the first step and loads them on a resume.
+  keeps compiled blocks' artifacts in the workdir after the first step and loads them on a resume;
+  ``kernel_cache`` keeps FLA's Triton kernels and autotuning choices in ``workdir/kernel_cache``
+  (`flame_gin.kernels.cache`), so a resumed run skips autotuning and runs the same kernel configurations.
   """
   # 1. Set up the process, then validate everything cheap before building anything big.
   with _as_config_error():
@@ -185,6 +187,8 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   if proc.is_primary:
     config_lib.write_config(workdir=workdir_path, text=config_text)
   writer = writers(workdir=workdir_path, is_primary=proc.is_primary)
+  if kernel_cache:  # before any Triton kernel compiles
+    kernels.cache.use_run_dir(workdir=workdir_path)
 
   # 4. Model: meta build (counted), materialised and initialised with the seed; optimizer with groups.
   meta = models.build_meta_model(config=model_config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from flame_gin.kernels import cache
 from flame_gin.kernels.swap import TABLE, check_fla_version, check_table, installed, restore
 
 MODES = ("auto", "triton", "reference", "compiled")

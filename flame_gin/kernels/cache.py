@@ -1,0 +1,76 @@
+"""FLA's compiled Triton kernels and their autotuning choices, kept with the run.
+
+Why: FLA's kernels autotune on first use, which takes minutes before the first step of a 340M model on a
+fresh H100 or H200, and Triton keeps only the compiled binaries on disk by default: the choice of
+configuration lives in the process. A restarted or requeued job autotunes again, on a node whose local cache
+may be empty, and where two configurations time alike it may pick the other one, whose different
+accumulation order changes the floating-point results: the resumed run would then not be the run it
+resumes. FLA 0.6 already asks Triton to write each autotuning result beside the kernel's binaries (its
+`FLA_CACHE_RESULTS`, on unless set to 0; `autotuning_persisted` checks it on FLA's GLA kernels), but into
+Triton's node-local cache. `use_run_dir` points that cache (`TRITON_CACHE_DIR`) at ``WORKDIR/kernel_cache``,
+so that a resumed job on any node of a shared file system loads the same binaries and the same choices.
+Triton writes cache entries under a temporary name and renames them, so ranks and nodes may share the folder.
+A cache folder the user named in the environment is left as it is.
+
+Inductor's own compiled graphs are kept separately (`flame_gin.parallel.compile`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import sys
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+AUTOTUNE_ENV = "FLA_CACHE_RESULTS"
+DIR_ENV = "TRITON_CACHE_DIR"
+DIRNAME = "kernel_cache"
+_set_by_us: dict[str, Optional[str]] = {"dir": None}
+
+
+def autotuning_persisted() -> Optional[bool]:
+    """Whether FLA's autotuned GLA kernels write their results to disk; None when FLA or Triton is missing.
+
+    False when `FLA_CACHE_RESULTS=0`, or when the installed Triton cannot cache autotuning results."""
+    if "fla" not in sys.modules:
+        return None
+    try:
+        from fla.ops.gla import chunk
+    except ImportError:
+        return None
+    tuners = [tuner for tuner in map(_autotuner, vars(chunk).values()) if tuner is not None]
+    return bool(tuners) and all(tuner.cache_results for tuner in tuners)
+
+
+def _autotuner(obj):
+    """The Autotuner inside `obj` (FLA wraps it in `triton.heuristics`), else None."""
+    from triton.runtime.autotuner import Autotuner
+    for _ in range(4):
+        if isinstance(obj, Autotuner):
+            return obj
+        obj = getattr(obj, "fn", None)
+    return None
+
+
+def use_run_dir(*, workdir: os.PathLike | str) -> pathlib.Path:
+    """Points Triton's kernel cache at ``workdir/kernel_cache`` and returns the folder Triton will use.
+
+    Call it before the first kernel is compiled. A `TRITON_CACHE_DIR` set by the user (not by an earlier
+    call here) wins. Logs a warning when autotuning results are not persisted, naming the cause."""
+    current = os.environ.get(DIR_ENV)
+    if current is not None and current != _set_by_us["dir"]:
+        log.info("Triton kernel cache: %s (from %s)", current, DIR_ENV)
+        folder = pathlib.Path(current)
+    else:
+        folder = pathlib.Path(workdir) / DIRNAME
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ[DIR_ENV] = _set_by_us["dir"] = str(folder)
+        log.info("Triton kernel cache: %s", folder)
+    if autotuning_persisted() is False:
+        log.warning("FLA's autotuning results are not written to the kernel cache (%s=%r): a restarted run "
+                    "autotunes again and may choose other kernel configurations", AUTOTUNE_ENV,
+                    os.environ.get(AUTOTUNE_ENV))
+    return folder

@@ -1,0 +1,52 @@
+"""FLA's autotuning choices are written to disk (checked on FLA's own kernels), and the trainer keeps Triton's
+kernel cache in the run directory unless the user named another one."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from flame_gin import config as config_lib
+from flame_gin import configurables
+from flame_gin.kernels import cache
+
+
+
+def test_fla_autotuners_write_their_results_to_the_kernel_cache(monkeypatch):
+    import fla.ops.gla.chunk as gla_chunk
+    tuners = [t for t in map(cache._autotuner, vars(gla_chunk).values()) if t is not None]
+    assert len(tuners) >= 5  # FLA's chunked GLA kernels are autotuned (and wrapped in triton.heuristics)
+    assert cache.autotuning_persisted() is True
+    monkeypatch.setattr(tuners[-1], "cache_results", False)  # as FLA_CACHE_RESULTS=0 at import would leave it
+    assert cache.autotuning_persisted() is False
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv(cache.DIR_ENV, raising=False)
+    monkeypatch.setitem(cache._set_by_us, "dir", None)
+    return monkeypatch
+
+
+def test_the_cache_follows_the_run_directory_unless_the_user_named_one(tmp_path, clean_env):
+    first = cache.use_run_dir(workdir=tmp_path / "a")
+    assert first == tmp_path / "a" / cache.DIRNAME and first.is_dir()
+    assert os.environ[cache.DIR_ENV] == str(first)
+    second = cache.use_run_dir(workdir=tmp_path / "b")  # a later run in the same process moves what we set
+    assert os.environ[cache.DIR_ENV] == str(second) == str(tmp_path / "b" / cache.DIRNAME)
+    clean_env.setenv(cache.DIR_ENV, str(tmp_path / "mine"))
+    assert cache.use_run_dir(workdir=tmp_path / "c") == tmp_path / "mine"
+    assert os.environ[cache.DIR_ENV] == str(tmp_path / "mine") and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_trainer_sets_the_cache_before_building_the_model(tmp_path, clean_env, enabled):
+    workdir = tmp_path / "run"
+    config_lib.parse(gin_files=["gin/tiny.gin"],
+                     gin_bindings=[f"MODEL_DIR = {str(workdir)!r}", "TRAIN_STEPS = 1", "WARMUP_STEPS = 0",
+                                   "flame_gin.run.eval_interval = 0", f"flame_gin.run.kernel_cache = {enabled}"],
+                     search_paths=config_lib.default_search_paths())
+    assert configurables.run(config_text="", on_first_step=None) == 0
+    assert os.environ.get(cache.DIR_ENV) == (str(workdir / cache.DIRNAME) if enabled else None)
+    assert (workdir / cache.DIRNAME).is_dir() is enabled
