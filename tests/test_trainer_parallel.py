@@ -20,6 +20,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -59,19 +60,29 @@ ONE_RANK = {  # torchrun with one process: a one-rank process group and mesh
 }
 
 
-def _launch(*, specs: list[dict], procs: int, torchrun: bool = False) -> dict[str, tuple[dict, str]]:
-  """Runs ``specs`` in one launch; returns name -> ({step: loss} of the primary, that run's log)."""
+def _start(*, specs: list[dict], procs: int, log: pathlib.Path, torchrun: bool = False, nice: int = 0):
+  """Starts ``specs`` in one launch (its output to ``log``); :func:`_finish` collects it."""
   env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
   worker = [str(pathlib.Path(__file__).resolve()), json.dumps(specs)]
   cmd = ([sys.executable, *worker] if procs == 1 and not torchrun else
          [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *worker])
-  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-6000:]
+  with open(log, "w") as out:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=out, text=True,
+                            preexec_fn=(lambda: os.nice(nice)) if nice else None)
+  return proc, log, specs
+
+
+def _finish(launch) -> dict[str, tuple[dict, str]]:
+  """Waits for a launch; returns name -> ({step: loss} of the primary, that run's log)."""
+  proc, log, specs = launch
+  proc.wait(timeout=300)
+  stderr = log.read_text(errors="replace")
+  assert proc.returncode == 0, stderr[-6000:]
   results = {}
-  for chunk in out.stderr.split(MARK)[1:]:
-    name, _, log = chunk.partition("\n")
-    results[name.strip()] = ({int(m.group(1)): float(m.group(2)) for m in LOSS.finditer(log)}, log)
-  assert sorted(results) == sorted(s["name"] for s in specs), out.stderr[-4000:]
+  for chunk in stderr.split(MARK)[1:]:
+    name, _, text = chunk.partition("\n")
+    results[name.strip()] = ({int(m.group(1)): float(m.group(2)) for m in LOSS.finditer(text)}, text)
+  assert sorted(results) == sorted(s["name"] for s in specs), stderr[-4000:]
   return results
 
 
@@ -81,13 +92,31 @@ def runs_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(runs_root):
-  root = runs_root
+def runs(runs_root, tmp_path_factory):
+  """The three launches start at once (most of each is imports on one core). The single-process launch runs
+  its own references first and waits for the 2-process launch to have finished before its first "resume_*"
+  run, which continues a run directory of that launch."""
+  root, logs = runs_root, tmp_path_factory.mktemp("logs")
+  parallel_done = logs / "parallel_done"
   spec = lambda name, steps, extra, workdir=None: dict(
       name=name, args=[*COMMON, f"--gin.TRAIN_STEPS={steps}", *extra], workdir=str(root / (workdir or name)))
-  out = _launch(specs=[spec(n, *v) for n, v in PARALLEL.items()], procs=2)
-  out.update(_launch(specs=[spec(n, *v, workdir=n.replace("resume_", "")) for n, v in SINGLE.items()], procs=1))
-  out.update(_launch(specs=[spec(n, *v) for n, v in ONE_RANK.items()], procs=1, torchrun=True))
+  single_specs = [spec(n, *v, workdir=n.replace("resume_", "")) for n, v in SINGLE.items()]
+  next(s for s in single_specs if s["name"].startswith("resume_"))["wait_for"] = str(parallel_done)
+  launches = [_start(specs=[spec(n, *v) for n, v in PARALLEL.items()], procs=2, log=logs / "parallel.log"),
+              _start(specs=single_specs, procs=1, log=logs / "single.log"),
+              _start(specs=[spec(n, *v) for n, v in ONE_RANK.items()], procs=1, torchrun=True,
+                     log=logs / "one_rank.log", nice=10)]
+  try:
+    out = _finish(launches[0])
+    parallel_done.write_text("ok")
+    for launch in launches[1:]:
+      out.update(_finish(launch))
+  except BaseException:
+    for proc, _, _ in launches:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    raise
   return out
 
 
@@ -212,6 +241,11 @@ def _worker(specs: list[dict]) -> None:
   from flame_gin import config as config_lib, configurables, process
   process.shutdown = lambda: dist.barrier() if dist.is_initialized() else None
   for spec in specs:
+    if "wait_for" in spec:  # a file the test writes once the runs this one continues have finished
+      deadline = time.monotonic() + 300
+      while not os.path.exists(spec["wait_for"]):
+        assert time.monotonic() < deadline, f"{spec['name']}: {spec['wait_for']} never appeared"
+        time.sleep(0.1)
     argv = config_lib.rewrite_shorthand(spec["args"])
     files = [a.split("=", 1)[1] for a in argv if a.startswith("--gin_file=")]
     bindings = [a.split("=", 1)[1] for a in argv if a.startswith("--gin_bindings=")]
