@@ -38,11 +38,16 @@ def autotuning_persisted() -> Optional[bool]:
     if "fla" not in sys.modules:
         return None
     try:
-        from fla.ops.gla import chunk
+        tuners = gla_autotuners()
     except ImportError:
         return None
-    tuners = [tuner for tuner in map(_autotuner, vars(chunk).values()) if tuner is not None]
     return bool(tuners) and all(tuner.cache_results for tuner in tuners)
+
+
+def gla_autotuners() -> list:
+    """The Triton autotuners of FLA's chunked GLA kernels (the module `autotuning_persisted` reads)."""
+    from fla.ops.gla import chunk
+    return [tuner for tuner in map(_autotuner, vars(chunk).values()) if tuner is not None]
 
 
 def _autotuner(obj):
