@@ -33,7 +33,7 @@ import torch
 from absl import logging
 from torch import nn
 
-from flame_gin import models
+from flame_gin import families, models
 
 CHUNK_SIZE = 64  # FLA's chunked kernels (GLA, RetNet, HGRN2, GSA, delta rules, RWKV-7) work on 64-token chunks.
 
@@ -120,11 +120,7 @@ SUPPORTED_FAMILIES = (
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
-    body = getattr(model, "model", None) or getattr(model, "backbone", None)
-    layers = getattr(body, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no decoder layer list (model.layers or backbone.layers)")
-    return layers
+    return families.blocks(model)
 
 
 def _mixer_of(layer: nn.Module) -> nn.Module:

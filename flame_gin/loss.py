@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flame_gin import families
+
 IGNORE_INDEX = -100
 
 
@@ -42,7 +44,7 @@ def loss_sum(*, model: nn.Module, batch: dict, fused: bool | str) -> tuple[torch
   logits are computed and the loss is taken in fp32.
   """
   labels = batch["labels"]
-  hidden = model.model(**backbone_kwargs(batch), use_cache=False).last_hidden_state
+  hidden = families.body(model)(**backbone_kwargs(batch), use_cache=False).last_hidden_state
   head = model.get_output_embeddings()
   count = (labels != IGNORE_INDEX).sum()
   if fused:

@@ -2,9 +2,9 @@
 
 Why a builder of our own: FLA and HF config classes take ``**kwargs`` and silently keep any key, so a typo
 in a gin file (``num_head = 8``) would train the wrong model without a word. ``build_config`` rejects every key
-the config class does not declare and lists the valid ones. Models are first built on the meta device (cheap,
-so parameter counts, FLOPs and memory estimates cost nothing), then materialised on the target device and
-initialised with the family's own initialiser under a fixed seed.
+the config class does not declare and lists the valid ones. Models are built on the meta device for parameter
+counts, FLOPs and memory estimates (no memory), and on the target device, initialised with the family's own
+initialiser under a fixed seed, for training.
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ import inspect
 from typing import Any, Mapping
 
 import torch
+from absl import logging
 from torch import nn
 import transformers
+
+from flame_gin import families
 
 _BASELINE_FAMILIES = {"llama": transformers.LlamaConfig}
 _CUSTOM_FAMILIES: dict[str, type] = {}
@@ -25,24 +28,27 @@ def _fla_families() -> dict[str, type]:
   """Maps each FLA model_type (``gla``, ``delta_net``, ...) to its config class, as FLA registers them."""
   import fla.models  # noqa: F401  (registers FLA configs and models with transformers' Auto classes)
 
-  families = {}
+  classes = {}
   for name in dir(fla.models):
     obj = getattr(fla.models, name)
     if isinstance(obj, type) and name.endswith("Config") and getattr(obj, "model_type", None):
-      families[obj.model_type] = obj
-  return families
+      classes[obj.model_type] = obj
+  return classes
 
 
-def families() -> dict[str, type]:
+def config_classes() -> dict[str, type]:
   """All known families: FLA's, the softmax baseline and the user-registered ones, name -> config class."""
   return {**_fla_families(), **_BASELINE_FAMILIES, **_CUSTOM_FAMILIES}
 
 
-def register_family(*, name: str, config_class: type, model_class: type) -> None:
+def register_family(*, name: str, config_class: type, model_class: type,
+                    traits: families.Traits = families.Traits()) -> None:
   """Registers a family FLA does not ship (a config class and a causal-LM class) under ``name``.
 
   After this, ``family = "<name>"`` in a gin file builds it like any FLA model. The config class must set
   ``model_type = name``; both classes are registered with transformers' Auto classes so export and reload work.
+  The causal-LM class keeps its body under the attribute its ``base_model_prefix`` names (transformers'
+  convention), and ``traits`` says whether it runs on a CPU and honours ``cu_seqlens``.
   """
   if getattr(config_class, "model_type", None) != name:
     raise ValueError(
@@ -52,6 +58,7 @@ def register_family(*, name: str, config_class: type, model_class: type) -> None
     transformers.AutoConfig.register(name, config_class, exist_ok=True)
     transformers.AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
   _CUSTOM_FAMILIES[name] = config_class
+  families.register(name=name, traits=traits)
 
 
 def valid_config_keys(config_class: type) -> set[str]:
@@ -64,18 +71,21 @@ def valid_config_keys(config_class: type) -> set[str]:
 
 
 def build_config(*, family: str, overrides: Mapping[str, Any] | None = None,
-                 extra_overrides: Mapping[str, Any] | None = None) -> transformers.PretrainedConfig:
+                 extra_overrides: Mapping[str, Any] | None = None,
+                 attn: Mapping[str, Any] | None = None) -> transformers.PretrainedConfig:
   """Builds the config of ``family`` with ``overrides``; unknown families or keys are a ``ValueError``.
 
   ``extra_overrides`` is applied on top of ``overrides``: a gin dict binding replaces the whole dict, so an
   ablation file changes one model key with ``flame_gin.model_config.extra_overrides = {'key': value}`` and
-  leaves the family file's ``overrides`` alone.
+  leaves the family file's ``overrides`` alone. ``attn`` makes a hybrid: FLA's softmax attention at the
+  layer indices it names (FLA's ``attn`` config key: ``layers``, ``num_heads``, ``num_kv_heads``, ...), kept
+  apart from both dicts so a hybrid file and an ablation file never replace each other's settings.
   """
-  known = families()
+  known = config_classes()
   if family not in known:
     raise ValueError(f"Unknown model family {family!r}. Known families: {', '.join(sorted(known))}")
   config_class = known[family]
-  overrides = {**(overrides or {}), **(extra_overrides or {})}
+  overrides = {**(overrides or {}), **(extra_overrides or {}), **({"attn": dict(attn)} if attn else {})}
   valid = valid_config_keys(config_class)
   unknown = sorted(set(overrides) - valid)
   if unknown:
@@ -94,30 +104,72 @@ def build_config(*, family: str, overrides: Mapping[str, Any] | None = None,
 
 def build_meta_model(*, config: transformers.PretrainedConfig) -> nn.Module:
   """The model with every tensor on the meta device: no memory, exact shapes (for counts and estimates)."""
-  with torch.device("meta"):
-    return transformers.AutoModelForCausalLM.from_config(config)
+  try:
+    with torch.device("meta"):
+      return transformers.AutoModelForCausalLM.from_config(config)
+  except (AssertionError, ArithmeticError, ImportError, KeyError, TypeError, ValueError) as e:
+    # Layer constructors check their shapes with asserts and divisions; nothing is allocated on meta, so any
+    # such failure is the config's fault and is reported as one, naming the family.
+    raise ValueError(f"model family {config.model_type!r} cannot be built from its config: "
+                     f"{type(e).__name__}: {e}") from e
 
 
-def materialize(*, model: nn.Module, device: torch.device | str, seed: int) -> nn.Module:
-  """Allocates a meta model's storage on ``device`` and initialises it, identically for a given seed.
+def build_model(*, config: transformers.PretrainedConfig, device: torch.device | str, seed: int) -> nn.Module:
+  """The model on ``device``, initialised identically for a given seed.
 
-  Modules' own ``reset_parameters`` run first (norm weights to one, biases), then the family's
-  ``init_weights`` (HF/FLA initialisation of linear and embedding weights, tying, rotary buffers).
+  Built on meta, then its storage allocated on ``device`` and filled with NaN; modules' own
+  ``reset_parameters`` (norm weights to one, biases) and then the family's ``init_weights`` (HF/FLA
+  initialisation of linear and embedding weights, tying, rotary buffers) run under the seed. Some layers set
+  values only in their constructor (Samba's Mamba mixers set ``A_log`` and ``D`` there and Samba's
+  initialiser leaves them alone): whatever is still NaN afterwards comes from a copy of the model constructed
+  on the CPU under the same seed, so no uninitialised memory is ever trained. Anything still not finite is an
+  error naming the tensor.
   """
+  device = torch.device(device)
+  model = build_meta_model(config=config)
   model.to_empty(device=device)
-  with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+  tensors = dict(_floating_tensors(model))
+  with torch.no_grad():
+    for tensor in tensors.values():
+      tensor.fill_(float("nan"))
+  with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
     torch.manual_seed(seed)
     for module in model.modules():
       reset = getattr(module, "reset_parameters", None)
       if callable(reset) and module is not model:
         reset()
     model.init_weights()
+  untouched = [name for name, tensor in tensors.items() if torch.isnan(tensor).any()]
+  if untouched:
+    _fill_from_constructor(model=model, config=config, names=untouched, seed=seed)
+  for name, tensor in tensors.items():
+    if not torch.isfinite(tensor).all():
+      raise ValueError(f"model family {config.model_type!r}: {name} is not finite after initialisation")
   return model
 
 
-def build_model(*, config: transformers.PretrainedConfig, device: torch.device | str, seed: int) -> nn.Module:
-  """Meta build, then materialisation on ``device`` with the seeded initialiser."""
-  return materialize(model=build_meta_model(config=config), device=device, seed=seed)
+def _floating_tensors(model: nn.Module):
+  """(name, tensor) of every floating-point parameter and buffer, tied ones once."""
+  seen = set()
+  for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+    if tensor.is_floating_point() and id(tensor) not in seen:
+      seen.add(id(tensor))
+      yield name, tensor
+
+
+def _fill_from_constructor(*, model: nn.Module, config, names: list[str], seed: int) -> None:
+  """Fills the NaN entries of ``names`` with the values the family's constructor gives on the CPU."""
+  logging.info("model family %s: %d tensor(s) set only by the constructor (%s); taken from a CPU build",
+               config.model_type, len(names), ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""))
+  with torch.random.fork_rng(devices=[]):
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+      reference = dict(_floating_tensors(transformers.AutoModelForCausalLM.from_config(config)))
+  tensors = dict(_floating_tensors(model))
+  with torch.no_grad():
+    for name in names:
+      tensor = tensors[name]
+      tensor.copy_(torch.where(torch.isnan(tensor), reference[name].to(tensor), tensor))
 
 
 def count_parameters(model: nn.Module, *, exclude_embeddings: bool = False) -> int:
@@ -131,20 +183,3 @@ def count_parameters(model: nn.Module, *, exclude_embeddings: bool = False) -> i
     seen.add(id(p))
     total += p.numel()
   return total
-
-
-def supports_varlen(config: transformers.PretrainedConfig) -> bool:
-  """Whether the family's layers honour ``cu_seqlens`` (documents never see each other when packed).
-
-  FLA's linear-attention layers take ``cu_seqlens`` through the model's keyword arguments; the HF baseline
-  and recurrent families whose layers drop it would leak state across documents, so they must refuse varlen.
-  """
-  return config.model_type in _VARLEN_FAMILIES
-
-
-_VARLEN_FAMILIES = frozenset({
-    # Checked against FLA 0.6's layers: each passes cu_seqlens to its ops, convolutions and token shifts.
-    # (abc raises on cu_seqlens; Mamba/Mamba2/Samba layers ignore it; transformer/path_attn need flash-attn.)
-    "gla", "delta_net", "gated_deltanet", "gsa", "hgrn2", "hgrn", "retnet", "rwkv6", "rwkv7", "linear_attn",
-    "comba", "kda", "gated_deltaproduct", "mesa_net", "lightnet",
-})

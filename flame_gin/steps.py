@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flame_gin import loss as loss_lib, process
+from flame_gin import families, loss as loss_lib, process
 from flame_gin.parallel import fsdp
 
 
@@ -176,7 +176,9 @@ class _StageUnion(nn.Module):
   """Several stages of one rank as one module (parameters and state dict only; never called)."""
 
   def get_input_embeddings(self):
-    return getattr(self.model, "embeddings", None) or getattr(self.model, "embed_tokens", None)
+    inner = families.body(self)
+    name = families.embedding_name(inner)
+    return getattr(inner, name) if name is not None else None
 
   def get_output_embeddings(self):
     return getattr(self, "lm_head", None)
@@ -184,23 +186,24 @@ class _StageUnion(nn.Module):
 
 def stage_union(stages: list[nn.Module]) -> nn.Module:
   """One module holding this rank's pipeline stages (shared, not copied) under the unsplit model's names
-  (``model.embeddings``, ``model.layers.<i>``, ``model.norm``, ``lm_head``), for the optimizer, clipping and
+  (the body's embedding, ``layers.<i>`` and final norm, ``lm_head``), for the optimizer, clipping and
   checkpoints. A single stage already has those names and is returned as is."""
   if len(stages) == 1:
     return stages[0]
+  prefix = families.body_name(stages[0])
   union, inner = _StageUnion(), nn.Module()
-  union.config = stages[0].config
-  union.model = inner
+  union.config, union.base_model_prefix = stages[0].config, prefix
+  setattr(union, prefix, inner)
   inner.layers = nn.ModuleDict()
   for stage in stages:
-    for name, child in stage.model.named_children():
+    for name, child in families.body(stage).named_children():
       if name == "layers":
         for index, block in child.items():
           inner.layers[index] = block
       elif child is not None:
         setattr(inner, name, child)
     for name, child in stage.named_children():
-      if name != "model" and child is not None:
+      if name != prefix and child is not None:
         setattr(union, name, child)
   return union
 
@@ -212,7 +215,7 @@ def shard_plain_stage(stage: nn.Module, *, mesh) -> nn.Module:
   from torch.distributed.tensor import DTensor
   if mesh.size() != 1 or any(isinstance(p, DTensor) for p in stage.parameters()):
     return stage
-  return fsdp.apply_data_parallel(stage, mesh=mesh, mode="fsdp", blocks=list(stage.model.layers.values()),
+  return fsdp.apply_data_parallel(stage, mesh=mesh, mode="fsdp", blocks=list(families.blocks(stage).values()),
                                   reshard_after_forward=False)
 
 

@@ -1,12 +1,16 @@
 """The training run: ``run()`` validates, builds, then loops over named phases until the last step.
 
-Order of work (each phase a function below):
-  1. validate the config cheaply (schedule, batch arithmetic, vocabulary, varlen support) before anything big;
-  2. set up the process (group, device, seeds) and the run directory (``config.gin``);
-  3. build data, model (meta, counted, materialised), optimizer; restore the latest checkpoint if any;
-  4. loop: fetch micro-batches -> forward/backward -> clip and check -> optimizer step -> log -> eval ->
-     checkpoint -> housekeeping (GC, profiler, preemption);
-  5. final save, flush metrics, shut the process group down.
+Order of work (the numbered comments in ``run``):
+  1. set up the process and validate the config cheaply (schedule, parallel degrees, batch arithmetic, whether
+     the family runs on this device and honours varlen);
+  2. data (a bad path fails here), then the vocabulary check against the model config;
+  3. the model on the meta device (counted, memory estimated): a config the family cannot build fails here;
+  4. only then the run directory (``config.gin``), the metric writers and the kernel cache;
+  5. the model materialised, initialised and parallelised; the optimizer with its parameter groups;
+  6. start: resume the run's checkpoint, warm-start, or keep the seeded initialisation;
+  7. loop: fetch micro-batches -> forward/backward -> clip -> optimizer step -> log -> eval -> checkpoint ->
+     housekeeping (GC, profiler, preemption);
+  8. final save, flush metrics, shut the process group down.
 A resumed run is the same run: step, tokens seen, RNG states and every rank's data-iterator state are
 restored, and the LR comes from the step through a pure schedule.
 """
@@ -26,6 +30,7 @@ import torch.distributed as dist
 from absl import logging
 
 from flame_gin import config as config_lib
+from flame_gin import families
 from flame_gin import flops, kernels, loss as loss_lib, metrics, models, optim, process, start, steps
 from flame_gin import mesh as mesh_lib
 from flame_gin import parallel as parallel_lib
@@ -58,7 +63,7 @@ def _validate(*, train_steps: int, batch_size: int, grad_accum_steps: int, dp_si
     raise config_lib.ConfigError(
         f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}; "
         f"set VOCAB_SIZE >= {vocab_size}")
-  if varlen and not models.supports_varlen(model_config):
+  if varlen and not families.supports_varlen(model_config):
     raise config_lib.ConfigError(
         f"varlen packing needs layers that honour cu_seqlens; model family {model_config.model_type!r} would "
         f"let documents see each other. Turn varlen off for this family.")
@@ -164,6 +169,8 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     raise config_lib.ConfigError(f"ParallelDims.pp={dims.pp} needs a schedule: set flame_gin.run.pipeline = "
                                  f"@flame_gin.build_pipeline (see gin/parallel/pp2.gin)")
   kernel_used = kernels.select(mode=kernel_mode)
+  with _as_config_error():
+    families.check_device(config=model_config, device_type=proc.device.type)
   micro_batch = _validate(train_steps=train_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
                           dp_size=dp_size, seq_len=seq_len, model_config=model_config, vocab_size=None,
                           varlen=varlen)
@@ -182,7 +189,16 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   eval_loader = (eval_data(seq_len=seq_len, batch_size=micro_batch, rank=dp_rank, world_size=dp_size,
                            seed=seed, split="validation", varlen=varlen) if eval_data is not None and eval_interval else None)
 
-  # 3. Run directory: only now that the config is known to be sound.
+  # 3. Model on the meta device (counted, estimated): a config FLA cannot build fails here, before any file.
+  with _as_config_error():
+    meta = models.build_meta_model(config=model_config)
+  n_params = models.count_parameters(meta)
+  if proc.is_primary:
+    logging.info(_memory_estimate(meta=meta, dims=dims, micro_batch=micro_batch, seq_len=seq_len,
+                                  device=proc.device))
+  del meta
+
+  # 4. Run directory: only now that the config is known to be sound.
   workdir_path = pathlib.Path(workdir)
   if proc.is_primary:
     config_lib.write_config(workdir=workdir_path, text=config_text)
@@ -190,13 +206,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   if kernel_cache:  # before any Triton kernel compiles
     kernels.cache.use_run_dir(workdir=workdir_path)
 
-  # 4. Model: meta build (counted), materialised and initialised with the seed; optimizer with groups.
-  meta = models.build_meta_model(config=model_config)
-  n_params = models.count_parameters(meta)
-  if proc.is_primary:
-    logging.info(_memory_estimate(meta=meta, dims=dims, micro_batch=micro_batch, seq_len=seq_len,
-                                  device=proc.device))
-  del meta
+  # 5. Model materialised and initialised with the seed; optimizer with groups.
   # Before any block is compiled (at its first call); a run that loaded the file keeps it as it is.
   save_compiled = compile_cache and not compile_lib.load_compile_cache(workdir=workdir_path)
   model = models.build_model(config=model_config, device=proc.device, seed=seed)
@@ -225,7 +235,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   writer.write_hparams({"parameters": n_params, "family": model_config.model_type, "train_steps": train_steps,
                         "batch_size": batch_size, "seq_len": seq_len, "lr": lr})
 
-  # 5. Start: resume the run's own checkpoint, or warm-start weights, or keep the seeded initialisation.
+  # 6. Start: resume the run's own checkpoint, or warm-start weights, or keep the seeded initialisation.
   ckpt = checkpointer(directory=str(workdir_path / "checkpoints")) if checkpointer is not None else None
   if seed_checkpoint_only:
     start.save_seed(workdir=workdir_path, model=model, config_text=config_text)
@@ -257,7 +267,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     return _save(ckpt=ckpt, state=state, model=model, optimizer=opt, loader=loader, config_text=config_text,
                  dp_rank=dp_rank)
 
-  # 6. The loop.
+  # 7. The loop.
   while state.step < train_steps:
     step_start = time.perf_counter()
     batches, local_tokens, data_wait = steps.fetch(iterator, count=grad_accum_steps, device=proc.device)
@@ -329,7 +339,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     if prof is not None:
       prof.step(state.step)
 
-  # 7. Finish: final save, flush, shut down.
+  # 8. Finish: final save, flush, shut down.
   if ckpt is not None and status == 0 and state.step > 0:
     save(final=True)
   read_tally()  # warns about skipped steps not yet logged

@@ -55,7 +55,7 @@ def flash_attn_stub(monkeypatch):
 def test_every_family_has_340m_and_1b():
   names = {p.stem for p in SIZE_FILES}
   for family in ("gla", "delta_net", "gated_deltanet", "gsa", "hgrn2", "mamba", "mamba2", "samba", "rwkv7",
-                 "retnet", "llama"):
+                 "retnet", "llama", "gla_hybrid", "gated_deltanet_hybrid"):
     assert {f"{family}_340m", f"{family}_1b"} <= names, family
   assert {"gla_7b", "llama_7b"} <= names
 
@@ -66,6 +66,9 @@ def test_size_file_builds_with_named_size(path, flash_attn_stub):
   assert text.startswith("# ") and "python -m flame_gin.train" in text.split("\n\n")[0], "header: command"
   config = _parse(text)
   family, size = path.stem.rsplit("_", 1)
+  if family.endswith("_hybrid"):  # a linear-attention family with softmax attention at chosen layers
+    family = family.removesuffix("_hybrid")
+    assert config.attn and config.attn["layers"], f"{path.name}: a hybrid names its attention layers"
   assert config.model_type == family
   model = models.build_meta_model(config=config)
   total = models.count_parameters(model)

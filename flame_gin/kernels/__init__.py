@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from flame_gin.kernels import cache
+from flame_gin.kernels import cache, sdpa
 from flame_gin.kernels.swap import TABLE, check_fla_version, check_table, installed, restore
 
 MODES = ("auto", "triton", "reference", "compiled")
@@ -43,6 +43,7 @@ def select(*, mode: str = "auto") -> str:
                      swap.compiled_table(on_gpu=torch.cuda.is_available()))
     else:
         restore()
+    sdpa.install()  # FLA's softmax attention layer without flash-attn, in every mode
     _current["mode"] = mode
     return mode
 

@@ -108,3 +108,17 @@ def l2norm(x, eps=1e-6, output_dtype=None):
     """Reference for `fla.modules.norm.l2norm.l2norm`: x / sqrt(sum(x^2) + eps) over the last dim."""
     y = x.float() * torch.rsqrt(x.float().square().sum(-1, keepdim=True) + eps)
     return y.to(x.dtype if output_dtype is None else output_dtype)
+
+
+def gated_group_rms_norm(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True, **unused):
+    """`fla.modules.norm.layernorm_gated.rmsnorm_fn` (Mamba2's `RMSNormGated`): RMS norm per group of
+    `group_size` channels, gated by `silu(z)` before or after the norm, computed in float32."""
+    dtype = x.dtype
+    x = x.float()
+    if z is not None and not norm_before_gate:
+        x = x * F.silu(z.float())
+    groups = 1 if group_size is None else x.shape[-1] // group_size
+    y = _normalize(x=x, weight=weight, bias=bias, eps=eps, is_rms_norm=True, num_groups=groups)
+    if z is not None and norm_before_gate:
+        y = y * F.silu(z.float())
+    return y.to(dtype)

@@ -13,7 +13,7 @@ import dataclasses
 import importlib
 from typing import Any
 
-from flame_gin.kernels import activation, attention, conv, loss, norm, opaque
+from flame_gin.kernels import activation, attention, conv, loss, norm, opaque, rotary
 
 SUPPORTED_FLA = ((0, 6, 0), (0, 7, 0))  # [low, high)
 
@@ -55,6 +55,9 @@ def _table() -> tuple[Swap, ...]:
         Swap("fla.modules.norm.fused_norm_gate", "rms_norm_gated", norm.rms_norm_gated),
         Swap("fla.modules.norm.fused_norm_gate", "layer_norm_gated", norm.layer_norm_gated),
         Swap("fla.modules.norm.l2norm", "l2norm", norm.l2norm),
+        Swap("fla.modules.norm.layernorm_gated", "rmsnorm_fn", norm.gated_group_rms_norm),
+        # rotary position embedding (FLA's softmax attention layer)
+        Swap("fla.modules.rotary.ops", "rotary_embedding", rotary.rotary_embedding),
         # activations and the gated MLP
         Swap(act, "ACT2FN", activation.sigmoid, key="sigmoid"),
         Swap(act, "ACT2FN", activation.logsigmoid, key="logsigmoid"),

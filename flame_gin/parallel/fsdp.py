@@ -1,7 +1,7 @@
 """Data parallel with FSDP2: sharded (FSDP), hybrid (HSDP) and replicated (DDP semantics).
 
-Every block of `model.model.layers` is its own `fully_shard` unit (its all-gather overlaps the previous
-block's compute), then the root. DDP is FSDP2 on a replicate-only mesh (gradients all-reduced, parameters
+Every block of the model's body (`families.blocks`) is its own `fully_shard` unit (its all-gather overlaps
+the previous block's compute), then the root. DDP is FSDP2 on a replicate-only mesh (gradients all-reduced, parameters
 never sharded): no wrapper module, so `state_dict` names do not change and it composes with tensor parallel.
 Gradients are summed, not averaged, across ranks: the loss is already divided by the global token count
 (`flame_gin.parallel.loss`).
@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from flame_gin import families
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,7 +32,7 @@ def apply_data_parallel(model: nn.Module, *, mesh: DeviceMesh, mode: str = "fsdp
 
     `mesh`: 1-D (FSDP over `dp_shard_cp`) or 2-D (`dp_replicate`, `dp_shard_cp`: HSDP; with a shard size of 1,
     DDP). `mode`: "fsdp" (shard, or HSDP on a 2-D mesh) or "ddp" (needs a shard size of 1). `blocks`: the
-    units to shard separately (default: `model.model.layers`, or `model.layers` for a pipeline stage).
+    units to shard separately (default: the body's blocks, `families.blocks`).
     """
     if mode not in ("fsdp", "ddp"):
         raise ValueError(f"data parallel: mode={mode!r}; expected 'fsdp' or 'ddp'")
@@ -45,10 +47,8 @@ def apply_data_parallel(model: nn.Module, *, mesh: DeviceMesh, mode: str = "fsdp
     if offload is not None:
         kwargs["offload_policy"] = offload
     if blocks is None:
-        inner = getattr(model, "model", model)
-        blocks = list(getattr(inner, "layers", []))
-        if isinstance(getattr(inner, "layers", None), nn.ModuleDict):
-            blocks = list(inner.layers.values())
+        layers = getattr(families.body(model), "layers", [])
+        blocks = list(layers.values() if isinstance(layers, nn.ModuleDict) else layers)
     for i, block in enumerate(blocks):
         # the last block is resharded at the end of forward anyway only to be gathered again for backward
         fully_shard(block, **{**kwargs, "reshard_after_forward": reshard and i < len(blocks) - 1})

@@ -14,6 +14,7 @@ import logging
 import torch
 import torch.nn as nn
 
+from flame_gin import families
 from flame_gin.mesh import ParallelDims
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def estimate_memory(*, model: nn.Module, dims: ParallelDims, local_batch: int, s
     caller must do when the block would launch GPU kernels (FLA's Triton kernels take a meta tensor's null
     pointer and fault the device: an illegal memory access that poisons the whole process).
     """
-    blocks = list(model.model.layers)
+    blocks = list(families.blocks(model))
     n_params = sum(p.numel() for p in model.parameters())
     shard = dims.dp_shard * dims.cp * dims.tp * dims.pp
     per_rank = n_params / shard
@@ -65,7 +66,7 @@ def estimate_memory(*, model: nn.Module, dims: ParallelDims, local_batch: int, s
             raise RuntimeError("the block's kernels do not run on meta tensors")
         meta_block = blocks[0].to_empty(device="meta") if next(blocks[0].parameters()).device.type != "meta" \
             else blocks[0]
-        rotary = getattr(model.model, "rotary_emb", None)
+        rotary = getattr(families.body(model), "rotary_emb", None)
         per_block = _block_activation_bytes(meta_block.to(dtype), batch=local_batch, seq=seq, hidden=hidden,
                                             dtype=dtype, rotary=rotary.to_empty(device="meta") if rotary else None)
     except Exception as err:  # an op without a meta kernel (e.g. a Triton kernel)

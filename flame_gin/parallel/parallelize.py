@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from flame_gin import families
 from flame_gin.mesh import ParallelDims
 from flame_gin.parallel.checkpointing import apply_activation_checkpointing
 from flame_gin.parallel.compile import apply_compile
@@ -20,13 +21,6 @@ from flame_gin.parallel.fsdp import apply_data_parallel
 from flame_gin.parallel.tp_plans import apply_tensor_parallel
 
 log = logging.getLogger(__name__)
-
-
-def _blocks(model: nn.Module):
-    inner = getattr(model, "model", model)
-    if not hasattr(inner, "layers"):
-        raise ValueError(f"parallelize: {type(model).__name__} has no `.model.layers` or `.layers` blocks")
-    return inner.layers
 
 
 def _enable_async_tp(*, dims: ParallelDims, compile: bool) -> None:
@@ -70,9 +64,9 @@ def parallelize(model: nn.Module, *, dims: ParallelDims, mesh: DeviceMesh, seque
     if dims.tp > 1:
         apply_tensor_parallel(model, tp_mesh=mesh["tp"], sequence_parallel=sequence_parallel,
                               loss_parallel=loss_parallel)
-    apply_activation_checkpointing(_blocks(model), mode=activation_checkpointing, every=ac_every)
+    apply_activation_checkpointing(families.blocks(model), mode=activation_checkpointing, every=ac_every)
     if compile:
-        apply_compile(_blocks(model), backend=compile_backend, fullgraph=compile_fullgraph, mode=compile_mode)
+        apply_compile(families.blocks(model), backend=compile_backend, fullgraph=compile_fullgraph, mode=compile_mode)
     if dims.dp_replicate > 1:
         dp_mesh = mesh["dp_replicate", "dp_shard_cp"]
     elif dims.dp_shard * dims.cp > 1 or (fsdp_on_one_rank and data_parallel == "fsdp"):
@@ -87,6 +81,6 @@ def parallelize(model: nn.Module, *, dims: ParallelDims, mesh: DeviceMesh, seque
                  dp_mesh.mesh_dim_names, dp_mesh.size(), param_dtype, reduce_dtype)
         apply_data_parallel(model, mesh=dp_mesh, mode=data_parallel, param_dtype=param_dtype,
                             reduce_dtype=reduce_dtype, reshard_after_forward=reshard_after_forward,
-                            cpu_offload=cpu_offload, blocks=list(_blocks(model).values())
-                            if isinstance(_blocks(model), nn.ModuleDict) else list(_blocks(model)))
+                            cpu_offload=cpu_offload, blocks=list(families.blocks(model).values())
+                            if isinstance(families.blocks(model), nn.ModuleDict) else list(families.blocks(model)))
     return model

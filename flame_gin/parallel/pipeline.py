@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import ScheduleGPipe, ScheduleInterleaved1F1B, Schedule1F1B
 
+from flame_gin import families
 from flame_gin.parallel.loss import token_loss_sum
 
 SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
@@ -48,9 +49,9 @@ def stage_layer_ranges(*, num_layers: int, num_stages: int, split_points: list[i
 
 def _stage_forward(self, x):
     """Forward of one stage: token ids (first stage) or hidden states in; hidden states or logits out."""
-    inner = self.model
-    embed = getattr(inner, "embeddings", None) or getattr(inner, "embed_tokens", None)
-    h = embed(x) if embed is not None else x
+    inner = families.body(self)
+    embed = families.embedding_name(inner)
+    h = getattr(inner, embed)(x) if embed is not None else x
     extra = {}
     rotary = getattr(inner, "rotary_emb", None)
     if rotary is not None:
@@ -60,7 +61,7 @@ def _stage_forward(self, x):
         out = block(h, **extra)
         h = out[0] if isinstance(out, tuple) else out
     if self.lm_head is not None:
-        h = self.lm_head(inner.norm(h))
+        h = self.lm_head(getattr(inner, families.final_norm_name(inner))(h))
     return h
 
 
@@ -71,14 +72,12 @@ def split_model(model: nn.Module, *, ranges: list[tuple[int, int]], stage_ids: l
     for sid in stage_ids:
         start, end = ranges[sid]
         stage = copy.deepcopy(model)
-        inner = stage.model
+        inner = getattr(stage, families.body_name(stage))
         inner.layers = nn.ModuleDict({str(i): inner.layers[i] for i in range(start, end)})
         if sid != 0:
-            for name in ("embeddings", "embed_tokens"):
-                if hasattr(inner, name):
-                    setattr(inner, name, None)
+            setattr(inner, families.embedding_name(inner), None)
         if sid != last:
-            inner.norm = None
+            setattr(inner, families.final_norm_name(inner), None)
             stage.lm_head = None
         stage.forward = types.MethodType(_stage_forward, stage)
         stages.append(stage)
@@ -111,7 +110,7 @@ def build_pipeline(model: nn.Module, *, pp_mesh, microbatches: int, schedule: st
     num_stages = pp * stages_per_rank
     if microbatches < pp:
         raise ValueError(f"pipeline: microbatches={microbatches} must be >= pp={pp}")
-    ranges = stage_layer_ranges(num_layers=len(model.model.layers), num_stages=num_stages,
+    ranges = stage_layer_ranges(num_layers=len(families.blocks(model)), num_stages=num_stages,
                                 split_points=split_points)
     stage_ids = [rank + i * pp for i in range(stages_per_rank)]  # looped placement
     modules = split_model(model, ranges=ranges, stage_ids=stage_ids)

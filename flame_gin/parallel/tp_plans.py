@@ -22,6 +22,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
+from flame_gin import families
+
 log = logging.getLogger(__name__)
 
 
@@ -212,14 +214,17 @@ def supported_families() -> tuple[str, ...]:
 
 
 def _model_parts(model: nn.Module):
-    inner = model.model
-    embed = "model.embeddings" if "embeddings" in dir(inner) else "model.embed_tokens"
-    return inner, embed
+    """The body, and the state-dict names of its embedding, final norm and blocks (a pipeline stage may lack
+    the first two; `_exists` then leaves them out)."""
+    prefix = families.body_name(model)
+    inner = getattr(model, prefix)
+    embed, norm = families.embedding_name(inner) or "embeddings", families.final_norm_name(inner) or "norm"
+    return inner, f"{prefix}.{embed}", f"{prefix}.{norm}", f"{prefix}.layers"
 
 
 def apply_tensor_parallel(model: nn.Module, *, tp_mesh: DeviceMesh, sequence_parallel: bool = True,
                           loss_parallel: bool = True) -> nn.Module:
-    """Shards `model` (a causal LM with `.model.layers` and `.lm_head`) over `tp_mesh` in place.
+    """Shards `model` (a causal LM with a body of blocks and `.lm_head`) over `tp_mesh` in place.
 
     With `loss_parallel`, logits stay vocabulary-sharded DTensors; compute the loss with
     `flame_gin.parallel.loss.token_loss_sum`, which enters torch's `loss_parallel` context for them.
@@ -235,9 +240,9 @@ def apply_tensor_parallel(model: nn.Module, *, tp_mesh: DeviceMesh, sequence_par
                          "lm_head column-wise)")
     mixer, mlp, norms, mixer_plan = _FAMILIES[model_type]
     sp = sequence_parallel
-    inner, embed = _model_parts(model)
+    inner, embed, final_norm, layers = _model_parts(model)
     top = {embed: RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate()),
-           "model.norm": LocalCompute(partial_grads=sp),
+           final_norm: LocalCompute(partial_grads=sp),
            "lm_head": ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(),
                                       output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                       use_local_output=not loss_parallel)}
@@ -245,7 +250,7 @@ def apply_tensor_parallel(model: nn.Module, *, tp_mesh: DeviceMesh, sequence_par
     parallelize_module(model, tp_mesh, top)
     blocks = inner.layers.items() if isinstance(inner.layers, nn.ModuleDict) else enumerate(inner.layers)
     for i, block in blocks:
-        prefix = f"model.layers.{i}"
+        prefix = f"{layers}.{i}"
         plan = {f"{prefix}.{n}": LocalCompute(partial_grads=sp) for n in norms}
         plan.update(mixer_plan(getattr(block, mixer), f"{prefix}.{mixer}", sp=sp))
         plan.update(_mlp_plan(f"{prefix}.{mlp}", sp=sp, mlp=getattr(block, mlp)))

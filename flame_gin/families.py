@@ -1,0 +1,117 @@
+"""What flame_gin knows of each model family: where its body and blocks live, and what it can run on.
+
+Why one module: FLA's families do not share one layout (Mamba, Mamba2, Mamba3, log-linear Mamba2 and Samba
+keep their body in ``.backbone``, the others in ``.model``; Mamba's final norm is ``norm_f``), they differ in
+whether their layers honour ``cu_seqlens``, and only some have CPU paths. The loss, the parallelisms, the
+pipeline split, the memory estimate and the trainer's checks ask here instead of assuming ``.model`` or
+keeping allow-lists of their own. The body is found the way transformers defines it (``base_model_prefix``),
+so a family registered from a user's module works as long as its causal-LM class follows that convention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Traits:
+  """A family's traits, as checked against FLA 0.6's sources and by the tests that train each family.
+
+  ``varlen``: every layer passes ``cu_seqlens`` to its ops, convolutions and token shifts, so packed
+  documents never see each other. ``cpu``: every op the family calls runs on a CPU (FLA's own PyTorch code or
+  flame_gin's reference kernels); the others launch Triton kernels that need a GPU driver. ``note``: what a
+  user must know to run it, shown when it is refused.
+  """
+  varlen: bool = False
+  cpu: bool = False
+  note: str = ""
+
+
+_UNKNOWN = Traits(note="flame_gin has not checked this family's layers")
+
+_TRAITS = {
+    # flame_gin's reference kernels cover GLA, DeltaNet and Gated DeltaNet; softmax attention layers (FLA's
+    # transformer, hybrids' `attn` layers, Samba) run through SDPA and reference rotary embeddings.
+    "gla": Traits(varlen=True, cpu=True),
+    "delta_net": Traits(varlen=True, cpu=True),
+    "gated_deltanet": Traits(varlen=True, cpu=True),
+    "transformer": Traits(varlen=True, cpu=True),
+    "llama": Traits(cpu=True, note="the HF baseline takes no cu_seqlens"),
+    # Mamba's and Mamba2's layers fall back to PyTorch without mamba_ssm/causal_conv1d; both ignore cu_seqlens.
+    "mamba": Traits(cpu=True, note="Mamba layers ignore cu_seqlens"),
+    "mamba2": Traits(cpu=True, note="Mamba2 layers ignore cu_seqlens"),
+    "samba": Traits(cpu=True, note="Samba's Mamba layers ignore cu_seqlens"),
+    # Triton-only families whose layers honour cu_seqlens.
+    "gsa": Traits(varlen=True), "hgrn2": Traits(varlen=True), "hgrn": Traits(varlen=True),
+    "retnet": Traits(varlen=True), "rwkv6": Traits(varlen=True), "rwkv7": Traits(varlen=True),
+    "linear_attn": Traits(varlen=True), "comba": Traits(varlen=True), "kda": Traits(varlen=True),
+    "gated_deltaproduct": Traits(varlen=True, note="FLA's chunked kernel runs in bfloat16 only"),
+    "mesa_net": Traits(varlen=True), "lightnet": Traits(varlen=True),
+    "abc": Traits(note="FLA's ABC layer raises on cu_seqlens"),
+    "mamba3": Traits(note="Mamba3 layers ignore cu_seqlens"),
+    "log_linear_mamba2": Traits(note="log-linear Mamba2 has no PyTorch fallback in FLA 0.6"),
+}
+
+
+def register(*, name: str, traits: Traits) -> None:
+  """Records the traits of a family registered from a user's module (``models.register_family``)."""
+  _TRAITS[name] = traits
+
+
+def traits(family: str) -> Traits:
+  """The traits of ``family`` (a config's ``model_type``); unchecked families get none (no varlen, no CPU)."""
+  return _TRAITS.get(family, _UNKNOWN)
+
+
+def supports_varlen(config) -> bool:
+  """Whether the family's layers honour ``cu_seqlens`` (documents never see each other when packed)."""
+  return traits(config.model_type).varlen
+
+
+def check_device(*, config, device_type: str) -> None:
+  """Raises a ``ValueError`` naming the family when it cannot run on ``device_type``, before anything is built."""
+  family = config.model_type
+  if device_type == "cpu" and not traits(family).cpu:
+    note = traits(family).note
+    runnable = ", ".join(sorted(name for name, t in _TRAITS.items() if t.cpu))
+    raise ValueError(
+        f"model family {family!r} has no CPU kernels (its layers launch Triton kernels that need a GPU"
+        f"{'; ' + note if note else ''}): run it on a GPU. Families that train on a CPU: {runnable}")
+
+
+def body_name(model: nn.Module) -> str:
+  """The attribute that holds the model's body (``model`` or ``backbone``), from transformers' convention."""
+  name = getattr(model, "base_model_prefix", "")
+  if not name or not isinstance(getattr(model, name, None), nn.Module):
+    raise ValueError(f"{type(model).__name__} has no body at base_model_prefix={name!r}: a causal-LM class "
+                     f"must keep its decoder under the attribute its base_model_prefix names")
+  return name
+
+
+def body(model: nn.Module) -> nn.Module:
+  """The model's body: embeddings, blocks and final norm, without the LM head (``model`` itself when it is
+  already a body, as transformers' ``base_model`` does)."""
+  name = getattr(model, "base_model_prefix", "")
+  inner = getattr(model, name, None) if name else None
+  return inner if isinstance(inner, nn.Module) else model
+
+
+def blocks(model: nn.Module) -> nn.ModuleList | nn.ModuleDict:
+  """The model's blocks (a pipeline stage keeps its share in a ``ModuleDict`` under the original indices)."""
+  layers = getattr(body(model), "layers", None)
+  if not isinstance(layers, (nn.ModuleList, nn.ModuleDict)):
+    raise ValueError(f"{type(model).__name__} has no block list `layers` in its body (base_model_prefix="
+                     f"{getattr(model, 'base_model_prefix', None)!r})")
+  return layers
+
+
+def embedding_name(inner: nn.Module) -> str | None:
+  """The body's token embedding attribute (FLA: ``embeddings``; HF: ``embed_tokens``), None if dropped."""
+  return next((n for n in ("embeddings", "embed_tokens") if getattr(inner, n, None) is not None), None)
+
+
+def final_norm_name(inner: nn.Module) -> str | None:
+  """The body's final norm attribute (``norm``, or Mamba's ``norm_f``), None if dropped."""
+  return next((n for n in ("norm", "norm_f") if getattr(inner, n, None) is not None), None)

@@ -1,0 +1,204 @@
+"""Model families train, not just build: every family with a CPU path trains through the real trainer on a CPU
+(finite, falling loss read back from the run's TensorBoard events); the others are refused before anything is
+built, with an error naming the family; a family whose body is not at ``.model`` trains too; the families that
+claim varlen keep packed documents apart.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+
+import pytest
+import torch
+import transformers
+from tensorboard.backend.event_processing import event_accumulator
+from torch import nn
+
+from flame_gin import config as config_lib
+from flame_gin import configurables, families, kernels, loss as loss_lib, models
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ["HIDDEN_SIZE = 64", "NUM_LAYERS = 2", "VOCAB_SIZE = 512"]
+ATTN = ["ATTN_LAYERS = [1]", "ATTN_HEADS = 2", "ATTN_KV_HEADS = 1"]
+# Family file -> the macro deltas that make it tiny (the family files' defaults are 340M shapes).
+CPU_FAMILIES = {
+    "gla": [],
+    "delta_net": ["NUM_HEADS = 2"],
+    "gated_deltanet": ["NUM_HEADS = 2", "HEAD_DIM = 16"],
+    "gla_hybrid": ATTN,
+    "gated_deltanet_hybrid": ["NUM_HEADS = 2", "HEAD_DIM = 16", *ATTN],
+    "llama": ["NUM_HEADS = 2", "NUM_KV_HEADS = 1", "INTERMEDIATE_SIZE = 128"],
+    "mamba": [],
+    "mamba2": [],
+    "samba": ["ATTN_LAYERS = [1]", "ATTN_HEADS = 2"],
+}
+GPU_ONLY = ["gsa", "hgrn2", "retnet", "rwkv7"]
+STEPS = 4
+
+
+def _parse(workdir: pathlib.Path, gin_files: list[str], bindings: list[str]) -> None:
+  config_lib.parse(
+      gin_files=["gin/tiny.gin", *gin_files],
+      gin_bindings=[f"MODEL_DIR = {str(workdir)!r}", f"TRAIN_STEPS = {STEPS}", "WARMUP_STEPS = 1", *TINY,
+                    *bindings, "flame_gin.run.eval_interval = 0", "flame_gin.run.log_interval = 1",
+                    "flame_gin.run.checkpointer = None", "flame_gin.run.kernel_cache = False"],
+      search_paths=config_lib.default_search_paths())
+
+
+def _losses(workdir: pathlib.Path) -> list[float]:
+  acc = event_accumulator.EventAccumulator(str(workdir / "tensorboard"))
+  acc.Reload()
+  return [e.value for e in acc.Scalars("loss")]
+
+
+def _train(workdir: pathlib.Path, gin_files: list[str], bindings: list[str]) -> list[float]:
+  _parse(workdir, gin_files, bindings)
+  assert configurables.run(config_text="", on_first_step=None) == 0
+  return _losses(workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(CPU_FAMILIES))
+def test_family_trains_on_cpu_through_the_trainer(tmp_path, family):
+  losses = _train(tmp_path / family, [f"gin/model/{family}.gin"], CPU_FAMILIES[family])
+  assert len(losses) == STEPS and all(math.isfinite(v) for v in losses), losses
+  assert losses[-1] < losses[0] - 0.05, f"{family}: loss did not fall over {STEPS} steps: {losses}"
+
+
+@pytest.mark.parametrize("family", GPU_ONLY)
+def test_gpu_only_family_is_refused_on_cpu_before_anything_is_built(tmp_path, family):
+  workdir = tmp_path / family
+  _parse(workdir, [f"gin/model/{family}.gin"], [])
+  with pytest.raises(config_lib.ConfigError, match=rf"model family '{family}' has no CPU kernels.*run it on a GPU"):
+    configurables.run(config_text="", on_first_step=None)
+  assert not workdir.exists()
+
+
+def test_every_family_in_the_zoo_is_either_trained_or_refused_here():
+  """A family file added to gin/model/ must join one of the two lists above, so none goes untried."""
+  files = {p.stem for p in (ROOT / "gin" / "model").glob("*.gin") if not p.stem.split("_")[-1][:-1].isdigit()}
+  assert files == set(CPU_FAMILIES) | set(GPU_ONLY)
+  for family in CPU_FAMILIES:
+    assert families.traits(family.removesuffix("_hybrid")).cpu, family
+  for family in GPU_ONLY:
+    assert not families.traits(family).cpu, family
+
+
+# A family FLA does not ship, defined as a user would in their own module: its body lives at `.trunk`, not at
+# `.model`, and a block mixes each token with the one before it.
+class TrunkConfig(transformers.PretrainedConfig):
+  model_type = "trunk_test"
+
+  def __init__(self, vocab_size: int = 64, hidden_size: int = 16, num_hidden_layers: int = 2, **kwargs):
+    self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
+    super().__init__(**kwargs)
+
+
+class TrunkModel(transformers.PreTrainedModel):
+  config_class = TrunkConfig
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+    self.layers = nn.ModuleList(nn.Linear(2 * config.hidden_size, config.hidden_size)
+                                for _ in range(config.num_hidden_layers))
+    self.norm = nn.LayerNorm(config.hidden_size)
+    self.post_init()
+
+  def forward(self, input_ids, **kwargs):
+    h = self.embeddings(input_ids)
+    for layer in self.layers:
+      previous = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
+      h = h + torch.tanh(layer(torch.cat([h, previous], dim=-1)))
+    return transformers.modeling_outputs.BaseModelOutput(last_hidden_state=self.norm(h))
+
+
+class TrunkForCausalLM(transformers.PreTrainedModel):
+  config_class = TrunkConfig
+  base_model_prefix = "trunk"
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.trunk = TrunkModel(config)
+    self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    self.post_init()
+
+  def get_input_embeddings(self):
+    return self.trunk.embeddings
+
+  def get_output_embeddings(self):
+    return self.lm_head
+
+  def forward(self, input_ids, **kwargs):
+    return transformers.modeling_outputs.CausalLMOutput(logits=self.lm_head(self.trunk(input_ids).last_hidden_state))
+
+
+@pytest.mark.slow
+def test_custom_family_with_its_body_elsewhere_trains_through_the_trainer(tmp_path):
+  models.register_family(name="trunk_test", config_class=TrunkConfig, model_class=TrunkForCausalLM,
+                         traits=families.Traits(cpu=True))
+  model = models.build_model(config=TrunkConfig(), device="cpu", seed=0)
+  assert families.body(model) is model.trunk and len(families.blocks(model)) == 2
+  losses = _train(tmp_path / "trunk", [], [
+      "flame_gin.model_config.family = 'trunk_test'",
+      "flame_gin.model_config.overrides = {'hidden_size': 32, 'num_hidden_layers': 2, 'vocab_size': 512}"])
+  assert len(losses) == STEPS and losses[-1] < losses[0] - 0.05, losses
+
+
+def test_a_model_without_a_body_at_its_prefix_is_named_in_the_error():
+  class Headless(nn.Module):
+    base_model_prefix = "model"
+
+  with pytest.raises(ValueError, match=r"Headless has no body at base_model_prefix='model'"):
+    families.body_name(Headless())
+
+
+VARLEN_CONFIGS = {
+    "gla_hybrid": dict(family="gla", overrides=dict(num_heads=2),
+                       attn=dict(layers=[1], num_heads=2, num_kv_heads=1)),
+    "gated_deltanet_hybrid": dict(family="gated_deltanet", overrides=dict(num_heads=2, head_dim=16),
+                                  attn=dict(layers=[0], num_heads=2, num_kv_heads=2, window_size=5)),
+    "transformer": dict(family="transformer", overrides=dict(num_heads=2, num_kv_heads=1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARLEN_CONFIGS))
+def test_varlen_families_keep_packed_documents_apart(name):
+  """Three documents packed in one row give each document's logits exactly as when it runs alone."""
+  spec = VARLEN_CONFIGS[name]
+  kernels.select(mode="reference")
+  try:
+    config = models.build_config(family=spec["family"], attn=spec.get("attn"), overrides={
+        "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 64, **spec["overrides"]})
+    assert families.supports_varlen(config)
+    model = models.build_model(config=config, device="cpu", seed=0).eval()
+    body = families.body(model)
+    lengths = [5, 9, 3]
+    ids = torch.randint(0, 64, (1, sum(lengths)), generator=torch.Generator().manual_seed(0))
+    cu = torch.tensor([0, 5, 14, 17])
+    with torch.no_grad():
+      packed = body(**loss_lib.backbone_kwargs({"input_ids": ids, "cu_seqlens": cu}),
+                    use_cache=False).last_hidden_state
+      for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        alone = body(input_ids=ids[:, start:end], use_cache=False).last_hidden_state
+        torch.testing.assert_close(packed[:, start:end], alone, rtol=1e-4, atol=1e-5)
+  finally:
+    kernels.restore()
+
+
+def test_values_only_the_constructor_sets_are_not_left_uninitialised():
+  """Samba's Mamba mixers set A_log = log(1..state) and D = 1 in their constructor, and Samba's initialiser
+  leaves them alone: a meta build would train uninitialised memory there."""
+  kernels.select(mode="reference")
+  try:
+    config = models.build_config(family="samba", overrides={
+        "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 64, "state_size": 8,
+        "attn": {"layers": [1], "num_heads": 2}})
+    model = models.build_model(config=config, device="cpu", seed=0)
+  finally:
+    kernels.restore()
+  mixer = model.backbone.layers[0].mixer
+  want = torch.log(torch.arange(1, 9, dtype=torch.float32)).expand_as(mixer.A_log)
+  torch.testing.assert_close(mixer.A_log.detach(), want)
+  torch.testing.assert_close(mixer.D.detach(), torch.ones_like(mixer.D))
