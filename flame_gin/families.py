@@ -22,11 +22,14 @@ class Traits:
   ``varlen``: every layer passes ``cu_seqlens`` to its ops, convolutions and token shifts, so packed
   documents never see each other. ``cpu``: every op the family calls runs on a CPU (FLA's own PyTorch code or
   flame_gin's reference kernels); the others launch Triton kernels that need a GPU driver. ``note``: what a
-  user must know to run it, shown when it is refused.
+  user must know to run it, shown when it is refused. ``gated_delta_backward``: its backward calls FLA's gated
+  ``chunk_bwd_dqkwg``, which FLA 0.6 itself refuses on Hopper with Triton 3.4-3.7.0 (wrong gradients, FLA #640)
+  unless its TileLang backend can take the call.
   """
   varlen: bool = False
   cpu: bool = False
   note: str = ""
+  gated_delta_backward: bool = False
 
 
 _UNKNOWN = Traits(note="flame_gin has not checked this family's layers")
@@ -36,7 +39,7 @@ _TRAITS = {
     # transformer, hybrids' `attn` layers, Samba) run through SDPA and reference rotary embeddings.
     "gla": Traits(varlen=True, cpu=True),
     "delta_net": Traits(varlen=True, cpu=True),
-    "gated_deltanet": Traits(varlen=True, cpu=True),
+    "gated_deltanet": Traits(varlen=True, cpu=True, gated_delta_backward=True),
     "transformer": Traits(varlen=True, cpu=True),
     "llama": Traits(cpu=True, note="the HF baseline takes no cu_seqlens"),
     # Mamba's and Mamba2's layers fall back to PyTorch without mamba_ssm/causal_conv1d; both ignore cu_seqlens.
@@ -52,6 +55,8 @@ _TRAITS = {
     "abc": Traits(note="FLA's ABC layer raises on cu_seqlens"),
     "mamba3": Traits(note="Mamba3 layers ignore cu_seqlens"),
     "log_linear_mamba2": Traits(note="log-linear Mamba2 has no PyTorch fallback in FLA 0.6"),
+    "mom": Traits(gated_delta_backward=True), "yoco": Traits(gated_delta_backward=True),
+    "precond_gated_deltanet": Traits(gated_delta_backward=True),
 }
 
 
@@ -79,6 +84,28 @@ def check_device(*, config, device_type: str) -> None:
     raise ValueError(
         f"model family {family!r} has no CPU kernels (its layers launch Triton kernels that need a GPU"
         f"{'; ' + note if note else ''}): run it on a GPU. Families that train on a CPU: {runnable}")
+  if device_type == "cuda" and traits(family).gated_delta_backward:
+    reason = fla_refuses_gated_delta_backward()
+    if reason:
+      raise ValueError(f"model family {family!r} cannot train here: {reason}")
+
+
+def fla_refuses_gated_delta_backward() -> str | None:
+  """Why FLA 0.6 would refuse the gated delta-rule backward on this GPU (its own test, asked up front so the
+  run stops before building anything rather than at the first backward), or None. Never bypassed: the fix is
+  Triton >= 3.7.1, or TileLang installed for FLA's TileLang backend to take the call."""
+  import importlib.util
+  import os
+
+  from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0
+  from fla.utils.env import TRITON_ABOVE_3_7_1
+  if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
+    return None
+  if importlib.util.find_spec("tilelang") is not None and os.environ.get("FLA_TILELANG", "1") != "0":
+    return None
+  import triton
+  return (f"FLA refuses its gated delta-rule backward on Hopper with Triton {triton.__version__} (wrong "
+          f"gradients with Triton 3.4-3.7.0, FLA #640); install Triton >= 3.7.1 or `pip install tilelang`")
 
 
 def body_name(model: nn.Module) -> str:
