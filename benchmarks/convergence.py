@@ -110,7 +110,7 @@ def reference_losses(*, steps: int, bf16_logits: bool = False, decay_all: bool =
       group["lr"] = _cosine(step, lr=lr, warmup=warmup, total=total, min_ratio=min_ratio)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    losses.append(float(loss))
+    losses.append(loss.item())
   return losses
 
 
@@ -123,11 +123,14 @@ def compare(*, gin_files: list[str], bindings: list[str], steps: int, noise_fact
     on_gpu = torch.cuda.is_available()
     second = reference_losses(steps=steps, bf16_logits=True) if on_gpu else reference
   diff = max(abs(a - b) for a, b in zip(ours, reference))
+  half = steps // 2
+  bias = lambda xs: sum(x - r for x, r in zip(xs[half:], reference[half:])) / max(1, steps - half)  # noqa: E731
   noise = max(abs(a - b) for a, b in zip(second, reference))
   tolerance = noise_factor * noise + (1e-3 if on_gpu else 1e-4)
   return {"benchmark": "convergence", "device": torch.cuda.get_device_name() if on_gpu else "cpu",
           "steps": steps, "max_abs_diff": diff, "noise_floor": noise, "tolerance": tolerance,
           "within_tolerance": len(ours) == len(reference) == steps and diff <= tolerance,
+          "mean_diff_second_half": {"flame_gin": bias(ours), "reference_bf16_logits": bias(second)},
           "mean_last_tenth": {"flame_gin": sum(ours[-max(1, steps // 10):]) / max(1, steps // 10),
                               "reference": sum(reference[-max(1, steps // 10):]) / max(1, steps // 10)},
           "flame_gin": ours, "reference": reference}

@@ -90,6 +90,28 @@ def check_device(*, config, device_type: str) -> None:
       raise ValueError(f"model family {family!r} cannot train here: {reason}")
 
 
+_MAMBA_KERNELS = ("mamba_ssm", "causal_conv1d")
+_NEEDS_MAMBA_KERNELS = frozenset({"mamba", "mamba2", "samba"})
+
+
+def speed_warning(*, config, device_type: str) -> str | None:
+  """A warning for a family that trains on a GPU but through FLA's pure-PyTorch fallback, or None.
+
+  FLA's Mamba, Mamba2 and Samba layers take the CUDA kernels of ``mamba-ssm`` and ``causal-conv1d`` when
+  those packages are installed, and otherwise a Python-level scan: on one H200 at 8 x 512, 4 x 2048
+  (benchmarks/RESULTS.md) Mamba ran at 91 tokens/s, Samba at 232 and Mamba2 at 1,662 (39.7 GiB), against
+  ~100,000 for GLA at the same shape."""
+  import importlib.util
+  if device_type != "cuda" or config.model_type not in _NEEDS_MAMBA_KERNELS:
+    return None
+  missing = [name for name in _MAMBA_KERNELS if importlib.util.find_spec(name) is None]
+  if not missing:
+    return None
+  return (f"model family {config.model_type!r} runs FLA's pure-PyTorch fallback on this GPU because "
+          f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: expect a few hundred to a "
+          f"few thousand tokens/s. Install mamba-ssm and causal-conv1d for their CUDA kernels.")
+
+
 def fla_refuses_gated_delta_backward() -> str | None:
   """Why FLA 0.6 would refuse the gated delta-rule backward on this GPU (its own test, asked up front so the
   run stops before building anything rather than at the first backward), or None. Never bypassed: the fix is

@@ -100,6 +100,11 @@ class ParallelDims:
                 raise ValueError(f"ParallelDims: pp={self.pp} but {name} has no num_hidden_layers")
             if self.pp > layers:
                 raise ValueError(f"ParallelDims: pp={self.pp} is larger than num_hidden_layers={layers} of {name}")
+        if (self.tp > 1 or self.cp > 1) and getattr(config, "attn", None):
+            raise ValueError(f"ParallelDims: tp={self.tp}, cp={self.cp} with softmax attention layers "
+                             f"(attn={config.attn}) in {name}: the tensor-parallel plans and the context-parallel "
+                             f"state hand-over cover linear-attention layers only; train this hybrid with data "
+                             f"parallelism (FSDP/HSDP) or pipeline stages")
         if self.tp > 1:
             for attr in ("num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads", "num_v_heads",
                          "intermediate_size", "vocab_size"):

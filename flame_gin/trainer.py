@@ -171,6 +171,9 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   kernel_used = kernels.select(mode=kernel_mode)
   with _as_config_error():
     families.check_device(config=model_config, device_type=proc.device.type)
+  slow = families.speed_warning(config=model_config, device_type=proc.device.type)
+  if slow and proc.is_primary:
+    logging.warning(slow)
   micro_batch = _validate(train_steps=train_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
                           dp_size=dp_size, seq_len=seq_len, model_config=model_config, vocab_size=None,
                           varlen=varlen)

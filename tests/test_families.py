@@ -202,3 +202,38 @@ def test_values_only_the_constructor_sets_are_not_left_uninitialised():
   want = torch.log(torch.arange(1, 9, dtype=torch.float32)).expand_as(mixer.A_log)
   torch.testing.assert_close(mixer.A_log.detach(), want)
   torch.testing.assert_close(mixer.D.detach(), torch.ones_like(mixer.D))
+
+
+def test_gated_deltanet_is_refused_up_front_where_fla_would_refuse_its_backward(monkeypatch):
+  """On Hopper with Triton 3.4-3.7.0 and no TileLang, FLA raises at the first backward (FLA #640); the trainer
+  asks FLA's own flags before building, and lets the run through once TileLang or a fixed Triton is there."""
+  import importlib.util
+
+  import fla.utils
+  import fla.utils.env
+  config = models.build_config(family="gated_deltanet", overrides={"num_heads": 2, "head_dim": 16})
+  monkeypatch.setattr(fla.utils, "IS_NVIDIA_HOPPER", True)
+  monkeypatch.setattr(fla.utils, "TRITON_ABOVE_3_4_0", True)
+  monkeypatch.setattr(fla.utils.env, "TRITON_ABOVE_3_7_1", False)
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tilelang" else real_find_spec(name, *a))
+  with pytest.raises(ValueError, match=r"'gated_deltanet' cannot train here: .*FLA #640.*tilelang"):
+    families.check_device(config=config, device_type="cuda")
+  families.check_device(config=models.build_config(family="gla", overrides={}), device_type="cuda")  # not gated
+  monkeypatch.setattr(fla.utils.env, "TRITON_ABOVE_3_7_1", True)
+  families.check_device(config=config, device_type="cuda")
+
+
+def test_mamba_style_families_warn_when_their_gpu_kernels_are_missing(monkeypatch):
+  import importlib.util
+  config = models.build_config(family="mamba2", overrides={})
+  real_find_spec = importlib.util.find_spec
+  installed = set()
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: (object() if name in installed else None) if name in families._MAMBA_KERNELS
+                      else real_find_spec(name, *a))
+  assert "mamba_ssm and causal_conv1d are not installed" in families.speed_warning(config=config, device_type="cuda")
+  assert families.speed_warning(config=config, device_type="cpu") is None
+  assert families.speed_warning(config=models.build_config(family="gla", overrides={}), device_type="cuda") is None
+  installed.update(families._MAMBA_KERNELS)
+  assert families.speed_warning(config=config, device_type="cuda") is None

@@ -61,3 +61,14 @@ def _mesh_worker(rank, world):
     one = torch.ones(())
     torch.distributed.all_reduce(one, group=mesh["dp_cp"].get_group())
     assert one.item() == 4
+
+
+def test_hybrids_are_refused_for_tensor_and_context_parallel():
+    from flame_gin import models
+    hybrid = models.build_config(family="gla", overrides={"num_hidden_layers": 4},
+                                 attn={"layers": [3], "num_heads": 4})
+    for dims in (ParallelDims(world_size=2, tp=2), ParallelDims(world_size=2, cp=2)):
+        with pytest.raises(ValueError, match=r"softmax attention layers .* linear-attention layers only"):
+            dims.validate_for_model(config=hybrid)
+    ParallelDims(world_size=2, pp=2).validate_for_model(config=hybrid)
+    ParallelDims(world_size=2, tp=2).validate_for_model(config=models.build_config(family="gla", overrides={}))
