@@ -5,12 +5,20 @@ A ``Source`` names what ``datasets.load_dataset`` needs (a hub name, a builder s
 training and for evaluation, the text column, and whether to stream. Opening checks everything that can be
 checked before a model is built (missing files, empty splits, a missing text column) and raises an error that
 names the value at fault.
+
+Evaluation never reads training documents. A source without a validation split of its own (FineWeb-Edu has
+only ``train``) sets ``holdout``: a fixed share of its training documents, chosen by a hash of each
+document's text (so the same documents whatever the seed, the number of ranks or workers, and the order), is
+skipped by training and is what evaluation reads. A source whose evaluation split would be its training split
+without a hold-out is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
+import hashlib
 import os
 import pathlib
 
@@ -32,6 +40,7 @@ class Source:
     text_field: str = "text"
     streaming: bool = False
     label: str | None = None
+    holdout: float = 0.0
 
     @property
     def display_name(self) -> str:
@@ -40,14 +49,39 @@ class Source:
 
 def source(*, path: str, name: str | None = None, data_dir: str | None = None, data_files=None,
            train_split: str = "train", validation_split: str = "validation", text_field: str = "text",
-           streaming: bool = False, label: str | None = None) -> Source:
-    """Builds a ``Source`` (the gin-facing constructor; lists in ``data_files`` become tuples)."""
+           streaming: bool = False, label: str | None = None, holdout: float = 0.0) -> Source:
+    """Builds a ``Source`` (the gin-facing constructor; lists in ``data_files`` become tuples).
+
+    ``holdout`` (0 to 1, exclusive): the share of the training split's documents held out for evaluation.
+    Raises when evaluation would read the training documents (the same split, or the same files for both)."""
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"data source {path!r}: holdout={holdout} must lie in [0, 1)")
+    same_files = (isinstance(data_files, dict) and train_split in data_files and validation_split in data_files
+                  and data_files[train_split] == data_files[validation_split])
+    if not holdout and (train_split == validation_split or same_files):
+        raise ValueError(
+            f"data source {path!r}: evaluation would read the training documents (validation_split="
+            f"{validation_split!r}{', the same data_files' if same_files else ''}); give it a split or files of "
+            f"its own, or set 'holdout' (for example 0.001) to hold out a share of the training documents")
     if isinstance(data_files, list):
         data_files = tuple(data_files)
     if isinstance(data_files, dict):
         data_files = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_files.items()}
     return Source(path=path, name=name, data_dir=data_dir, data_files=data_files, train_split=train_split,
-                  validation_split=validation_split, text_field=text_field, streaming=streaming, label=label)
+                  validation_split=validation_split, text_field=text_field, streaming=streaming, label=label,
+                  holdout=float(holdout))
+
+
+def held_out(text: str, *, share: float) -> bool:
+    """Whether a document belongs to the held-out share: its text's 64-bit BLAKE2b hash, as a fraction of
+    2**64, is below ``share``. A function of the text alone, so training and evaluation agree on every
+    rank and worker without coordination."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < share * 2.0 ** 64
+
+
+def _keep(batch: dict, *, field: str, share: float, evaluation: bool) -> list[bool]:
+    return [text is not None and held_out(text, share=share) == evaluation for text in batch[field]]
 
 
 def _check_local_files(files, *, what: str) -> None:
@@ -106,7 +140,7 @@ def split_name(src: Source, split: str) -> str:
     if split == "train":
         return src.train_split
     if split == "validation":
-        return src.validation_split
+        return src.train_split if src.holdout else src.validation_split
     raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
 
 
@@ -142,4 +176,10 @@ def open_split(src: Source, *, split: str, cache_dir: str | None = None):
             raise ValueError(f"data source {src.path!r} split {kwargs['split']!r} is empty")
     elif len(ds) == 0:
         raise ValueError(f"data source {src.path!r} split {kwargs['split']!r} is empty")
+    if src.holdout:
+        ds = ds.filter(functools.partial(_keep, field=src.text_field, share=src.holdout,
+                                         evaluation=split == "validation"), batched=True)
+        if not src.streaming and len(ds) == 0:
+            raise ValueError(f"data source {src.path!r}: holdout={src.holdout} leaves no {split} document "
+                             f"in split {kwargs['split']!r}")
     return ds
