@@ -56,23 +56,17 @@ def export_model(
     return output
 
 
-def export_checkpoint(
-    *,
-    checkpoint_dir: str | os.PathLike,
-    output: str | os.PathLike,
-    step: int | None = None,
-    dtype: str = "bfloat16",
-    tokenizer: str | None = None,
-) -> pathlib.Path:
-    """Export the weights of a checkpoint (latest, or `step`) to HF format.
+def load_checkpoint_model(
+    *, checkpoint_dir: str | os.PathLike, step: int | None = None
+) -> tuple[torch.nn.Module, int]:
+    """The float32 HF model of a checkpoint (latest, or `step`) on the CPU, and the step it holds.
 
-    The checkpoint must hold the model's HF config (saved automatically when
-    the model has a `config`). Runs in one process on CPU.
+    The checkpoint must hold the model's HF config (saved automatically when the model has a `config`).
+    Select kernels (`flame_gin.kernels.select`) before calling: some FLA layers pick their ops when built.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _register_fla()
-    _dtype(dtype)  # fail early on a bad dtype
     root = pathlib.Path(checkpoint_dir)
     steps = layout.committed_steps(root)
     if not steps:
@@ -89,6 +83,20 @@ def export_checkpoint(
     config = AutoConfig.for_model(model_type, **values)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     load_weights(directory=root, model=model, step=step)
+    return model, step
+
+
+def export_checkpoint(
+    *,
+    checkpoint_dir: str | os.PathLike,
+    output: str | os.PathLike,
+    step: int | None = None,
+    dtype: str = "bfloat16",
+    tokenizer: str | None = None,
+) -> pathlib.Path:
+    """Export the weights of a checkpoint (latest, or `step`) to HF format. Runs in one process on CPU."""
+    _dtype(dtype)  # fail early on a bad dtype
+    model, _ = load_checkpoint_model(checkpoint_dir=checkpoint_dir, step=step)
     return export_model(model=model, output=output, dtype=dtype, tokenizer=tokenizer)
 
 
