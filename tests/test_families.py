@@ -237,3 +237,35 @@ def test_mamba_style_families_warn_when_their_gpu_kernels_are_missing(monkeypatc
   assert families.speed_warning(config=models.build_config(family="gla", overrides={}), device_type="cuda") is None
   installed.update(families._MAMBA_KERNELS)
   assert families.speed_warning(config=config, device_type="cuda") is None
+
+
+@pytest.mark.parametrize("family", ["gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "samba", "transformer",
+                                    "gla_hybrid"])
+def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
+  """Every family that trains on a CPU exports to a folder that `AutoModelForCausalLM.from_pretrained` loads
+  (after `import fla`) with the same float32 logits, and the tokenizer's special ids."""
+  from flame_gin.checkpoint import hf
+  from flame_gin.data import embedded
+  spec = {"gla_hybrid": dict(family="gla", attn={"layers": [1], "num_heads": 2})}.get(family, dict(family=family))
+  overrides = {"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 512}
+  if family in ("gla", "gla_hybrid", "delta_net", "transformer"):
+    overrides["num_heads"] = 2
+  if family == "gated_deltanet":
+    overrides.update(num_heads=2, head_dim=16)
+  if family == "samba":
+    overrides["attn"] = {"layers": [1], "num_heads": 2}
+  kernels.select(mode="reference")
+  try:
+    config = models.build_config(family=spec["family"], overrides=overrides, attn=spec.get("attn"))
+    model = models.build_model(config=config, device="cpu", seed=0).eval()
+    tokenizer = embedded.tokenizer_path()
+    hf.export_model(model=model, output=tmp_path / "hf", dtype="float32", tokenizer=tokenizer)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+      assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+  finally:
+    kernels.restore()
+  tok = transformers.AutoTokenizer.from_pretrained(tokenizer)
+  assert (loaded.config.bos_token_id, loaded.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+  assert loaded.generation_config.eos_token_id == tok.eos_token_id

@@ -43,16 +43,29 @@ def export_model(
     dtype: str = "bfloat16",
     tokenizer: str | None = None,
 ) -> pathlib.Path:
-    """`save_pretrained` an (unsharded) HF model in `dtype`, with a tokenizer."""
+    """`save_pretrained` an (unsharded) HF model in `dtype`, with a tokenizer.
+
+    With a tokenizer, the export's special-token ids (config and generation config) are the tokenizer's:
+    the family's defaults (FLA's configs say bos=1, eos=2) need not match the tokenizer a run trained with,
+    and `generate()` stops on the generation config's eos id.
+    """
     torch_dtype = _dtype(dtype)
     output = pathlib.Path(output)
     model = model.to(torch_dtype)
     model.config.dtype = torch_dtype
-    model.save_pretrained(output, safe_serialization=True)
+    tok = None
     if tokenizer is not None:
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(output)
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(tok, key)
+            setattr(model.config, key, value)
+            if getattr(model, "generation_config", None) is not None:
+                setattr(model.generation_config, key, value)
+    model.save_pretrained(output, safe_serialization=True)
+    if tok is not None:
+        tok.save_pretrained(output)
     return output
 
 
