@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flame_gin import families
-
-IGNORE_INDEX = -100
+from flame_gin.data.packing import IGNORE as IGNORE_INDEX  # the data's label for "no target"
 
 
 # What ``fused=True`` means on GPU: the faster of FLA's two kernels (benchmarks/RESULTS.md: 11.4 ms vs 53.2 ms

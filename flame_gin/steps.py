@@ -87,7 +87,7 @@ def pipeline_forward_backward(*, runtime, batches: list[dict], tokens: int, devi
   return process.all_reduce_sum(total, group=group)
 
 
-def clip_and_check(*, model, max_grad_norm: float, pp_group=None) -> torch.Tensor:
+def clip_grad_norm(*, model, max_grad_norm: float, pp_group=None) -> torch.Tensor:
   """The global gradient norm as a device tensor (clipped to ``max_grad_norm`` when it is positive).
 
   With ``pp_group`` (pipeline ranks) the norm covers every stage: each rank's squared norm is summed over the

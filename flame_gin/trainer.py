@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from absl import logging
 
+from flame_gin import checkpoint as checkpoint_lib
 from flame_gin import config as config_lib
 from flame_gin import families
 from flame_gin import flops, kernels, loss as loss_lib, metrics, models, optim, process, start, steps
@@ -36,7 +37,7 @@ from flame_gin import mesh as mesh_lib
 from flame_gin import parallel as parallel_lib
 from flame_gin.parallel import compile as compile_lib
 
-PREEMPTED_EXIT_CODE = 42
+PREEMPTED_EXIT_CODE = checkpoint_lib.REQUEUE_EXIT_CODE  # Slurm's requeue convention, one definition
 
 
 @dataclasses.dataclass
@@ -68,6 +69,21 @@ def _validate(*, train_steps: int, batch_size: int, grad_accum_steps: int, dp_si
         f"varlen packing needs layers that honour cu_seqlens; model family {model_config.model_type!r} would "
         f"let documents see each other. Turn varlen off for this family.")
   return batch_size // per_step
+
+
+_FUSED_LOSS_VALUES = ("auto", "on", "off", "linear", "logits", True, False)
+
+
+def _fused_loss_mode(*, fused_loss, device_type: str):
+  """What ``flame_gin.run.fused_loss`` asks of ``loss.loss_sum``: "linear"/"logits" pick one of FLA's GPU loss
+  kernels (``flame_gin.fused``); True/"on", and "auto" on a GPU, the default one; False/"off" none. Any other
+  value is a config error (a typo must not turn the kernel off silently)."""
+  if not any(fused_loss is v or (isinstance(v, str) and fused_loss == v) for v in _FUSED_LOSS_VALUES):
+    raise config_lib.ConfigError(f"flame_gin.run.fused_loss={fused_loss!r}: expected one of "
+                                 f"{', '.join(map(repr, _FUSED_LOSS_VALUES))}")
+  if fused_loss in ("linear", "logits"):
+    return fused_loss
+  return fused_loss is True or fused_loss == "on" or (fused_loss == "auto" and device_type == "cuda")
 
 
 @contextlib.contextmanager
@@ -177,9 +193,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   micro_batch = _validate(train_steps=train_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
                           dp_size=dp_size, seq_len=seq_len, model_config=model_config, vocab_size=None,
                           varlen=varlen)
-  # "linear"/"logits" pick one of FLA's GPU loss kernels (flame_gin.fused); True/"on"/"auto" on GPU: the default.
-  use_fused = (fused_loss if fused_loss in ("linear", "logits") else
-               (fused_loss == "auto" and proc.device.type == "cuda") or fused_loss is True or fused_loss == "on")
+  use_fused = _fused_loss_mode(fused_loss=fused_loss, device_type=proc.device.type)
   process.seed_everything(seed=seed, deterministic=deterministic)
 
   # 2. Data (fails early on bad paths), then the vocabulary check against the model config.
@@ -223,6 +237,9 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   # One process keeps the plain path (bitwise the same losses); a mesh calls the whole parallelised model.
   group = mesh["dp_cp"].get_group() if mesh is not None else None
   loss_fn = functools.partial(loss_lib.loss_sum, fused=use_fused) if mesh is None else loss_lib.parallel_loss_sum
+  if mesh is not None and fused_loss not in ("auto", "off", False):
+    logging.warning("flame_gin.run.fused_loss=%r has no effect on a mesh: the parallel loss computes "
+                    "vocabulary-sharded logits itself", fused_loss)
   prepare = ((lambda batch: loss_lib.shard_for_context(batch=batch, cp_mesh=mesh["cp"])) if dims.cp > 1
              else (lambda batch: batch))
   logging.info("parallel: %s", dims.describe())
@@ -284,7 +301,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     else:
       loss = steps.pipeline_forward_backward(runtime=runtime, batches=batches, tokens=tokens, device=proc.device,
                                              group=group)
-    grad_norm = steps.clip_and_check(model=model, max_grad_norm=max_grad_norm,
+    grad_norm = steps.clip_grad_norm(model=model, max_grad_norm=max_grad_norm,
                                      pp_group=mesh["pp"].get_group() if dims.pp > 1 else None)
     lr_now = lr * lr_schedule(state.step)
     tally.add(loss=loss, grad_norm=grad_norm,

@@ -20,7 +20,7 @@ def _model_and_optimizer(*, fused: bool):
 def _step(model, optimizer, *, poison: bool):
   loss = model(torch.ones(2, 4)).square().mean() * (math.nan if poison else 1.0)
   loss.backward()
-  norm = steps.clip_and_check(model=model, max_grad_norm=1.0)
+  norm = steps.clip_grad_norm(model=model, max_grad_norm=1.0)
   return steps.apply(optimizer=optimizer, lr_now=0.1, loss=loss.detach(), grad_norm=norm, skip_nonfinite=True)
 
 
@@ -63,3 +63,14 @@ def test_tally_reads_last_values_and_skips_since_last_read():
   assert tally.read() == (3.0, 0.25, 2)
   tally.add(loss=torch.tensor(1.0), grad_norm=torch.tensor(0.75), skipped=torch.tensor(0.0))
   assert tally.read() == (1.0, 0.75, 0)
+
+
+def test_fused_loss_setting_is_checked_and_read_as_documented():
+  from flame_gin import config as config_lib, trainer
+  with pytest.raises(config_lib.ConfigError, match=r"fused_loss='logit': expected one of"):
+    trainer._fused_loss_mode(fused_loss="logit", device_type="cuda")
+  assert trainer._fused_loss_mode(fused_loss="auto", device_type="cuda") is True
+  assert trainer._fused_loss_mode(fused_loss="auto", device_type="cpu") is False
+  assert trainer._fused_loss_mode(fused_loss="linear", device_type="cpu") == "linear"
+  assert trainer._fused_loss_mode(fused_loss=False, device_type="cuda") is False
+  assert trainer._fused_loss_mode(fused_loss="on", device_type="cpu") is True

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
-IGNORE_INDEX = -100
+from flame_gin.data.packing import IGNORE as IGNORE_INDEX  # the data's label for "no target"
 
 
 def global_valid_tokens(*, labels: list[torch.Tensor] | torch.Tensor, group=None) -> torch.Tensor:
