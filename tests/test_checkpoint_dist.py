@@ -16,6 +16,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # subprocess / multi-process runs: the full suite only
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -65,6 +65,7 @@ def _check_latest_loads(root: pathlib.Path) -> int:
     return step
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_kill_9_during_save_keeps_previous(tmp_path):
     rng = random.Random(0)
@@ -86,6 +87,7 @@ def test_kill_9_during_save_keeps_previous(tmp_path):
         assert step >= 1, attempt
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_disk_full_commits_nothing(tmp_path):
     proc = subprocess.run(

@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocess / multi-process runs: the full suite only
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--gin_file=gin/tiny.gin"]
 

@@ -141,6 +141,7 @@ def test_offline_store_gives_the_same_batches(env):
     assert len(stores) == 1
 
 
+@pytest.mark.slow
 def test_embedded_corpus_and_tokenizer(tmp_path):
     from transformers import AutoTokenizer
     d = embedded.corpus_dir(cache_dir=tmp_path)

@@ -85,6 +85,7 @@ def _resume_main(env, states_file, out_file, n_rest):
     json.dump(out, open(out_file, "w"))
 
 
+@pytest.mark.slow
 def test_exact_resume_in_new_process(env, tmp_path):
     n, k = 9, 5  # k odd: with 2 workers the resumed loader must start at worker 1
     full, states = {}, {}

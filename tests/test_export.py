@@ -36,6 +36,7 @@ def _tokenizer(path: pathlib.Path) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_export_cli_and_library_then_import(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer

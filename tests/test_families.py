@@ -269,3 +269,18 @@ def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
   tok = transformers.AutoTokenizer.from_pretrained(tokenizer)
   assert (loaded.config.bos_token_id, loaded.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
   assert loaded.generation_config.eos_token_id == tok.eos_token_id
+
+
+def test_every_family_without_a_cpu_path_is_refused_on_cpu_by_name():
+  """All of FLA's families (40 in FLA 0.6), not only the zoo's: either marked as training on a CPU (and then
+  trained above) or refused with the one-line error before anything is built."""
+  known = models.config_classes()
+  assert len(known) >= 40
+  refused = 0
+  for family, config_class in sorted(known.items()):
+    if families.traits(family).cpu:
+      continue
+    with pytest.raises(ValueError, match=rf"model family '{family}' has no CPU kernels.*run it on a GPU"):
+      families.check_device(config=config_class(), device_type="cpu")
+    refused += 1
+  assert refused >= 30

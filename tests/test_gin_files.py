@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocess / multi-process runs: the full suite only
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOP_LEVEL = sorted(p.name for p in (ROOT / "gin").glob("*.gin") if p.name != "base.gin")
 TINY_OVERRIDES = ["--gin.TRAIN_STEPS=0", "--gin.WARMUP_STEPS=0", "--gin.BATCH_SIZE=1", "--gin.SEQ_LEN=32",

@@ -33,6 +33,7 @@ def _reset():
     flame_gin.kernels.select(mode="reference")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gla", "delta_net"])
 def test_compiled_mode_one_graph_for_all_blocks_and_reference_values(family):
     ids = torch.randint(0, dist_models.VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))

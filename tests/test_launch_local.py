@@ -8,6 +8,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocess / multi-process runs: the full suite only
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch._dynamo.utils import counters
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
@@ -44,6 +45,7 @@ def test_blocks_compile_once_not_per_layer():
     torch.testing.assert_close(logits, eager)
 
 
+@pytest.mark.slow
 def test_a_resume_on_a_node_with_an_empty_cache_compiles_from_the_workdir_artifacts(tmp_path):
     workdir = tmp_path / "run"
     first = subprocess.run(

@@ -13,6 +13,8 @@ import pytest
 from dist_launch import launch
 import dist_suite
 
+pytestmark = pytest.mark.slow  # subprocess / multi-process runs: the full suite only
+
 EQ, PP, MESH = "dist_equivalence:check", "dist_pipeline:check", "test_mesh:_mesh_worker"
 TWO = {
     "fsdp_llama": (EQ, ("llama", dict(), dict()), {}),

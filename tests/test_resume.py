@@ -12,9 +12,12 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from flame_gin import checkpoint, models
+
+pytestmark = pytest.mark.slow  # subprocess / multi-process runs: the full suite only
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 12

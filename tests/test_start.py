@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from flame_gin import checkpoint, models, process, start
@@ -58,6 +59,7 @@ def test_own_checkpoint_wins_over_warm_start_and_honours_restore_step(tmp_path):
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_cli_seed_checkpoint_then_warm_start(tmp_path):
   env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
   base = [sys.executable, "-m", "flame_gin.train", "--gin_file=gin/tiny.gin", "--gin.WARMUP_STEPS=0",

@@ -14,6 +14,7 @@ TINY = ["NUM_LAYERS=1", "HIDDEN_SIZE=32", "NUM_HEADS=2", "VOCAB_SIZE=256", "INTE
         "BATCH_SIZE=2"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_benchmark_varlen_json_line(tmp_path):
   sys.path.insert(0, str(ROOT / "benchmarks"))

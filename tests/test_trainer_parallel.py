@@ -24,6 +24,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocess / multi-process runs: the full suite only
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REF_STEPS, PAR_STEPS = 4, 3
 COMMON = ["--gin_file=gin/tiny.gin", "--gin.WARMUP_STEPS=0", "--gin.MIN_LR_RATIO=1.0", "--gin.BATCH_SIZE=4",
