@@ -75,6 +75,8 @@ def run_family(*, family: str, args, env: dict) -> dict:
       log, code = proc.stderr + proc.stdout, proc.returncode
     except subprocess.TimeoutExpired as e:
       log, code = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or ""), None
+  if args.log_dir:
+    pathlib.Path(args.log_dir, f"{family}.log").write_text(log)
   steps = _parse(log)
   record = {"family": family, "seconds": round(time.perf_counter() - start, 1), "steps_done": len(steps)}
   if steps:
@@ -107,6 +109,7 @@ def main() -> None:
   parser.add_argument("--timeout", type=float, default=540.0, help="seconds per family")
   parser.add_argument("--triton_cache", default=str(ROOT / ".triton_cache"))
   parser.add_argument("--out", default="", help="also append each JSON line to this file")
+  parser.add_argument("--log_dir", default="", help="also keep each family's full log here")
   args = parser.parse_args()
   families = args.families or family_files()
   env = dict(os.environ, TRITON_CACHE_DIR=args.triton_cache, PYTHONUNBUFFERED="1")

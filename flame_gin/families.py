@@ -127,7 +127,8 @@ def fla_refuses_gated_delta_backward() -> str | None:
     return None
   import triton
   return (f"FLA refuses its gated delta-rule backward on Hopper with Triton {triton.__version__} (wrong "
-          f"gradients with Triton 3.4-3.7.0, FLA #640); install Triton >= 3.7.1 or `pip install tilelang`")
+          f"gradients with Triton 3.4-3.7.0, FLA #640); install Triton >= 3.7.1 or TileLang "
+          f"(`pip install -e '.[tilelang]'`, FLA then runs that kernel through TileLang)")
 
 
 def body_name(model: nn.Module) -> str:
