@@ -38,11 +38,19 @@ MetricWriter = metric_writers.MetricWriter
 
 
 class TensorboardWriter(_torch_tb.TorchTensorboardWriter):
-  """CLU's torch TensorBoard writer plus text summaries (the resolved config, notes)."""
+  """CLU's torch TensorBoard writer plus text summaries (the resolved config, notes), and hyperparameters in
+  the run's own event file: torch's ``add_hparams`` (which CLU calls) opens a separate timestamped run, so
+  TensorBoard showed the hyperparameters apart from the curves they belong to."""
 
   def write_texts(self, step: int, texts: Mapping[str, str]):
     for key, value in texts.items():
       self._writer.add_text(key, value, global_step=step)
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+    values = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in hparams.items()}
+    for summary in hparams_summaries(values, {}):
+      self._writer.file_writer.add_summary(summary)
 
 
 def create_writers(*, workdir: str | os.PathLike | None, is_primary: bool, tensorboard: bool = True,

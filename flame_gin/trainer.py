@@ -254,6 +254,8 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
                kernel_used, micro_batch, seq_len, grad_accum_steps)
   writer.write_hparams({"parameters": n_params, "family": model_config.model_type, "train_steps": train_steps,
                         "batch_size": batch_size, "seq_len": seq_len, "lr": lr})
+  if config_text:  # the resolved config beside the curves (TensorBoard's Text tab)
+    writer.write_texts(0, {"config": config_text})
 
   # 6. Start: resume the run's own checkpoint, or warm-start weights, or keep the seeded initialisation.
   ckpt = checkpointer(directory=str(workdir_path / "checkpoints")) if checkpointer is not None else None

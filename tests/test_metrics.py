@@ -35,3 +35,27 @@ def test_progress_line():
   line = metrics.format_progress(step=10, total_steps=100, scalars={"loss": 2.5, "tokens_per_second": 12345.6},
                                  eta_seconds=3725)
   assert line == "step 10/100 | loss 2.5000 | 12,346 tok/s | eta 1:02:05"
+
+
+@pytest.mark.slow
+def test_trainer_writes_config_text_and_hparams_into_the_runs_own_events(tmp_path):
+  from flame_gin import config as config_lib, configurables
+  config_lib.parse(gin_files=["gin/tiny.gin"], gin_bindings=[
+      f"MODEL_DIR = {str(tmp_path)!r}", "TRAIN_STEPS = 1", "WARMUP_STEPS = 0", "flame_gin.run.eval_interval = 0",
+      "flame_gin.run.checkpointer = None"], search_paths=config_lib.default_search_paths())
+  text = config_lib.config_text()
+  assert configurables.run(config_text=text, on_first_step=None) == 0
+  board = tmp_path / "tensorboard"
+  assert [p for p in board.iterdir() if p.is_dir()] == []  # one run: no timestamped hparams run beside it
+  acc = event_accumulator.EventAccumulator(str(board), size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  tags = acc.Tags()["tensors"]
+  assert "config/text_summary" in tags
+  from tensorboard.plugins.hparams import plugin_data_pb2
+  content = acc.PluginTagToContent("hparams")
+  assert "_hparams_/session_start_info" in content
+  start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+  assert start.hparams["family"].string_value == "gla" and start.hparams["train_steps"].number_value == 1
+  (event,) = acc.Tensors("config/text_summary")
+  assert event.tensor_proto.string_val[0].decode() == text  # the resolved config, whole
+  assert [e.step for e in acc.Scalars("loss")] == [1]
