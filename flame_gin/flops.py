@@ -190,6 +190,12 @@ def device_peak_tflops(*, device: torch.device, configured: float | None = None)
     return next((v for k, v in _PEAK_TFLOPS.items() if k in name), None)
 
 
+def mfu(*, tokens_per_second: float, flops_per_token: float, peak_tflops: float, devices: int) -> float:
+  """Model FLOPs utilisation: the training FLOPs the tokens needed over what ``devices`` at ``peak_tflops``
+  could do in the same time."""
+  return tokens_per_second * flops_per_token / (peak_tflops * 1e12 * devices)
+
+
 def training_flops_or_none(*, config, seq_len: int) -> float | None:
     """``flops_per_token``, or None (with a warning) for a family this module cannot count: MFU is then not logged."""
     try:

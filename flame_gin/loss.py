@@ -22,6 +22,20 @@ from flame_gin.data.packing import IGNORE as IGNORE_INDEX  # the data's label fo
 DEFAULT_FUSED = "logits"
 
 
+FUSED_VALUES = ("auto", "on", "off", "linear", "logits", True, False)
+
+
+def fused_mode(*, fused_loss, device_type: str) -> bool | str:
+  """What the setting ``flame_gin.run.fused_loss`` asks of ``loss_sum``: "linear"/"logits" pick one of FLA's
+  GPU loss kernels (``flame_gin.fused``); True/"on", and "auto" on a GPU, the default one; False/"off" none.
+  Any other value is a ``ValueError`` (a typo must not turn the kernel off silently)."""
+  if not any(fused_loss is v or (isinstance(v, str) and fused_loss == v) for v in FUSED_VALUES):
+    raise ValueError(f"flame_gin.run.fused_loss={fused_loss!r}: expected one of {', '.join(map(repr, FUSED_VALUES))}")
+  if fused_loss in ("linear", "logits"):
+    return fused_loss
+  return fused_loss is True or fused_loss == "on" or (fused_loss == "auto" and device_type == "cuda")
+
+
 def backbone_kwargs(batch: dict) -> dict:
   """Keyword arguments for the model body: ``cu_seqlens`` only in varlen mode.
 

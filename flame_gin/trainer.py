@@ -71,19 +71,17 @@ def _validate(*, train_steps: int, batch_size: int, grad_accum_steps: int, dp_si
   return batch_size // per_step
 
 
-_FUSED_LOSS_VALUES = ("auto", "on", "off", "linear", "logits", True, False)
-
-
-def _fused_loss_mode(*, fused_loss, device_type: str):
-  """What ``flame_gin.run.fused_loss`` asks of ``loss.loss_sum``: "linear"/"logits" pick one of FLA's GPU loss
-  kernels (``flame_gin.fused``); True/"on", and "auto" on a GPU, the default one; False/"off" none. Any other
-  value is a config error (a typo must not turn the kernel off silently)."""
-  if not any(fused_loss is v or (isinstance(v, str) and fused_loss == v) for v in _FUSED_LOSS_VALUES):
-    raise config_lib.ConfigError(f"flame_gin.run.fused_loss={fused_loss!r}: expected one of "
-                                 f"{', '.join(map(repr, _FUSED_LOSS_VALUES))}")
-  if fused_loss in ("linear", "logits"):
-    return fused_loss
-  return fused_loss is True or fused_loss == "on" or (fused_loss == "auto" and device_type == "cuda")
+def _after_first_step(*, is_primary: bool, workdir: pathlib.Path, on_first_step: Optional[Callable[[], str]],
+                      save_compiled: bool, train_timeout_seconds: Optional[float], groups: list) -> None:
+  """Phase, once after this process's first step: collectives get the training-time timeout (the first step's
+  compilation and autotuning are over), the operative config (what gin really used) is written, and the
+  compiled blocks' artifacts are kept for a resume."""
+  if train_timeout_seconds is not None:
+    process.set_timeout(seconds=train_timeout_seconds, groups=groups)
+  if on_first_step is not None and is_primary:
+    config_lib.write_config(workdir=workdir, text=on_first_step(), name=config_lib.OPERATIVE_CONFIG_FILE)
+  if save_compiled and is_primary:
+    compile_lib.save_compile_cache(workdir=workdir)
 
 
 @contextlib.contextmanager
@@ -193,7 +191,8 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   micro_batch = _validate(train_steps=train_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
                           dp_size=dp_size, seq_len=seq_len, model_config=model_config, vocab_size=None,
                           varlen=varlen)
-  use_fused = _fused_loss_mode(fused_loss=fused_loss, device_type=proc.device.type)
+  with _as_config_error():
+    use_fused = loss_lib.fused_mode(fused_loss=fused_loss, device_type=proc.device.type)
   process.seed_everything(seed=seed, deterministic=deterministic)
 
   # 2. Data (fails early on bad paths), then the vocabulary check against the model config.
@@ -312,12 +311,10 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     state.step += 1
     state.tokens_seen += tokens
     window_tokens += tokens
-    if state.step == start_step + 1 and train_timeout_seconds is not None:
-      process.set_timeout(seconds=train_timeout_seconds, groups=mesh_groups)
-    if state.step == start_step + 1 and on_first_step is not None and proc.is_primary:
-      config_lib.write_config(workdir=workdir_path, text=on_first_step(), name=config_lib.OPERATIVE_CONFIG_FILE)
-    if state.step == start_step + 1 and save_compiled and proc.is_primary:
-      compile_lib.save_compile_cache(workdir=workdir_path)
+    if state.step == start_step + 1:
+      _after_first_step(is_primary=proc.is_primary, workdir=workdir_path, on_first_step=on_first_step,
+                        save_compiled=save_compiled, train_timeout_seconds=train_timeout_seconds,
+                        groups=mesh_groups)
 
     # Log (the only per-step read-back of device values).
     if log_interval and (state.step % log_interval == 0 or state.step == train_steps):
@@ -330,7 +327,8 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
                  "data_wait_time": data_wait, "peak_memory_gib": process.peak_memory_gib(proc.device),
                  "skipped_steps": state.skipped_steps}
       if flops_per_token and peak_tflops:
-        scalars["mfu"] = tokens_per_second * flops_per_token / (peak_tflops * 1e12 * proc.world_size)
+        scalars["mfu"] = flops.mfu(tokens_per_second=tokens_per_second, flops_per_token=flops_per_token,
+                                   peak_tflops=peak_tflops, devices=proc.world_size)
       for source, count in getattr(loader, "tokens_per_source", {}).items():
         scalars[f"data/tokens/{source}"] = count
       writer.write_scalars(state.step, scalars)

@@ -66,11 +66,11 @@ def test_tally_reads_last_values_and_skips_since_last_read():
 
 
 def test_fused_loss_setting_is_checked_and_read_as_documented():
-  from flame_gin import config as config_lib, trainer
-  with pytest.raises(config_lib.ConfigError, match=r"fused_loss='logit': expected one of"):
-    trainer._fused_loss_mode(fused_loss="logit", device_type="cuda")
-  assert trainer._fused_loss_mode(fused_loss="auto", device_type="cuda") is True
-  assert trainer._fused_loss_mode(fused_loss="auto", device_type="cpu") is False
-  assert trainer._fused_loss_mode(fused_loss="linear", device_type="cpu") == "linear"
-  assert trainer._fused_loss_mode(fused_loss=False, device_type="cuda") is False
-  assert trainer._fused_loss_mode(fused_loss="on", device_type="cpu") is True
+  from flame_gin import loss
+  with pytest.raises(ValueError, match=r"fused_loss='logit': expected one of"):
+    loss.fused_mode(fused_loss="logit", device_type="cuda")
+  assert loss.fused_mode(fused_loss="auto", device_type="cuda") is True
+  assert loss.fused_mode(fused_loss="auto", device_type="cpu") is False
+  assert loss.fused_mode(fused_loss="linear", device_type="cpu") == "linear"
+  assert loss.fused_mode(fused_loss=False, device_type="cuda") is False
+  assert loss.fused_mode(fused_loss="on", device_type="cpu") is True
