@@ -30,6 +30,7 @@ import torch.distributed as dist
 from absl import logging
 
 from flame_gin import checkpoint as checkpoint_lib
+from flame_gin import checks
 from flame_gin import config as config_lib
 from flame_gin import families
 from flame_gin import flops, kernels, loss as loss_lib, metrics, models, optim, process, start, steps
@@ -46,29 +47,6 @@ class TrainState:
   step: int = 0
   tokens_seen: int = 0
   skipped_steps: int = 0
-
-
-def _validate(*, train_steps: int, batch_size: int, grad_accum_steps: int, dp_size: int, seq_len: int,
-              model_config, vocab_size: Optional[int], varlen: bool) -> int:
-  """Cheap checks before anything is built; returns the per-rank micro-batch size."""
-  if train_steps < 0:
-    raise config_lib.ConfigError(f"TRAIN_STEPS={train_steps} must be >= 0")
-  if seq_len <= 0:
-    raise config_lib.ConfigError(f"SEQ_LEN={seq_len} must be positive")
-  per_step = dp_size * grad_accum_steps
-  if batch_size <= 0 or batch_size % per_step:
-    raise config_lib.ConfigError(
-        f"BATCH_SIZE={batch_size} (global, in sequences) must be a positive multiple of data-parallel size "
-        f"{dp_size} x gradient accumulation {grad_accum_steps} = {per_step}")
-  if vocab_size is not None and vocab_size > model_config.vocab_size:
-    raise config_lib.ConfigError(
-        f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}; "
-        f"set VOCAB_SIZE >= {vocab_size}")
-  if varlen and not families.supports_varlen(model_config):
-    raise config_lib.ConfigError(
-        f"varlen packing needs layers that honour cu_seqlens; model family {model_config.model_type!r} would "
-        f"let documents see each other. Turn varlen off for this family.")
-  return batch_size // per_step
 
 
 def _after_first_step(*, is_primary: bool, workdir: pathlib.Path, on_first_step: Optional[Callable[[], str]],
@@ -182,15 +160,17 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   if dims.pp > 1 and pipeline is None:
     raise config_lib.ConfigError(f"ParallelDims.pp={dims.pp} needs a schedule: set flame_gin.run.pipeline = "
                                  f"@flame_gin.build_pipeline (see gin/parallel/pp2.gin)")
+  checks.kernel_mode(mode=kernel_mode, cuda=proc.device.type == "cuda")
+  checks.workdir(workdir)
   kernel_used = kernels.select(mode=kernel_mode)
   with _as_config_error():
     families.check_device(config=model_config, device_type=proc.device.type)
   slow = families.speed_warning(config=model_config, device_type=proc.device.type)
   if slow and proc.is_primary:
     logging.warning(slow)
-  micro_batch = _validate(train_steps=train_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
-                          dp_size=dp_size, seq_len=seq_len, model_config=model_config, vocab_size=None,
-                          varlen=varlen)
+  numbers = dict(train_steps=train_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps,
+                 dp_size=dp_size, seq_len=seq_len, lr=lr, model_config=model_config, varlen=varlen)
+  micro_batch = checks.run_numbers(**numbers, vocab_size=None)
   with _as_config_error():
     use_fused = loss_lib.fused_mode(fused_loss=fused_loss, device_type=proc.device.type)
   process.seed_everything(seed=seed, deterministic=deterministic)
@@ -199,9 +179,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   with _as_config_error():
     loader = train_data(seq_len=seq_len, batch_size=micro_batch, rank=dp_rank, world_size=dp_size, seed=seed,
                         split="train", varlen=varlen)
-  _validate(train_steps=train_steps, batch_size=batch_size, grad_accum_steps=grad_accum_steps, dp_size=dp_size,
-            seq_len=seq_len, model_config=model_config, vocab_size=getattr(loader, "vocab_size", None),
-            varlen=varlen)
+  checks.run_numbers(**numbers, vocab_size=getattr(loader, "vocab_size", None))
   eval_loader = (eval_data(seq_len=seq_len, batch_size=micro_batch, rank=dp_rank, world_size=dp_size,
                            seed=seed, split="validation", varlen=varlen) if eval_data is not None and eval_interval else None)
 

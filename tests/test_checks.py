@@ -1,0 +1,48 @@
+"""Settings users get wrong stop the run before anything is built or written, with a ConfigError naming the
+setting and the value: through the real trainer (in process), and the run directory is never left behind."""
+
+import os
+import pathlib
+
+import pytest
+
+from flame_gin import config as config_lib
+from flame_gin import configurables
+
+
+def _run(workdir, *bindings):
+  config_lib.parse(gin_files=["gin/tiny.gin"], gin_bindings=[
+      f"MODEL_DIR = {str(workdir)!r}", "TRAIN_STEPS = 2", "WARMUP_STEPS = 0", "flame_gin.run.eval_interval = 0",
+      *bindings], search_paths=config_lib.default_search_paths())
+  return configurables.run(config_text="", on_first_step=None)
+
+
+@pytest.mark.parametrize("bindings, message", [
+    (["LR = 'abc'"], r"LR='abc' \(flame_gin.run.lr\) must be a positive number"),
+    (["LR = -1e-3"], r"LR=-0.001 .* must be a positive number"),
+    (["flame_gin.run.kernel_mode = 'fastest'"], r"kernel_mode='fastest': expected one of"),
+    (["flame_gin.run.kernel_mode = 'triton'"], r"kernel_mode='triton' needs a CUDA GPU"),
+    (["NUM_HEADS = 3"], r"model family 'gla' cannot be built from its config"),
+])
+def test_bad_setting_is_named_and_leaves_no_run_directory(tmp_path, bindings, message):
+  workdir = tmp_path / "run"
+  with pytest.raises(config_lib.ConfigError, match=message):
+    _run(workdir, *bindings)
+  assert not workdir.exists()
+
+
+def test_unusable_run_directories_are_named(tmp_path):
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  with pytest.raises(config_lib.ConfigError, match=r"--workdir=.*afile' is a file"):
+    _run(afile)
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  os.chmod(locked, 0o500)
+  try:
+    if os.access(locked, os.W_OK):
+      pytest.skip("running as a user who can write anywhere (root): a read-only directory cannot be made here")
+    with pytest.raises(config_lib.ConfigError, match=r"is not writable"):
+      _run(locked / "run")
+  finally:
+    os.chmod(locked, 0o700)
