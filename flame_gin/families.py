@@ -11,6 +11,8 @@ so a family registered from a user's module works as long as its causal-LM class
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 from torch import nn
 
@@ -101,7 +103,6 @@ def speed_warning(*, config, device_type: str) -> str | None:
   those packages are installed, and otherwise a Python-level scan: on one H200 at 8 x 512, 4 x 2048
   (benchmarks/RESULTS.md) Mamba ran at 91 tokens/s, Samba at 232 and Mamba2 at 1,662 (39.7 GiB), against
   ~100,000 for GLA at the same shape."""
-  import importlib.util
   if device_type != "cuda" or config.model_type not in _NEEDS_MAMBA_KERNELS:
     return None
   missing = [name for name in _MAMBA_KERNELS if importlib.util.find_spec(name) is None]
@@ -116,9 +117,6 @@ def fla_refuses_gated_delta_backward() -> str | None:
   """Why FLA 0.6 would refuse the gated delta-rule backward on this GPU (its own test, asked up front so the
   run stops before building anything rather than at the first backward), or None. Never bypassed: the fix is
   Triton >= 3.7.1, or TileLang installed for FLA's TileLang backend to take the call."""
-  import importlib.util
-  import os
-
   from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0
   from fla.utils.env import TRITON_ABOVE_3_7_1
   if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
