@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from flame_gin.data import build_loader, embedded, source
+from flame_gin.data.sources import open_split
 from test_data_resume import ID_BASE, doc_text, make_tokenizer, write_corpus
 
 BOS, EOS, PAD = 0, 1, 2
@@ -204,3 +205,14 @@ def test_hub_name_goes_through_load_dataset_and_fails_clearly_offline(env, monke
     with pytest.raises((ConnectionError, RuntimeError, OSError)) as e:
         loader(env, sources=[{"path": "someorg/some-dataset", "name": "cfg", "streaming": True}])
     assert "someorg/some-dataset" in str(e.value) and "Hub" in str(e.value)
+
+
+def test_a_malformed_or_empty_jsonl_is_named_by_file_and_line(tmp_path, env):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": "b"}\n{"text": "c",\n{"text": "d"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl line 3 is not valid JSON"):
+        open_split(source(path=str(bad)), split="train", cache_dir=env["cache"])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"empty.jsonl is empty"):
+        open_split(source(path=str(empty)), split="train", cache_dir=env["cache"])

@@ -105,3 +105,4 @@ def test_evaluation_of_the_training_batch_gives_the_training_loss(tmp_path):
   result = steps.evaluate(model=model, loader=[first], device=torch.device("cpu"), max_batches=1,
                           loss_fn=functools.partial(loss_lib.loss_sum, fused=False))
   assert result["eval_loss"] == pytest.approx(logged, rel=1e-6)
+

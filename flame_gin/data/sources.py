@@ -135,6 +135,38 @@ def _load_arguments(src: Source, split: str) -> dict:
     return kwargs
 
 
+def _local_files(data_files) -> list[str]:
+    if isinstance(data_files, dict):
+        return [f for v in data_files.values() for f in _local_files(v)]
+    files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files or [])
+    out = []
+    for f in map(str, files):
+        if "://" not in f:
+            out += sorted(glob.glob(f, recursive=True)) if glob.has_magic(f) else [f]
+    return out
+
+
+def _first_bad_json_line(kwargs: dict) -> str | None:
+    """The file and line ``datasets`` choked on, for local json/jsonl data: its own error names neither."""
+    import json
+
+    for name in _local_files(kwargs.get("data_files")):
+        if not os.path.isfile(name):
+            continue
+        if os.path.getsize(name) == 0:
+            return f"{name} is empty"
+        if not name.endswith(".jsonl"):
+            continue
+        with open(name, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        json.loads(line.strip())
+                    except ValueError as err:
+                        return f"{name} line {number} is not valid JSON ({err})"
+    return None
+
+
 def split_name(src: Source, split: str) -> str:
     """The dataset split that loader split ``train``/``validation`` reads for ``src``."""
     if split == "train":
@@ -157,9 +189,10 @@ def open_split(src: Source, *, split: str, cache_dir: str | None = None):
     try:
         ds = datasets.load_dataset(**kwargs)
     except Exception as e:  # keep the familiar type where it can carry our message, else RuntimeError
-        message = f"cannot open data source {src.path!r} (split {kwargs['split']!r}): {e}"
-        kind = next((t for t in (FileNotFoundError, ConnectionError, ValueError, OSError) if isinstance(e, t)),
-                    RuntimeError)
+        where = _first_bad_json_line(kwargs) if kwargs["path"] == "json" else None
+        message = f"cannot open data source {src.path!r} (split {kwargs['split']!r}): {where or e}"
+        kind = ValueError if where else next(
+            (t for t in (FileNotFoundError, ConnectionError, ValueError, OSError) if isinstance(e, t)), RuntimeError)
         raise kind(message) from e
     columns = ds.column_names
     if columns is None and src.streaming:
