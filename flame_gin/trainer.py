@@ -69,7 +69,7 @@ def _as_config_error():
     yield
   except config_lib.ConfigError:
     raise
-  except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as e:
+  except (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError) as e:
     raise config_lib.ConfigError(f"{type(e).__name__}: {e}") from e
 
 

@@ -46,3 +46,12 @@ def test_unusable_run_directories_are_named(tmp_path):
       _run(locked / "run")
   finally:
     os.chmod(locked, 0o700)
+
+
+def test_a_missing_text_field_is_named_before_the_model_is_built(tmp_path):
+  data = tmp_path / "docs.jsonl"
+  data.write_text('{"body": "def f():\\n    return 1\\n"}\n' * 4)
+  workdir = tmp_path / "run"
+  with pytest.raises(config_lib.ConfigError, match=r"text field 'text' not found; the columns are \['body'\]"):
+    _run(workdir, f"flame_gin.build_loader.sources = [{{'path': {str(data)!r}, 'holdout': 0.5}}]")
+  assert not workdir.exists()
