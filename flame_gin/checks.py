@@ -13,9 +13,8 @@ import os
 import pathlib
 
 from flame_gin import families
+from flame_gin.kernels import MODES as KERNEL_MODES  # the modes kernels.select knows, one definition
 from flame_gin.config import ConfigError
-
-KERNEL_MODES = ("auto", "triton", "reference", "compiled")
 
 
 def run_numbers(*, train_steps: int, batch_size: int, grad_accum_steps: int, dp_size: int, seq_len: int,
