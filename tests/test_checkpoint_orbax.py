@@ -114,3 +114,67 @@ def test_jax_restores_torch_checkpoint_and_back(tmp_path):
     assert np.array_equal(_bits(fresh.embed.weight), np.load(tmp_path / "jax_embed.npy"))
     assert np.array_equal(_bits(fresh.proj.weight), np.load(tmp_path / "jax_proj.npy"))
     assert torch.equal(fresh.proj.bias, torch.arange(6, dtype=torch.float32))
+
+
+@pytest.mark.timeout(150)
+def test_every_orbax_restore_path_matches_orbax_own_checkpoint(tmp_path):
+    """Each common Orbax restore call, with no target, gives on a flame_gin checkpoint what it gives on a
+    checkpoint Orbax itself wrote of the same tree: the same keys, dtypes and values as `jax.Array`s on one
+    device (the legacy `PyTreeCheckpointer().restore(path)` needs the `_sharding` file Orbax writes)."""
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters())
+    Checkpointer(directory=tmp_path / "ckpt").save(
+        step=7, model=model, optimizer=opt, extra={}, config_text=""
+    )
+    out = _run_jax(
+        """
+        import os
+        import jax, numpy as np, orbax.checkpoint as ocp
+        from orbax.checkpoint.experimental import v1 as ocp_v1
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        ours = os.path.abspath("ckpt")
+        # Orbax's own checkpoint of the same trees, written by its CheckpointManager.
+        # The trees as a JAX program holds them: jax.Arrays on the default device.
+        tree = jax.tree.map(jax.numpy.asarray, ocp.StandardCheckpointer().restore(f"{ours}/7/model"))
+        opt = jax.tree.map(jax.numpy.asarray, ocp.StandardCheckpointer().restore(f"{ours}/7/optimizer"))
+        theirs = os.path.abspath("orbax_own")
+        with ocp.CheckpointManager(theirs) as mgr:
+            mgr.save(7, args=ocp.args.Composite(model=ocp.args.StandardSave(tree), optimizer=ocp.args.StandardSave(opt)))
+        paths = {
+            "StandardCheckpointer": lambda root: ocp.StandardCheckpointer().restore(f"{root}/7/model"),
+            "PyTreeCheckpointer": lambda root: ocp.PyTreeCheckpointer().restore(f"{root}/7/model"),
+            "Checkpointer(PyTreeCheckpointHandler)": lambda root: ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).restore(f"{root}/7/model"),
+            "CheckpointManager, no args": lambda root: ocp.CheckpointManager(root).restore(7).model,
+            "CheckpointManager, StandardRestore": lambda root: ocp.CheckpointManager(root).restore(
+                7, args=ocp.args.Composite(model=ocp.args.StandardRestore())).model,
+            "CheckpointManager, PyTreeRestore": lambda root: ocp.CheckpointManager(root).restore(
+                7, args=ocp.args.Composite(model=ocp.args.PyTreeRestore())).model,
+            "v1 load_pytree": lambda root: ocp_v1.load_pytree(f"{root}/7", checkpointable_name="model"),
+            "optimizer, PyTreeCheckpointer": lambda root: ocp.PyTreeCheckpointer().restore(f"{root}/7/optimizer"),
+        }
+        def bits(a):
+            a = np.asarray(a)
+            return a.view({2: np.int16, 4: np.int32}[a.dtype.itemsize]) if a.dtype.itemsize in (2, 4) else a
+        for name, restore in paths.items():
+            got, ref = restore(ours), restore(theirs)
+            assert sorted(got) == sorted(ref), (name, sorted(got), sorted(ref))
+            for key in ref:
+                a, b = got[key], ref[key]
+                assert isinstance(a, jax.Array) and isinstance(b, jax.Array), (name, key, type(a), type(b))
+                assert a.dtype == b.dtype and a.shape == b.shape, (name, key, a.dtype, b.dtype)
+                assert np.array_equal(bits(a), bits(b)), (name, key)
+                assert a.sharding.device_set == {jax.devices()[0]}, (name, key, a.sharding)
+            print("PATH-OK", name)
+        # A target sharding over both devices still wins over the recorded one.
+        mesh = Mesh(np.array(jax.devices()), ("x",))
+        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, P("x") if v.ndim and v.shape[0] % 2 == 0 else P()))
+                  for k, v in tree.items()}
+        got = ocp.PyTreeCheckpointer().restore(f"{ours}/7/model", args=ocp.args.PyTreeRestore(
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+        assert len(got["embed.weight"].sharding.device_set) == 2
+        assert np.array_equal(bits(got["embed.weight"]), bits(tree["embed.weight"]))
+        print("PATH-OK sharded target")
+        """,
+        cwd=tmp_path,
+    )
+    assert out.count("PATH-OK") == 9, out[-3000:]

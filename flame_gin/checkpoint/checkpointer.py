@@ -193,7 +193,10 @@ class Checkpointer:
         # Every rank's extra and the arrays it knows: with pipeline stages, no rank
         # holds every array, and `_METADATA` must still list the whole tree.
         gathered = self._all_gather(
-            (extra, {k: {a.name: list(a.global_shape) for a in v} for k, v in snaps.items()})
+            (
+                extra,
+                {k: {a.name: (list(a.global_shape), list(a.chunks)) for a in v} for k, v in snaps.items()},
+            )
         )
         extras = [g[0] for g in gathered]
         item_shapes = {k: {n: sh for g in gathered for n, sh in g[1][k].items()} for k in snaps}
@@ -263,7 +266,7 @@ class Checkpointer:
         for name, snap in items.items():
             writer.merge_item(item_dir=tmp / name)
             writer.write_item_metadata(
-                item_dir=tmp / name, shapes=side["item_shapes"][name], init_ns=init_ns
+                item_dir=tmp / name, arrays=side["item_shapes"][name], init_ns=init_ns
             )
         layout.write_bytes(path=tmp / layout.EXTRA_FILE, data=pickle.dumps(side))
         layout.write_bytes(path=tmp / layout.CONFIG_FILE, data=side["config_text"].encode())

@@ -7,7 +7,8 @@ agree on names. A checkpoint root holds one directory per step:
         _CHECKPOINT_METADATA            step-level metadata (CheckpointManager style)
         commit_success.txt              commit marker
         model/                          Orbax PyTree item: state_dict name -> array
-            _METADATA, _CHECKPOINT_METADATA, manifest.ocdbt, d/,
+            _METADATA, _CHECKPOINT_METADATA, _sharding, array_metadatas/,
+            manifest.ocdbt, d/,
             ocdbt.process_<rank>/       per-process OCDBT databases, merged
                                         into the item's root database
         optimizer/                      same, for the optimizer state tree
@@ -22,6 +23,7 @@ commit marker is present, so a reader never takes a partial save.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pathlib
@@ -37,6 +39,8 @@ EXTRA_FILE = "extra.pkl"
 CONFIG_FILE = "config.gin"
 MODEL_CONFIG_FILE = "model_config.json"
 PROCESS_PREFIX = "ocdbt.process_"
+SHARDING_FILE = "_sharding"
+ARRAY_METADATA_DIR = "array_metadatas"
 
 # Same OCDBT settings Orbax uses when it writes: small values inline, one
 # large root node, single-file manifest.
@@ -122,6 +126,44 @@ def tree_metadata(*, shapes: dict[str, list[int]]) -> dict:
         "use_zarr3": False,
         "store_array_data_equal_to_fill_value": True,
         "custom_metadata": None,
+    }
+
+
+def sharding_metadata(*, names: list[str]) -> dict:
+    """Orbax `_sharding` content: each array whole on JAX device 0.
+
+    A torch checkpoint has no JAX sharding to record. Orbax restores an
+    array without a target onto the sharding named here, so this names the
+    one placement every JAX process can build whatever its platform (CPU,
+    GPU or TPU): a one-device mesh over device id 0, array replicated. Orbax
+    keys the entries by the URL-safe base64 of the array's name.
+    """
+    sharding = json.dumps(
+        {
+            "sharding_type": "NamedSharding",
+            "shape": [1],
+            "axis_names": ["replica"],
+            "partition_spec": [],
+            "device_mesh": {"mesh": [{"id": 0}]},
+        }
+    )
+    return {base64.urlsafe_b64encode(n.encode()).decode(): sharding for n in names}
+
+
+def array_metadatas(*, chunks: dict[str, list[int]]) -> dict:
+    """Orbax `array_metadatas/process_0` content (write and chunk shapes)."""
+    return {
+        "array_metadatas": [
+            {
+                "array_metadata": {
+                    "param_name": name,
+                    "write_shape": list(shape),
+                    "chunk_shape": list(shape),
+                    "ext_metadata": None,
+                }
+            }
+            for name, shape in chunks.items()
+        ]
     }
 
 

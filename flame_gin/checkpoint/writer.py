@@ -190,12 +190,26 @@ def merge_item(*, item_dir: pathlib.Path) -> None:
 
 
 def write_item_metadata(
-    *, item_dir: pathlib.Path, shapes: dict[str, list[int]], init_ns: int
+    *, item_dir: pathlib.Path, arrays: dict[str, tuple[list[int], list[int]]], init_ns: int
 ) -> None:
-    """Orbax's `_METADATA` and `_CHECKPOINT_METADATA` for the item (`shapes`: every array of every rank)."""
+    """Orbax's metadata files for the item.
+
+    `arrays` maps every array of every rank to (global shape, chunk shape).
+    Besides `_METADATA` and `_CHECKPOINT_METADATA`, the item gets what Orbax
+    writes for its own checkpoints (`_sharding`, `array_metadatas/`), so that
+    restore calls that take no target (`PyTreeCheckpointer().restore(path)`)
+    work too and give `jax.Array`s.
+    """
+    item_dir = pathlib.Path(item_dir)
     layout.write_json(
-        path=pathlib.Path(item_dir) / layout.TREE_METADATA,
-        value=layout.tree_metadata(shapes=shapes),
+        path=item_dir / layout.TREE_METADATA,
+        value=layout.tree_metadata(shapes={n: shape for n, (shape, _) in arrays.items()}),
+    )
+    layout.write_json(path=item_dir / layout.SHARDING_FILE, value=layout.sharding_metadata(names=list(arrays)))
+    (item_dir / layout.ARRAY_METADATA_DIR).mkdir(exist_ok=True)
+    layout.write_json(
+        path=item_dir / layout.ARRAY_METADATA_DIR / "process_0",
+        value=layout.array_metadatas(chunks={n: chunks for n, (_, chunks) in arrays.items()}),
     )
     layout.write_json(
         path=pathlib.Path(item_dir) / layout.CHECKPOINT_METADATA,
