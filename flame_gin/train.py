@@ -36,6 +36,7 @@ def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from flame_gin import configurables  # registers every configurable before parsing
+  from flame_gin.checkpoint import CheckpointError
   import gin
 
   search_paths = _GIN_SEARCH_PATHS.value or config_lib.default_search_paths()
@@ -54,6 +55,9 @@ def main(argv) -> int:
   except config_lib.ConfigError as e:
     print(f"flame_gin: {e}", file=sys.stderr)
     return 2
+  except CheckpointError as e:  # damaged beyond fallback, or not the model's checkpoint
+    print(f"flame_gin: checkpoint: {e}", file=sys.stderr)
+    return 1
   except RuntimeError as e:
     if "Required bindings" in str(e) or "REQUIRED" in str(e):
       print(f"flame_gin: {e}", file=sys.stderr)

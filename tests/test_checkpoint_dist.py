@@ -151,8 +151,8 @@ def test_meshes_fsdp_gloo(tmp_path):
             layout.ocdbt_kvstore(path=item / f"ocdbt.process_{r}", for_write=False)
         ).result()
         keys.append({k.decode() for k in kv.list().result() if k.startswith(b"embed.weight/")})
-    assert "embed.weight/0.0" in keys[0] and "embed.weight/0.0" not in keys[1]
-    assert "embed.weight/1.0" in keys[1] and "embed.weight/1.0" not in keys[0]
+    assert "embed.weight/c.0.0" in keys[0] and "embed.weight/c.0.0" not in keys[1]
+    assert "embed.weight/c.1.0" in keys[1] and "embed.weight/c.1.0" not in keys[0]
 
     # 2 -> 1 and FSDP -> no FSDP: plain module, plain AdamW.
     ref = torch.load(tmp_path / "fsdp_ref.pt")

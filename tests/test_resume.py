@@ -103,3 +103,27 @@ def _interrupt_then_resume(tmp_path):
   resumed = subprocess.run(_cmd(workdir), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   return first_text, workdir, stopped_at, resumed
+
+
+def test_damaged_latest_checkpoint_falls_back_and_the_run_is_the_same(tmp_path):
+  """A run whose latest checkpoint was damaged after it ended (one data file truncated) is run again: it warns
+  once, moves the damaged step aside, resumes from the previous checkpoint and repeats the lost steps with the
+  same losses, then commits that step afresh. No traceback."""
+  workdir = tmp_path / "run"
+  cmd = [*_cmd(workdir), "--gin.TRAIN_STEPS=8", "--gin.CHECKPOINT_INTERVAL=4"]
+  first = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert first.returncode == 0, first.stderr[-3000:]
+  ckpts = workdir / "checkpoints"
+  assert checkpoint.layout.committed_steps(ckpts) == [4, 8]
+  data = max((p for p in (ckpts / "8" / "optimizer").rglob("d/*") if p.is_file()), key=lambda p: p.stat().st_size)
+  os.truncate(data, data.stat().st_size // 2)
+  again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Traceback" not in again.stderr
+  warnings = [line for line in again.stderr.splitlines() if "is damaged" in line]
+  assert len(warnings) == 1 and "checkpoint step 8" in warnings[0] and "resuming from step 4" in warnings[0]
+  assert "resumed from step 4" in again.stderr
+  repeated = _losses(again.stderr)
+  assert repeated == {s: _losses(first.stderr)[s] for s in (5, 6, 7, 8)}
+  assert checkpoint.layout.committed_steps(ckpts) == [4, 8]
+  assert (ckpts / "8.damaged" / "DAMAGED.txt").is_file()

@@ -51,8 +51,11 @@ class Checkpointer:
       interval_steps / interval_seconds: `save` without `force` only saves
         when one of them is due (neither given: always).
       compression: None (raw chunks, fastest) or "zstd".
-      fallback_to_previous: `restore` of the latest checkpoint moves on to
-        the previous committed one when an array is corrupted.
+      fallback_to_previous: when the latest checkpoint is damaged (an
+        array fails its checksum or is truncated, a file is missing), `restore`
+        moves it aside as `<step>.damaged` (never deleted: the files may be
+        worth a look) and takes the previous committed one. False: stop with
+        the error instead.
     """
 
     def __init__(
@@ -66,7 +69,7 @@ class Checkpointer:
         interval_steps: int | None = None,
         interval_seconds: float | None = None,
         compression: str | None = None,
-        fallback_to_previous: bool = False,
+        fallback_to_previous: bool = True,
     ):
         if keep is not None and keep < 1:
             raise ValueError(f"keep={keep}: must be >= 1 or None")
@@ -347,10 +350,41 @@ class Checkpointer:
             errors = [e for e in self._all_gather(None if error is None else str(error)) if e]
             if not errors:
                 return extra
-            if i + 1 == len(candidates):
-                raise error or reader.CheckpointCorruptError("; ".join(errors))
-            log.warning("checkpoint step %d unreadable (%s); trying the previous one", s, errors[0])
+            if i + 1 == len(candidates):  # the oldest stays in place for a look
+                hint = (
+                    f" (no older committed checkpoint to fall back to; move {self._root / str(s)} "
+                    "away to start from scratch)"
+                    if step is None and self._fallback
+                    else "" if step is not None
+                    else " (fallback_to_previous=True would try older checkpoints)"
+                )
+                raise reader.CheckpointCorruptError(f"{'; '.join(errors)}{hint}")
+            moved = self._move_aside(step=s, reason=errors[0])
+            log.warning(
+                "checkpoint step %d is damaged (%s); moved to %s; resuming from step %d",
+                s, errors[0], moved.name, candidates[i + 1],
+            )
         raise AssertionError("unreachable")
+
+    def _move_aside(self, *, step: int, reason: str) -> pathlib.Path:
+        """Rename a damaged step so it is neither resumed nor counted again.
+
+        The new name is not an integer, so retention never deletes it and a
+        later save of the same step is written afresh; `DAMAGED.txt` inside
+        says why.
+        """
+        src = layout.step_dir(root=self._root, step=step)
+        dst = src.with_name(f"{step}{layout.DAMAGED_SUFFIX}")
+        n = 1
+        while dst.exists():
+            n += 1
+            dst = src.with_name(f"{step}{layout.DAMAGED_SUFFIX}{n}")
+        if self._primary:
+            os.rename(src, dst)
+            (dst / "DAMAGED.txt").write_text(f"{reason}\n")
+            layout.fsync_dir(self._root)
+        self._barrier()
+        return dst
 
     def _restore_step(self, *, step, model, optimizer) -> dict:
         path = layout.step_dir(root=self._root, step=step)

@@ -16,6 +16,7 @@ agree on names. A checkpoint root holds one directory per step:
         config.gin                      resolved gin config text
         model_config.json               the model's HF config, when it has one
     <root>/<step>.orbax-checkpoint-tmp  being written; never read
+    <root>/<step>.damaged               failed to restore, moved aside; never read
 
 A directory counts as a checkpoint only if its name is an integer and the
 commit marker is present, so a reader never takes a partial save.
@@ -30,6 +31,7 @@ import pathlib
 import time
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
+DAMAGED_SUFFIX = ".damaged"
 COMMIT_MARKER = "commit_success.txt"
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 TREE_METADATA = "_METADATA"
@@ -99,8 +101,8 @@ def process_dir(*, item_dir: pathlib.Path, rank: int) -> pathlib.Path:
 
 
 def zarr_spec(*, kvstore: dict, name: str) -> dict:
-    """Tensorstore spec of the zarr (v2) array stored under key `name`."""
-    return {"driver": "zarr", "kvstore": kvstore, "path": name}
+    """Tensorstore spec of the zarr (v3) array stored under key `name`."""
+    return {"driver": "zarr3", "kvstore": kvstore, "path": name}
 
 
 def tree_metadata(*, shapes: dict[str, list[int]]) -> dict:
@@ -123,7 +125,7 @@ def tree_metadata(*, shapes: dict[str, list[int]]) -> dict:
     return {
         "tree_metadata": tree,
         "use_ocdbt": True,
-        "use_zarr3": False,
+        "use_zarr3": True,
         "store_array_data_equal_to_fill_value": True,
         "custom_metadata": None,
     }

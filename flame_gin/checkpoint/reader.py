@@ -28,7 +28,7 @@ class CheckpointCorruptError(CheckpointError):
 def _driver(item_dir: pathlib.Path) -> str:
     meta = pathlib.Path(item_dir) / layout.TREE_METADATA
     if not meta.is_file():
-        raise CheckpointError(f"{item_dir}: no {layout.TREE_METADATA}; not an Orbax item")
+        raise CheckpointCorruptError(f"{item_dir}: no {layout.TREE_METADATA}; not an Orbax item")
     try:
         use_zarr3 = json.loads(meta.read_text()).get("use_zarr3", False)
     except ValueError as e:

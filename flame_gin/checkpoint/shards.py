@@ -23,17 +23,17 @@ from torch.distributed.tensor import DTensor
 # one writer encodes and writes them in parallel.
 _PLAIN_CHUNK_BYTES = 64 * 1024**2
 
-_ZARR_DTYPES = {
-    torch.float32: "<f4",
-    torch.float64: "<f8",
-    torch.float16: "<f2",
+_ZARR_DTYPES = {  # zarr v3 data type names
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
     torch.bfloat16: "bfloat16",
-    torch.int64: "<i8",
-    torch.int32: "<i4",
-    torch.int16: "<i2",
-    torch.int8: "|i1",
-    torch.uint8: "|u1",
-    torch.bool: "|b1",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.int16: "int16",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+    torch.bool: "bool",
 }
 
 
@@ -57,7 +57,7 @@ class Box:
 
 
 def zarr_dtype(*, name: str, dtype: torch.dtype) -> str:
-    """The zarr v2 dtype string for a torch dtype; clear error otherwise."""
+    """The zarr v3 data type of a torch dtype; clear error otherwise."""
     if dtype not in _ZARR_DTYPES:
         raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be checkpointed")
     return _ZARR_DTYPES[dtype]
