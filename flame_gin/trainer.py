@@ -192,8 +192,10 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
                                   device=proc.device))
   del meta
 
-  # 4. Run directory: only now that the config is known to be sound.
+  # 4. Run directory: only now that the config is known to be sound (the checkpointer's own settings last).
   workdir_path = pathlib.Path(workdir)
+  with _as_config_error():
+    ckpt = checkpointer(directory=str(workdir_path / "checkpoints")) if checkpointer is not None else None
   if proc.is_primary:
     config_lib.write_config(workdir=workdir_path, text=config_text)
   writer = writers(workdir=workdir_path, is_primary=proc.is_primary)
@@ -235,7 +237,6 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     writer.write_texts(0, {"config": config_text})
 
   # 6. Start: resume the run's own checkpoint, or warm-start weights, or keep the seeded initialisation.
-  ckpt = checkpointer(directory=str(workdir_path / "checkpoints")) if checkpointer is not None else None
   if seed_checkpoint_only:
     start.save_seed(workdir=workdir_path, model=model, config_text=config_text)
     return _finish(ckpt=ckpt, prof=None, writer=writer, status=0)

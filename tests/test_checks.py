@@ -23,6 +23,8 @@ def _run(workdir, *bindings):
     (["flame_gin.run.kernel_mode = 'fastest'"], r"kernel_mode='fastest': expected one of"),
     (["flame_gin.run.kernel_mode = 'triton'"], r"kernel_mode='triton' needs a CUDA GPU"),
     (["NUM_HEADS = 3"], r"model family 'gla' cannot be built from its config"),
+    (["KEEP_CHECKPOINTS = 0"], r"keep=0: must be >= 1"),
+    (["flame_gin.build_loader.bad_rows = 'ignore'"], r"bad_rows='ignore' \(flame_gin.build_loader.bad_rows\)"),
 ])
 def test_bad_setting_is_named_and_leaves_no_run_directory(tmp_path, bindings, message):
   workdir = tmp_path / "run"
@@ -55,3 +57,28 @@ def test_a_missing_text_field_is_named_before_the_model_is_built(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r"text field 'text' not found; the columns are \['body'\]"):
     _run(workdir, f"flame_gin.build_loader.sources = [{{'path': {str(data)!r}, 'holdout': 0.5}}]")
   assert not workdir.exists()
+
+
+def test_an_unreachable_tokenizer_is_named(tmp_path, monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  workdir = tmp_path / "run"
+  with pytest.raises(config_lib.ConfigError, match=r"tokenizer 'no-such-org/no-such-tokenizer' \(flame_gin.build_loader"
+                     r".tokenizer\): neither a local tokenizer directory nor loadable"):
+    _run(workdir, "flame_gin.build_loader.tokenizer = 'no-such-org/no-such-tokenizer'")
+  assert not workdir.exists()
+
+
+def test_rows_without_text_are_named_by_file_and_line_or_skipped(tmp_path, caplog):
+  data = tmp_path / "docs.jsonl"
+  data.write_text("".join(f'{{"text": "def f{i}():\\n    return {i}\\n"}}\n' for i in range(40))
+                  + '{"text": null}\n' + '{"text": "x = 1\\n"}\n' * 40)
+  source = f"flame_gin.build_loader.sources = [{{'path': {str(data)!r}, 'holdout': 0.2}}]"
+  workdir = tmp_path / "run"
+  with pytest.raises(config_lib.ConfigError, match=rf"1 row\(s\) without text in field 'text': {data} line 41; "
+                     r"fix the data, or set flame_gin.build_loader.bad_rows = 'skip'"):
+    _run(workdir, source)
+  assert not workdir.exists()
+  with caplog.at_level("WARNING"):
+    assert _run(workdir, source, "flame_gin.build_loader.bad_rows = 'skip'") == 0
+  assert any(f"skipping 1 row(s) without text in field 'text' (first: {data} line 41)" in r.getMessage()
+             for r in caplog.records)

@@ -191,7 +191,7 @@ def test_empty_dataset_and_unreadable_tokenizer(env, tmp_path):
     bad = tmp_path / "badtok"
     bad.mkdir()
     (bad / "tokenizer.json").write_text("{not json")
-    with pytest.raises(OSError, match="badtok"):
+    with pytest.raises(ValueError, match="badtok.*a local directory that holds no loadable tokenizer"):
         loader(env, tokenizer=str(bad), sources=[env["a"]])
     with pytest.raises(ValueError, match="validation"):
         loader(env, sources=[source(path=env["a"])], split="validation")

@@ -239,7 +239,7 @@ def build_loader(*, tokenizer: str = "embedded", seq_len: int, batch_size: int, 
                  varlen: bool = False, shuffle: bool | None = None, buffer_size: int = 10_000,
                  num_epochs: int | None = None, num_workers: int = 0, prefetch_factor: int | None = None,
                  offline: bool = False, cache_dir: str | None = None, fast_tokenizer: bool = True,
-                 tokenizer_audit_every: int = 256) -> Loader:
+                 tokenizer_audit_every: int = 256, bad_rows: str = "stop") -> Loader:
     """Builds the data loader of one data-parallel rank.
 
     ``tokenizer``: a tokenizer directory or hub name, or ``"embedded"``. ``batch_size``: sequences per batch on
@@ -254,7 +254,8 @@ def build_loader(*, tokenizer: str = "embedded", seq_len: int, batch_size: int, 
     ``offline`` tokenizes each source once into a memory-mapped token store under ``cache_dir``.
     ``fast_tokenizer`` encodes byte-level BPE tokenizers through ``fast_bpe`` (the HF tokenizer's ids, several
     times faster; other tokenizers always go through HF); every ``tokenizer_audit_every``-th document is also
-    encoded by HF and a difference raises (0: never).
+    encoded by HF and a difference raises (0: never). ``bad_rows``: a row without text stops the run naming
+    its file and line (``'stop'``) or is dropped and counted in the log (``'skip'``).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
@@ -268,6 +269,6 @@ def build_loader(*, tokenizer: str = "embedded", seq_len: int, batch_size: int, 
                      sources=sources, probabilities=probabilities, context_len=context_len, add_bos=add_bos,
                      add_eos=add_eos, varlen=varlen, shuffle=shuffle, buffer_size=buffer_size,
                      num_epochs=num_epochs, offline=offline, cache_dir=cache_dir, num_workers=num_workers,
-                     fast_tokenizer=fast_tokenizer, audit_every=tokenizer_audit_every)
+                     fast_tokenizer=fast_tokenizer, audit_every=tokenizer_audit_every, bad_rows=bad_rows)
     return Loader(plan=plan, rank=rank, world_size=world_size, num_workers=num_workers,
                   prefetch_factor=prefetch_factor, split=split)

@@ -14,7 +14,7 @@ import math
 import os
 import pathlib
 
-from flame_gin.data import embedded, fast_bpe, order, readers, sources as sources_lib, store
+from flame_gin.data import embedded, fast_bpe, order, readers, rows, sources as sources_lib, store
 from flame_gin.data.stream import DocStream, Tokenize
 
 _TOKENIZERS: dict = {}
@@ -29,8 +29,12 @@ def load_tokenizer(path: str):
             raise FileNotFoundError(f"tokenizer path {path!r} is not a directory")
         try:
             _TOKENIZERS[path] = AutoTokenizer.from_pretrained(os.path.expanduser(path))
-        except Exception as e:
-            raise OSError(f"cannot load a tokenizer from {path!r}: {e}") from e
+        except Exception as e:  # OSError, a broken tokenizer file, or a repo that holds no tokenizer
+            what = ("a local directory that holds no loadable tokenizer" if os.path.isdir(os.path.expanduser(path))
+                    else "neither a local tokenizer directory nor loadable from the Hugging Face Hub")
+            reason = (str(e).splitlines() or [""])[0]
+            raise ValueError(f"tokenizer {path!r} (flame_gin.build_loader.tokenizer): {what} "
+                             f"({type(e).__name__}: {reason})") from e
     return _TOKENIZERS[path]
 
 
@@ -149,10 +153,12 @@ def _check_probabilities(probabilities, n: int) -> list[float]:
 
 def make_plan(*, tokenizer: str, seq_len: int, batch_size: int, seed: int, split: str, sources, probabilities,
               context_len, add_bos, add_eos, varlen, shuffle, buffer_size, num_epochs, offline, cache_dir,
-              num_workers: int = 0, fast_tokenizer: bool = True, audit_every: int = 256) -> Plan:
+              num_workers: int = 0, fast_tokenizer: bool = True, audit_every: int = 256,
+              bad_rows: str = "stop") -> Plan:
     """Resolves and validates every option; opens the sources. Raises before any model is built."""
     if seq_len <= 0 or batch_size <= 0:
         raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
+    rows.check_mode(bad_rows)
     if tokenizer == "embedded":
         tokenizer = embedded.tokenizer_path(cache_dir=cache_dir)
     tok = load_tokenizer(str(tokenizer))
@@ -176,7 +182,7 @@ def make_plan(*, tokenizer: str, seq_len: int, batch_size: int, seed: int, split
     hf_cache = None if cache_dir is None else str(pathlib.Path(cache_dir) / "hf_datasets")
     datasets_, kinds = [], []
     for s, src in enumerate(srcs):
-        ds = sources_lib.open_split(src, split=split, cache_dir=hf_cache)
+        ds = sources_lib.open_split(src, split=split, cache_dir=hf_cache, bad_rows=bad_rows)
         if offline:
             key = store.store_key(description={**dataclasses.asdict(src), "split": split},
                                   tokenizer_path=str(tokenizer))

@@ -22,6 +22,8 @@ import hashlib
 import os
 import pathlib
 
+from flame_gin.data import rows
+
 _BUILDER_BY_SUFFIX = {
     ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text", ".arrow": "arrow",
     ".csv": "csv",
@@ -176,10 +178,11 @@ def split_name(src: Source, split: str) -> str:
     raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
 
 
-def open_split(src: Source, *, split: str, cache_dir: str | None = None):
+def open_split(src: Source, *, split: str, cache_dir: str | None = None, bad_rows: str = "stop"):
     """Opens ``split`` of ``src``: a ``datasets.Dataset`` (or ``IterableDataset`` when streaming) of one column.
 
-    Raises early, naming the value, for a missing path, an unknown split, an empty split or a missing column.
+    Raises early, naming the value, for a missing path, an unknown split, an empty split or a missing column;
+    rows without text are reported or skipped (``bad_rows``, see ``rows``).
     """
     import datasets
 
@@ -204,6 +207,8 @@ def open_split(src: Source, *, split: str, cache_dir: str | None = None):
         raise KeyError(f"data source {src.path!r}: text field {src.text_field!r} not found; "
                        f"the columns are {sorted(columns)}")
     ds = ds.select_columns([src.text_field])
+    ds = rows.handle(ds, field=src.text_field, what=f"data source {src.path!r} split {kwargs['split']!r}",
+                     files=_local_files(kwargs.get("data_files")), bad_rows=bad_rows, streaming=src.streaming)
     if src.streaming:
         if next(iter(ds.take(1)), None) is None:
             raise ValueError(f"data source {src.path!r} split {kwargs['split']!r} is empty")
