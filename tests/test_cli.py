@@ -28,6 +28,7 @@ _BAD_CONFIGS = [
     (["--gin_bindings=flame_gin.run.sede = 1"], r"sede.*bindings string line 1"),
     (["--gin_bindings=flame_gin.nope.x = 1"], r"No configurable matching 'flame_gin.nope'"),
     (["--gin_file=gin/does_not_exist.gin"], r"does_not_exist.gin.*not found"),
+    (["--gin.TRAIN_STEPS"], r"'--gin.TRAIN_STEPS': the shorthand needs a value"),
     (["--gin_bindings=flame_gin.model_config.overrides = {'hidden_size': 32, 'num_head': 2}"],
      r"num_head.*did you mean 'num_heads'.*Valid keys"),
     (["--gin.BATCH_SIZE=3", "--gin.flame_gin.run.grad_accum_steps=2"], r"BATCH_SIZE=3"),
