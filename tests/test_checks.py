@@ -60,7 +60,8 @@ def test_a_missing_text_field_is_named_before_the_model_is_built(tmp_path):
 
 
 def test_an_unreachable_tokenizer_is_named(tmp_path, monkeypatch):
-  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  import huggingface_hub.constants
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network retries (read at import)
   workdir = tmp_path / "run"
   with pytest.raises(config_lib.ConfigError, match=r"tokenizer 'no-such-org/no-such-tokenizer' \(flame_gin.build_loader"
                      r".tokenizer\): neither a local tokenizer directory nor loadable"):

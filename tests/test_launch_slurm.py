@@ -165,6 +165,7 @@ def cluster():
   shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_sbatch_preempt_requeue_resume(cluster, tmp_path):
   workdir = tmp_path / "run"
   out = tmp_path / "job.out"
