@@ -12,7 +12,7 @@ import importlib.util
 import os
 import sys
 import types
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 _SUMMARY_MODULE = "clu.metric_writers.summary_writer"
 
@@ -55,15 +55,18 @@ class TensorboardWriter(_torch_tb.TorchTensorboardWriter):
 
 def create_writers(*, workdir: str | os.PathLike | None, is_primary: bool, tensorboard: bool = True,
                    log_to_console: bool = True, asynchronous: bool = True,
-                   extra: Sequence[MetricWriter] = ()) -> MetricWriter:
+                   extra: Sequence[MetricWriter | Callable[..., MetricWriter]] = ()) -> MetricWriter:
   """One writer fanning out to logging, TensorBoard (``workdir/tensorboard``) and ``extra`` writers.
 
-  Non-primary processes get a writer that drops everything, so callers never branch on rank. TensorBoard
-  and extra writers run on a background thread when ``asynchronous`` (file I/O off the training loop).
+  Non-primary processes get a writer that drops everything, so callers never branch on rank. An ``extra``
+  entry is a writer, or a factory called as ``factory(workdir=...)`` on the primary process only (bind it
+  without parentheses, ``[@flame_gin.wandb_writer]``: nothing is opened on the other ranks). TensorBoard and
+  extra writers run on a background thread when ``asynchronous`` (file I/O off the training loop).
   """
   if not is_primary:
     return metric_writers.MultiWriter([])
-  slow: list[MetricWriter] = list(extra)
+  slow: list[MetricWriter] = [w if isinstance(w, MetricWriter) else w(workdir=None if workdir is None else
+                                                                      os.fspath(workdir)) for w in extra]
   if tensorboard and workdir is not None:
     slow.append(TensorboardWriter(os.path.join(os.fspath(workdir), "tensorboard")))
   if asynchronous and slow:
