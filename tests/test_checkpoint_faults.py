@@ -65,11 +65,16 @@ def _check_latest_loads(root: pathlib.Path) -> int:
     return step
 
 
+KILLS = 20
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_kill_9_during_save_keeps_previous(tmp_path):
+    """KILLS kill -9 at random moments of a stream of asynchronous saves: each restart finds a latest
+    committed checkpoint that loads intact (a partial save is never taken, a damaged one never committed)."""
     rng = random.Random(0)
-    for attempt in range(3):
+    for attempt in range(KILLS):
         proc = subprocess.Popen(
             [sys.executable, __file__, "loop", str(tmp_path)],
             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
