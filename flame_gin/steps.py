@@ -14,6 +14,7 @@ import math
 import time
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -42,18 +43,22 @@ def fetch(iterator: Iterator[dict], *, count: int, device: torch.device) -> tupl
 
 
 def valid_tokens(batches: list[dict]) -> int:
-  """Labels that count in the loss (a device read-back when the labels live on the GPU)."""
-  return sum(int((b["labels"] != loss_lib.IGNORE_INDEX).sum()) for b in batches)
+  """Labels that count in the loss: counted in host memory with numpy for host tensors (no tensor read-back),
+  a device read-back when the labels live on the GPU (context parallel's sliced batches)."""
+  return sum(int(np.count_nonzero(b["labels"].numpy() != loss_lib.IGNORE_INDEX)) if b["labels"].device.type == "cpu"
+             else int((b["labels"] != loss_lib.IGNORE_INDEX).sum()) for b in batches)
 
 
-def global_tokens(*, local: int, device: torch.device, group) -> int:
-  """The step's valid-label count over ``group`` (data and context ranks); no collective on one rank."""
+def global_tokens(*, local: int, device: torch.device, group) -> int | torch.Tensor:
+  """The step's valid-label count over ``group`` (data and context ranks): the int itself on one rank; on
+  several, the all-reduced count as an int64 device tensor, never read back here (the loss divides by it on
+  the device; ``StepTally`` reads it with the logged values)."""
   if process.group_size(group) == 1:
     return local
-  return int(process.all_reduce_sum(torch.tensor(float(local), device=device), group=group).item())
+  return process.all_reduce_sum(torch.tensor(local, dtype=torch.int64, device=device), group=group)
 
 
-def forward_backward(*, model, batches: list[dict], tokens: int, device: torch.device,
+def forward_backward(*, model, batches: list[dict], tokens: int | torch.Tensor, device: torch.device,
                      loss_fn: Callable[..., tuple], group=None) -> torch.Tensor:
   """Gradients of the loss normalised by ``tokens``, the global number of valid tokens of the step; returns
   the global mean loss as a device tensor (read back only when logged).
@@ -61,7 +66,7 @@ def forward_backward(*, model, batches: list[dict], tokens: int, device: torch.d
   Losses are summed over ``group`` (the data and context ranks; None = every process). Gradients are reduced
   on the last micro-batch only (a no-op without FSDP).
   """
-  denom = max(tokens, 1)
+  denom = tokens.clamp(min=1).float() if torch.is_tensor(tokens) else max(tokens, 1)
   total = torch.zeros((), device=device)
   for i, batch in enumerate(batches):
     fsdp.set_gradient_sync(model, sync=i == len(batches) - 1)
@@ -72,13 +77,13 @@ def forward_backward(*, model, batches: list[dict], tokens: int, device: torch.d
   return process.all_reduce_sum(total, group=group) / denom
 
 
-def pipeline_forward_backward(*, runtime, batches: list[dict], tokens: int, device: torch.device,
+def pipeline_forward_backward(*, runtime, batches: list[dict], tokens: int | torch.Tensor, device: torch.device,
                               group) -> torch.Tensor:
   """``forward_backward`` through a pipeline schedule (``flame_gin.parallel.pipeline``): each accumulated
   micro-batch is one schedule step (itself split into the schedule's micro-batches); the loss share that every
   pipeline rank gets back is summed over ``group`` (data ranks) into the global mean."""
   from flame_gin.parallel.pipeline import pipeline_step
-  count = torch.tensor(float(tokens), device=device)
+  count = tokens.float() if torch.is_tensor(tokens) else torch.tensor(float(tokens), device=device)
   total = torch.zeros((), device=device)
   for batch in batches:
     with autocast(device):
@@ -132,23 +137,67 @@ def apply(*, optimizer, lr_now: float, loss: torch.Tensor, grad_norm: torch.Tens
 
 
 class StepTally:
-  """The last step's loss and gradient norm and the count of skipped steps, kept on the device and read back
-  (one host synchronisation) only when they are logged or checkpointed."""
+  """The last step's loss and gradient norm, the count of skipped steps and the tokens trained, kept on the
+  device and read back (one host synchronisation) only when they are logged or checkpointed."""
 
   def __init__(self, *, device: torch.device):
     self._skipped = torch.zeros((), device=device)
+    self._tokens = torch.zeros((), dtype=torch.int64, device=device)
+    self._host_tokens = 0
     self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
-  def add(self, *, loss: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor) -> None:
+  def add(self, *, loss: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor,
+          tokens: int | torch.Tensor = 0) -> None:
     self._skipped += skipped
+    if torch.is_tensor(tokens):
+      self._tokens += tokens
+    else:
+      self._host_tokens += tokens
     self._last = (loss, grad_norm)
 
-  def read(self) -> tuple[float, float, int]:
-    """(last loss, last gradient norm, steps skipped since the last read)."""
+  def read(self) -> tuple[float, float, int, int]:
+    """(last loss, last gradient norm, steps skipped and tokens trained since the last read)."""
     loss, norm = self._last if self._last is not None else (torch.tensor(math.nan),) * 2
-    values = torch.stack([loss.float(), norm.float(), self._skipped]).tolist()
+    values = torch.stack([loss.double(), norm.double(), self._skipped.double(),
+                          self._tokens.double()]).tolist()  # float64: token counts exact below 2**53
+    tokens = int(values[3]) + self._host_tokens
     self._skipped.zero_()
-    return values[0], values[1], int(values[2])
+    self._tokens.zero_()
+    self._host_tokens = 0
+    return values[0], values[1], int(values[2]), tokens
+
+
+class StopVote:
+  """Whether any rank was asked to stop, agreed by every rank at the same step without stalling the device.
+
+  Each step all-reduces this rank's flag and copies the sum into host memory (pinned, asynchronously on a
+  GPU); the sum of step ``s`` is read at step ``s + 1``, by when the device has long computed it, so the host
+  never waits for the step in flight. Every rank reads the same sum at the same step, so all of them save and
+  leave together, one step after the signal. One process needs no collective and answers at once.
+  """
+
+  def __init__(self, *, stop_requested: Callable[[], bool] | None, device: torch.device, world_size: int):
+    self._requested, self._device, self._world = stop_requested, device, world_size
+    self._host = torch.zeros((), pin_memory=device.type == "cuda")
+    self._event = None
+
+  def poll(self) -> bool:
+    local = self._requested is not None and self._requested()
+    if self._world == 1:
+      return local
+    decided = False
+    if self._event is not None:  # the previous step's sum
+      if self._event is not True:
+        self._event.synchronize()
+      decided = bool(self._host.numpy() > 0)
+    flag = process.all_reduce_sum(torch.tensor(float(local), device=self._device))
+    self._host.copy_(flag, non_blocking=self._device.type == "cuda")
+    if self._device.type == "cuda":
+      self._event = torch.cuda.Event()
+      self._event.record()
+    else:
+      self._event = True
+    return decided
 
 
 @torch.no_grad()

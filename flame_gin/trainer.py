@@ -249,11 +249,14 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   if gc_interval > 0:
     gc.disable()
   status, start_time, start_step = 0, time.monotonic(), state.step
-  window_tokens, window_start = 0, time.perf_counter()
+  window_start_tokens, window_start = state.tokens_seen, time.perf_counter()
   tally = steps.StepTally(device=proc.device)
+  stop_vote = steps.StopVote(stop_requested=stop_requested, device=proc.device, world_size=proc.world_size)
 
   def read_tally() -> tuple[float, float]:
-    loss_value, grad_norm_value, skipped = tally.read()
+    """The device's step values, read back: only at logging, saving and the end."""
+    loss_value, grad_norm_value, skipped, tokens = tally.read()
+    state.tokens_seen += tokens
     if skipped:
       logging.warning("%d step(s) up to step %d skipped: non-finite loss or gradient norm (last loss %s, "
                       "grad norm %s)", skipped, state.step, loss_value, grad_norm_value)
@@ -284,12 +287,10 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     grad_norm = steps.clip_grad_norm(model=model, max_grad_norm=max_grad_norm,
                                      pp_group=mesh["pp"].get_group() if dims.pp > 1 else None)
     lr_now = lr * lr_schedule(state.step)
-    tally.add(loss=loss, grad_norm=grad_norm,
+    tally.add(loss=loss, grad_norm=grad_norm, tokens=tokens,
               skipped=steps.apply(optimizer=opt, lr_now=lr_now, loss=loss, grad_norm=grad_norm,
                                   skip_nonfinite=skip_nonfinite))
     state.step += 1
-    state.tokens_seen += tokens
-    window_tokens += tokens
     if state.step == start_step + 1:
       _after_first_step(is_primary=proc.is_primary, workdir=workdir_path, on_first_step=on_first_step,
                         save_compiled=save_compiled, train_timeout_seconds=train_timeout_seconds,
@@ -299,7 +300,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
     if log_interval and (state.step % log_interval == 0 or state.step == train_steps):
       loss_value, grad_norm_value = read_tally()
       elapsed = time.perf_counter() - window_start
-      tokens_per_second = window_tokens / max(elapsed, 1e-9)
+      tokens_per_second = (state.tokens_seen - window_start_tokens) / max(elapsed, 1e-9)
       scalars = {"loss": loss_value, "lr": lr_now, "grad_norm": grad_norm_value,
                  "tokens_per_second": tokens_per_second,
                  "tokens_seen": state.tokens_seen, "step_time": time.perf_counter() - step_start,
@@ -315,7 +316,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
       if proc.is_primary:
         logging.info(metrics.format_progress(step=state.step, total_steps=train_steps, scalars=scalars,
                                              eta_seconds=(train_steps - state.step) / max(steps_per_second, 1e-9)))
-      window_tokens, window_start = 0, time.perf_counter()
+      window_start_tokens, window_start = state.tokens_seen, time.perf_counter()
 
     # Evaluate.
     if eval_loader is not None and (state.step % eval_interval == 0 or state.step == train_steps):
@@ -324,7 +325,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
                                                 group=group))
 
     # Checkpoint, and stop cleanly when the scheduler asks.
-    preempted = _stop_agreed(stop_requested=stop_requested, device=proc.device, world_size=proc.world_size)
+    preempted = stop_vote.poll()
     if ckpt is not None and state.step < train_steps and save(final=preempted):
       writer.write_scalars(state.step, {"checkpoint/blocked_seconds": ckpt.last_blocked_seconds})
     if preempted and state.step < train_steps:  # at the last step the final save below is the stop
@@ -357,14 +358,6 @@ def _finish(*, ckpt, prof, writer, status: int) -> int:
   writer.close()
   process.shutdown()
   return status
-
-
-def _stop_agreed(*, stop_requested: Optional[Callable[[], bool]], device: torch.device, world_size: int) -> bool:
-  """True on every rank once any rank got a stop signal, so all ranks save and leave at the same step."""
-  local = stop_requested is not None and stop_requested()
-  if world_size == 1:
-    return local
-  return bool(process.all_reduce_sum(torch.tensor(float(local), device=device)).item() > 0)
 
 
 def _save(*, ckpt, state: TrainState, model, optimizer, loader, config_text: str, dp_rank: int) -> bool:

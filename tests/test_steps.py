@@ -56,13 +56,20 @@ def test_fused_and_plain_adamw_take_the_same_steps_around_a_skip():
     torch.testing.assert_close(fused, plain)
 
 
-def test_tally_reads_last_values_and_skips_since_last_read():
+def test_tally_reads_last_values_and_skips_and_tokens_since_last_read():
   tally = steps.StepTally(device=torch.device("cpu"))
-  tally.add(loss=torch.tensor(2.0), grad_norm=torch.tensor(0.5), skipped=torch.tensor(1.0))
-  tally.add(loss=torch.tensor(3.0), grad_norm=torch.tensor(0.25), skipped=torch.tensor(1.0))
-  assert tally.read() == (3.0, 0.25, 2)
+  tally.add(loss=torch.tensor(2.0), grad_norm=torch.tensor(0.5), skipped=torch.tensor(1.0), tokens=7)
+  big = torch.tensor(2**40 + 3, dtype=torch.int64)  # a device count, exact beyond float32's 2**24
+  tally.add(loss=torch.tensor(3.0), grad_norm=torch.tensor(0.25), skipped=torch.tensor(1.0), tokens=big)
+  assert tally.read() == (3.0, 0.25, 2, 2**40 + 10)
   tally.add(loss=torch.tensor(1.0), grad_norm=torch.tensor(0.75), skipped=torch.tensor(0.0))
-  assert tally.read() == (1.0, 0.75, 0)
+  assert tally.read() == (1.0, 0.75, 0, 0)
+
+
+def test_stop_vote_on_one_process_answers_at_once():
+  asked = iter([False, True])
+  vote = steps.StopVote(stop_requested=lambda: next(asked), device=torch.device("cpu"), world_size=1)
+  assert [vote.poll(), vote.poll()] == [False, True]
 
 
 def test_fused_loss_setting_is_checked_and_read_as_documented():

@@ -41,6 +41,10 @@ MARK = "=== run "
 
 PARALLEL = {  # name: (steps, extra arguments), run in this order by one torchrun launch
     "ddp": (PAR_STEPS, ["--gin_file=gin/parallel/ddp.gin"]),
+    # Host reads of tensors per step: the fused AdamW (as on a GPU) skips bad steps on the device; logging
+    # only at the last step; one stop signal on rank 1 after step 3 (the 2-rank stop vote).
+    "ddp_host_reads": (6, ["--gin_file=gin/parallel/ddp.gin", "--gin.flame_gin.run.log_interval=1000",
+                           "--gin_bindings=flame_gin.adamw.fused = True"]),
     "fsdp": (PAR_STEPS, ["--gin_file=gin/parallel/fsdp.gin", FP32]),
     "tp": (PAR_STEPS, ["--gin_file=gin/parallel/tp2.gin", FP32, *RUN_SETTINGS]),
     "cp": (PAR_STEPS, ["--gin_file=gin/parallel/cp2.gin", FP32]),
@@ -205,6 +209,16 @@ def _tiny_config():
                                                           vocab_size=64))
 
 
+def test_no_host_reads_outside_logging_and_saving_steps_and_the_stop_vote_agrees(runs):
+  """Each step on a 2-rank mesh reads no tensor back to the host (``.item()``, ``bool``, ``float``, ``int``,
+  ``.tolist()``) outside the logging/saving step; the stop asked of rank 1
+  alone after step 3 stops both ranks after step 4 with the requeue code."""
+  _, text = runs["ddp_host_reads"]
+  reads = json.loads(re.search(r"HOST_READS (\{.*\})", text).group(1))
+  assert reads["status"] == 42 and reads["last_step"] == 4, reads
+  assert [reads["per_step"][str(s)] for s in (1, 2, 3)] == [0, 0, 0], reads  # step 4 votes, saves, leaves
+
+
 def test_pipeline_with_context_parallel_is_a_config_error():
   from flame_gin import config as config_lib, trainer
   from flame_gin.mesh import ParallelDims
@@ -255,10 +269,49 @@ def _worker(specs: list[dict]) -> None:
                      search_paths=config_lib.default_search_paths())
     if os.environ.get("RANK", "0") == "0":
       print(f"{MARK}{spec['name']}", file=sys.stderr, flush=True)
+    if spec["name"] == "ddp_host_reads":
+      _count_host_reads()
+      continue
     assert configurables.run(config_text=config_lib.config_text()) == 0, spec["name"]
   if dist.is_initialized():
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _count_host_reads() -> None:
+  """Runs the trainer counting, per step, the calls that read a tensor back to the host; rank 1 asks to stop
+  after step 3. Rank 0 prints the counts as one JSON line."""
+  import torch
+  from flame_gin import config as config_lib, configurables, steps
+  counts, step = {}, [0]
+  names = ("item", "__bool__", "__float__", "__int__", "tolist")
+  originals = {name: getattr(torch.Tensor, name) for name in names}
+  fetch = steps.fetch
+
+  def counting(name):
+    def read(self, *args, **kwargs):
+      counts[step[0]] = counts.get(step[0], 0) + 1
+      return originals[name](self, *args, **kwargs)
+    return read
+
+  def next_step(*args, **kwargs):
+    step[0] += 1
+    return fetch(*args, **kwargs)
+
+  for name in names:
+    setattr(torch.Tensor, name, counting(name))
+  steps.fetch = next_step
+  try:
+    status = configurables.run(config_text=config_lib.config_text(),
+                               stop_requested=lambda: os.environ["RANK"] == "1" and step[0] >= 3)
+  finally:
+    for name in names:
+      setattr(torch.Tensor, name, originals[name])
+    steps.fetch = fetch
+  if os.environ.get("RANK", "0") == "0":
+    print("HOST_READS " + json.dumps({"status": status, "last_step": step[0],
+                                      "per_step": {s: counts.get(s, 0) for s in range(1, step[0] + 1)}}),
+          file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
