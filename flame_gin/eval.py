@@ -95,6 +95,8 @@ def scalars(results: dict) -> dict[str, float]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from flame_gin import quiet
+  quiet.install()
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
   tokenizer = resolve_tokenizer(_TOKENIZER.value) or _HF_DIR.value
   if tokenizer is None:

@@ -53,6 +53,14 @@ class TensorboardWriter(_torch_tb.TorchTensorboardWriter):
       self._writer.file_writer.add_summary(summary)
 
 
+class _ConsoleWriter(metric_writers.LoggingWriter):
+  """CLU's logging writer without texts: the resolved config is in the run directory and TensorBoard, and
+  hundreds of lines of it on the console hide the progress lines."""
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    pass
+
+
 def create_writers(*, workdir: str | os.PathLike | None, is_primary: bool, tensorboard: bool = True,
                    log_to_console: bool = True, asynchronous: bool = True,
                    extra: Sequence[MetricWriter | Callable[..., MetricWriter]] = ()) -> MetricWriter:
@@ -71,7 +79,7 @@ def create_writers(*, workdir: str | os.PathLike | None, is_primary: bool, tenso
     slow.append(TensorboardWriter(os.path.join(os.fspath(workdir), "tensorboard")))
   if asynchronous and slow:
     slow = [metric_writers.AsyncMultiWriter(slow)]
-  writers = ([metric_writers.LoggingWriter()] if log_to_console else []) + slow
+  writers = ([_ConsoleWriter()] if log_to_console else []) + slow
   return metric_writers.MultiWriter(writers)
 
 

@@ -11,14 +11,16 @@ import functools
 import math
 from typing import Callable
 
+from absl import logging
+
 Schedule = Callable[[int], float]
 
 
 def _check(*, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> None:
   if total_steps < 0:
     raise ValueError(f"schedule: total_steps must be >= 0, got {total_steps}")
-  if not 0 <= warmup_steps <= total_steps:
-    raise ValueError(f"schedule: warmup_steps={warmup_steps} must lie in [0, total_steps={total_steps}]")
+  if warmup_steps < 0:
+    raise ValueError(f"schedule: warmup_steps={warmup_steps} must be >= 0")
   if not 0.0 <= min_lr_ratio <= 1.0:
     raise ValueError(f"schedule: min_lr_ratio={min_lr_ratio} must lie in [0, 1]")
 
@@ -85,6 +87,10 @@ def make_schedule(*, name: str, warmup_steps: int, total_steps: int, min_lr_rati
   if name not in _SCHEDULES:
     raise ValueError(f"Unknown LR schedule {name!r}; expected one of {sorted(_SCHEDULES)}")
   _check(warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio)
+  if warmup_steps > total_steps:  # a shortened smoke run of an experiment: warm up over the whole run
+    logging.warning("schedule: warmup_steps=%d is longer than the run (%d steps); warming up over %d steps",
+                    warmup_steps, total_steps, total_steps)
+    warmup_steps = total_steps
   fn = functools.partial(_SCHEDULES[name], warmup_steps=warmup_steps, total_steps=total_steps,
                          min_lr_ratio=min_lr_ratio, **kwargs)
   fn(0)  # surfaces bad keyword arguments now, not at the first step

@@ -35,6 +35,8 @@ def _bindings() -> list[str]:
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from flame_gin import quiet
+  quiet.install()  # before the libraries are imported
   from flame_gin import configurables  # registers every configurable before parsing
   from flame_gin.checkpoint import CheckpointError
   import gin

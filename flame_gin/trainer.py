@@ -199,7 +199,7 @@ def run(*, workdir: str, model_config: Callable[[], Any], train_data: Callable[.
   if proc.is_primary:
     config_lib.write_config(workdir=workdir_path, text=config_text)
   writer = writers(workdir=workdir_path, is_primary=proc.is_primary)
-  if kernel_cache:  # before any Triton kernel compiles
+  if kernel_cache and proc.device.type == "cuda":  # before any Triton kernel compiles
     kernels.cache.use_run_dir(workdir=workdir_path)
 
   # 5. Model materialised and initialised with the seed; optimizer with groups.

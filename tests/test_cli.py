@@ -100,6 +100,17 @@ def test_tiny_default_trains_and_loss_falls(tiny_run):
   assert losses[40] < losses[5] - 0.5, losses
 
 
+def test_console_holds_no_known_noise(tiny_run):
+  """The known-harmless messages of the libraries underneath (``flame_gin.quiet``) and the resolved config as
+  text stay off the console, and a CPU run makes no Triton kernel cache."""
+  workdir, result = tiny_run
+  for noise in ("Triton is not supported", "Failed to load", "is an Enum subclass", "system_path_file_exists",
+                "version 0.", "Got texts", "are deprecated. Use `cache`", "# Parameters for"):
+    assert noise not in result.stderr, noise
+  assert "step 40/40" in result.stderr
+  assert not (workdir / "kernel_cache").exists()
+
+
 def test_config_files_written_and_reparseable(tiny_run, cli_runs):
   workdir, _ = tiny_run
   config = (workdir / "config.gin").read_text()

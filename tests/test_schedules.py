@@ -49,10 +49,20 @@ def test_schedule_is_a_pure_function_of_step():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(name="nope", warmup_steps=0, total_steps=10), "Unknown LR schedule 'nope'"),
-    (dict(name="cosine", warmup_steps=20, total_steps=10), "warmup_steps=20"),
+    (dict(name="cosine", warmup_steps=-1, total_steps=10), "warmup_steps=-1 must be >= 0"),
     (dict(name="cosine", warmup_steps=0, total_steps=10, min_lr_ratio=1.5), "min_lr_ratio=1.5"),
     (dict(name="wsd", warmup_steps=0, total_steps=10, decay_shape="cubic"), "decay_shape 'cubic'"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
   with pytest.raises(ValueError, match=match):
     schedules.make_schedule(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "wsd"])
+def test_warmup_longer_than_the_run_shortens_to_the_run_with_a_warning(name, caplog):
+  with caplog.at_level("WARNING"):
+    short = schedules.make_schedule(name=name, warmup_steps=20, total_steps=10)
+  same = schedules.make_schedule(name=name, warmup_steps=10, total_steps=10)
+  assert [short(s) for s in range(11)] == [same(s) for s in range(11)]
+  assert [r.getMessage() for r in caplog.records if "warmup" in r.getMessage()] == [
+      "schedule: warmup_steps=20 is longer than the run (10 steps); warming up over 10 steps"]
