@@ -34,12 +34,13 @@ def test_only_global_rank_zero_opens_a_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_resumed_run_continues_the_same_wandb_run_with_its_config(tmp_path):
+def test_two_process_job_makes_one_wandb_run_and_its_resume_continues_it(tmp_path):
   workdir = tmp_path / "run"
-  env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", CUDA_VISIBLE_DEVICES="")
-  for steps in (3, 5):
+  env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+  for steps in (3, 5):  # each start: two processes under torchrun (gloo), as a 2-GPU job
     proc = subprocess.run(
-        [sys.executable, "-m", "flame_gin.train", "--gin_file=gin/tiny.gin", f"--gin.TRAIN_STEPS={steps}",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "flame_gin.train", "--gin_file=gin/tiny.gin", f"--gin.TRAIN_STEPS={steps}",
          "--gin.WARMUP_STEPS=0", "--gin.flame_gin.run.eval_interval=0", f"--workdir={workdir}",
          "--gin_bindings=flame_gin.metric_writers.extra = [@flame_gin.wandb_writer]",
          "--gin_bindings=flame_gin.wandb_writer.project = 'tiny'"],
@@ -47,7 +48,7 @@ def test_resumed_run_continues_the_same_wandb_run_with_its_config(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
   run_id = (workdir / wandb_writer.RUN_ID_FILE).read_text().strip()
   runs = sorted((workdir / "wandb").glob("offline-run-*"))
-  assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs
+  assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs  # one per start, not per rank
   first, second = ((r / f"run-{run_id}.wandb").read_bytes() for r in runs)
   assert b"TRAIN_STEPS = 3" in first and b"TRAIN_STEPS = 5" in second  # the resolved gin config
   assert b"train_steps" in first and b"text/config" in first  # hparams and the config's key
