@@ -41,14 +41,6 @@ _WRITE_METRICS = flags.DEFINE_bool("write_metrics", True, "Also write the scores
                                    "(checkpoints only).")
 
 
-def resolve_tokenizer(name: str | None) -> str | None:
-  """The tokenizer folder or hub name; ``embedded`` is the embedded default run's tokenizer."""
-  if name == "embedded":
-    from flame_gin.data import embedded
-    return embedded.tokenizer_path()
-  return name
-
-
 def load_model(*, checkpoint_dir: str | None, step: int | None, hf_dir: str | None,
                device: torch.device) -> tuple[torch.nn.Module, int | None]:
   """The model in eval mode on ``device`` (and the checkpoint step, None for an export), with the kernels of
@@ -98,7 +90,8 @@ def main(argv):
   from flame_gin import quiet
   quiet.install()
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  tokenizer = resolve_tokenizer(_TOKENIZER.value) or _HF_DIR.value
+  from flame_gin.data import embedded
+  tokenizer = embedded.resolve_tokenizer(_TOKENIZER.value) or _HF_DIR.value
   if tokenizer is None:
     raise app.UsageError("--tokenizer is required with --checkpoint_dir")
   try:

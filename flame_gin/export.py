@@ -9,6 +9,7 @@ The result loads with `transformers.AutoModelForCausalLM.from_pretrained`.
 from absl import app, flags
 
 from flame_gin.checkpoint import hf
+from flame_gin.data import embedded
 
 _CHECKPOINT_DIR = flags.DEFINE_string(
     "checkpoint_dir", None, "Checkpoint root (holds one folder per step).", required=True
@@ -17,7 +18,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Folder to write the HF model to."
 _STEP = flags.DEFINE_integer("step", None, "Step to export (default: latest committed).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", sorted(hf.DTYPES), "Dtype of the saved weights.")
 _TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "Tokenizer name or folder to save alongside (optional)."
+    "tokenizer", None, "Tokenizer name or folder to save alongside (optional; 'embedded': the tiny default's)."
 )
 
 
@@ -29,7 +30,7 @@ def main(argv):
         output=_OUTPUT.value,
         step=_STEP.value,
         dtype=_DTYPE.value,
-        tokenizer=_TOKENIZER.value,
+        tokenizer=embedded.resolve_tokenizer(_TOKENIZER.value),
     )
     print(f"exported to {out}")
 

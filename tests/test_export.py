@@ -90,3 +90,46 @@ def test_export_errors(tmp_path):
     Checkpointer(directory=tmp_path).save(step=1, model=plain, optimizer=None, extra={}, config_text="")
     with pytest.raises(CheckpointError, match="model_config.json is missing"):
         hf.export_checkpoint(checkpoint_dir=tmp_path, output=tmp_path / "o")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_tiny_run_export_generates_and_stops_at_the_tokenizers_eos(tmp_path):
+    """The tiny run's export with its tokenizer: `generate()` stops at the tokenizer's `</s>`. The export's
+    weights are then set so that greedy decoding always picks `</s>` (blocks' outputs zeroed, every embedding
+    the same, the head's `</s>` row aligned with it): a wrong eos id in the generation config (FLA's default 2
+    is `<pad>` here) would let it run to `max_new_tokens`."""
+    import fla  # noqa: F401  (FLA's model types for transformers)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flame_gin import config as config_lib, configurables, kernels
+
+    run = tmp_path / "run"
+    config_lib.parse(gin_files=["gin/tiny.gin"], gin_bindings=[
+        f"MODEL_DIR = {str(run)!r}", "TRAIN_STEPS = 2", "WARMUP_STEPS = 0", "flame_gin.run.eval_interval = 0"],
+        search_paths=config_lib.default_search_paths())
+    assert configurables.run(config_text="", on_first_step=None) == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "flame_gin.export", f"--checkpoint_dir={run / 'checkpoints'}",
+         f"--output={tmp_path / 'hf'}", "--dtype=float32", "--tokenizer=embedded"],
+        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
+    kernels.select(mode="reference")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        assert model.generation_config.eos_token_id == tok.eos_token_id == model.config.eos_token_id
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+            model.model.embeddings.weight.fill_(1.0)
+            model.lm_head.weight.zero_()
+            model.lm_head.weight[tok.eos_token_id].fill_(1.0)
+        prompt = tok("def f():", return_tensors="pt")
+        out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    finally:
+        kernels.restore()
+    new = out[0, prompt["input_ids"].shape[1]:].tolist()
+    assert new == [tok.eos_token_id], new

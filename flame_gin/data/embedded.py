@@ -137,3 +137,8 @@ def tokenizer_path(*, cache_dir: str | os.PathLike | None = None, vocab_size: in
             os.environ["RAYON_NUM_THREADS"] = previous
     _publish(tmp, final)
     return str(final)
+
+
+def resolve_tokenizer(name: str | None) -> str | None:
+    """A tokenizer folder or hub name as given; ``"embedded"`` is the embedded default run's tokenizer."""
+    return tokenizer_path() if name == "embedded" else name
