@@ -1,8 +1,9 @@
 """`flame_gin.jax`: a checkpoint restored with Orbax in a fresh JAX process (no torch imported) gives the
 logits flame_gin's own model gives, float32, within 1e-4 absolute (logits here are O(1-10); the two sides
-differ only in summation order and the recurrent vs chunked form of the same recurrence). Two checkpoints:
-the tiny run's (the user's path: train, then restore in JAX) and a GLA built with the options the tiny run
-leaves off (short convolutions, grouped key/value heads, unfused output norm, clamped gates)."""
+differ only in summation order and the recurrent vs chunked form of the same recurrence). Checkpoints: the
+tiny run's (the user's path: train, then restore in JAX), a GLA built with the options the tiny run leaves off
+(short convolutions, grouped key/value heads, unfused output norm, clamped gates), and DeltaNet with and
+without short convolutions."""
 
 import json
 import os
@@ -91,3 +92,26 @@ def test_gla_options_match_in_jax(tmp_path):
   saved["clamp_min"] = None
   (tmp_path / "ckpt" / "1" / "model_config.json").write_text(json.dumps(saved))
   assert np.abs(_jax_logits(tmp_path / "ckpt" / "1", tokens, tmp_path) - ref).max() > 100 * TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("short_conv", [True, False])
+def test_delta_net_matches_in_jax(tmp_path, short_conv):
+  from fla.models import DeltaNetConfig
+  from transformers import AutoModelForCausalLM
+
+  config = DeltaNetConfig(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=97, intermediate_size=96,
+                          use_short_conv=short_conv, conv_size=4, initializer_range=0.2)
+  kernels.select(mode="reference")
+  try:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tokens = np.random.default_rng(2).integers(0, 97, size=(2, 90))
+    ref = _torch_logits(model, tokens)
+  finally:
+    kernels.restore()
+  Checkpointer(directory=tmp_path / "ckpt").save(step=1, model=model, optimizer=None, extra={}, config_text="")
+  assert json.loads((tmp_path / "ckpt" / "1" / "model_config.json").read_text())["model_type"] == "delta_net"
+  got = _jax_logits(tmp_path / "ckpt" / "1", tokens, tmp_path)
+  assert np.abs(ref).max() > 1.0  # logits large enough for the comparison to mean something
+  assert np.abs(got - ref).max() < TOLERANCE, np.abs(got - ref).max()

@@ -13,9 +13,9 @@ import json
 import os
 import pathlib
 
-from flame_gin.jax import gla
+from flame_gin.jax import delta_net, gla
 
-FORWARDS = {"gla": gla.logits}
+FORWARDS = {"gla": gla.logits, "delta_net": delta_net.logits}
 
 
 def load(step_dir: str | os.PathLike) -> tuple[dict, dict]:
