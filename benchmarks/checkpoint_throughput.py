@@ -48,7 +48,6 @@ def _best(fn, repeats):
 
 
 def _worker(rank: int, world: int, port: int, root: pathlib.Path) -> None:
-    import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
@@ -83,7 +82,9 @@ def _worker(rank: int, world: int, port: int, root: pathlib.Path) -> None:
         dist.barrier()
 
     ours = Checkpointer(directory=root / "ours", keep=1)
-    save = _best(lambda i: timed(lambda: ours.save(step=i, model=model, optimizer=None, extra={}, config_text="")), repeats)
+    save = _best(
+        lambda i: timed(lambda: ours.save(step=i, model=model, optimizer=None, extra={}, config_text="")), repeats
+    )
     restore = _best(lambda i: timed(lambda: ours.restore(model=model)), repeats)
     ours.close()
 
@@ -109,14 +110,26 @@ def _worker(rank: int, world: int, port: int, root: pathlib.Path) -> None:
     first_blocked, worst_blocked = per_repeat[0], min(per_repeat[1:] or per_repeat)
     if rank == 0:
         gb = nbytes / 1e9
-        print(json.dumps(dict(
-            ranks=world, bytes=nbytes,
-            save_gbps=gb / save, restore_gbps=gb / restore,
-            dcp_save_gbps=gb / dsave, dcp_restore_gbps=gb / dload,
-            save_s=save, restore_s=restore, dcp_save_s=dsave, dcp_restore_s=dload,
-            async_blocked_s=worst_blocked, async_blocked_fraction=worst_blocked / save,
-            async_blocked_first_s=first_blocked,
-        )), flush=True)
+        print(
+            json.dumps(
+                dict(
+                    ranks=world,
+                    bytes=nbytes,
+                    save_gbps=gb / save,
+                    restore_gbps=gb / restore,
+                    dcp_save_gbps=gb / dsave,
+                    dcp_restore_gbps=gb / dload,
+                    save_s=save,
+                    restore_s=restore,
+                    dcp_save_s=dsave,
+                    dcp_restore_s=dload,
+                    async_blocked_s=worst_blocked,
+                    async_blocked_fraction=worst_blocked / save,
+                    async_blocked_first_s=first_blocked,
+                )
+            ),
+            flush=True,
+        )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -151,10 +164,18 @@ def main(argv):
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))
         procs = [
             subprocess.Popen(
-                [sys.executable, __file__, f"--worker={r},{world},{port}", f"--dir={run_dir}",
-                 f"--size_mb={_SIZE_MB.value}", f"--repeats={_REPEATS.value}",
-                 f"--device={_DEVICE.value}"],
-                env=env, stdout=subprocess.PIPE, text=True,
+                [
+                    sys.executable,
+                    __file__,
+                    f"--worker={r},{world},{port}",
+                    f"--dir={run_dir}",
+                    f"--size_mb={_SIZE_MB.value}",
+                    f"--repeats={_REPEATS.value}",
+                    f"--device={_DEVICE.value}",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
             )
             for r in range(world)
         ]
@@ -165,8 +186,17 @@ def main(argv):
         print(json.dumps(line), flush=True)
         results.append(line)
         shutil.rmtree(run_dir, ignore_errors=True)
-    print(json.dumps({"benchmark": "checkpoint_throughput", "size_mb": _SIZE_MB.value,
-                      "device": _DEVICE.value, "cpus": os.cpu_count(), "results": results}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "checkpoint_throughput",
+                "size_mb": _SIZE_MB.value,
+                "device": _DEVICE.value,
+                "cpus": os.cpu_count(),
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

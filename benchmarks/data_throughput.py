@@ -72,6 +72,7 @@ def build_corpus(cache: pathlib.Path) -> pathlib.Path:
 
 def build_tokenizer(cache: pathlib.Path, corpus: pathlib.Path) -> str:
     from flame_gin.data import embedded
+
     out = cache / f"bpe{VOCAB}"
     if (out / "tokenizer.json").exists():
         return str(out)
@@ -92,17 +93,28 @@ def _cpu_seconds(proc) -> float:
     return total
 
 
-def measure(*, corpus: str, tokenizer: str, workers: int, seconds: float, cache: str, offline: bool,
-            fast: bool) -> dict:
+def measure(
+    *, corpus: str, tokenizer: str, workers: int, seconds: float, cache: str, offline: bool, fast: bool
+) -> dict:
     """One configuration, in this process: build, first batch, steady tokens/s, CPU used, peak RSS."""
     import psutil
     import torch
+
     from flame_gin.data import build_loader
+
     me = psutil.Process()
     t0 = time.perf_counter()
-    loader = build_loader(tokenizer=tokenizer, seq_len=SEQ_LEN, batch_size=BATCH, sources=[corpus],
-                          num_workers=workers, cache_dir=cache, seed=0, offline=offline,
-                          fast_tokenizer=fast)
+    loader = build_loader(
+        tokenizer=tokenizer,
+        seq_len=SEQ_LEN,
+        batch_size=BATCH,
+        sources=[corpus],
+        num_workers=workers,
+        cache_dir=cache,
+        seed=0,
+        offline=offline,
+        fast_tokenizer=fast,
+    )
     t1 = time.perf_counter()
     it = iter(loader)
     first = next(it)
@@ -119,13 +131,21 @@ def measure(*, corpus: str, tokenizer: str, workers: int, seconds: float, cache:
     rss_total = me.memory_info().rss + sum(c.memory_info().rss for c in me.children(recursive=True))
     rss_peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tokens = n * BATCH * SEQ_LEN
-    return {"workers": workers, "offline": offline, "fast_tokenizer": fast, "build_s": round(t1 - t0, 3),
-            "first_batch_s": round(t2 - t1, 3),
-            "batches": n, "tokens_per_s": round(tokens / elapsed),
-            "tokens_per_cpu_s": round(tokens / max(cpu, 1e-9)), "cores_used": round(cpu / elapsed, 2),
-            "main_process_cores": round(main_cpu / elapsed, 2), "loadavg_1m": round(os.getloadavg()[0], 2),
-            "peak_rss_main_mib": round(rss_peak_self / 2**20, 1),
-            "rss_main_plus_workers_mib": round(rss_total / 2**20, 1)}
+    return {
+        "workers": workers,
+        "offline": offline,
+        "fast_tokenizer": fast,
+        "build_s": round(t1 - t0, 3),
+        "first_batch_s": round(t2 - t1, 3),
+        "batches": n,
+        "tokens_per_s": round(tokens / elapsed),
+        "tokens_per_cpu_s": round(tokens / max(cpu, 1e-9)),
+        "cores_used": round(cpu / elapsed, 2),
+        "main_process_cores": round(main_cpu / elapsed, 2),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "peak_rss_main_mib": round(rss_peak_self / 2**20, 1),
+        "rss_main_plus_workers_mib": round(rss_total / 2**20, 1),
+    }
 
 
 def tokenizer_ceiling(*, corpus: pathlib.Path, tokenizer: str, seconds: float, fast: bool) -> dict:
@@ -135,12 +155,16 @@ def tokenizer_ceiling(*, corpus: pathlib.Path, tokenizer: str, seconds: float, f
     of one core: the pipeline cannot beat it by more than the cores it uses."""
     import itertools
     import random
+
     from tokenizers import Tokenizer
+
     tok = Tokenizer.from_file(os.path.join(tokenizer, "tokenizer.json"))
     encode = lambda batch: [e.ids for e in tok.encode_batch_fast(batch, add_special_tokens=False)]  # noqa: E731
     if fast:
         from transformers import AutoTokenizer
+
         from flame_gin.data import fast_bpe
+
         encode, why = fast_bpe.compile_fast(AutoTokenizer.from_pretrained(tokenizer), audit_every=0)
         assert why is None, why
     with open(corpus, encoding="utf-8") as f:
@@ -149,13 +173,18 @@ def tokenizer_ceiling(*, corpus: pathlib.Path, tokenizer: str, seconds: float, f
     n, nbytes, i = 0, 0, 0
     start, cpu = time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
-        batch = texts[i % len(texts): i % len(texts) + 32]
+        batch = texts[i % len(texts) : i % len(texts) + 32]
         n += sum(len(ids) for ids in encode(batch))
         nbytes += sum(len(t.encode("utf-8")) for t in batch)
         i += 32
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {"tokens_per_s": round(n / wall), "tokens_per_cpu_s": round(n / cpu), "cores_used": round(cpu / wall, 2),
-            "bytes_per_token": round(nbytes / n, 3), "loadavg_1m": round(os.getloadavg()[0], 2)}
+    return {
+        "tokens_per_s": round(n / wall),
+        "tokens_per_cpu_s": round(n / cpu),
+        "cores_used": round(cpu / wall, 2),
+        "bytes_per_token": round(nbytes / n, 3),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def main() -> None:
@@ -176,22 +205,45 @@ def main() -> None:
     tokenizer = build_tokenizer(cache, corpus)
     setup_s = time.perf_counter() - t
     if args._ceiling:
-        print(json.dumps(tokenizer_ceiling(corpus=corpus, tokenizer=tokenizer, seconds=min(args.seconds, 10.0),
-                                           fast=args._ceiling == 2)))
+        print(
+            json.dumps(
+                tokenizer_ceiling(
+                    corpus=corpus, tokenizer=tokenizer, seconds=min(args.seconds, 10.0), fast=args._ceiling == 2
+                )
+            )
+        )
         return
     if args._one is not None:
-        print(json.dumps(measure(corpus=str(corpus), tokenizer=tokenizer, workers=args._one,
-                                 seconds=args.seconds, cache=str(cache), offline=bool(args._offline),
-                                 fast=bool(args.fast_tokenizer))))
+        print(
+            json.dumps(
+                measure(
+                    corpus=str(corpus),
+                    tokenizer=tokenizer,
+                    workers=args._one,
+                    seconds=args.seconds,
+                    cache=str(cache),
+                    offline=bool(args._offline),
+                    fast=bool(args.fast_tokenizer),
+                )
+            )
+        )
         return
     print(f"load average at start: {os.getloadavg()}", flush=True)
     ceiling = {}
     one = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for name, env, kind in [("tokenizer_1_thread", one, 1), ("tokenizer_all_threads", {}, 1),
-                            ("fast_bpe_1_thread", one, 2), ("fast_bpe_all_threads", {}, 2)]:
-        out = subprocess.run([sys.executable, __file__, f"--_ceiling={kind}", f"--seconds={args.seconds}",
-                              f"--cache_dir={cache}"], env={**os.environ, **env},
-                             check=True, capture_output=True, text=True).stdout
+    for name, env, kind in [
+        ("tokenizer_1_thread", one, 1),
+        ("tokenizer_all_threads", {}, 1),
+        ("fast_bpe_1_thread", one, 2),
+        ("fast_bpe_all_threads", {}, 2),
+    ]:
+        out = subprocess.run(
+            [sys.executable, __file__, f"--_ceiling={kind}", f"--seconds={args.seconds}", f"--cache_dir={cache}"],
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         ceiling[name] = json.loads(out.strip().splitlines()[-1])
         print(f"bare tokenizer, {name}: {ceiling[name]}", flush=True)
     results = []
@@ -200,20 +252,45 @@ def main() -> None:
     runs += [(w, 0, 0) for w in workers] if args.fast_tokenizer and args.compare_hf else []
     runs += [(w, 1, args.fast_tokenizer) for w in workers] if args.offline else []
     for w, off, fast in runs:
-        out = subprocess.run([sys.executable, __file__, f"--_one={w}", f"--_offline={off}",
-                              f"--seconds={args.seconds}", f"--cache_dir={cache}", f"--fast_tokenizer={fast}"],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                f"--_one={w}",
+                f"--_offline={off}",
+                f"--seconds={args.seconds}",
+                f"--cache_dir={cache}",
+                f"--fast_tokenizer={fast}",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         print(f"workers={w} offline={bool(off)} fast_tokenizer={bool(fast)}: {results[-1]}", flush=True)
     online = {(r["workers"], r["fast_tokenizer"]): r["tokens_per_s"] for r in results if not r["offline"]}
-    summary = {"benchmark": "data_throughput", "corpus_mb": round(corpus.stat().st_size / 1e6, 1),
-               "vocab": VOCAB, "batch": [BATCH, SEQ_LEN], "setup_s": round(setup_s, 1),
-               "cpus": len(os.sched_getaffinity(0)), "loadavg_1m_end": round(os.getloadavg()[0], 2), **ceiling,
-               "results": results, "reference_tokens_per_s": REFERENCE,
-               "reference_ratio": {w: round(online[int(w), bool(args.fast_tokenizer)] / v, 3)
-                                   for w, v in REFERENCE.items() if (int(w), bool(args.fast_tokenizer)) in online},
-               "fast_over_hf_same_run": {w: round(online[w, True] / online[w, False], 3) for w in workers
-                                         if (w, True) in online and (w, False) in online}}
+    summary = {
+        "benchmark": "data_throughput",
+        "corpus_mb": round(corpus.stat().st_size / 1e6, 1),
+        "vocab": VOCAB,
+        "batch": [BATCH, SEQ_LEN],
+        "setup_s": round(setup_s, 1),
+        "cpus": len(os.sched_getaffinity(0)),
+        "loadavg_1m_end": round(os.getloadavg()[0], 2),
+        **ceiling,
+        "results": results,
+        "reference_tokens_per_s": REFERENCE,
+        "reference_ratio": {
+            w: round(online[int(w), bool(args.fast_tokenizer)] / v, 3)
+            for w, v in REFERENCE.items()
+            if (int(w), bool(args.fast_tokenizer)) in online
+        },
+        "fast_over_hf_same_run": {
+            w: round(online[w, True] / online[w, False], 3)
+            for w in workers
+            if (w, True) in online and (w, False) in online
+        },
+    }
     print(json.dumps(summary))
 
 

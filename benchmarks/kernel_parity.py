@@ -47,10 +47,11 @@ def _step(*, mode: str, family: str, state: dict, ids: torch.Tensor, dtype: torc
 
     kernels.select(mode=mode)
     model = AutoModelForCausalLM.from_config(
-        _config(family=family, hidden=args.hidden, layers=args.layers, vocab=args.vocab))
+        _config(family=family, hidden=args.hidden, layers=args.layers, vocab=args.vocab)
+    )
     model.load_state_dict(state)
     model = model.cuda().train()
-    autocast = (torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    autocast = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     start = time.perf_counter()
     with autocast:
         loss = model(input_ids=ids, labels=ids).loss
@@ -58,8 +59,12 @@ def _step(*, mode: str, family: str, state: dict, ids: torch.Tensor, dtype: torc
         loss.backward()
     except Exception as err:  # reported, not bypassed (e.g. FLA's Hopper/Triton refusal for Gated DeltaNet)
         traceback.print_exc()
-        return dict(loss=loss.detach().float(), grads=None, seconds=time.perf_counter() - start,
-                    backward_error=f"{type(err).__name__}: {err}"[:600])
+        return dict(
+            loss=loss.detach().float(),
+            grads=None,
+            seconds=time.perf_counter() - start,
+            backward_error=f"{type(err).__name__}: {err}"[:600],
+        )
     torch.cuda.synchronize()
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
     return dict(loss=loss.detach().float(), grads=grads, seconds=time.perf_counter() - start)
@@ -69,8 +74,11 @@ def _compare(*, triton: dict, reference: dict) -> dict:
     loss_rel = ((reference["loss"] - triton["loss"]).abs() / triton["loss"].abs()).item()
     if triton["grads"] is None:
         return dict(
-            loss_triton=triton["loss"].item(), loss_reference=reference["loss"].item(), loss_rel_diff=loss_rel,
-            grad_max_rel_diff=None, triton_backward_error=triton["backward_error"],
+            loss_triton=triton["loss"].item(),
+            loss_reference=reference["loss"].item(),
+            loss_rel_diff=loss_rel,
+            grad_max_rel_diff=None,
+            triton_backward_error=triton["backward_error"],
         )
     worst, worst_name, skipped = 0.0, None, 0
     for name, g_tri in triton["grads"].items():
@@ -82,9 +90,14 @@ def _compare(*, triton: dict, reference: dict) -> dict:
         if rel > worst:
             worst, worst_name = rel, name
     return dict(
-        loss_triton=triton["loss"].item(), loss_reference=reference["loss"].item(), loss_rel_diff=loss_rel,
-        grad_max_rel_diff=worst, grad_worst_param=worst_name, grads_compared=len(triton["grads"]) - skipped,
-        grads_zero_skipped=skipped, seconds_triton=round(triton["seconds"], 2),
+        loss_triton=triton["loss"].item(),
+        loss_reference=reference["loss"].item(),
+        loss_rel_diff=loss_rel,
+        grad_max_rel_diff=worst,
+        grad_worst_param=worst_name,
+        grads_compared=len(triton["grads"]) - skipped,
+        grads_zero_skipped=skipped,
+        seconds_triton=round(triton["seconds"], 2),
         seconds_reference=round(reference["seconds"], 2),
     )
 
@@ -95,11 +108,13 @@ def _one(*, family: str, dtype: torch.dtype, args) -> dict:
     torch.manual_seed(args.seed)
     kernels.select(mode="triton")
     model = AutoModelForCausalLM.from_config(
-        _config(family=family, hidden=args.hidden, layers=args.layers, vocab=args.vocab))
+        _config(family=family, hidden=args.hidden, layers=args.layers, vocab=args.vocab)
+    )
     state = {k: v.clone() for k, v in model.state_dict().items()}
     del model
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq_len),
-                        generator=torch.Generator().manual_seed(args.seed)).cuda()
+    ids = torch.randint(
+        0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(args.seed)
+    ).cuda()
     result = dict(family=family, dtype=str(dtype).removeprefix("torch."))
     try:
         triton = _step(mode="triton", family=family, state=state, ids=ids, dtype=dtype, args=args)
@@ -131,8 +146,9 @@ def main(argv=None) -> int:
     import fla
     import triton
 
-    header = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                  fla=fla.__version__)
+    header = dict(
+        device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, fla=fla.__version__
+    )
     print(json.dumps(header), flush=True)
     results = []
     for family in args.families.split(","):

@@ -18,58 +18,73 @@ import torch.nn.functional as F
 
 
 def _paths():
-  from flame_gin import fused
+    from flame_gin import fused
 
-  def fp32_torch(hidden, head, labels):
-    logits = head(hidden).float()
-    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    def fp32_torch(hidden, head, labels):
+        logits = head(hidden).float()
+        return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
-  return {"fp32_logits_torch_ce": fp32_torch,
-          "fla_linear_ce": lambda h, w, y: fused.token_loss_sum(hidden=h, head=w, labels=y, mode="linear"),
-          "fla_bf16_logits_ce": lambda h, w, y: fused.token_loss_sum(hidden=h, head=w, labels=y, mode="logits")}
+    return {
+        "fp32_logits_torch_ce": fp32_torch,
+        "fla_linear_ce": lambda h, w, y: fused.token_loss_sum(hidden=h, head=w, labels=y, mode="linear"),
+        "fla_bf16_logits_ce": lambda h, w, y: fused.token_loss_sum(hidden=h, head=w, labels=y, mode="logits"),
+    }
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--tokens", type=int, default=32768)
-  parser.add_argument("--hidden", type=int, default=1024)
-  parser.add_argument("--vocab", type=int, default=32000)
-  parser.add_argument("--iters", type=int, default=10)
-  args = parser.parse_args()
-  device = torch.device("cuda")
-  torch.manual_seed(0)
-  head = torch.nn.Linear(args.hidden, args.vocab, bias=False, device=device)
-  labels = torch.randint(0, args.vocab, (args.tokens,), device=device)
-  base = torch.randn(args.tokens, args.hidden, device=device, dtype=torch.bfloat16)
-  reference = None
-  for name, fn in _paths().items():
-    def step():
-      hidden = base.clone().requires_grad_()
-      with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = fn(hidden, head, labels)
-      loss.backward()
-      head.weight.grad = None
-      return loss
-    for _ in range(3):
-      loss = step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(args.iters):
-      loss = step()
-    end.record()
-    torch.cuda.synchronize()
-    value = float(loss) / args.tokens
-    reference = value if reference is None else reference
-    print(json.dumps({"path": name, "ms": round(start.elapsed_time(end) / args.iters, 2),
-                      "peak_above_inputs_gib": round((torch.cuda.max_memory_allocated() - before) / 2**30, 2),
-                      "mean_loss": round(value, 5), "diff_vs_fp32": round(value - reference, 5),
-                      "tokens": args.tokens, "hidden": args.hidden, "vocab": args.vocab,
-                      "device": torch.cuda.get_device_name()}), flush=True)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    head = torch.nn.Linear(args.hidden, args.vocab, bias=False, device=device)
+    labels = torch.randint(0, args.vocab, (args.tokens,), device=device)
+    base = torch.randn(args.tokens, args.hidden, device=device, dtype=torch.bfloat16)
+    reference = None
+    for name, fn in _paths().items():
+
+        def step():
+            hidden = base.clone().requires_grad_()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = fn(hidden, head, labels)
+            loss.backward()
+            head.weight.grad = None
+            return loss
+
+        for _ in range(3):
+            loss = step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(args.iters):
+            loss = step()
+        end.record()
+        torch.cuda.synchronize()
+        value = float(loss) / args.tokens
+        reference = value if reference is None else reference
+        print(
+            json.dumps(
+                {
+                    "path": name,
+                    "ms": round(start.elapsed_time(end) / args.iters, 2),
+                    "peak_above_inputs_gib": round((torch.cuda.max_memory_allocated() - before) / 2**30, 2),
+                    "mean_loss": round(value, 5),
+                    "diff_vs_fp32": round(value - reference, 5),
+                    "tokens": args.tokens,
+                    "hidden": args.hidden,
+                    "vocab": args.vocab,
+                    "device": torch.cuda.get_device_name(),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  main()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()

@@ -22,69 +22,91 @@ import torch
 
 
 def saved_tensors(block: torch.nn.Module, *, tokens: int, hidden: int) -> list[tuple[int, str, tuple, str]]:
-  """(bytes, dtype, shape, node name) of each forward-graph output of the compiled block, largest first (the
-  block's own output included)."""
-  from functorch.compile import min_cut_rematerialization_partition
-  from torch._dynamo.backends.common import aot_autograd
+    """(bytes, dtype, shape, node name) of each forward-graph output of the compiled block, largest first (the
+    block's own output included)."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
 
-  rows = []
+    rows = []
 
-  def forward_compiler(gm, example_inputs):
-    del example_inputs
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    for node in output.args[0]:
-      value = getattr(node, "meta", {}).get("val")
-      if isinstance(value, torch.Tensor):
-        rows.append((value.numel() * value.element_size(), str(value.dtype), tuple(value.shape), node.name))
-    return gm.forward
+    def forward_compiler(gm, example_inputs):
+        del example_inputs
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        for node in output.args[0]:
+            value = getattr(node, "meta", {}).get("val")
+            if isinstance(value, torch.Tensor):
+                rows.append((value.numel() * value.element_size(), str(value.dtype), tuple(value.shape), node.name))
+        return gm.forward
 
-  backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: gm.forward,
-                         partition_fn=min_cut_rematerialization_partition)
-  block.compile(backend=backend, fullgraph=True, dynamic=False)
-  x = torch.randn(1, tokens, hidden, requires_grad=True)
-  with torch.autocast("cpu", dtype=torch.bfloat16):
-    block(x)
-  return sorted(rows, reverse=True)
+    backend = aot_autograd(
+        fw_compiler=forward_compiler,
+        bw_compiler=lambda gm, _: gm.forward,
+        partition_fn=min_cut_rematerialization_partition,
+    )
+    block.compile(backend=backend, fullgraph=True, dynamic=False)
+    x = torch.randn(1, tokens, hidden, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        block(x)
+    return sorted(rows, reverse=True)
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--gin_file", action="append", default=[])
-  parser.add_argument("--gin_bindings", action="append", default=[])
-  parser.add_argument("--tokens", type=int, default=2048)
-  parser.add_argument("--top", type=int, default=12)
-  args = parser.parse_args()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gin_file", action="append", default=[])
+    parser.add_argument("--gin_bindings", action="append", default=[])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--top", type=int, default=12)
+    args = parser.parse_args()
 
-  import gin
-  import transformers
-  from flame_gin import config as config_lib, configurables, kernels  # noqa: F401 (registers gin)
-  from flame_gin.parallel.compile import configure_dynamo
-  config_lib.parse(gin_files=args.gin_file, gin_bindings=["MODEL_DIR = '/tmp/flame_gin_saved'", *args.gin_bindings],
-                   search_paths=config_lib.default_search_paths())
-  config = gin.query_parameter("flame_gin.run.model_config").scoped_configurable_fn()
-  batch, seq = (config_lib.bound_value(f"flame_gin.run.{name}") for name in ("batch_size", "seq_len"))
-  layers = config.num_hidden_layers
-  config.num_hidden_layers = 1
-  kernels.select(mode="compiled")
-  configure_dynamo()
-  torch.manual_seed(0)
-  def mib_saved(tokens):
-    torch._dynamo.reset()
-    block = transformers.AutoModelForCausalLM.from_config(config).model.layers[0]
-    rows = saved_tensors(block, tokens=tokens, hidden=config.hidden_size)
-    return rows, sum(r[0] for r in rows) / 2 ** 20
+    import transformers
 
-  rows, mib = mib_saved(args.tokens)
-  _, mib_twice = mib_saved(2 * args.tokens)
-  per_token, fixed = (mib_twice - mib) / args.tokens, 2 * mib - mib_twice
-  for size, dtype, shape, name in rows[:args.top]:
-    print(f"{size / 2 ** 20:8.2f} MiB  {dtype:15s} {str(shape):22s} {name}")
-  print(json.dumps({"family": config.model_type, "tokens": args.tokens, "mib_per_block": round(mib, 2),
-                    "saved_tensors": len(rows), "batch": batch, "seq_len": seq, "layers": layers,
-                    "mib_per_token_per_block": round(per_token, 5), "fixed_mib_per_block": round(fixed, 2),
-                    "gib_all_layers_at_batch": round(layers * (fixed + per_token * batch * seq) / 1024, 2)}))
+    import gin
+    from flame_gin import config as config_lib  # noqa: F401 (registers gin)
+    from flame_gin import kernels
+    from flame_gin.parallel.compile import configure_dynamo
+
+    config_lib.parse(
+        gin_files=args.gin_file,
+        gin_bindings=["MODEL_DIR = '/tmp/flame_gin_saved'", *args.gin_bindings],
+        search_paths=config_lib.default_search_paths(),
+    )
+    config = gin.query_parameter("flame_gin.run.model_config").scoped_configurable_fn()
+    batch, seq = (config_lib.bound_value(f"flame_gin.run.{name}") for name in ("batch_size", "seq_len"))
+    layers = config.num_hidden_layers
+    config.num_hidden_layers = 1
+    kernels.select(mode="compiled")
+    configure_dynamo()
+    torch.manual_seed(0)
+
+    def mib_saved(tokens):
+        torch._dynamo.reset()
+        block = transformers.AutoModelForCausalLM.from_config(config).model.layers[0]
+        rows = saved_tensors(block, tokens=tokens, hidden=config.hidden_size)
+        return rows, sum(r[0] for r in rows) / 2**20
+
+    rows, mib = mib_saved(args.tokens)
+    _, mib_twice = mib_saved(2 * args.tokens)
+    per_token, fixed = (mib_twice - mib) / args.tokens, 2 * mib - mib_twice
+    for size, dtype, shape, name in rows[: args.top]:
+        print(f"{size / 2**20:8.2f} MiB  {dtype:15s} {str(shape):22s} {name}")
+    print(
+        json.dumps(
+            {
+                "family": config.model_type,
+                "tokens": args.tokens,
+                "mib_per_block": round(mib, 2),
+                "saved_tensors": len(rows),
+                "batch": batch,
+                "seq_len": seq,
+                "layers": layers,
+                "mib_per_token_per_block": round(per_token, 5),
+                "fixed_mib_per_block": round(fixed, 2),
+                "gib_all_layers_at_batch": round(layers * (fixed + per_token * batch * seq) / 1024, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  main()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()

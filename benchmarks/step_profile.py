@@ -34,103 +34,121 @@ KINDS = (  # first match wins; names are CUDA kernel names (Triton kernels keep 
 
 
 def kind_of(name: str) -> str:
-  for kind, pattern in KINDS:
-    if re.search(pattern, name, flags=re.IGNORECASE):
-      return kind
-  return "other"
+    for kind, pattern in KINDS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return kind
+    return "other"
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--gin_file", action="append", default=[])
-  parser.add_argument("--gin_bindings", action="append", default=[])
-  parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--top", type=int, default=25)
-  parser.add_argument("--trace", default="", help="Chrome trace of the trainer's profiler to read instead.")
-  args = parser.parse_args()
-  if args.trace:
-    report(*trace_kernels(args.trace, steps=args.steps), top=args.top, header={"trace": args.trace})
-    return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gin_file", action="append", default=[])
+    parser.add_argument("--gin_bindings", action="append", default=[])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--trace", default="", help="Chrome trace of the trainer's profiler to read instead.")
+    args = parser.parse_args()
+    if args.trace:
+        report(*trace_kernels(args.trace, steps=args.steps), top=args.top, header={"trace": args.trace})
+        return
 
-  import gin
-  import transformers
-  from flame_gin import config as config_lib, configurables, kernels  # noqa: F401 (registers gin)
-  config_lib.parse(gin_files=args.gin_file, gin_bindings=["MODEL_DIR = '/tmp/flame_gin_profile'", *args.gin_bindings],
-                   search_paths=config_lib.default_search_paths())
-  model_config = gin.query_parameter("flame_gin.run.model_config").scoped_configurable_fn()
-  batch, seq = (config_lib.bound_value(f"flame_gin.run.{name}") for name in ("batch_size", "seq_len"))
-  kernels.select(mode="triton")
-  device = torch.device("cuda")
-  torch.manual_seed(0)
-  with device:
-    model = transformers.AutoModelForCausalLM.from_config(model_config)
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-  ids = torch.randint(0, model_config.vocab_size, (batch, seq), device=device)
+    import transformers
 
-  def step():
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-      loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    import gin
+    from flame_gin import config as config_lib  # noqa: F401 (registers gin)
+    from flame_gin import kernels
 
-  for _ in range(3):  # compile, autotune, allocator warm-up
-    step()
-  torch.cuda.synchronize()
-  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-    for _ in range(args.steps):
-      step()
+    config_lib.parse(
+        gin_files=args.gin_file,
+        gin_bindings=["MODEL_DIR = '/tmp/flame_gin_profile'", *args.gin_bindings],
+        search_paths=config_lib.default_search_paths(),
+    )
+    model_config = gin.query_parameter("flame_gin.run.model_config").scoped_configurable_fn()
+    batch, seq = (config_lib.bound_value(f"flame_gin.run.{name}") for name in ("batch_size", "seq_len"))
+    kernels.select(mode="triton")
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    with device:
+        model = transformers.AutoModelForCausalLM.from_config(model_config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, model_config.vocab_size, (batch, seq), device=device)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # compile, autotune, allocator warm-up
+        step()
     torch.cuda.synchronize()
-  per_kernel = collections.Counter()
-  for event in prof.events():
-    if event.device_type == torch.autograd.DeviceType.CUDA:
-      per_kernel[event.name] += event.device_time / 1e3 / args.steps  # ms per step
-  report(per_kernel, {}, top=args.top, header={"device": torch.cuda.get_device_name(),
-                                               "family": model_config.model_type, "batch": batch, "seq_len": seq})
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    per_kernel = collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.name] += event.device_time / 1e3 / args.steps  # ms per step
+    report(
+        per_kernel,
+        {},
+        top=args.top,
+        header={
+            "device": torch.cuda.get_device_name(),
+            "family": model_config.model_type,
+            "batch": batch,
+            "seq_len": seq,
+        },
+    )
 
 
 def trace_kernels(path: str, *, steps: int) -> tuple[collections.Counter, dict]:
-  """Milliseconds per step per kernel name in a Chrome trace, and the GPU's busy share of the traced window."""
-  with open(path) as f:
-    events = json.load(f)["traceEvents"]
-  kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
-  if not kernels:
-    raise ValueError(f"{path}: no GPU kernel events (was the trace taken on a GPU?)")
-  per_kernel = collections.Counter()
-  for e in kernels:
-    per_kernel[e["name"]] += e["dur"] / 1e3 / steps
-  spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
-  busy, end = 0.0, spans[0][0]
-  for start, stop in spans:  # union of kernel intervals
-    if stop > end:
-      busy += stop - max(start, end)
-      end = stop
-  window = spans[-1][1] - spans[0][0]
-  return per_kernel, {"wall_ms_per_step": round(window / 1e3 / steps, 2), "gpu_busy": round(busy / window, 4)}
+    """Milliseconds per step per kernel name in a Chrome trace, and the GPU's busy share of the traced window."""
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    if not kernels:
+        raise ValueError(f"{path}: no GPU kernel events (was the trace taken on a GPU?)")
+    per_kernel = collections.Counter()
+    for e in kernels:
+        per_kernel[e["name"]] += e["dur"] / 1e3 / steps
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+    busy, end = 0.0, spans[0][0]
+    for start, stop in spans:  # union of kernel intervals
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    window = spans[-1][1] - spans[0][0]
+    return per_kernel, {"wall_ms_per_step": round(window / 1e3 / steps, 2), "gpu_busy": round(busy / window, 4)}
 
 
 def by_kind(per_kernel: collections.Counter) -> collections.Counter:
-  shares = collections.Counter()
-  for name, ms in per_kernel.items():
-    shares[kind_of(name)] += ms
-  return shares
+    shares = collections.Counter()
+    for name, ms in per_kernel.items():
+        shares[kind_of(name)] += ms
+    return shares
 
 
 def report(per_kernel: collections.Counter, extra: dict, *, top: int, header: dict) -> dict:
-  """Prints the top kernels, then one JSON line (``header`` and the summary); returns the summary: per-step
-  totals, ``extra``, and milliseconds and shares by kind."""
-  total = sum(per_kernel.values())
-  for name, ms in per_kernel.most_common(top):
-    print(f"{ms:8.2f} ms {100 * ms / total:5.1f}%  [{kind_of(name)}] {name[:110]}")
-  shares = by_kind(per_kernel)
-  summary = {"gpu_ms_per_step": round(total, 2), **extra,
-             "share": {k: round(v / total, 4) for k, v in shares.most_common()},
-             "ms": {k: round(v, 2) for k, v in shares.most_common()}}
-  print(json.dumps({**header, **summary}))
-  return summary
+    """Prints the top kernels, then one JSON line (``header`` and the summary); returns the summary: per-step
+    totals, ``extra``, and milliseconds and shares by kind."""
+    total = sum(per_kernel.values())
+    for name, ms in per_kernel.most_common(top):
+        print(f"{ms:8.2f} ms {100 * ms / total:5.1f}%  [{kind_of(name)}] {name[:110]}")
+    shares = by_kind(per_kernel)
+    summary = {
+        "gpu_ms_per_step": round(total, 2),
+        **extra,
+        "share": {k: round(v / total, 4) for k, v in shares.most_common()},
+        "ms": {k: round(v, 2) for k, v in shares.most_common()},
+    }
+    print(json.dumps({**header, **summary}))
+    return summary
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  main()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()

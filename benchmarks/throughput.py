@@ -25,7 +25,6 @@ import os
 import sys
 import tempfile
 import time
-from typing import Optional
 
 from absl import app, flags
 
@@ -33,337 +32,450 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-  """Command-line flags, defined only when run as a script (importing the module for its loaders defines none)."""
-  flags.DEFINE_multi_string("gin_file", [], "Gin files (later override earlier).")
-  flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied after the files.")
-  flags.DEFINE_integer("steps", 30, "Training steps per measured loop.")
-  flags.DEFINE_integer("warmup", 10, "Steps left out of the steady-state figure.")
-  flags.DEFINE_enum("data", "synthetic", ["synthetic", "gin"], "Synthetic random tokens, or the gin-bound loader.")
-  flags.DEFINE_integer("doc_tokens", 0, "Varlen synthetic batches: mean document length (0: lengths scale "
-                       "with seq_len; see SyntheticLoader).")
-  flags.DEFINE_bool("baseline", True, "Also run the hand-written loop and report the ratio.")
-  flags.DEFINE_bool("baseline_syncs", False, "Also run the hand-written loop with the trainer's per-step host "
-                    "syncs (token count, loss and grad norm read back), to price them.")
-  flags.DEFINE_bool("measure_peak", True, "Time a large bf16 matrix product for a measured-peak MFU (GPU only).")
-  flags.DEFINE_enum("fused_kernel", "", ["", "linear", "logits"], "FLA loss kernel behind the trainer's fused "
-                    "loss on GPU (empty: flame_gin.loss.DEFAULT_FUSED).")
-  flags.DEFINE_string("trace_dir", "", "Profile the trainer's steps warmup+1..warmup+2 into this directory and add "
-                      "their kernel summary (benchmarks/step_profile.py) to the JSON line; the profiler slows "
-                      "those steps, so read tokens/s from a run without it.")
-  flags.DEFINE_string("workdir", "", "The trainer's run directory (its kernel cache lands in WORKDIR/kernel_cache, "
-                      "so a second process given the same directory starts from it); empty: a new temporary one.")
-  flags.DEFINE_string("label", "", "Free text copied into the JSON line.")
-  flags.DEFINE_string("json_out", "", "Also append the JSON line to this file.")
+    """Command-line flags, defined only when run as a script (importing the module for its loaders defines none)."""
+    flags.DEFINE_multi_string("gin_file", [], "Gin files (later override earlier).")
+    flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied after the files.")
+    flags.DEFINE_integer("steps", 30, "Training steps per measured loop.")
+    flags.DEFINE_integer("warmup", 10, "Steps left out of the steady-state figure.")
+    flags.DEFINE_enum("data", "synthetic", ["synthetic", "gin"], "Synthetic random tokens, or the gin-bound loader.")
+    flags.DEFINE_integer(
+        "doc_tokens",
+        0,
+        "Varlen synthetic batches: mean document length (0: lengths scale with seq_len; see SyntheticLoader).",
+    )
+    flags.DEFINE_bool("baseline", True, "Also run the hand-written loop and report the ratio.")
+    flags.DEFINE_bool(
+        "baseline_syncs",
+        False,
+        "Also run the hand-written loop with the trainer's per-step host "
+        "syncs (token count, loss and grad norm read back), to price them.",
+    )
+    flags.DEFINE_bool("measure_peak", True, "Time a large bf16 matrix product for a measured-peak MFU (GPU only).")
+    flags.DEFINE_enum(
+        "fused_kernel",
+        "",
+        ["", "linear", "logits"],
+        "FLA loss kernel behind the trainer's fused loss on GPU (empty: flame_gin.loss.DEFAULT_FUSED).",
+    )
+    flags.DEFINE_string(
+        "trace_dir",
+        "",
+        "Profile the trainer's steps warmup+1..warmup+2 into this directory and add "
+        "their kernel summary (benchmarks/step_profile.py) to the JSON line; the profiler slows "
+        "those steps, so read tokens/s from a run without it.",
+    )
+    flags.DEFINE_string(
+        "workdir",
+        "",
+        "The trainer's run directory (its kernel cache lands in WORKDIR/kernel_cache, "
+        "so a second process given the same directory starts from it); empty: a new temporary one.",
+    )
+    flags.DEFINE_string("label", "", "Free text copied into the JSON line.")
+    flags.DEFINE_string("json_out", "", "Also append the JSON line to this file.")
 
 
 FUSE_KEYS = ("fuse_norm", "fuse_swiglu", "fuse_cross_entropy", "fuse_linear_cross_entropy")
 
 
 class SyntheticLoader:
-  """Endless random-token batches in the data loader's interface (iterator, state, vocabulary).
+    """Endless random-token batches in the data loader's interface (iterator, state, vocabulary).
 
-  ``varlen``: one row of ``batch_size * seq_len`` tokens cut into documents of random length, with
-  ``cu_seqlens`` and the label at each document's end masked. Lengths are uniform in [seq_len / 8, seq_len], or,
-  with ``doc_tokens`` > 0, uniform in [doc_tokens / 2, 3 doc_tokens / 2] and cut at ``seq_len``: a packed
-  corpus's documents do not grow with the context, so comparing context lengths needs the second form. A few
-  distinct batches are made once (pinned on GPU hosts) and cycled, so the loader costs nothing measurable.
-  """
+    ``varlen``: one row of ``batch_size * seq_len`` tokens cut into documents of random length, with
+    ``cu_seqlens`` and the label at each document's end masked. Lengths are uniform in [seq_len / 8, seq_len], or,
+    with ``doc_tokens`` > 0, uniform in [doc_tokens / 2, 3 doc_tokens / 2] and cut at ``seq_len``: a packed
+    corpus's documents do not grow with the context, so comparing context lengths needs the second form. A few
+    distinct batches are made once (pinned on GPU hosts) and cycled, so the loader costs nothing measurable.
+    """
 
-  def __init__(self, *, vocab_size: int, seq_len: int, batch_size: int, seed: int, varlen: bool, distinct: int = 4,
-               doc_tokens: int = 0):
-    import torch
-    self.vocab_size, self.tokens_per_source, self._i = vocab_size, {}, 0
-    gen = torch.Generator().manual_seed(seed)
-    pin = torch.cuda.is_available()
-    self._batches = []
-    for _ in range(distinct):
-      rows, width = (1, batch_size * seq_len) if varlen else (batch_size, seq_len)
-      ids = torch.randint(0, vocab_size, (rows, width + 1), generator=gen)
-      batch = {"input_ids": ids[:, :-1].clone(), "labels": ids[:, 1:].clone()}
-      if varlen:
-        lengths, total = [], 0
-        while total < width:
-          low, high = (doc_tokens // 2, doc_tokens * 3 // 2) if doc_tokens > 0 else (seq_len // 8, seq_len)
-          n = min(int(torch.randint(max(low, 1), high + 1, (1,), generator=gen)), seq_len, width - total)
-          lengths.append(n)
-          total += n
-        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32)
-        batch["labels"][0, cu[1:] - 1] = -100
-        batch["cu_seqlens"] = cu
-      self._batches.append({k: (v.pin_memory() if pin else v) for k, v in batch.items()})
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        varlen: bool,
+        distinct: int = 4,
+        doc_tokens: int = 0,
+    ):
+        import torch
 
-  def __iter__(self):
-    return self
+        self.vocab_size, self.tokens_per_source, self._i = vocab_size, {}, 0
+        gen = torch.Generator().manual_seed(seed)
+        pin = torch.cuda.is_available()
+        self._batches = []
+        for _ in range(distinct):
+            rows, width = (1, batch_size * seq_len) if varlen else (batch_size, seq_len)
+            ids = torch.randint(0, vocab_size, (rows, width + 1), generator=gen)
+            batch = {"input_ids": ids[:, :-1].clone(), "labels": ids[:, 1:].clone()}
+            if varlen:
+                lengths, total = [], 0
+                while total < width:
+                    low, high = (doc_tokens // 2, doc_tokens * 3 // 2) if doc_tokens > 0 else (seq_len // 8, seq_len)
+                    n = min(int(torch.randint(max(low, 1), high + 1, (1,), generator=gen)), seq_len, width - total)
+                    lengths.append(n)
+                    total += n
+                cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32)
+                batch["labels"][0, cu[1:] - 1] = -100
+                batch["cu_seqlens"] = cu
+            self._batches.append({k: (v.pin_memory() if pin else v) for k, v in batch.items()})
 
-  def __next__(self) -> dict:
-    batch = self._batches[self._i % len(self._batches)]
-    self._i += 1
-    return batch
+    def __iter__(self):
+        return self
 
-  def state_dict(self) -> dict:
-    return {"i": self._i}
+    def __next__(self) -> dict:
+        batch = self._batches[self._i % len(self._batches)]
+        self._i += 1
+        return batch
 
-  def load_state_dict(self, state) -> None:
-    self._i = int((state[0] if isinstance(state, list) else state)["i"])
+    def state_dict(self) -> dict:
+        return {"i": self._i}
+
+    def load_state_dict(self, state) -> None:
+        self._i = int((state[0] if isinstance(state, list) else state)["i"])
 
 
 class CaptureWriter:
-  """A metric writer that keeps every scalar row with the wall-clock time it arrived."""
+    """A metric writer that keeps every scalar row with the wall-clock time it arrived."""
 
-  def __init__(self):
-    self.rows: list[tuple[float, int, dict]] = []
+    def __init__(self):
+        self.rows: list[tuple[float, int, dict]] = []
 
-  def write_scalars(self, step, scalars):
-    self.rows.append((time.perf_counter(), int(step), dict(scalars)))
+    def write_scalars(self, step, scalars):
+        self.rows.append((time.perf_counter(), int(step), dict(scalars)))
 
-  def write_hparams(self, hparams):
-    pass
+    def write_hparams(self, hparams):
+        pass
 
-  def write_texts(self, step, texts):
-    pass
+    def write_texts(self, step, texts):
+        pass
 
-  def flush(self):
-    pass
+    def flush(self):
+        pass
 
-  def close(self):
-    pass
+    def close(self):
+        pass
 
 
 def steady_rate(*, times: dict[int, float], warmup: int, steps: int, tokens_per_step: int) -> float:
-  """Tokens/s between the end of step ``warmup`` and the end of step ``steps`` (``times``: step -> time)."""
-  if steps <= warmup or warmup not in times or steps not in times:
-    raise ValueError(f"need step times at warmup={warmup} and steps={steps} (have {sorted(times)[:3]}...)")
-  return (steps - warmup) * tokens_per_step / max(times[steps] - times[warmup], 1e-9)
+    """Tokens/s between the end of step ``warmup`` and the end of step ``steps`` (``times``: step -> time)."""
+    if steps <= warmup or warmup not in times or steps not in times:
+        raise ValueError(f"need step times at warmup={warmup} and steps={steps} (have {sorted(times)[:3]}...)")
+    return (steps - warmup) * tokens_per_step / max(times[steps] - times[warmup], 1e-9)
 
 
-def measured_peak_tflops(device) -> Optional[float]:
-  """bf16 matrix-product TFLOP/s measured here (8192^3, best of a few), the honest ceiling for MFU."""
-  import torch
-  if device.type != "cuda":
-    return None
-  a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-  b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-  for _ in range(3):
-    a @ b
-  best = float("inf")
-  for _ in range(5):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-      a @ b
-    end.record()
-    torch.cuda.synchronize()
-    best = min(best, start.elapsed_time(end) / 10 / 1e3)
-  del a, b
-  return 2 * 8192**3 / best / 1e12
+def measured_peak_tflops(device) -> float | None:
+    """bf16 matrix-product TFLOP/s measured here (8192^3, best of a few), the honest ceiling for MFU."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 10 / 1e3)
+    del a, b
+    return 2 * 8192**3 / best / 1e12
 
 
 def _free(device) -> None:
-  import torch
-  gc.collect()
-  if device.type == "cuda":
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
+    import torch
 
-
-def _peak_gib(device) -> Optional[float]:
-  import torch
-  return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def run_baseline(*, config, loader, device, steps: int, warmup: int, lr: float, weight_decay: float,
-                 max_grad_norm: float, syncs: bool) -> dict:
-  """The hand-written loop: FLA model, autocast bf16, fused AdamW (on GPU), no compile, FLA's own loss.
-
-  FLA's causal-LM head shifts ``labels`` itself, so the loop passes the (unshifted) inputs as labels, with
-  ``cu_seqlens`` in varlen mode. ``syncs`` adds the trainer's three host read-backs per step.
-  """
-  import torch
-  import transformers
-  _free(device)
-  t0 = time.perf_counter()
-  torch.manual_seed(0)
-  with torch.device(device):
-    model = transformers.AutoModelForCausalLM.from_config(config)
-  model.train()
-  opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95),
-                          fused=device.type == "cuda")
-  autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-  times, first_step, loss = {}, None, None
-  tokens_per_step = 0
-  for step in range(1, steps + 1):
-    batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
-    tokens_per_step = batch["input_ids"].numel()
-    kwargs = {"cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else {}
-    if syncs:
-      int((batch["labels"] != -100).sum())
-    with autocast:
-      loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False, **kwargs).loss
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    if syncs:
-      float(loss), float(norm)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if step == 1 or step == warmup or step == steps:
-      if device.type == "cuda":
-        torch.cuda.synchronize()
-      times[step] = time.perf_counter()
-      if step == 1:
-        first_step = times[1] - t0
-  result = {"tokens_per_second": steady_rate(times=times, warmup=warmup, steps=steps, tokens_per_step=tokens_per_step),
-            "peak_memory_gib": _peak_gib(device), "time_to_first_step_s": first_step, "final_loss": float(loss)}
-  del model, opt, loss
-  _free(device)
-  return result
-
-
-def run_flame(*, run_fn, loader_factory, device, steps: int, warmup: int, tokens_per_step: int,
-              profiler=None, workdir: str = "") -> dict:
-  """The trainer for ``steps`` steps with a capturing writer (no eval, no checkpoints).
-
-  It logs every ``gcd(warmup, steps)`` steps, not every step: a log reads the loss back from the device, which
-  the trainer otherwise never waits for, so per-step logging would price in a host synchronisation per step.
-  The end of the first step is taken (after a device synchronisation) by the trainer's first-step callback.
-  """
-  _free(device)
-  writer = CaptureWriter()
-  first = {}
-
-  def on_first_step() -> str:
+    gc.collect()
     if device.type == "cuda":
-      import torch
-      torch.cuda.synchronize()
-    first["t"] = time.perf_counter()
-    return "# throughput benchmark: no operative config written\n"
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
-  with (contextlib.nullcontext(workdir) if workdir else tempfile.TemporaryDirectory()) as workdir:
+
+def _peak_gib(device) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def run_baseline(
+    *,
+    config,
+    loader,
+    device,
+    steps: int,
+    warmup: int,
+    lr: float,
+    weight_decay: float,
+    max_grad_norm: float,
+    syncs: bool,
+) -> dict:
+    """The hand-written loop: FLA model, autocast bf16, fused AdamW (on GPU), no compile, FLA's own loss.
+
+    FLA's causal-LM head shifts ``labels`` itself, so the loop passes the (unshifted) inputs as labels, with
+    ``cu_seqlens`` in varlen mode. ``syncs`` adds the trainer's three host read-backs per step.
+    """
+    import torch
+    import transformers
+
+    _free(device)
     t0 = time.perf_counter()
-    kwargs = {"train_data": loader_factory} if loader_factory is not None else {}
-    status = run_fn(workdir=workdir, train_steps=steps, log_interval=math.gcd(warmup, steps), eval_interval=0,
-                    checkpointer=None, profiler=profiler, writers=lambda **_: writer, on_first_step=on_first_step,
-                    **kwargs)
-  if status != 0:
-    raise RuntimeError(f"flame_gin.run returned {status}")
-  times = {step: t for t, step, _ in writer.rows}
-  last = writer.rows[-1][2]
-  peak = max(row[2].get("peak_memory_gib", 0.0) for row in writer.rows)
-  result = {"tokens_per_second": steady_rate(times=times, warmup=warmup, steps=steps, tokens_per_step=tokens_per_step),
-            "peak_memory_gib": peak if device.type == "cuda" else None,
-            "time_to_first_step_s": first["t"] - t0, "final_loss": float(last["loss"]),
-            "trainer_mfu_last": last.get("mfu")}
-  _free(device)
-  return result
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model.train()
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=device.type == "cuda"
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    times, first_step, loss = {}, None, None
+    tokens_per_step = 0
+    for step in range(1, steps + 1):
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
+        tokens_per_step = batch["input_ids"].numel()
+        kwargs = {"cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else {}
+        if syncs:
+            int((batch["labels"] != -100).sum())
+        with autocast:
+            loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False, **kwargs).loss
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if syncs:
+            float(loss), float(norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step == 1 or step == warmup or step == steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[step] = time.perf_counter()
+            if step == 1:
+                first_step = times[1] - t0
+    result = {
+        "tokens_per_second": steady_rate(times=times, warmup=warmup, steps=steps, tokens_per_step=tokens_per_step),
+        "peak_memory_gib": _peak_gib(device),
+        "time_to_first_step_s": first_step,
+        "final_loss": float(loss),
+    }
+    del model, opt, loss
+    _free(device)
+    return result
+
+
+def run_flame(
+    *, run_fn, loader_factory, device, steps: int, warmup: int, tokens_per_step: int, profiler=None, workdir: str = ""
+) -> dict:
+    """The trainer for ``steps`` steps with a capturing writer (no eval, no checkpoints).
+
+    It logs every ``gcd(warmup, steps)`` steps, not every step: a log reads the loss back from the device, which
+    the trainer otherwise never waits for, so per-step logging would price in a host synchronisation per step.
+    The end of the first step is taken (after a device synchronisation) by the trainer's first-step callback.
+    """
+    _free(device)
+    writer = CaptureWriter()
+    first = {}
+
+    def on_first_step() -> str:
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+        first["t"] = time.perf_counter()
+        return "# throughput benchmark: no operative config written\n"
+
+    with contextlib.nullcontext(workdir) if workdir else tempfile.TemporaryDirectory() as workdir:
+        t0 = time.perf_counter()
+        kwargs = {"train_data": loader_factory} if loader_factory is not None else {}
+        status = run_fn(
+            workdir=workdir,
+            train_steps=steps,
+            log_interval=math.gcd(warmup, steps),
+            eval_interval=0,
+            checkpointer=None,
+            profiler=profiler,
+            writers=lambda **_: writer,
+            on_first_step=on_first_step,
+            **kwargs,
+        )
+    if status != 0:
+        raise RuntimeError(f"flame_gin.run returned {status}")
+    times = {step: t for t, step, _ in writer.rows}
+    last = writer.rows[-1][2]
+    peak = max(row[2].get("peak_memory_gib", 0.0) for row in writer.rows)
+    result = {
+        "tokens_per_second": steady_rate(times=times, warmup=warmup, steps=steps, tokens_per_step=tokens_per_step),
+        "peak_memory_gib": peak if device.type == "cuda" else None,
+        "time_to_first_step_s": first["t"] - t0,
+        "final_loss": float(last["loss"]),
+        "trainer_mfu_last": last.get("mfu"),
+    }
+    _free(device)
+    return result
 
 
 def _round(value, digits=4):
-  return round(value, digits) if isinstance(value, float) else value
+    return round(value, digits) if isinstance(value, float) else value
 
 
 def main(argv):
-  del argv
-  import torch
-  from flame_gin import configurables, config as config_lib, flops, process  # noqa: F401 (registers gin)
-  import gin
+    del argv
+    import torch
 
-  from flame_gin import loss as loss_lib
-  if FLAGS.fused_kernel:
-    loss_lib.DEFAULT_FUSED = FLAGS.fused_kernel
-  os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # autotuning results persist with the kernel cache
-  bindings = [f"MODEL_DIR = '{tempfile.gettempdir()}/flame_gin_throughput'", *FLAGS.gin_bindings,
-              "flame_gin.lr_schedule.warmup_steps = 0"]  # the LR ramp has no bearing on speed; short runs need 0
-  config_lib.parse(gin_files=FLAGS.gin_file, gin_bindings=bindings, search_paths=config_lib.default_search_paths())
-  model_config = gin.query_parameter("flame_gin.run.model_config").scoped_configurable_fn()
-  seq_len = config_lib.bound_value("flame_gin.run.seq_len", None)
-  batch_size = config_lib.bound_value("flame_gin.run.batch_size", None)
-  lr = config_lib.bound_value("flame_gin.run.lr", None)
-  varlen = config_lib.bound_value("flame_gin.run.varlen", False)
-  fused_loss = config_lib.bound_value("flame_gin.run.fused_loss", "auto")
-  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  tokens_per_step = batch_size * seq_len
+    import gin
+    from flame_gin import config as config_lib
+    from flame_gin import configurables, flops, process  # noqa: F401 (registers gin)
+    from flame_gin import loss as loss_lib
 
-  def synthetic(**kw):
-    return SyntheticLoader(vocab_size=model_config.vocab_size, seq_len=kw["seq_len"], batch_size=kw["batch_size"],
-                           seed=kw["seed"], varlen=kw["varlen"], doc_tokens=FLAGS.doc_tokens)
+    if FLAGS.fused_kernel:
+        loss_lib.DEFAULT_FUSED = FLAGS.fused_kernel
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # autotuning results persist with the kernel cache
+    bindings = [
+        f"MODEL_DIR = '{tempfile.gettempdir()}/flame_gin_throughput'",
+        *FLAGS.gin_bindings,
+        "flame_gin.lr_schedule.warmup_steps = 0",
+    ]  # the LR ramp has no bearing on speed; short runs need 0
+    config_lib.parse(gin_files=FLAGS.gin_file, gin_bindings=bindings, search_paths=config_lib.default_search_paths())
+    model_config = gin.query_parameter("flame_gin.run.model_config").scoped_configurable_fn()
+    seq_len = config_lib.bound_value("flame_gin.run.seq_len", None)
+    batch_size = config_lib.bound_value("flame_gin.run.batch_size", None)
+    lr = config_lib.bound_value("flame_gin.run.lr", None)
+    varlen = config_lib.bound_value("flame_gin.run.varlen", False)
+    fused_loss = config_lib.bound_value("flame_gin.run.fused_loss", "auto")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokens_per_step = batch_size * seq_len
 
-  if FLAGS.data == "synthetic":
-    loader_factory, baseline_loader = synthetic, lambda: synthetic(seq_len=seq_len, batch_size=batch_size, seed=42,
-                                                                   varlen=varlen)
-  else:
-    ref = gin.query_parameter("flame_gin.run.train_data").scoped_configurable_fn
-    loader_factory = None
-    baseline_loader = lambda: iter(ref(seq_len=seq_len, batch_size=batch_size, rank=0, world_size=1, seed=42,
-                                       split="train", varlen=varlen))
+    def synthetic(**kw):
+        return SyntheticLoader(
+            vocab_size=model_config.vocab_size,
+            seq_len=kw["seq_len"],
+            batch_size=kw["batch_size"],
+            seed=kw["seed"],
+            varlen=kw["varlen"],
+            doc_tokens=FLAGS.doc_tokens,
+        )
 
-  out = {"label": FLAGS.label, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "family": model_config.model_type,
-         "batch": batch_size, "seq_len": seq_len, "varlen": varlen, "steps": FLAGS.steps, "warmup": FLAGS.warmup,
-         "doc_tokens": FLAGS.doc_tokens if varlen else None,
-         "gin_files": FLAGS.gin_file, "gin_bindings": FLAGS.gin_bindings, "fused_loss": fused_loss, "fused_kernel": loss_lib.DEFAULT_FUSED,
-         **{k: getattr(model_config, k, None) for k in FUSE_KEYS}}
-  try:
-    import fla
-    import triton
-    out.update(fla=fla.__version__, triton=triton.__version__)
-  except ImportError:
-    pass
-  fpt = float(flops.flops_per_token(config=model_config, seq_len=seq_len))
-  out["flops_per_token"] = fpt
-  vendor_peak = {"H100": 989.0, "H200": 989.0}.get(next((k for k in ("H100", "H200") if k in out["device"]), ""), None)
-  measured = measured_peak_tflops(device) if FLAGS.measure_peak else None
-  out.update(vendor_peak_tflops=vendor_peak, measured_peak_tflops=_round(measured, 1))
+    if FLAGS.data == "synthetic":
+        loader_factory, baseline_loader = (
+            synthetic,
+            lambda: synthetic(seq_len=seq_len, batch_size=batch_size, seed=42, varlen=varlen),
+        )
+    else:
+        ref = gin.query_parameter("flame_gin.run.train_data").scoped_configurable_fn
+        loader_factory = None
+        baseline_loader = lambda: iter(
+            ref(seq_len=seq_len, batch_size=batch_size, rank=0, world_size=1, seed=42, split="train", varlen=varlen)
+        )
 
-  def mfu(tps, peak):
-    return _round(tps * fpt / (peak * 1e12)) if peak else None
+    out = {
+        "label": FLAGS.label,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "family": model_config.model_type,
+        "batch": batch_size,
+        "seq_len": seq_len,
+        "varlen": varlen,
+        "steps": FLAGS.steps,
+        "warmup": FLAGS.warmup,
+        "doc_tokens": FLAGS.doc_tokens if varlen else None,
+        "gin_files": FLAGS.gin_file,
+        "gin_bindings": FLAGS.gin_bindings,
+        "fused_loss": fused_loss,
+        "fused_kernel": loss_lib.DEFAULT_FUSED,
+        **{k: getattr(model_config, k, None) for k in FUSE_KEYS},
+    }
+    try:
+        import fla
+        import triton
 
-  training = dict(device=device, steps=FLAGS.steps, warmup=FLAGS.warmup)
-  from flame_gin import kernels
-  kernels.select(mode="auto")  # the trainer does the same; on CPU the baseline needs the reference ops too
-  if FLAGS.baseline:  # first: on a cold machine it pays FLA's Triton compilation and autotuning
-    base = run_baseline(config=model_config, loader=baseline_loader(), lr=lr, weight_decay=0.1, max_grad_norm=1.0,
-                        syncs=False, **training)
-    out["baseline"] = {k: _round(v) for k, v in base.items()}
-    print("baseline:", json.dumps(out["baseline"]), flush=True)
-  if FLAGS.baseline_syncs:
-    synced = run_baseline(config=model_config, loader=baseline_loader(), lr=lr, weight_decay=0.1, max_grad_norm=1.0,
-                          syncs=True, **training)
-    out["baseline_with_syncs"] = {k: _round(v) for k, v in synced.items()}
-    print("baseline with syncs:", json.dumps(out["baseline_with_syncs"]), flush=True)
-  profiler = None
-  if FLAGS.trace_dir:
-    from flame_gin import profiling
+        out.update(fla=fla.__version__, triton=triton.__version__)
+    except ImportError:
+        pass
+    fpt = float(flops.flops_per_token(config=model_config, seq_len=seq_len))
+    out["flops_per_token"] = fpt
+    vendor_peak = {"H100": 989.0, "H200": 989.0}.get(
+        next((k for k in ("H100", "H200") if k in out["device"]), ""), None
+    )
+    measured = measured_peak_tflops(device) if FLAGS.measure_peak else None
+    out.update(vendor_peak_tflops=vendor_peak, measured_peak_tflops=_round(measured, 1))
 
-    def profiler(*, workdir, rank):  # the trainer's profiler, writing to trace_dir instead of its workdir
-      del workdir
-      return profiling.Profiler(workdir=FLAGS.trace_dir, rank=rank, interval=FLAGS.warmup, active_steps=2)
-  flame = run_flame(run_fn=configurables.run, loader_factory=loader_factory, tokens_per_step=tokens_per_step,
-                    profiler=profiler, workdir=FLAGS.workdir, **training)
-  if FLAGS.trace_dir:
-    import step_profile
-    trace = os.path.join(FLAGS.trace_dir, "profile", f"step_{FLAGS.warmup}", "rank0_trace.json")
-    per_kernel, busy = step_profile.trace_kernels(trace, steps=2)
-    out["profile"] = step_profile.report(per_kernel, busy, top=30, header={"trace": trace})
-  out["flame"] = {k: _round(v) for k, v in flame.items()}
-  out["tokens_per_second"] = round(flame["tokens_per_second"])
-  out["peak_memory_gib"] = _round(flame["peak_memory_gib"], 2)
-  out["time_to_first_step_s"] = _round(flame["time_to_first_step_s"], 2)
-  out["mfu_vendor"] = mfu(flame["tokens_per_second"], vendor_peak)
-  out["mfu_measured"] = mfu(flame["tokens_per_second"], measured)
-  if FLAGS.baseline:
-    out["ratio"] = _round(flame["tokens_per_second"] / base["tokens_per_second"], 3)
-    out["baseline_mfu_vendor"] = mfu(base["tokens_per_second"], vendor_peak)
-  cache_dir = os.environ.get("TRITON_CACHE_DIR")  # where the trainer's kernel cache went (flame_gin.kernels.cache)
-  if cache_dir and os.path.isdir(cache_dir):
-    out["kernel_cache"] = {"dir": cache_dir, "autotune_results": len(glob.glob(f"{cache_dir}/*/*.autotune.json"))}
-  line = json.dumps(out)
-  if FLAGS.json_out:
-    with open(FLAGS.json_out, "a") as f:
-      f.write(line + "\n")
-  print(line, flush=True)
+    def mfu(tps, peak):
+        return _round(tps * fpt / (peak * 1e12)) if peak else None
+
+    training = dict(device=device, steps=FLAGS.steps, warmup=FLAGS.warmup)
+    from flame_gin import kernels
+
+    kernels.select(mode="auto")  # the trainer does the same; on CPU the baseline needs the reference ops too
+    if FLAGS.baseline:  # first: on a cold machine it pays FLA's Triton compilation and autotuning
+        base = run_baseline(
+            config=model_config,
+            loader=baseline_loader(),
+            lr=lr,
+            weight_decay=0.1,
+            max_grad_norm=1.0,
+            syncs=False,
+            **training,
+        )
+        out["baseline"] = {k: _round(v) for k, v in base.items()}
+        print("baseline:", json.dumps(out["baseline"]), flush=True)
+    if FLAGS.baseline_syncs:
+        synced = run_baseline(
+            config=model_config,
+            loader=baseline_loader(),
+            lr=lr,
+            weight_decay=0.1,
+            max_grad_norm=1.0,
+            syncs=True,
+            **training,
+        )
+        out["baseline_with_syncs"] = {k: _round(v) for k, v in synced.items()}
+        print("baseline with syncs:", json.dumps(out["baseline_with_syncs"]), flush=True)
+    profiler = None
+    if FLAGS.trace_dir:
+        from flame_gin import profiling
+
+        def profiler(*, workdir, rank):  # the trainer's profiler, writing to trace_dir instead of its workdir
+            del workdir
+            return profiling.Profiler(workdir=FLAGS.trace_dir, rank=rank, interval=FLAGS.warmup, active_steps=2)
+
+    flame = run_flame(
+        run_fn=configurables.run,
+        loader_factory=loader_factory,
+        tokens_per_step=tokens_per_step,
+        profiler=profiler,
+        workdir=FLAGS.workdir,
+        **training,
+    )
+    if FLAGS.trace_dir:
+        import step_profile
+
+        trace = os.path.join(FLAGS.trace_dir, "profile", f"step_{FLAGS.warmup}", "rank0_trace.json")
+        per_kernel, busy = step_profile.trace_kernels(trace, steps=2)
+        out["profile"] = step_profile.report(per_kernel, busy, top=30, header={"trace": trace})
+    out["flame"] = {k: _round(v) for k, v in flame.items()}
+    out["tokens_per_second"] = round(flame["tokens_per_second"])
+    out["peak_memory_gib"] = _round(flame["peak_memory_gib"], 2)
+    out["time_to_first_step_s"] = _round(flame["time_to_first_step_s"], 2)
+    out["mfu_vendor"] = mfu(flame["tokens_per_second"], vendor_peak)
+    out["mfu_measured"] = mfu(flame["tokens_per_second"], measured)
+    if FLAGS.baseline:
+        out["ratio"] = _round(flame["tokens_per_second"] / base["tokens_per_second"], 3)
+        out["baseline_mfu_vendor"] = mfu(base["tokens_per_second"], vendor_peak)
+    cache_dir = os.environ.get("TRITON_CACHE_DIR")  # where the trainer's kernel cache went (flame_gin.kernels.cache)
+    if cache_dir and os.path.isdir(cache_dir):
+        out["kernel_cache"] = {"dir": cache_dir, "autotune_results": len(glob.glob(f"{cache_dir}/*/*.autotune.json"))}
+    line = json.dumps(out)
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "a") as f:
+            f.write(line + "\n")
+    print(line, flush=True)
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  _define_flags()
-  app.run(main)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _define_flags()
+    app.run(main)

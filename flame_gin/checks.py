@@ -13,49 +13,64 @@ import os
 import pathlib
 
 from flame_gin import families
-from flame_gin.kernels import MODES as KERNEL_MODES  # the modes kernels.select knows, one definition
 from flame_gin.config import ConfigError
+from flame_gin.kernels import MODES as KERNEL_MODES  # the modes kernels.select knows, one definition
 
 
-def run_numbers(*, train_steps: int, batch_size: int, grad_accum_steps: int, dp_size: int, seq_len: int,
-                lr, model_config, vocab_size: int | None, varlen: bool) -> int:
-  """The run's numbers against each other and the model; returns the per-rank micro-batch size."""
-  if train_steps < 0:
-    raise ConfigError(f"TRAIN_STEPS={train_steps} must be >= 0")
-  if seq_len <= 0:
-    raise ConfigError(f"SEQ_LEN={seq_len} must be positive")
-  if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-    raise ConfigError(f"LR={lr!r} (flame_gin.run.lr) must be a positive number")
-  per_step = dp_size * grad_accum_steps
-  if batch_size <= 0 or batch_size % per_step:
-    raise ConfigError(
-        f"BATCH_SIZE={batch_size} (global, in sequences) must be a positive multiple of data-parallel size "
-        f"{dp_size} x gradient accumulation {grad_accum_steps} = {per_step}")
-  if vocab_size is not None and vocab_size > model_config.vocab_size:
-    raise ConfigError(
-        f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}; "
-        f"set VOCAB_SIZE >= {vocab_size}")
-  if varlen and not families.supports_varlen(model_config):
-    raise ConfigError(
-        f"varlen packing needs layers that honour cu_seqlens; model family {model_config.model_type!r} would "
-        f"let documents see each other. Turn varlen off for this family.")
-  return batch_size // per_step
+def run_numbers(
+    *,
+    train_steps: int,
+    batch_size: int,
+    grad_accum_steps: int,
+    dp_size: int,
+    seq_len: int,
+    lr,
+    model_config,
+    vocab_size: int | None,
+    varlen: bool,
+) -> int:
+    """The run's numbers against each other and the model; returns the per-rank micro-batch size."""
+    if train_steps < 0:
+        raise ConfigError(f"TRAIN_STEPS={train_steps} must be >= 0")
+    if seq_len <= 0:
+        raise ConfigError(f"SEQ_LEN={seq_len} must be positive")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"LR={lr!r} (flame_gin.run.lr) must be a positive number")
+    per_step = dp_size * grad_accum_steps
+    if batch_size <= 0 or batch_size % per_step:
+        raise ConfigError(
+            f"BATCH_SIZE={batch_size} (global, in sequences) must be a positive multiple of data-parallel size "
+            f"{dp_size} x gradient accumulation {grad_accum_steps} = {per_step}"
+        )
+    if vocab_size is not None and vocab_size > model_config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}; "
+            f"set VOCAB_SIZE >= {vocab_size}"
+        )
+    if varlen and not families.supports_varlen(model_config):
+        raise ConfigError(
+            f"varlen packing needs layers that honour cu_seqlens; model family {model_config.model_type!r} would "
+            f"let documents see each other. Turn varlen off for this family."
+        )
+    return batch_size // per_step
 
 
 def kernel_mode(*, mode: str, cuda: bool) -> None:
-  """``flame_gin.run.kernel_mode`` is known, and ``triton`` only where there is a GPU to run Triton on."""
-  if mode not in KERNEL_MODES:
-    raise ConfigError(f"flame_gin.run.kernel_mode={mode!r}: expected one of {', '.join(map(repr, KERNEL_MODES))}")
-  if mode == "triton" and not cuda:
-    raise ConfigError("flame_gin.run.kernel_mode='triton' needs a CUDA GPU (FLA's Triton kernels cannot run on "
-                      "a CPU); use 'auto' or 'reference' here")
+    """``flame_gin.run.kernel_mode`` is known, and ``triton`` only where there is a GPU to run Triton on."""
+    if mode not in KERNEL_MODES:
+        raise ConfigError(f"flame_gin.run.kernel_mode={mode!r}: expected one of {', '.join(map(repr, KERNEL_MODES))}")
+    if mode == "triton" and not cuda:
+        raise ConfigError(
+            "flame_gin.run.kernel_mode='triton' needs a CUDA GPU (FLA's Triton kernels cannot run on "
+            "a CPU); use 'auto' or 'reference' here"
+        )
 
 
 def workdir(path: str | os.PathLike) -> None:
-  """The run directory can be created or written: not a file, not read-only."""
-  path = pathlib.Path(path)
-  if path.exists() and not path.is_dir():
-    raise ConfigError(f"--workdir={str(path)!r} is a file, not a directory")
-  existing = next((p for p in (path, *path.parents) if p.exists()), None)
-  if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-    raise ConfigError(f"--workdir={str(path)!r}: {str(existing)!r} is not writable")
+    """The run directory can be created or written: not a file, not read-only."""
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--workdir={str(path)!r} is a file, not a directory")
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir={str(path)!r}: {str(existing)!r} is not writable")

@@ -22,105 +22,108 @@ _SHORTHAND = re.compile(r"^--gin\.([A-Za-z_][\w.]*(?:/[\w.]+)*)=(.*)$", re.DOTAL
 
 
 def _not_a_search_miss(record: logging.LogRecord) -> bool:
-  """False for gin's "Path not found" error, which its package-resource reader logs for every search path that
-  does not hold an included file, even when a later one does; a real miss still fails as a ConfigError."""
-  return not (record.levelno == logging.ERROR and record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
-              and record.getMessage().startswith("Path not found"))
+    """False for gin's "Path not found" error, which its package-resource reader logs for every search path that
+    does not hold an included file, even when a later one does; a real miss still fails as a ConfigError."""
+    return not (
+        record.levelno == logging.ERROR
+        and record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+        and record.getMessage().startswith("Path not found")
+    )
 
 
 logging.getLogger().addFilter(_not_a_search_miss)  # gin logs it on the root logger
 
 
 class ConfigError(ValueError):
-  """A config problem found before anything expensive was built; the message names what is at fault."""
+    """A config problem found before anything expensive was built; the message names what is at fault."""
 
 
 def package_gin_dir() -> pathlib.Path:
-  """The ``gin/`` folder shipped beside the ``flame_gin`` package (the repository's own configs)."""
-  return pathlib.Path(__file__).resolve().parent.parent / "gin"
+    """The ``gin/`` folder shipped beside the ``flame_gin`` package (the repository's own configs)."""
+    return pathlib.Path(__file__).resolve().parent.parent / "gin"
 
 
 def default_search_paths() -> list[str]:
-  """The shipped ``gin/`` folder, the current directory, then the repository root.
+    """The shipped ``gin/`` folder, the current directory, then the repository root.
 
-  With these, ``--gin_file=gin/gla.gin`` works from any directory (``--gin_file`` names are resolved against
-  the current directory first, see ``resolve_file``), and includes inside gin files (``include
-  'model/gla.gin'``) resolve against the shipped ``gin/`` folder at the first try.
-  """
-  gin_dir = package_gin_dir()
-  return [str(gin_dir), os.getcwd(), str(gin_dir.parent)]
+    With these, ``--gin_file=gin/gla.gin`` works from any directory (``--gin_file`` names are resolved against
+    the current directory first, see ``resolve_file``), and includes inside gin files (``include
+    'model/gla.gin'``) resolve against the shipped ``gin/`` folder at the first try.
+    """
+    gin_dir = package_gin_dir()
+    return [str(gin_dir), os.getcwd(), str(gin_dir.parent)]
 
 
 def rewrite_shorthand(argv: Sequence[str]) -> list[str]:
-  """Turns each ``--gin.NAME=VALUE`` into ``--gin_bindings=NAME = VALUE`` so absl never sees unknown flags."""
-  out = []
-  for arg in argv:
-    match = _SHORTHAND.match(arg)
-    if match:
-      out.append(f"--gin_bindings={match.group(1)} = {match.group(2)}")
-    elif arg.startswith("--gin.") and "=" not in arg:
-      raise ConfigError(f"{arg!r}: the shorthand needs a value, as in --gin.TRAIN_STEPS=20")
-    else:
-      out.append(arg)
-  return out
+    """Turns each ``--gin.NAME=VALUE`` into ``--gin_bindings=NAME = VALUE`` so absl never sees unknown flags."""
+    out = []
+    for arg in argv:
+        match = _SHORTHAND.match(arg)
+        if match:
+            out.append(f"--gin_bindings={match.group(1)} = {match.group(2)}")
+        elif arg.startswith("--gin.") and "=" not in arg:
+            raise ConfigError(f"{arg!r}: the shorthand needs a value, as in --gin.TRAIN_STEPS=20")
+        else:
+            out.append(arg)
+    return out
 
 
 def resolve_file(name: str, search_paths: Sequence[str]) -> str:
-  """The first existing ``search_path/name``; a missing file is a ``ConfigError`` listing where it looked."""
-  if os.path.isabs(name):
-    if os.path.exists(name):
-      return name
-    raise ConfigError(f"gin file {name!r} does not exist")
-  for base in search_paths:
-    candidate = os.path.join(base, name)
-    if os.path.exists(candidate):
-      return candidate
-  raise ConfigError(f"gin file {name!r} not found in the search paths {list(search_paths)}")
+    """The first existing ``search_path/name``; a missing file is a ``ConfigError`` listing where it looked."""
+    if os.path.isabs(name):
+        if os.path.exists(name):
+            return name
+        raise ConfigError(f"gin file {name!r} does not exist")
+    for base in search_paths:
+        candidate = os.path.join(base, name)
+        if os.path.exists(candidate):
+            return candidate
+    raise ConfigError(f"gin file {name!r} not found in the search paths {list(search_paths)}")
 
 
 def parse(*, gin_files: Sequence[str], gin_bindings: Sequence[str], search_paths: Sequence[str]) -> None:
-  """Parses files then bindings into gin's global config and finalises it.
+    """Parses files then bindings into gin's global config and finalises it.
 
-  Every error comes back as a ``ConfigError`` carrying gin's own location (file and line) of the fault.
-  All configurables must already be registered (import ``flame_gin.configurables`` first).
-  """
-  gin.clear_config()
-  for path in search_paths:
-    gin.add_config_file_search_path(path)
-  files = [resolve_file(f, [os.getcwd(), *search_paths]) for f in gin_files]
-  try:
-    gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=True)
-  except (ValueError, SyntaxError, TypeError, IOError) as e:
-    raise ConfigError(f"Bad gin config: {e}") from None
+    Every error comes back as a ``ConfigError`` carrying gin's own location (file and line) of the fault.
+    All configurables must already be registered (import ``flame_gin.configurables`` first).
+    """
+    gin.clear_config()
+    for path in search_paths:
+        gin.add_config_file_search_path(path)
+    files = [resolve_file(f, [os.getcwd(), *search_paths]) for f in gin_files]
+    try:
+        gin.parse_config_files_and_bindings(files, list(gin_bindings), finalize_config=True)
+    except (ValueError, SyntaxError, TypeError, IOError) as e:
+        raise ConfigError(f"Bad gin config: {e}") from None
 
 
 _REQUIRED = object()
 
 
 def bound_value(name: str, default=_REQUIRED):
-  """The value bound to the gin parameter ``name``, macros resolved, for tools that read a parsed config
-  without running it (benchmarks); ``default`` when nothing is bound (a ``ValueError`` without one)."""
-  try:
-    value = gin.query_parameter(name)
-  except ValueError:
-    if default is _REQUIRED:
-      raise
-    return default
-  while isinstance(value, gin.config.ConfigurableReference) and value.configurable.name == "macro":
-    value = value.scoped_configurable_fn()
-  return value
+    """The value bound to the gin parameter ``name``, macros resolved, for tools that read a parsed config
+    without running it (benchmarks); ``default`` when nothing is bound (a ``ValueError`` without one)."""
+    try:
+        value = gin.query_parameter(name)
+    except ValueError:
+        if default is _REQUIRED:
+            raise
+        return default
+    while isinstance(value, gin.config.ConfigurableReference) and value.configurable.name == "macro":
+        value = value.scoped_configurable_fn()
+    return value
 
 
 def config_text() -> str:
-  """The resolved config as gin text (every binding set by files and flags), re-parseable."""
-  return gin.config_str()
+    """The resolved config as gin text (every binding set by files and flags), re-parseable."""
+    return gin.config_str()
 
 
 def write_config(*, workdir: str | os.PathLike, text: str, name: str = CONFIG_FILE) -> pathlib.Path:
-  """Writes ``text`` to ``workdir/name`` atomically (temp file then rename), so readers never see half."""
-  path = pathlib.Path(workdir) / name
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-  return path
+    """Writes ``text`` to ``workdir/name`` atomically (temp file then rename), so readers never see half."""
+    path = pathlib.Path(workdir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

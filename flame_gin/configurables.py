@@ -8,16 +8,26 @@ refuses new configurables once a config is finalised.
 from __future__ import annotations
 
 import gin
-
-from flame_gin import checkpoint, data, mesh, metrics, models, optim, profiling, schedules, trainer, wandb_writer
-from flame_gin import parallel
+from flame_gin import (
+    checkpoint,
+    data,
+    mesh,
+    metrics,
+    models,
+    optim,
+    parallel,
+    profiling,
+    schedules,
+    trainer,
+    wandb_writer,
+)
 from flame_gin.parallel import pipeline
 
 _MODULE = "flame_gin"
 
 
 def _register(fn, name: str, **kwargs):
-  return gin.external_configurable(fn, name=name, module=_MODULE, **kwargs)
+    return gin.external_configurable(fn, name=name, module=_MODULE, **kwargs)
 
 
 run = _register(trainer.run, "run", denylist=["config_text", "on_first_step", "stop_requested"])
@@ -27,8 +37,11 @@ _register(optim.adamw, "adamw", denylist=["params"])
 _register(metrics.create_writers, "metric_writers", denylist=["workdir", "is_primary"])
 _register(profiling.Profiler, "profiler", denylist=["workdir", "rank"])
 _register(wandb_writer.WandbWriter, "wandb_writer")
-_register(data.build_loader, "build_loader",
-          denylist=["seq_len", "batch_size", "rank", "world_size", "seed", "split", "varlen"])
+_register(
+    data.build_loader,
+    "build_loader",
+    denylist=["seq_len", "batch_size", "rank", "world_size", "seed", "split", "varlen"],
+)
 _register(data.source, "data_source")
 _register(data.embedded.tokenizer_path, "embedded_tokenizer")
 _register(data.embedded.corpus_dir, "embedded_corpus")

@@ -28,96 +28,132 @@ from flame_gin.checkpoint import hf
 _CHECKPOINT_DIR = flags.DEFINE_string("checkpoint_dir", None, "A run's checkpoint root (one folder per step).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest committed).")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "A Hugging Face export to evaluate instead of a checkpoint.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer name or folder ('embedded': the embedded "
-                                 "default's); default for --hf_dir: the export's own.")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer",
+    None,
+    "Tokenizer name or folder ('embedded': the embedded default's); default for --hf_dir: the export's own.",
+)
 _TASKS = flags.DEFINE_list("tasks", None, "lm-evaluation-harness task names.", required=True)
 _INCLUDE_PATH = flags.DEFINE_string("include_path", None, "A folder of task YAML files of your own.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Sequences per forward.")
 _LIMIT = flags.DEFINE_integer("limit", None, "At most this many documents per task (for a quick look).")
 _NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "Few-shot examples (default: each task's own).")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON file for the results (default: <run>/eval/step_<N>.json "
-                              "for a checkpoint, <hf_dir>/eval.json for an export).")
-_WRITE_METRICS = flags.DEFINE_bool("write_metrics", True, "Also write the scores to the run's metric writers "
-                                   "(checkpoints only).")
+_OUTPUT = flags.DEFINE_string(
+    "output",
+    None,
+    "JSON file for the results (default: <run>/eval/step_<N>.json for a checkpoint, <hf_dir>/eval.json for an export).",
+)
+_WRITE_METRICS = flags.DEFINE_bool(
+    "write_metrics", True, "Also write the scores to the run's metric writers (checkpoints only)."
+)
 
 
-def load_model(*, checkpoint_dir: str | None, step: int | None, hf_dir: str | None,
-               device: torch.device) -> tuple[torch.nn.Module, int | None]:
-  """The model in eval mode on ``device`` (and the checkpoint step, None for an export), with the kernels of
-  ``device`` selected before it is built."""
-  if (checkpoint_dir is None) == (hf_dir is None):
-    raise ValueError("give exactly one of --checkpoint_dir and --hf_dir")
-  kernels.select(mode="auto")
-  if checkpoint_dir is not None:
-    model, step = hf.load_checkpoint_model(checkpoint_dir=checkpoint_dir, step=step)
-  else:
-    import fla  # noqa: F401  (registers FLA's model types with transformers)
-    from transformers import AutoModelForCausalLM
-    model, step = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32), None
-  dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-  return model.to(device=device, dtype=dtype).eval(), step
+def load_model(
+    *, checkpoint_dir: str | None, step: int | None, hf_dir: str | None, device: torch.device
+) -> tuple[torch.nn.Module, int | None]:
+    """The model in eval mode on ``device`` (and the checkpoint step, None for an export), with the kernels of
+    ``device`` selected before it is built."""
+    if (checkpoint_dir is None) == (hf_dir is None):
+        raise ValueError("give exactly one of --checkpoint_dir and --hf_dir")
+    kernels.select(mode="auto")
+    if checkpoint_dir is not None:
+        model, step = hf.load_checkpoint_model(checkpoint_dir=checkpoint_dir, step=step)
+    else:
+        import fla  # noqa: F401  (registers FLA's model types with transformers)
+        from transformers import AutoModelForCausalLM
+
+        model, step = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32), None
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return model.to(device=device, dtype=dtype).eval(), step
 
 
-def evaluate(*, model: torch.nn.Module, tokenizer: str, tasks: list[str], batch_size: int = 8,
-             include_path: str | None = None, limit: int | None = None, num_fewshot: int | None = None,
-             device: torch.device) -> dict:
-  """lm-evaluation-harness's ``simple_evaluate`` on an already built model; its results, ``task -> metrics``."""
-  import lm_eval
-  from lm_eval.models.huggingface import HFLM
-  from lm_eval.tasks import TaskManager
-  from transformers import AutoTokenizer
+def evaluate(
+    *,
+    model: torch.nn.Module,
+    tokenizer: str,
+    tasks: list[str],
+    batch_size: int = 8,
+    include_path: str | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    device: torch.device,
+) -> dict:
+    """lm-evaluation-harness's ``simple_evaluate`` on an already built model; its results, ``task -> metrics``."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
 
-  lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(tokenizer), batch_size=batch_size,
-            device=str(device))
-  out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                task_manager=TaskManager(include_path=include_path), log_samples=False)
-  return out["results"]
+    lm = HFLM(
+        pretrained=model, tokenizer=AutoTokenizer.from_pretrained(tokenizer), batch_size=batch_size, device=str(device)
+    )
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=TaskManager(include_path=include_path),
+        log_samples=False,
+    )
+    return out["results"]
 
 
 def scalars(results: dict) -> dict[str, float]:
-  """``downstream/<task>/<metric>`` -> value, for the numeric scores (the harness's ``metric,filter`` keys)."""
-  out = {}
-  for task, values in results.items():
-    for key, value in values.items():
-      if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "alias":
-        out[f"downstream/{task}/{key.split(',')[0]}"] = float(value)
-  return out
+    """``downstream/<task>/<metric>`` -> value, for the numeric scores (the harness's ``metric,filter`` keys)."""
+    out = {}
+    for task, values in results.items():
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "alias":
+                out[f"downstream/{task}/{key.split(',')[0]}"] = float(value)
+    return out
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from flame_gin import quiet
-  quiet.install()
-  device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  from flame_gin.data import embedded
-  tokenizer = embedded.resolve_tokenizer(_TOKENIZER.value) or _HF_DIR.value
-  if tokenizer is None:
-    raise app.UsageError("--tokenizer is required with --checkpoint_dir")
-  try:
-    model, step = load_model(checkpoint_dir=_CHECKPOINT_DIR.value, step=_STEP.value, hf_dir=_HF_DIR.value,
-                             device=device)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
-  results = evaluate(model=model, tokenizer=tokenizer, tasks=_TASKS.value, batch_size=_BATCH_SIZE.value,
-                     include_path=_INCLUDE_PATH.value, limit=_LIMIT.value, num_fewshot=_NUM_FEWSHOT.value,
-                     device=device)
-  run_dir = pathlib.Path(_CHECKPOINT_DIR.value).parent if _CHECKPOINT_DIR.value else None
-  output = pathlib.Path(_OUTPUT.value or (run_dir / "eval" / f"step_{step}.json" if run_dir
-                                          else pathlib.Path(_HF_DIR.value) / "eval.json"))
-  output.parent.mkdir(parents=True, exist_ok=True)
-  output.write_text(json.dumps({"step": step, "tasks": _TASKS.value, "results": results}, indent=2, default=str))
-  if run_dir is not None and _WRITE_METRICS.value:
-    writer = metrics.create_writers(workdir=run_dir, is_primary=True)
-    writer.write_scalars(step, scalars(results))
-    writer.close()
-  logging.info("results written to %s", output)
-  print(json.dumps({"step": step, **scalars(results)}))
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from flame_gin import quiet
+
+    quiet.install()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from flame_gin.data import embedded
+
+    tokenizer = embedded.resolve_tokenizer(_TOKENIZER.value) or _HF_DIR.value
+    if tokenizer is None:
+        raise app.UsageError("--tokenizer is required with --checkpoint_dir")
+    try:
+        model, step = load_model(
+            checkpoint_dir=_CHECKPOINT_DIR.value, step=_STEP.value, hf_dir=_HF_DIR.value, device=device
+        )
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    results = evaluate(
+        model=model,
+        tokenizer=tokenizer,
+        tasks=_TASKS.value,
+        batch_size=_BATCH_SIZE.value,
+        include_path=_INCLUDE_PATH.value,
+        limit=_LIMIT.value,
+        num_fewshot=_NUM_FEWSHOT.value,
+        device=device,
+    )
+    run_dir = pathlib.Path(_CHECKPOINT_DIR.value).parent if _CHECKPOINT_DIR.value else None
+    output = pathlib.Path(
+        _OUTPUT.value
+        or (run_dir / "eval" / f"step_{step}.json" if run_dir else pathlib.Path(_HF_DIR.value) / "eval.json")
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"step": step, "tasks": _TASKS.value, "results": results}, indent=2, default=str))
+    if run_dir is not None and _WRITE_METRICS.value:
+        writer = metrics.create_writers(workdir=run_dir, is_primary=True)
+        writer.write_scalars(step, scalars(results))
+        writer.close()
+    logging.info("results written to %s", output)
+    print(json.dumps({"step": step, **scalars(results)}))
 
 
 def run_main():
-  app.run(main)
+    app.run(main)
 
 
 if __name__ == "__main__":
-  run_main()
+    run_main()

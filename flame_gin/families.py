@@ -19,19 +19,20 @@ from torch import nn
 
 @dataclasses.dataclass(frozen=True)
 class Traits:
-  """A family's traits, as checked against FLA 0.6's sources and by the tests that train each family.
+    """A family's traits, as checked against FLA 0.6's sources and by the tests that train each family.
 
-  ``varlen``: every layer passes ``cu_seqlens`` to its ops, convolutions and token shifts, so packed
-  documents never see each other. ``cpu``: every op the family calls runs on a CPU (FLA's own PyTorch code or
-  flame_gin's reference kernels); the others launch Triton kernels that need a GPU driver. ``note``: what a
-  user must know to run it, shown when it is refused. ``gated_delta_backward``: its backward calls FLA's gated
-  ``chunk_bwd_dqkwg``, which FLA 0.6 itself refuses on Hopper with Triton 3.4-3.7.0 (wrong gradients, FLA #640)
-  unless its TileLang backend can take the call.
-  """
-  varlen: bool = False
-  cpu: bool = False
-  note: str = ""
-  gated_delta_backward: bool = False
+    ``varlen``: every layer passes ``cu_seqlens`` to its ops, convolutions and token shifts, so packed
+    documents never see each other. ``cpu``: every op the family calls runs on a CPU (FLA's own PyTorch code or
+    flame_gin's reference kernels); the others launch Triton kernels that need a GPU driver. ``note``: what a
+    user must know to run it, shown when it is refused. ``gated_delta_backward``: its backward calls FLA's gated
+    ``chunk_bwd_dqkwg``, which FLA 0.6 itself refuses on Hopper with Triton 3.4-3.7.0 (wrong gradients, FLA #640)
+    unless its TileLang backend can take the call.
+    """
+
+    varlen: bool = False
+    cpu: bool = False
+    note: str = ""
+    gated_delta_backward: bool = False
 
 
 _UNKNOWN = Traits(note="flame_gin has not checked this family's layers")
@@ -49,47 +50,56 @@ _TRAITS = {
     "mamba2": Traits(cpu=True, note="Mamba2 layers ignore cu_seqlens"),
     "samba": Traits(cpu=True, note="Samba's Mamba layers ignore cu_seqlens"),
     # Triton-only families whose layers honour cu_seqlens.
-    "gsa": Traits(varlen=True), "hgrn2": Traits(varlen=True), "hgrn": Traits(varlen=True),
-    "retnet": Traits(varlen=True), "rwkv6": Traits(varlen=True), "rwkv7": Traits(varlen=True),
-    "linear_attn": Traits(varlen=True), "comba": Traits(varlen=True), "kda": Traits(varlen=True),
+    "gsa": Traits(varlen=True),
+    "hgrn2": Traits(varlen=True),
+    "hgrn": Traits(varlen=True),
+    "retnet": Traits(varlen=True),
+    "rwkv6": Traits(varlen=True),
+    "rwkv7": Traits(varlen=True),
+    "linear_attn": Traits(varlen=True),
+    "comba": Traits(varlen=True),
+    "kda": Traits(varlen=True),
     "gated_deltaproduct": Traits(varlen=True, note="FLA's chunked kernel runs in bfloat16 only"),
-    "mesa_net": Traits(varlen=True), "lightnet": Traits(varlen=True),
+    "mesa_net": Traits(varlen=True),
+    "lightnet": Traits(varlen=True),
     "abc": Traits(note="FLA's ABC layer raises on cu_seqlens"),
     "mamba3": Traits(note="Mamba3 layers ignore cu_seqlens"),
     "log_linear_mamba2": Traits(note="log-linear Mamba2 has no PyTorch fallback in FLA 0.6"),
-    "mom": Traits(gated_delta_backward=True), "yoco": Traits(gated_delta_backward=True),
+    "mom": Traits(gated_delta_backward=True),
+    "yoco": Traits(gated_delta_backward=True),
     "precond_gated_deltanet": Traits(gated_delta_backward=True),
 }
 
 
 def register(*, name: str, traits: Traits) -> None:
-  """Records the traits of a family registered from a user's module (``models.register_family``)."""
-  _TRAITS[name] = traits
+    """Records the traits of a family registered from a user's module (``models.register_family``)."""
+    _TRAITS[name] = traits
 
 
 def traits(family: str) -> Traits:
-  """The traits of ``family`` (a config's ``model_type``); unchecked families get none (no varlen, no CPU)."""
-  return _TRAITS.get(family, _UNKNOWN)
+    """The traits of ``family`` (a config's ``model_type``); unchecked families get none (no varlen, no CPU)."""
+    return _TRAITS.get(family, _UNKNOWN)
 
 
 def supports_varlen(config) -> bool:
-  """Whether the family's layers honour ``cu_seqlens`` (documents never see each other when packed)."""
-  return traits(config.model_type).varlen
+    """Whether the family's layers honour ``cu_seqlens`` (documents never see each other when packed)."""
+    return traits(config.model_type).varlen
 
 
 def check_device(*, config, device_type: str) -> None:
-  """Raises a ``ValueError`` naming the family when it cannot run on ``device_type``, before anything is built."""
-  family = config.model_type
-  if device_type == "cpu" and not traits(family).cpu:
-    note = traits(family).note
-    runnable = ", ".join(sorted(name for name, t in _TRAITS.items() if t.cpu))
-    raise ValueError(
-        f"model family {family!r} has no CPU kernels (its layers launch Triton kernels that need a GPU"
-        f"{'; ' + note if note else ''}): run it on a GPU. Families that train on a CPU: {runnable}")
-  if device_type == "cuda" and traits(family).gated_delta_backward:
-    reason = fla_refuses_gated_delta_backward()
-    if reason:
-      raise ValueError(f"model family {family!r} cannot train here: {reason}")
+    """Raises a ``ValueError`` naming the family when it cannot run on ``device_type``, before anything is built."""
+    family = config.model_type
+    if device_type == "cpu" and not traits(family).cpu:
+        note = traits(family).note
+        runnable = ", ".join(sorted(name for name, t in _TRAITS.items() if t.cpu))
+        raise ValueError(
+            f"model family {family!r} has no CPU kernels (its layers launch Triton kernels that need a GPU"
+            f"{'; ' + note if note else ''}): run it on a GPU. Families that train on a CPU: {runnable}"
+        )
+    if device_type == "cuda" and traits(family).gated_delta_backward:
+        reason = fla_refuses_gated_delta_backward()
+        if reason:
+            raise ValueError(f"model family {family!r} cannot train here: {reason}")
 
 
 _MAMBA_KERNELS = ("mamba_ssm", "causal_conv1d")
@@ -97,69 +107,79 @@ _NEEDS_MAMBA_KERNELS = frozenset({"mamba", "mamba2", "samba"})
 
 
 def speed_warning(*, config, device_type: str) -> str | None:
-  """A warning for a family that trains on a GPU but through FLA's pure-PyTorch fallback, or None.
+    """A warning for a family that trains on a GPU but through FLA's pure-PyTorch fallback, or None.
 
-  FLA's Mamba, Mamba2 and Samba layers take the CUDA kernels of ``mamba-ssm`` and ``causal-conv1d`` when
-  those packages are installed, and otherwise a Python-level scan: on one H200 at 8 x 512, 4 x 2048
-  (benchmarks/RESULTS.md) Mamba ran at 91 tokens/s, Samba at 232 and Mamba2 at 1,662 (39.7 GiB), against
-  ~100,000 for GLA at the same shape."""
-  if device_type != "cuda" or config.model_type not in _NEEDS_MAMBA_KERNELS:
-    return None
-  missing = [name for name in _MAMBA_KERNELS if importlib.util.find_spec(name) is None]
-  if not missing:
-    return None
-  return (f"model family {config.model_type!r} runs FLA's pure-PyTorch fallback on this GPU because "
-          f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: expect a few hundred to a "
-          f"few thousand tokens/s. Install mamba-ssm and causal-conv1d for their CUDA kernels.")
+    FLA's Mamba, Mamba2 and Samba layers take the CUDA kernels of ``mamba-ssm`` and ``causal-conv1d`` when
+    those packages are installed, and otherwise a Python-level scan: on one H200 at 8 x 512, 4 x 2048
+    (benchmarks/RESULTS.md) Mamba ran at 91 tokens/s, Samba at 232 and Mamba2 at 1,662 (39.7 GiB), against
+    ~100,000 for GLA at the same shape."""
+    if device_type != "cuda" or config.model_type not in _NEEDS_MAMBA_KERNELS:
+        return None
+    missing = [name for name in _MAMBA_KERNELS if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (
+        f"model family {config.model_type!r} runs FLA's pure-PyTorch fallback on this GPU because "
+        f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: expect a few hundred to a "
+        f"few thousand tokens/s. Install mamba-ssm and causal-conv1d for their CUDA kernels."
+    )
 
 
 def fla_refuses_gated_delta_backward() -> str | None:
-  """Why FLA 0.6 would refuse the gated delta-rule backward on this GPU (its own test, asked up front so the
-  run stops before building anything rather than at the first backward), or None. Never bypassed: the fix is
-  Triton >= 3.7.1, or TileLang installed for FLA's TileLang backend to take the call."""
-  from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0
-  from fla.utils.env import TRITON_ABOVE_3_7_1
-  if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
-    return None
-  if importlib.util.find_spec("tilelang") is not None and os.environ.get("FLA_TILELANG", "1") != "0":
-    return None
-  import triton
-  return (f"FLA refuses its gated delta-rule backward on Hopper with Triton {triton.__version__} (wrong "
-          f"gradients with Triton 3.4-3.7.0, FLA #640); install Triton >= 3.7.1 or TileLang "
-          f"(`pip install -e '.[tilelang]'`, FLA then runs that kernel through TileLang)")
+    """Why FLA 0.6 would refuse the gated delta-rule backward on this GPU (its own test, asked up front so the
+    run stops before building anything rather than at the first backward), or None. Never bypassed: the fix is
+    Triton >= 3.7.1, or TileLang installed for FLA's TileLang backend to take the call."""
+    from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0
+    from fla.utils.env import TRITON_ABOVE_3_7_1
+
+    if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
+        return None
+    if importlib.util.find_spec("tilelang") is not None and os.environ.get("FLA_TILELANG", "1") != "0":
+        return None
+    import triton
+
+    return (
+        f"FLA refuses its gated delta-rule backward on Hopper with Triton {triton.__version__} (wrong "
+        f"gradients with Triton 3.4-3.7.0, FLA #640); install Triton >= 3.7.1 or TileLang "
+        f"(`pip install -e '.[tilelang]'`, FLA then runs that kernel through TileLang)"
+    )
 
 
 def body_name(model: nn.Module) -> str:
-  """The attribute that holds the model's body (``model`` or ``backbone``), from transformers' convention."""
-  name = getattr(model, "base_model_prefix", "")
-  if not name or not isinstance(getattr(model, name, None), nn.Module):
-    raise ValueError(f"{type(model).__name__} has no body at base_model_prefix={name!r}: a causal-LM class "
-                     f"must keep its decoder under the attribute its base_model_prefix names")
-  return name
+    """The attribute that holds the model's body (``model`` or ``backbone``), from transformers' convention."""
+    name = getattr(model, "base_model_prefix", "")
+    if not name or not isinstance(getattr(model, name, None), nn.Module):
+        raise ValueError(
+            f"{type(model).__name__} has no body at base_model_prefix={name!r}: a causal-LM class "
+            f"must keep its decoder under the attribute its base_model_prefix names"
+        )
+    return name
 
 
 def body(model: nn.Module) -> nn.Module:
-  """The model's body: embeddings, blocks and final norm, without the LM head (``model`` itself when it is
-  already a body, as transformers' ``base_model`` does)."""
-  name = getattr(model, "base_model_prefix", "")
-  inner = getattr(model, name, None) if name else None
-  return inner if isinstance(inner, nn.Module) else model
+    """The model's body: embeddings, blocks and final norm, without the LM head (``model`` itself when it is
+    already a body, as transformers' ``base_model`` does)."""
+    name = getattr(model, "base_model_prefix", "")
+    inner = getattr(model, name, None) if name else None
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def blocks(model: nn.Module) -> nn.ModuleList | nn.ModuleDict:
-  """The model's blocks (a pipeline stage keeps its share in a ``ModuleDict`` under the original indices)."""
-  layers = getattr(body(model), "layers", None)
-  if not isinstance(layers, (nn.ModuleList, nn.ModuleDict)):
-    raise ValueError(f"{type(model).__name__} has no block list `layers` in its body (base_model_prefix="
-                     f"{getattr(model, 'base_model_prefix', None)!r})")
-  return layers
+    """The model's blocks (a pipeline stage keeps its share in a ``ModuleDict`` under the original indices)."""
+    layers = getattr(body(model), "layers", None)
+    if not isinstance(layers, (nn.ModuleList, nn.ModuleDict)):
+        raise ValueError(
+            f"{type(model).__name__} has no block list `layers` in its body (base_model_prefix="
+            f"{getattr(model, 'base_model_prefix', None)!r})"
+        )
+    return layers
 
 
 def embedding_name(inner: nn.Module) -> str | None:
-  """The body's token embedding attribute (FLA: ``embeddings``; HF: ``embed_tokens``), None if dropped."""
-  return next((n for n in ("embeddings", "embed_tokens") if getattr(inner, n, None) is not None), None)
+    """The body's token embedding attribute (FLA: ``embeddings``; HF: ``embed_tokens``), None if dropped."""
+    return next((n for n in ("embeddings", "embed_tokens") if getattr(inner, n, None) is not None), None)
 
 
 def final_norm_name(inner: nn.Module) -> str | None:
-  """The body's final norm attribute (``norm``, or Mamba's ``norm_f``), None if dropped."""
-  return next((n for n in ("norm", "norm_f") if getattr(inner, n, None) is not None), None)
+    """The body's final norm attribute (``norm``, or Mamba's ``norm_f``), None if dropped."""
+    return next((n for n in ("norm", "norm_f") if getattr(inner, n, None) is not None), None)

@@ -58,19 +58,18 @@ def _chunk(seq_len: int, size: int = CHUNK_SIZE) -> int:
 
 
 def _gla_like(m, seq_len):
-    return chunked_linear_attention_flops(
-        heads=m.num_heads, dk=m.head_k_dim, dv=m.head_v_dim, chunk=_chunk(seq_len))
+    return chunked_linear_attention_flops(heads=m.num_heads, dk=m.head_k_dim, dv=m.head_v_dim, chunk=_chunk(seq_len))
 
 
 def _hgrn2(m, seq_len):
-    return chunked_linear_attention_flops(
-        heads=m.num_heads, dk=m.head_f_dim, dv=m.head_i_dim, chunk=_chunk(seq_len))
+    return chunked_linear_attention_flops(heads=m.num_heads, dk=m.head_f_dim, dv=m.head_i_dim, chunk=_chunk(seq_len))
 
 
 def _gsa(m, seq_len):
     c = _chunk(seq_len)
-    return (chunked_linear_attention_flops(heads=m.num_heads, dk=m.head_k_dim, dv=m.num_slots, chunk=c) +
-            chunked_linear_attention_flops(heads=m.num_heads, dk=m.num_slots, dv=m.head_v_dim, chunk=c))
+    return chunked_linear_attention_flops(
+        heads=m.num_heads, dk=m.head_k_dim, dv=m.num_slots, chunk=c
+    ) + chunked_linear_attention_flops(heads=m.num_heads, dk=m.num_slots, dv=m.head_v_dim, chunk=c)
 
 
 def _delta(m, seq_len):
@@ -89,7 +88,8 @@ def _mamba(m, seq_len):
 
 def _mamba2(m, seq_len):
     return chunked_linear_attention_flops(
-        heads=m.num_heads, dk=m.ssm_state_size, dv=m.head_dim, chunk=_chunk(seq_len, m.chunk_size))
+        heads=m.num_heads, dk=m.ssm_state_size, dv=m.head_dim, chunk=_chunk(seq_len, m.chunk_size)
+    )
 
 
 def _fla_attention(m, seq_len):
@@ -116,7 +116,18 @@ _MIXERS: dict[str, tuple[str, Callable[[nn.Module, int], float]]] = {
     "LlamaAttention": ("softmax_attention", _hf_attention),
 }
 SUPPORTED_FAMILIES = (
-    "gla", "retnet", "hgrn2", "gsa", "delta_net", "gated_deltanet", "rwkv7", "mamba", "mamba2", "samba", "llama")
+    "gla",
+    "retnet",
+    "hgrn2",
+    "gsa",
+    "delta_net",
+    "gated_deltanet",
+    "rwkv7",
+    "mamba",
+    "mamba2",
+    "samba",
+    "llama",
+)
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -147,7 +158,8 @@ def breakdown_from_model(*, model: nn.Module, family: str, seq_len: int) -> dict
         if kind_and_count is None:
             raise ValueError(
                 f"No FLOP formula for the mixer {type(mixer).__name__} (layer {index}) of family {family!r}; "
-                f"supported families: {', '.join(SUPPORTED_FAMILIES)}")
+                f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
+            )
         kind, count = kind_and_count
         parts[kind] += float(count(mixer, seq_len))
     return parts
@@ -161,7 +173,8 @@ def flops_breakdown(*, config, seq_len: int) -> dict[str, float]:
     family = getattr(config, "model_type", None)
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(
-            f"No FLOP count for model family {family!r}; supported families: {', '.join(SUPPORTED_FAMILIES)}")
+            f"No FLOP count for model family {family!r}; supported families: {', '.join(SUPPORTED_FAMILIES)}"
+        )
     model = models.build_meta_model(config=config)
     return breakdown_from_model(model=model, family=family, seq_len=seq_len)
 
@@ -191,9 +204,9 @@ def device_peak_tflops(*, device: torch.device, configured: float | None = None)
 
 
 def mfu(*, tokens_per_second: float, flops_per_token: float, peak_tflops: float, devices: int) -> float:
-  """Model FLOPs utilisation: the training FLOPs the tokens needed over what ``devices`` at ``peak_tflops``
-  could do in the same time."""
-  return tokens_per_second * flops_per_token / (peak_tflops * 1e12 * devices)
+    """Model FLOPs utilisation: the training FLOPs the tokens needed over what ``devices`` at ``peak_tflops``
+    could do in the same time."""
+    return tokens_per_second * flops_per_token / (peak_tflops * 1e12 * devices)
 
 
 def training_flops_or_none(*, config, seq_len: int) -> float | None:

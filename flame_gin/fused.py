@@ -16,20 +16,24 @@ MODES = ("linear", "logits")
 
 
 def token_loss_sum(*, hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, mode: str) -> torch.Tensor:
-  """Sum of the token cross-entropies of ``head(hidden)`` against ``labels``, by FLA's ``mode`` kernel."""
-  if mode not in MODES:
-    raise ValueError(f"fused loss mode {mode!r} is not one of {MODES}")
-  hidden = hidden.reshape(-1, hidden.shape[-1])
-  labels = labels.reshape(-1)
-  if mode == "linear":
-    from fla.modules import FusedLinearCrossEntropyLoss
-    return FusedLinearCrossEntropyLoss(reduction="sum")(hidden, labels, head.weight,
-                                                        getattr(head, "bias", None)).float()
-  return logits_loss_sum(logits=head(hidden), labels=labels)
+    """Sum of the token cross-entropies of ``head(hidden)`` against ``labels``, by FLA's ``mode`` kernel."""
+    if mode not in MODES:
+        raise ValueError(f"fused loss mode {mode!r} is not one of {MODES}")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    if mode == "linear":
+        from fla.modules import FusedLinearCrossEntropyLoss
+
+        return FusedLinearCrossEntropyLoss(reduction="sum")(
+            hidden, labels, head.weight, getattr(head, "bias", None)
+        ).float()
+    return logits_loss_sum(logits=head(hidden), labels=labels)
 
 
 def logits_loss_sum(*, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-  """Sum of the token cross-entropies of (bf16) ``logits``: FLA's Triton cross-entropy, gradient in place."""
-  from fla.modules import FusedCrossEntropyLoss
-  return FusedCrossEntropyLoss(inplace_backward=True, reduction="sum")(
-      logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device)).float()
+    """Sum of the token cross-entropies of (bf16) ``logits``: FLA's Triton cross-entropy, gradient in place."""
+    from fla.modules import FusedCrossEntropyLoss
+
+    return FusedCrossEntropyLoss(inplace_backward=True, reduction="sum")(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device)
+    ).float()

@@ -36,10 +36,16 @@ class ParallelDims:
     tp: int = 1
     pp: int = 1
 
-    def __init__(self, *, world_size: int, dp_replicate: int = 1, dp_shard: int = -1, cp: int = 1, tp: int = 1,
-                 pp: int = 1):
-        for name, value in (("world_size", world_size), ("dp_replicate", dp_replicate), ("cp", cp), ("tp", tp),
-                            ("pp", pp)):
+    def __init__(
+        self, *, world_size: int, dp_replicate: int = 1, dp_shard: int = -1, cp: int = 1, tp: int = 1, pp: int = 1
+    ):
+        for name, value in (
+            ("world_size", world_size),
+            ("dp_replicate", dp_replicate),
+            ("cp", cp),
+            ("tp", tp),
+            ("pp", pp),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ParallelDims: {name} must be an integer >= 1, got {value!r}")
         if not isinstance(dp_shard, int) or (dp_shard < 1 and dp_shard != -1):
@@ -49,14 +55,22 @@ class ParallelDims:
             if world_size % others:
                 raise ValueError(
                     f"ParallelDims: dp_replicate*cp*tp*pp = {dp_replicate}*{cp}*{tp}*{pp} = {others} does not "
-                    f"divide world_size={world_size}, so dp_shard=-1 cannot be inferred")
+                    f"divide world_size={world_size}, so dp_shard=-1 cannot be inferred"
+                )
             dp_shard = world_size // others
         if dp_shard * others != world_size:
             raise ValueError(
                 f"ParallelDims: dp_replicate*dp_shard*cp*tp*pp = {dp_replicate}*{dp_shard}*{cp}*{tp}*{pp} = "
-                f"{dp_shard * others} != world_size={world_size}")
-        for name, value in (("world_size", world_size), ("dp_replicate", dp_replicate), ("dp_shard", dp_shard),
-                            ("cp", cp), ("tp", tp), ("pp", pp)):
+                f"{dp_shard * others} != world_size={world_size}"
+            )
+        for name, value in (
+            ("world_size", world_size),
+            ("dp_replicate", dp_replicate),
+            ("dp_shard", dp_shard),
+            ("cp", cp),
+            ("tp", tp),
+            ("pp", pp),
+        ):
             object.__setattr__(self, name, value)
 
     # ----- derived sizes -------------------------------------------------------------------------------------
@@ -101,13 +115,22 @@ class ParallelDims:
             if self.pp > layers:
                 raise ValueError(f"ParallelDims: pp={self.pp} is larger than num_hidden_layers={layers} of {name}")
         if (self.tp > 1 or self.cp > 1) and getattr(config, "attn", None):
-            raise ValueError(f"ParallelDims: tp={self.tp}, cp={self.cp} with softmax attention layers "
-                             f"(attn={config.attn}) in {name}: the tensor-parallel plans and the context-parallel "
-                             f"state hand-over cover linear-attention layers only; train this hybrid with data "
-                             f"parallelism (FSDP/HSDP) or pipeline stages")
+            raise ValueError(
+                f"ParallelDims: tp={self.tp}, cp={self.cp} with softmax attention layers "
+                f"(attn={config.attn}) in {name}: the tensor-parallel plans and the context-parallel "
+                f"state hand-over cover linear-attention layers only; train this hybrid with data "
+                f"parallelism (FSDP/HSDP) or pipeline stages"
+            )
         if self.tp > 1:
-            for attr in ("num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads", "num_v_heads",
-                         "intermediate_size", "vocab_size"):
+            for attr in (
+                "num_heads",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "num_kv_heads",
+                "num_v_heads",
+                "intermediate_size",
+                "vocab_size",
+            ):
                 value = getattr(config, attr, None)
                 if isinstance(value, int) and value % self.tp:
                     raise ValueError(f"ParallelDims: tp={self.tp} does not divide {attr}={value} of {name}")
@@ -115,17 +138,22 @@ class ParallelDims:
                 raise ValueError(f"ParallelDims: tp={self.tp} is not supported with attnres_block_size in {name}")
         if self.cp > 1:
             from flame_gin.parallel.context import check_context_parallel_config
+
             check_context_parallel_config(config=config)
 
     def validate_for_batch(self, *, global_batch_size: int, seq_len: int, varlen: bool = False) -> None:
         """Checks the global batch splits over data ranks and the sequence over context/tensor ranks."""
         if global_batch_size % self.dp_size:
-            raise ValueError(f"ParallelDims: global batch size {global_batch_size} is not divisible by the "
-                             f"data-parallel size {self.dp_size} (dp_replicate*dp_shard)")
+            raise ValueError(
+                f"ParallelDims: global batch size {global_batch_size} is not divisible by the "
+                f"data-parallel size {self.dp_size} (dp_replicate*dp_shard)"
+            )
         split = self.cp * self.tp
         if seq_len % split:
-            raise ValueError(f"ParallelDims: seq_len={seq_len} is not divisible by cp*tp={split} (context slices "
-                             f"and sequence-parallel shards)")
+            raise ValueError(
+                f"ParallelDims: seq_len={seq_len} is not divisible by cp*tp={split} (context slices "
+                f"and sequence-parallel shards)"
+            )
         if varlen and self.pp > 1:
             raise ValueError("ParallelDims: varlen (cu_seqlens) batches are not supported with pipeline parallel")
 
@@ -136,8 +164,10 @@ class ParallelDims:
         if not dist.is_initialized():
             raise RuntimeError("ParallelDims.build: torch.distributed is not initialised")
         if dist.get_world_size() != self.world_size:
-            raise ValueError(f"ParallelDims.build: world_size={self.world_size} but the process group has "
-                             f"{dist.get_world_size()} ranks")
+            raise ValueError(
+                f"ParallelDims.build: world_size={self.world_size} but the process group has "
+                f"{dist.get_world_size()} ranks"
+            )
         shape = tuple(getattr(self, n) for n in MESH_DIMS)
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
         mesh["dp_replicate", "dp_shard"]._flatten("dp")

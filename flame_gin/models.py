@@ -14,9 +14,9 @@ import inspect
 from typing import Any, Mapping
 
 import torch
+import transformers
 from absl import logging
 from torch import nn
-import transformers
 
 from flame_gin import families
 
@@ -25,161 +25,174 @@ _CUSTOM_FAMILIES: dict[str, type] = {}
 
 
 def _fla_families() -> dict[str, type]:
-  """Maps each FLA model_type (``gla``, ``delta_net``, ...) to its config class, as FLA registers them."""
-  import fla.models  # noqa: F401  (registers FLA configs and models with transformers' Auto classes)
+    """Maps each FLA model_type (``gla``, ``delta_net``, ...) to its config class, as FLA registers them."""
+    import fla.models  # noqa: F401  (registers FLA configs and models with transformers' Auto classes)
 
-  classes = {}
-  for name in dir(fla.models):
-    obj = getattr(fla.models, name)
-    if isinstance(obj, type) and name.endswith("Config") and getattr(obj, "model_type", None):
-      classes[obj.model_type] = obj
-  return classes
+    classes = {}
+    for name in dir(fla.models):
+        obj = getattr(fla.models, name)
+        if isinstance(obj, type) and name.endswith("Config") and getattr(obj, "model_type", None):
+            classes[obj.model_type] = obj
+    return classes
 
 
 def config_classes() -> dict[str, type]:
-  """All known families: FLA's, the softmax baseline and the user-registered ones, name -> config class."""
-  return {**_fla_families(), **_BASELINE_FAMILIES, **_CUSTOM_FAMILIES}
+    """All known families: FLA's, the softmax baseline and the user-registered ones, name -> config class."""
+    return {**_fla_families(), **_BASELINE_FAMILIES, **_CUSTOM_FAMILIES}
 
 
-def register_family(*, name: str, config_class: type, model_class: type,
-                    traits: families.Traits = families.Traits()) -> None:
-  """Registers a family FLA does not ship (a config class and a causal-LM class) under ``name``.
+def register_family(
+    *, name: str, config_class: type, model_class: type, traits: families.Traits = families.Traits()
+) -> None:
+    """Registers a family FLA does not ship (a config class and a causal-LM class) under ``name``.
 
-  After this, ``family = "<name>"`` in a gin file builds it like any FLA model. The config class must set
-  ``model_type = name``; both classes are registered with transformers' Auto classes so export and reload work.
-  The causal-LM class keeps its body under the attribute its ``base_model_prefix`` names (transformers'
-  convention), and ``traits`` says whether it runs on a CPU and honours ``cu_seqlens``.
-  """
-  if getattr(config_class, "model_type", None) != name:
-    raise ValueError(
-        f"register_family: {config_class.__name__}.model_type is {getattr(config_class, 'model_type', None)!r}, "
-        f"expected {name!r}")
-  if name not in _CUSTOM_FAMILIES:
-    transformers.AutoConfig.register(name, config_class, exist_ok=True)
-    transformers.AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
-  _CUSTOM_FAMILIES[name] = config_class
-  families.register(name=name, traits=traits)
+    After this, ``family = "<name>"`` in a gin file builds it like any FLA model. The config class must set
+    ``model_type = name``; both classes are registered with transformers' Auto classes so export and reload work.
+    The causal-LM class keeps its body under the attribute its ``base_model_prefix`` names (transformers'
+    convention), and ``traits`` says whether it runs on a CPU and honours ``cu_seqlens``.
+    """
+    if getattr(config_class, "model_type", None) != name:
+        raise ValueError(
+            f"register_family: {config_class.__name__}.model_type is {getattr(config_class, 'model_type', None)!r}, "
+            f"expected {name!r}"
+        )
+    if name not in _CUSTOM_FAMILIES:
+        transformers.AutoConfig.register(name, config_class, exist_ok=True)
+        transformers.AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+    _CUSTOM_FAMILIES[name] = config_class
+    families.register(name=name, traits=traits)
 
 
 def valid_config_keys(config_class: type) -> set[str]:
-  """Keys a config class really understands: its constructor's named arguments and its default attributes."""
-  params = {
-      n for n, p in inspect.signature(config_class.__init__).parameters.items()
-      if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-  }
-  return params | set(config_class().to_dict())
+    """Keys a config class really understands: its constructor's named arguments and its default attributes."""
+    params = {
+        n
+        for n, p in inspect.signature(config_class.__init__).parameters.items()
+        if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+    return params | set(config_class().to_dict())
 
 
-def build_config(*, family: str, overrides: Mapping[str, Any] | None = None,
-                 extra_overrides: Mapping[str, Any] | None = None,
-                 attn: Mapping[str, Any] | None = None) -> transformers.PretrainedConfig:
-  """Builds the config of ``family`` with ``overrides``; unknown families or keys are a ``ValueError``.
+def build_config(
+    *,
+    family: str,
+    overrides: Mapping[str, Any] | None = None,
+    extra_overrides: Mapping[str, Any] | None = None,
+    attn: Mapping[str, Any] | None = None,
+) -> transformers.PretrainedConfig:
+    """Builds the config of ``family`` with ``overrides``; unknown families or keys are a ``ValueError``.
 
-  ``extra_overrides`` is applied on top of ``overrides``: a gin dict binding replaces the whole dict, so an
-  ablation file changes one model key with ``flame_gin.model_config.extra_overrides = {'key': value}`` and
-  leaves the family file's ``overrides`` alone. ``attn`` makes a hybrid: FLA's softmax attention at the
-  layer indices it names (FLA's ``attn`` config key: ``layers``, ``num_heads``, ``num_kv_heads``, ...), kept
-  apart from both dicts so a hybrid file and an ablation file never replace each other's settings.
-  """
-  known = config_classes()
-  if family not in known:
-    raise ValueError(f"Unknown model family {family!r}. Known families: {', '.join(sorted(known))}")
-  config_class = known[family]
-  overrides = {**(overrides or {}), **(extra_overrides or {}), **({"attn": dict(attn)} if attn else {})}
-  valid = valid_config_keys(config_class)
-  unknown = sorted(set(overrides) - valid)
-  if unknown:
-    hints = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
-    hint_text = "; ".join(f"{k!r} (did you mean {h[0]!r}?)" if h else repr(k) for k, h in hints.items())
-    raise ValueError(
-        f"Unknown key(s) for model family {family!r} ({config_class.__name__}): {hint_text}. "
-        f"Valid keys: {', '.join(sorted(valid))}")
-  if family in _BASELINE_FAMILIES:
-    overrides.setdefault("attn_implementation", "sdpa")
-  config = config_class(**overrides)
-  if family in _BASELINE_FAMILIES:
-    config._attn_implementation = "sdpa"  # FLA's own transformer needs flash-attn; the baseline uses SDPA.
-  return config
+    ``extra_overrides`` is applied on top of ``overrides``: a gin dict binding replaces the whole dict, so an
+    ablation file changes one model key with ``flame_gin.model_config.extra_overrides = {'key': value}`` and
+    leaves the family file's ``overrides`` alone. ``attn`` makes a hybrid: FLA's softmax attention at the
+    layer indices it names (FLA's ``attn`` config key: ``layers``, ``num_heads``, ``num_kv_heads``, ...), kept
+    apart from both dicts so a hybrid file and an ablation file never replace each other's settings.
+    """
+    known = config_classes()
+    if family not in known:
+        raise ValueError(f"Unknown model family {family!r}. Known families: {', '.join(sorted(known))}")
+    config_class = known[family]
+    overrides = {**(overrides or {}), **(extra_overrides or {}), **({"attn": dict(attn)} if attn else {})}
+    valid = valid_config_keys(config_class)
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, valid, n=1) for k in unknown}
+        hint_text = "; ".join(f"{k!r} (did you mean {h[0]!r}?)" if h else repr(k) for k, h in hints.items())
+        raise ValueError(
+            f"Unknown key(s) for model family {family!r} ({config_class.__name__}): {hint_text}. "
+            f"Valid keys: {', '.join(sorted(valid))}"
+        )
+    if family in _BASELINE_FAMILIES:
+        overrides.setdefault("attn_implementation", "sdpa")
+    config = config_class(**overrides)
+    if family in _BASELINE_FAMILIES:
+        config._attn_implementation = "sdpa"  # FLA's own transformer needs flash-attn; the baseline uses SDPA.
+    return config
 
 
 def build_meta_model(*, config: transformers.PretrainedConfig) -> nn.Module:
-  """The model with every tensor on the meta device: no memory, exact shapes (for counts and estimates)."""
-  try:
-    with torch.device("meta"):
-      return transformers.AutoModelForCausalLM.from_config(config)
-  except (AssertionError, ArithmeticError, ImportError, KeyError, TypeError, ValueError) as e:
-    # Layer constructors check their shapes with asserts and divisions; nothing is allocated on meta, so any
-    # such failure is the config's fault and is reported as one, naming the family.
-    raise ValueError(f"model family {config.model_type!r} cannot be built from its config: "
-                     f"{type(e).__name__}: {e}") from e
+    """The model with every tensor on the meta device: no memory, exact shapes (for counts and estimates)."""
+    try:
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(config)
+    except (AssertionError, ArithmeticError, ImportError, KeyError, TypeError, ValueError) as e:
+        # Layer constructors check their shapes with asserts and divisions; nothing is allocated on meta, so any
+        # such failure is the config's fault and is reported as one, naming the family.
+        raise ValueError(
+            f"model family {config.model_type!r} cannot be built from its config: {type(e).__name__}: {e}"
+        ) from e
 
 
 def build_model(*, config: transformers.PretrainedConfig, device: torch.device | str, seed: int) -> nn.Module:
-  """The model on ``device``, initialised identically for a given seed.
+    """The model on ``device``, initialised identically for a given seed.
 
-  Built on meta, then its storage allocated on ``device`` and filled with NaN; modules' own
-  ``reset_parameters`` (norm weights to one, biases) and then the family's ``init_weights`` (HF/FLA
-  initialisation of linear and embedding weights, tying, rotary buffers) run under the seed. Some layers set
-  values only in their constructor (Samba's Mamba mixers set ``A_log`` and ``D`` there and Samba's
-  initialiser leaves them alone): whatever is still NaN afterwards comes from a copy of the model constructed
-  on the CPU under the same seed, so no uninitialised memory is ever trained. Anything still not finite is an
-  error naming the tensor.
-  """
-  device = torch.device(device)
-  model = build_meta_model(config=config)
-  model.to_empty(device=device)
-  tensors = dict(_floating_tensors(model))
-  with torch.no_grad():
-    for tensor in tensors.values():
-      tensor.fill_(float("nan"))
-  with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-    torch.manual_seed(seed)
-    for module in model.modules():
-      reset = getattr(module, "reset_parameters", None)
-      if callable(reset) and module is not model:
-        reset()
-    model.init_weights()
-  untouched = [name for name, tensor in tensors.items() if torch.isnan(tensor).any()]
-  if untouched:
-    _fill_from_constructor(model=model, config=config, names=untouched, seed=seed)
-  for name, tensor in tensors.items():
-    if not torch.isfinite(tensor).all():
-      raise ValueError(f"model family {config.model_type!r}: {name} is not finite after initialisation")
-  return model
+    Built on meta, then its storage allocated on ``device`` and filled with NaN; modules' own
+    ``reset_parameters`` (norm weights to one, biases) and then the family's ``init_weights`` (HF/FLA
+    initialisation of linear and embedding weights, tying, rotary buffers) run under the seed. Some layers set
+    values only in their constructor (Samba's Mamba mixers set ``A_log`` and ``D`` there and Samba's
+    initialiser leaves them alone): whatever is still NaN afterwards comes from a copy of the model constructed
+    on the CPU under the same seed, so no uninitialised memory is ever trained. Anything still not finite is an
+    error naming the tensor.
+    """
+    device = torch.device(device)
+    model = build_meta_model(config=config)
+    model.to_empty(device=device)
+    tensors = dict(_floating_tensors(model))
+    with torch.no_grad():
+        for tensor in tensors.values():
+            tensor.fill_(float("nan"))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset) and module is not model:
+                reset()
+        model.init_weights()
+    untouched = [name for name, tensor in tensors.items() if torch.isnan(tensor).any()]
+    if untouched:
+        _fill_from_constructor(model=model, config=config, names=untouched, seed=seed)
+    for name, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"model family {config.model_type!r}: {name} is not finite after initialisation")
+    return model
 
 
 def _floating_tensors(model: nn.Module):
-  """(name, tensor) of every floating-point parameter and buffer, tied ones once."""
-  seen = set()
-  for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-    if tensor.is_floating_point() and id(tensor) not in seen:
-      seen.add(id(tensor))
-      yield name, tensor
+    """(name, tensor) of every floating-point parameter and buffer, tied ones once."""
+    seen = set()
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and id(tensor) not in seen:
+            seen.add(id(tensor))
+            yield name, tensor
 
 
 def _fill_from_constructor(*, model: nn.Module, config, names: list[str], seed: int) -> None:
-  """Fills the NaN entries of ``names`` with the values the family's constructor gives on the CPU."""
-  logging.info("model family %s: %d tensor(s) set only by the constructor (%s); taken from a CPU build",
-               config.model_type, len(names), ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""))
-  with torch.random.fork_rng(devices=[]):
-    torch.manual_seed(seed)
-    with torch.device("cpu"):
-      reference = dict(_floating_tensors(transformers.AutoModelForCausalLM.from_config(config)))
-  tensors = dict(_floating_tensors(model))
-  with torch.no_grad():
-    for name in names:
-      tensor = tensors[name]
-      tensor.copy_(torch.where(torch.isnan(tensor), reference[name].to(tensor), tensor))
+    """Fills the NaN entries of ``names`` with the values the family's constructor gives on the CPU."""
+    logging.info(
+        "model family %s: %d tensor(s) set only by the constructor (%s); taken from a CPU build",
+        config.model_type,
+        len(names),
+        ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device("cpu"):
+            reference = dict(_floating_tensors(transformers.AutoModelForCausalLM.from_config(config)))
+    tensors = dict(_floating_tensors(model))
+    with torch.no_grad():
+        for name in names:
+            tensor = tensors[name]
+            tensor.copy_(torch.where(torch.isnan(tensor), reference[name].to(tensor), tensor))
 
 
 def count_parameters(model: nn.Module, *, exclude_embeddings: bool = False) -> int:
-  """Number of distinct parameters (tied weights counted once), optionally without the input embedding."""
-  seen, total = set(), 0
-  embedding = model.get_input_embeddings() if exclude_embeddings else None
-  skip = {id(p) for p in embedding.parameters()} if embedding is not None else set()
-  for p in model.parameters():
-    if id(p) in seen or id(p) in skip:
-      continue
-    seen.add(id(p))
-    total += p.numel()
-  return total
+    """Number of distinct parameters (tied weights counted once), optionally without the input embedding."""
+    seen, total = set(), 0
+    embedding = model.get_input_embeddings() if exclude_embeddings else None
+    skip = {id(p) for p in embedding.parameters()} if embedding is not None else set()
+    for p in model.parameters():
+        if id(p) in seen or id(p) in skip:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total

@@ -13,39 +13,51 @@ from torch import nn
 
 
 def _no_decay_names(model: nn.Module) -> set[str]:
-  names = set()
-  embeddings = {id(m) for m in model.modules() if isinstance(m, nn.Embedding)}
-  for module_name, module in model.named_modules():
-    flagged = set(getattr(module, "_no_weight_decay", ()) or ())
-    is_norm = "norm" in type(module).__name__.lower() or isinstance(module, (nn.LayerNorm, nn.GroupNorm))
-    for param_name, param in module.named_parameters(recurse=False):
-      full = f"{module_name}.{param_name}" if module_name else param_name
-      if (is_norm or id(module) in embeddings or param_name == "bias" or param.ndim < 2
-          or param_name in flagged or getattr(param, "_no_weight_decay", False)):
-        names.add(full)
-  return names
+    names = set()
+    embeddings = {id(m) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for module_name, module in model.named_modules():
+        flagged = set(getattr(module, "_no_weight_decay", ()) or ())
+        is_norm = "norm" in type(module).__name__.lower() or isinstance(module, (nn.LayerNorm, nn.GroupNorm))
+        for param_name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if (
+                is_norm
+                or id(module) in embeddings
+                or param_name == "bias"
+                or param.ndim < 2
+                or param_name in flagged
+                or getattr(param, "_no_weight_decay", False)
+            ):
+                names.add(full)
+    return names
 
 
 def parameter_groups(*, model: nn.Module, weight_decay: float) -> list[dict]:
-  """Two groups, ``decay`` and ``no_decay``, each with its parameter names kept for logging and tests."""
-  no_decay = _no_decay_names(model)
-  groups = {"decay": ([], []), "no_decay": ([], [])}
-  for name, param in model.named_parameters():
-    if not param.requires_grad:
-      continue
-    key = "no_decay" if name in no_decay else "decay"
-    groups[key][0].append(param)
-    groups[key][1].append(name)
-  return [
-      {"params": groups["decay"][0], "names": groups["decay"][1], "weight_decay": weight_decay},
-      {"params": groups["no_decay"][0], "names": groups["no_decay"][1], "weight_decay": 0.0},
-  ]
+    """Two groups, ``decay`` and ``no_decay``, each with its parameter names kept for logging and tests."""
+    no_decay = _no_decay_names(model)
+    groups = {"decay": ([], []), "no_decay": ([], [])}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = "no_decay" if name in no_decay else "decay"
+        groups[key][0].append(param)
+        groups[key][1].append(name)
+    return [
+        {"params": groups["decay"][0], "names": groups["decay"][1], "weight_decay": weight_decay},
+        {"params": groups["no_decay"][0], "names": groups["no_decay"][1], "weight_decay": 0.0},
+    ]
 
 
-def adamw(*, params: Iterable[dict], lr: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-          fused: bool | None = None) -> torch.optim.Optimizer:
-  """AdamW over prepared groups; fused on CUDA by default (one kernel per step), plain elsewhere."""
-  groups = [{k: v for k, v in g.items() if k != "names"} for g in params]
-  if fused is None:
-    fused = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
-  return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+def adamw(
+    *,
+    params: Iterable[dict],
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    fused: bool | None = None,
+) -> torch.optim.Optimizer:
+    """AdamW over prepared groups; fused on CUDA by default (one kernel per step), plain elsewhere."""
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in params]
+    if fused is None:
+        fused = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)

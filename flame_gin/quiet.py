@@ -19,15 +19,15 @@ import warnings
 
 
 class _DropMessages(logging.Filter):
-  """Drops records whose message matches one of the patterns (``re.search``)."""
+    """Drops records whose message matches one of the patterns (``re.search``)."""
 
-  def __init__(self, *patterns: str):
-    super().__init__()
-    self._patterns = [re.compile(p) for p in patterns]
+    def __init__(self, *patterns: str):
+        super().__init__()
+        self._patterns = [re.compile(p) for p in patterns]
 
-  def filter(self, record: logging.LogRecord) -> bool:
-    message = record.getMessage()
-    return not any(p.search(message) for p in self._patterns)
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(p.search(message) for p in self._patterns)
 
 
 _DEPRECATED_CACHE_NAME = _DropMessages(r"`past_key_values`/`cache_params` are deprecated")
@@ -37,10 +37,11 @@ _LOOKUPS = _DropMessages(r"^system_path_file_exists:", r"^(PyTorch|TensorFlow|JA
 
 
 def install() -> None:
-  """Silence the messages above (idempotent: the same filters are added once)."""
-  warnings.filterwarnings("ignore", message="Triton is not supported on current platform", category=UserWarning)
-  for name in ("torchao", "torch.utils._pytree"):
-    logging.getLogger(name).setLevel(logging.ERROR)
-  logging.getLogger("transformers.utils.generic").addFilter(_DEPRECATED_CACHE_NAME)
-  from absl import logging as absl_logging
-  absl_logging.get_absl_handler().addFilter(_LOOKUPS)
+    """Silence the messages above (idempotent: the same filters are added once)."""
+    warnings.filterwarnings("ignore", message="Triton is not supported on current platform", category=UserWarning)
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("transformers.utils.generic").addFilter(_DEPRECATED_CACHE_NAME)
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().addFilter(_LOOKUPS)

@@ -10,7 +10,6 @@ model's initial weights saved before any training, so runs at any mesh can start
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 from absl import logging
 
@@ -21,51 +20,63 @@ SEED_CHECKPOINT_DIR = "seed_checkpoint"
 
 
 def data_states(extras: list[dict]) -> list[dict]:
-  """One data-iterator state per data stream, in stream order.
+    """One data-iterator state per data stream, in stream order.
 
-  Ranks that differ only in their tensor or context coordinate read the same stream and saved the same
-  state, so each data-parallel rank's state is kept once; the loader reshards these if the layout changed.
-  """
-  if not all("dp_rank" in e for e in extras):
-    return [e["data"] for e in extras]
-  streams: dict[int, dict] = {}
-  for e in extras:
-    streams.setdefault(e["dp_rank"], e["data"])
-  return [streams[k] for k in sorted(streams)]
+    Ranks that differ only in their tensor or context coordinate read the same stream and saved the same
+    state, so each data-parallel rank's state is kept once; the loader reshards these if the layout changed.
+    """
+    if not all("dp_rank" in e for e in extras):
+        return [e["data"] for e in extras]
+    streams: dict[int, dict] = {}
+    for e in extras:
+        streams.setdefault(e["dp_rank"], e["data"])
+    return [streams[k] for k in sorted(streams)]
 
 
-def resume_or_initialise(*, ckpt, model, optimizer, loader, restore_step: Optional[int] = None,
-                         init_from: Optional[str] = None, init_from_hf: Optional[str] = None) -> Optional[dict]:
-  """Restores the run's own state when it has any, else warm-starts weights; returns the saved train state.
+def resume_or_initialise(
+    *,
+    ckpt,
+    model,
+    optimizer,
+    loader,
+    restore_step: int | None = None,
+    init_from: str | None = None,
+    init_from_hf: str | None = None,
+) -> dict | None:
+    """Restores the run's own state when it has any, else warm-starts weights; returns the saved train state.
 
-  Returns None for a run that starts at step 0 (fresh or warm-started).
-  """
-  if ckpt is not None and (restore_step is not None or ckpt.latest_step() is not None):
-    latest = ckpt.latest_step()
-    own = ckpt.restore(model=model, optimizer=optimizer, step=restore_step)
-    if restore_step is not None and latest is not None and latest > restore_step:
-      logging.warning("restored step %d although step %d exists: later steps are not overwritten", restore_step,
-                      latest)
-    loader.load_state_dict(data_states(ckpt.restored_extras or [own]))
-    process.set_rng_state(own["rng"])
-    logging.info("resumed from step %d (%s tokens seen)", own["train_state"]["step"],
-                 f"{own['train_state']['tokens_seen']:,}")
-    return own["train_state"]
-  if init_from is not None:
-    step = checkpoint.load_weights(directory=init_from, model=model)
-    logging.info("warm start: weights of step %d from %s", step, init_from)
-  elif init_from_hf is not None:
-    hf.import_hf(path=init_from_hf, model=model)
-    logging.info("warm start: weights from the Hugging Face model %s", init_from_hf)
-  return None
+    Returns None for a run that starts at step 0 (fresh or warm-started).
+    """
+    if ckpt is not None and (restore_step is not None or ckpt.latest_step() is not None):
+        latest = ckpt.latest_step()
+        own = ckpt.restore(model=model, optimizer=optimizer, step=restore_step)
+        if restore_step is not None and latest is not None and latest > restore_step:
+            logging.warning(
+                "restored step %d although step %d exists: later steps are not overwritten", restore_step, latest
+            )
+        loader.load_state_dict(data_states(ckpt.restored_extras or [own]))
+        process.set_rng_state(own["rng"])
+        logging.info(
+            "resumed from step %d (%s tokens seen)",
+            own["train_state"]["step"],
+            f"{own['train_state']['tokens_seen']:,}",
+        )
+        return own["train_state"]
+    if init_from is not None:
+        step = checkpoint.load_weights(directory=init_from, model=model)
+        logging.info("warm start: weights of step %d from %s", step, init_from)
+    elif init_from_hf is not None:
+        hf.import_hf(path=init_from_hf, model=model)
+        logging.info("warm start: weights from the Hugging Face model %s", init_from_hf)
+    return None
 
 
 def save_seed(*, workdir: str | os.PathLike, model, config_text: str) -> str:
-  """Writes the model's initial weights as ``WORKDIR/seed_checkpoint`` (step 0); returns the directory.
+    """Writes the model's initial weights as ``WORKDIR/seed_checkpoint`` (step 0); returns the directory.
 
-  Later runs name it with ``flame_gin.run.init_from`` to start from exactly these weights, at any mesh.
-  """
-  directory = os.path.join(os.fspath(workdir), SEED_CHECKPOINT_DIR)
-  checkpoint.save_seed_checkpoint(directory=directory, model=model, config_text=config_text)
-  logging.info("seed checkpoint written to %s", directory)
-  return directory
+    Later runs name it with ``flame_gin.run.init_from`` to start from exactly these weights, at any mesh.
+    """
+    directory = os.path.join(os.fspath(workdir), SEED_CHECKPOINT_DIR)
+    checkpoint.save_seed_checkpoint(directory=directory, model=model, config_text=config_text)
+    logging.info("seed checkpoint written to %s", directory)
+    return directory

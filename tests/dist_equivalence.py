@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import copy
 
+import dist_models
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-import dist_models
 from flame_gin.mesh import ParallelDims
 from flame_gin.parallel import global_valid_tokens, normalized_loss, parallelize, token_loss_sum
 from flame_gin.parallel.context import context_parallel, enable_context_parallel, shard_batch
@@ -29,8 +29,7 @@ def _full(t):
 VARLEN_CUTS = ([0, 10, 16, 27, 32], [0, 5, 21, 32])  # a document starting at the cp split; one crossing it
 
 
-def check(rank, world, family, dims_kwargs, par_kwargs, rows=4, seq=32, steps=2, model_kwargs=None,
-          varlen=False):
+def check(rank, world, family, dims_kwargs, par_kwargs, rows=4, seq=32, steps=2, model_kwargs=None, varlen=False):
     dims = ParallelDims(world_size=world, **dims_kwargs)
     mesh = dims.build(device_type="cpu")
     model_kwargs = model_kwargs or {}
@@ -55,7 +54,7 @@ def check(rank, world, family, dims_kwargs, par_kwargs, rows=4, seq=32, steps=2,
         ref_loss.backward()
         # parallel: this rank's data shard
         opt_par.zero_grad()
-        local_ids, local_labels = ids[dp_rank * per:(dp_rank + 1) * per], labels[dp_rank * per:(dp_rank + 1) * per]
+        local_ids, local_labels = ids[dp_rank * per : (dp_rank + 1) * per], labels[dp_rank * per : (dp_rank + 1) * per]
         scope, kwargs = contextlib.nullcontext(), dict(extra)
         if dims.cp > 1:
             local = shard_batch(input_ids=local_ids, labels=local_labels, cu_seqlens=cu, cp_mesh=mesh["cp"])
@@ -73,13 +72,15 @@ def check(rank, world, family, dims_kwargs, par_kwargs, rows=4, seq=32, steps=2,
         for name, p in par.named_parameters():
             name = _clean(name)
             assert p.grad is not None, f"no gradient for {name}"
-            torch.testing.assert_close(_full(p.grad), ref_grads[name], atol=ATOL, rtol=RTOL,
-                                       msg=lambda m: f"step {step} grad {name}: {m}")
+            torch.testing.assert_close(
+                _full(p.grad), ref_grads[name], atol=ATOL, rtol=RTOL, msg=lambda m: f"step {step} grad {name}: {m}"
+            )
             seen += 1
         assert seen == len(ref_grads), (seen, len(ref_grads))
         opt_ref.step()
         opt_par.step()
     for name, p in par.named_parameters():
-        torch.testing.assert_close(_full(p.detach()), dict(ref.named_parameters())[_clean(name)].detach(),
-                                   atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(
+            _full(p.detach()), dict(ref.named_parameters())[_clean(name)].detach(), atol=ATOL, rtol=RTOL
+        )
     dist.barrier()

@@ -32,5 +32,10 @@ def _entry(rank, world_size, port, fn, args, kwargs):
 
 def launch(fn, *, world_size: int, args: tuple = (), kwargs: dict | None = None) -> None:
     """Spawns `world_size` processes running `fn(rank, world_size, *args)`; raises if any fails."""
-    mp.start_processes(_entry, args=(world_size, _free_port(), fn, args, kwargs or {}), nprocs=world_size,
-                       start_method="spawn", join=True)
+    mp.start_processes(
+        _entry,
+        args=(world_size, _free_port(), fn, args, kwargs or {}),
+        nprocs=world_size,
+        start_method="spawn",
+        join=True,
+    )

@@ -7,28 +7,63 @@ import torch
 VOCAB = 128
 
 
-def build(family: str, *, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0,
-          kernel_mode: str = "reference", **extra):
+def build(
+    family: str,
+    *,
+    layers: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+    seed: int = 0,
+    kernel_mode: str = "reference",
+    **extra,
+):
     """A tiny causal LM of `family` with weights drawn from `seed` (reference kernels on CPU for FLA;
     `kernel_mode="compiled"` for the custom-op attention that compiled blocks use)."""
     torch.manual_seed(seed)
     if family == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
-        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                          num_attention_heads=heads, num_key_value_heads=heads, vocab_size=VOCAB,
-                          max_position_embeddings=256, attn_implementation="sdpa", tie_word_embeddings=False,
-                          **extra)
+
+        cfg = LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            vocab_size=VOCAB,
+            max_position_embeddings=256,
+            attn_implementation="sdpa",
+            tie_word_embeddings=False,
+            **extra,
+        )
         model = LlamaForCausalLM(cfg)
     else:
         import flame_gin.kernels
+
         flame_gin.kernels.select(mode=kernel_mode)
-        from fla.models import (DeltaNetConfig, DeltaNetForCausalLM, GatedDeltaNetConfig, GatedDeltaNetForCausalLM,
-                                GLAConfig, GLAForCausalLM)
-        classes = {"gla": (GLAConfig, GLAForCausalLM), "delta_net": (DeltaNetConfig, DeltaNetForCausalLM),
-                   "gated_deltanet": (GatedDeltaNetConfig, GatedDeltaNetForCausalLM)}
+        from fla.models import (
+            DeltaNetConfig,
+            DeltaNetForCausalLM,
+            GatedDeltaNetConfig,
+            GatedDeltaNetForCausalLM,
+            GLAConfig,
+            GLAForCausalLM,
+        )
+
+        classes = {
+            "gla": (GLAConfig, GLAForCausalLM),
+            "delta_net": (DeltaNetConfig, DeltaNetForCausalLM),
+            "gated_deltanet": (GatedDeltaNetConfig, GatedDeltaNetForCausalLM),
+        }
         cfg_cls, model_cls = classes[family]
-        kwargs = dict(hidden_size=hidden, num_hidden_layers=layers, num_heads=heads, vocab_size=VOCAB,
-                      tie_word_embeddings=False, fuse_cross_entropy=False, fuse_linear_cross_entropy=False)
+        kwargs = dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_heads=heads,
+            vocab_size=VOCAB,
+            tie_word_embeddings=False,
+            fuse_cross_entropy=False,
+            fuse_linear_cross_entropy=False,
+        )
         if family == "gated_deltanet":
             kwargs["head_dim"] = hidden // heads
         kwargs.update(extra)

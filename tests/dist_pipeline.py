@@ -4,25 +4,29 @@ from __future__ import annotations
 
 import functools
 
+import dist_models
 import torch
 import torch.distributed as dist
+from dist_equivalence import ATOL, RTOL, _clean, _full
 
-import dist_models
 from flame_gin.mesh import ParallelDims
 from flame_gin.parallel import global_valid_tokens, parallelize, token_loss_sum
 from flame_gin.parallel.pipeline import build_pipeline, pipeline_step
-from dist_equivalence import ATOL, RTOL, _clean, _full
 
 
-def check(rank, world, family, dims_kwargs, schedule, stages_per_rank=1, microbatches=2, rows=4, seq=16,
-          steps=2):
+def check(rank, world, family, dims_kwargs, schedule, stages_per_rank=1, microbatches=2, rows=4, seq=16, steps=2):
     dims = ParallelDims(world_size=world, **dims_kwargs)
     mesh = dims.build(device_type="cpu")
     ref = dist_models.build(family, layers=4)
     dims.validate_for_model(config=ref.config)
-    runtime = build_pipeline(ref, pp_mesh=mesh["pp"], microbatches=microbatches, schedule=schedule,
-                             stages_per_rank=stages_per_rank,
-                             parallelize_stage=functools.partial(parallelize, dims=dims, mesh=mesh))
+    runtime = build_pipeline(
+        ref,
+        pp_mesh=mesh["pp"],
+        microbatches=microbatches,
+        schedule=schedule,
+        stages_per_rank=stages_per_rank,
+        parallelize_stage=functools.partial(parallelize, dims=dims, mesh=mesh),
+    )
     params = [p for m in runtime.stages for p in m.parameters()]
     opt_par = torch.optim.SGD(params, lr=0.5)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.5)
@@ -41,7 +45,12 @@ def check(rank, world, family, dims_kwargs, schedule, stages_per_rank=1, microba
         ref_grads = {n: p.grad for n, p in ref.named_parameters()}
         for module in runtime.stages:
             for name, p in module.named_parameters():
-                torch.testing.assert_close(_full(p.grad), ref_grads[_clean(name)], atol=ATOL, rtol=RTOL,
-                                           msg=lambda m: f"step {step} grad {name}: {m}")
+                torch.testing.assert_close(
+                    _full(p.grad),
+                    ref_grads[_clean(name)],
+                    atol=ATOL,
+                    rtol=RTOL,
+                    msg=lambda m: f"step {step} grad {name}: {m}",
+                )
         opt_ref.step()
         opt_par.step()

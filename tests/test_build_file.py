@@ -12,44 +12,44 @@ _RULES = ("py_library", "py_binary", "py_test")
 
 
 def _targets():
-  tree = ast.parse((ROOT / "BUILD").read_text(), filename="BUILD")
-  targets = []
-  for node in ast.walk(tree):
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _RULES:
-      kwargs = {k.arg: k.value for k in node.keywords}
-      srcs = [e.value for e in kwargs["srcs"].elts] if "srcs" in kwargs else []
-      deps = [e.value for e in kwargs["deps"].elts] if "deps" in kwargs else []
-      targets.append(dict(kind=node.func.id, name=kwargs["name"].value, srcs=srcs, deps=deps))
-  return targets
+    tree = ast.parse((ROOT / "BUILD").read_text(), filename="BUILD")
+    targets = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _RULES:
+            kwargs = {k.arg: k.value for k in node.keywords}
+            srcs = [e.value for e in kwargs["srcs"].elts] if "srcs" in kwargs else []
+            deps = [e.value for e in kwargs["deps"].elts] if "deps" in kwargs else []
+            targets.append(dict(kind=node.func.id, name=kwargs["name"].value, srcs=srcs, deps=deps))
+    return targets
 
 
 def test_every_module_is_in_a_library():
-  srcs = {s for t in _targets() if t["kind"] in ("py_library", "py_binary") for s in t["srcs"]}
-  modules = {str(p.relative_to(ROOT)) for p in (ROOT / "flame_gin").rglob("*.py")}
-  assert modules - srcs == set(), "modules missing from BUILD"
-  assert {s for s in srcs if not (ROOT / s).is_file()} == set(), "BUILD names files that do not exist"
+    srcs = {s for t in _targets() if t["kind"] in ("py_library", "py_binary") for s in t["srcs"]}
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "flame_gin").rglob("*.py")}
+    assert modules - srcs == set(), "modules missing from BUILD"
+    assert {s for s in srcs if not (ROOT / s).is_file()} == set(), "BUILD names files that do not exist"
 
 
 def test_every_test_file_has_a_py_test():
-  tests = {s for t in _targets() if t["kind"] == "py_test" for s in t["srcs"]}
-  files = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")}
-  assert files - tests == set(), "test files missing from BUILD"
-  assert tests - files == set(), "BUILD names test files that do not exist"
+    tests = {s for t in _targets() if t["kind"] == "py_test" for s in t["srcs"]}
+    files = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")}
+    assert files - tests == set(), "test files missing from BUILD"
+    assert tests - files == set(), "BUILD names test files that do not exist"
 
 
 def test_deps_name_existing_targets_without_cycles():
-  targets = _targets()
-  graph = {f":{t['name']}": [d for d in t["deps"] if d.startswith(":")] for t in targets}
+    targets = _targets()
+    graph = {f":{t['name']}": [d for d in t["deps"] if d.startswith(":")] for t in targets}
 
-  def visit(node, path):
-    assert node not in path, f"dependency cycle: {' -> '.join(path + [node])}"
-    for dep in graph.get(node, []):
-      visit(dep, path + [node])
+    def visit(node, path):
+        assert node not in path, f"dependency cycle: {' -> '.join(path + [node])}"
+        for dep in graph.get(node, []):
+            visit(dep, path + [node])
 
-  for node in graph:
-    visit(node, [])
-  names = {f":{t['name']}" for t in targets}
-  for t in targets:
-    for dep in t["deps"]:
-      if dep.startswith(":"):
-        assert dep in names, f"{t['name']} depends on unknown target {dep}"
+    for node in graph:
+        visit(node, [])
+    names = {f":{t['name']}" for t in targets}
+    for t in targets:
+        for dep in t["deps"]:
+            if dep.startswith(":"):
+                assert dep in names, f"{t['name']} depends on unknown target {dep}"

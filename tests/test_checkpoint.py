@@ -10,13 +10,13 @@ import torch
 from flame_gin.checkpoint import (
     REQUEUE_EXIT_CODE,
     CheckpointCorruptError,
-    CheckpointError,
     Checkpointer,
+    CheckpointError,
     PreemptionFlag,
+    layout,
     load_weights,
     save_seed_checkpoint,
 )
-from flame_gin.checkpoint import layout
 
 
 class Tiny(torch.nn.Module):

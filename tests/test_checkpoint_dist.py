@@ -112,8 +112,7 @@ def _free_port() -> int:
 
 @pytest.mark.timeout(180)
 def test_meshes_fsdp_gloo(tmp_path):
-    from flame_gin.checkpoint import Checkpointer, save_seed_checkpoint
-    from flame_gin.checkpoint import reader
+    from flame_gin.checkpoint import Checkpointer, reader, save_seed_checkpoint
 
     torch.manual_seed(3)
     single = Tiny()
@@ -147,9 +146,7 @@ def test_meshes_fsdp_gloo(tmp_path):
     item = tmp_path / "fsdp" / "2" / "model"
     keys = []
     for r in range(2):
-        kv = ts.KvStore.open(
-            layout.ocdbt_kvstore(path=item / f"ocdbt.process_{r}", for_write=False)
-        ).result()
+        kv = ts.KvStore.open(layout.ocdbt_kvstore(path=item / f"ocdbt.process_{r}", for_write=False)).result()
         keys.append({k.decode() for k in kv.list().result() if k.startswith(b"embed.weight/")})
     assert "embed.weight/c.0.0" in keys[0] and "embed.weight/c.0.0" not in keys[1]
     assert "embed.weight/c.1.0" in keys[1] and "embed.weight/c.1.0" not in keys[0]

@@ -77,7 +77,9 @@ def test_kill_9_during_save_keeps_previous(tmp_path):
     for attempt in range(KILLS):
         proc = subprocess.Popen(
             [sys.executable, __file__, "loop", str(tmp_path)],
-            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         assert proc.stdout.readline().strip() == b"ready"
         # Wait for a first commit, then kill at a random moment mid-stream.
@@ -97,7 +99,9 @@ def test_kill_9_during_save_keeps_previous(tmp_path):
 def test_disk_full_commits_nothing(tmp_path):
     proc = subprocess.run(
         [sys.executable, __file__, "diskfull", str(tmp_path)],
-        env=ENV, capture_output=True, timeout=50,
+        env=ENV,
+        capture_output=True,
+        timeout=50,
     )
     out = proc.stdout.decode() + proc.stderr.decode()
     assert proc.returncode == 3, out[-2000:]

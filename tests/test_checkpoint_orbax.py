@@ -41,7 +41,10 @@ def _bits(t: torch.Tensor) -> np.ndarray:
 def _run_jax(code: str, cwd: pathlib.Path) -> str:
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        env=JAX_ENV, cwd=cwd, capture_output=True, timeout=120,
+        env=JAX_ENV,
+        cwd=cwd,
+        capture_output=True,
+        timeout=120,
     )
     out = proc.stdout.decode() + proc.stderr.decode()
     assert proc.returncode == 0, out[-3000:]
@@ -52,9 +55,7 @@ def _run_jax(code: str, cwd: pathlib.Path) -> str:
 def test_jax_restores_torch_checkpoint_and_back(tmp_path):
     model = _model()
     opt = torch.optim.AdamW(model.parameters())
-    Checkpointer(directory=tmp_path / "ckpt").save(
-        step=7, model=model, optimizer=opt, extra={}, config_text=""
-    )
+    Checkpointer(directory=tmp_path / "ckpt").save(step=7, model=model, optimizer=opt, extra={}, config_text="")
     for name, t in model.state_dict().items():
         np.save(tmp_path / f"ref_{name}.npy", _bits(t))
 
@@ -123,9 +124,7 @@ def test_every_orbax_restore_path_matches_orbax_own_checkpoint(tmp_path):
     device (the legacy `PyTreeCheckpointer().restore(path)` needs the `_sharding` file Orbax writes)."""
     model = _model()
     opt = torch.optim.AdamW(model.parameters())
-    Checkpointer(directory=tmp_path / "ckpt").save(
-        step=7, model=model, optimizer=opt, extra={}, config_text=""
-    )
+    Checkpointer(directory=tmp_path / "ckpt").save(step=7, model=model, optimizer=opt, extra={}, config_text="")
     out = _run_jax(
         """
         import os

@@ -2,7 +2,6 @@
 setting and the value: through the real trainer (in process), and the run directory is never left behind."""
 
 import os
-import pathlib
 
 import pytest
 
@@ -11,75 +10,98 @@ from flame_gin import configurables
 
 
 def _run(workdir, *bindings):
-  config_lib.parse(gin_files=["gin/tiny.gin"], gin_bindings=[
-      f"MODEL_DIR = {str(workdir)!r}", "TRAIN_STEPS = 2", "WARMUP_STEPS = 0", "flame_gin.run.eval_interval = 0",
-      *bindings], search_paths=config_lib.default_search_paths())
-  return configurables.run(config_text="", on_first_step=None)
+    config_lib.parse(
+        gin_files=["gin/tiny.gin"],
+        gin_bindings=[
+            f"MODEL_DIR = {str(workdir)!r}",
+            "TRAIN_STEPS = 2",
+            "WARMUP_STEPS = 0",
+            "flame_gin.run.eval_interval = 0",
+            *bindings,
+        ],
+        search_paths=config_lib.default_search_paths(),
+    )
+    return configurables.run(config_text="", on_first_step=None)
 
 
-@pytest.mark.parametrize("bindings, message", [
-    (["LR = 'abc'"], r"LR='abc' \(flame_gin.run.lr\) must be a positive number"),
-    (["LR = -1e-3"], r"LR=-0.001 .* must be a positive number"),
-    (["flame_gin.run.kernel_mode = 'fastest'"], r"kernel_mode='fastest': expected one of"),
-    (["flame_gin.run.kernel_mode = 'triton'"], r"kernel_mode='triton' needs a CUDA GPU"),
-    (["NUM_HEADS = 3"], r"model family 'gla' cannot be built from its config"),
-    (["KEEP_CHECKPOINTS = 0"], r"keep=0: must be >= 1"),
-    (["flame_gin.build_loader.bad_rows = 'ignore'"], r"bad_rows='ignore' \(flame_gin.build_loader.bad_rows\)"),
-])
+@pytest.mark.parametrize(
+    "bindings, message",
+    [
+        (["LR = 'abc'"], r"LR='abc' \(flame_gin.run.lr\) must be a positive number"),
+        (["LR = -1e-3"], r"LR=-0.001 .* must be a positive number"),
+        (["flame_gin.run.kernel_mode = 'fastest'"], r"kernel_mode='fastest': expected one of"),
+        (["flame_gin.run.kernel_mode = 'triton'"], r"kernel_mode='triton' needs a CUDA GPU"),
+        (["NUM_HEADS = 3"], r"model family 'gla' cannot be built from its config"),
+        (["KEEP_CHECKPOINTS = 0"], r"keep=0: must be >= 1"),
+        (["flame_gin.build_loader.bad_rows = 'ignore'"], r"bad_rows='ignore' \(flame_gin.build_loader.bad_rows\)"),
+    ],
+)
 def test_bad_setting_is_named_and_leaves_no_run_directory(tmp_path, bindings, message):
-  workdir = tmp_path / "run"
-  with pytest.raises(config_lib.ConfigError, match=message):
-    _run(workdir, *bindings)
-  assert not workdir.exists()
+    workdir = tmp_path / "run"
+    with pytest.raises(config_lib.ConfigError, match=message):
+        _run(workdir, *bindings)
+    assert not workdir.exists()
 
 
 def test_unusable_run_directories_are_named(tmp_path):
-  afile = tmp_path / "afile"
-  afile.write_text("x")
-  with pytest.raises(config_lib.ConfigError, match=r"--workdir=.*afile' is a file"):
-    _run(afile)
-  locked = tmp_path / "locked"
-  locked.mkdir()
-  os.chmod(locked, 0o500)
-  try:
-    if os.access(locked, os.W_OK):
-      pytest.skip("running as a user who can write anywhere (root): a read-only directory cannot be made here")
-    with pytest.raises(config_lib.ConfigError, match=r"is not writable"):
-      _run(locked / "run")
-  finally:
-    os.chmod(locked, 0o700)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(config_lib.ConfigError, match=r"--workdir=.*afile' is a file"):
+        _run(afile)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root): a read-only directory cannot be made here")
+        with pytest.raises(config_lib.ConfigError, match=r"is not writable"):
+            _run(locked / "run")
+    finally:
+        os.chmod(locked, 0o700)
 
 
 def test_a_missing_text_field_is_named_before_the_model_is_built(tmp_path):
-  data = tmp_path / "docs.jsonl"
-  data.write_text('{"body": "def f():\\n    return 1\\n"}\n' * 4)
-  workdir = tmp_path / "run"
-  with pytest.raises(config_lib.ConfigError, match=r"text field 'text' not found; the columns are \['body'\]"):
-    _run(workdir, f"flame_gin.build_loader.sources = [{{'path': {str(data)!r}, 'holdout': 0.5}}]")
-  assert not workdir.exists()
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"body": "def f():\\n    return 1\\n"}\n' * 4)
+    workdir = tmp_path / "run"
+    with pytest.raises(config_lib.ConfigError, match=r"text field 'text' not found; the columns are \['body'\]"):
+        _run(workdir, f"flame_gin.build_loader.sources = [{{'path': {str(data)!r}, 'holdout': 0.5}}]")
+    assert not workdir.exists()
 
 
 def test_an_unreachable_tokenizer_is_named(tmp_path, monkeypatch):
-  import huggingface_hub.constants
-  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network retries (read at import)
-  workdir = tmp_path / "run"
-  with pytest.raises(config_lib.ConfigError, match=r"tokenizer 'no-such-org/no-such-tokenizer' \(flame_gin.build_loader"
-                     r".tokenizer\): neither a local tokenizer directory nor loadable"):
-    _run(workdir, "flame_gin.build_loader.tokenizer = 'no-such-org/no-such-tokenizer'")
-  assert not workdir.exists()
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network retries (read at import)
+    workdir = tmp_path / "run"
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"tokenizer 'no-such-org/no-such-tokenizer' \(flame_gin.build_loader"
+        r".tokenizer\): neither a local tokenizer directory nor loadable",
+    ):
+        _run(workdir, "flame_gin.build_loader.tokenizer = 'no-such-org/no-such-tokenizer'")
+    assert not workdir.exists()
 
 
 def test_rows_without_text_are_named_by_file_and_line_or_skipped(tmp_path, caplog):
-  data = tmp_path / "docs.jsonl"
-  data.write_text("".join(f'{{"text": "def f{i}():\\n    return {i}\\n"}}\n' for i in range(40))
-                  + '{"text": null}\n' + '{"text": "x = 1\\n"}\n' * 40)
-  source = f"flame_gin.build_loader.sources = [{{'path': {str(data)!r}, 'holdout': 0.2}}]"
-  workdir = tmp_path / "run"
-  with pytest.raises(config_lib.ConfigError, match=rf"1 row\(s\) without text in field 'text': {data} line 41; "
-                     r"fix the data, or set flame_gin.build_loader.bad_rows = 'skip'"):
-    _run(workdir, source)
-  assert not workdir.exists()
-  with caplog.at_level("WARNING"):
-    assert _run(workdir, source, "flame_gin.build_loader.bad_rows = 'skip'") == 0
-  assert any(f"skipping 1 row(s) without text in field 'text' (first: {data} line 41)" in r.getMessage()
-             for r in caplog.records)
+    data = tmp_path / "docs.jsonl"
+    data.write_text(
+        "".join(f'{{"text": "def f{i}():\\n    return {i}\\n"}}\n' for i in range(40))
+        + '{"text": null}\n'
+        + '{"text": "x = 1\\n"}\n' * 40
+    )
+    source = f"flame_gin.build_loader.sources = [{{'path': {str(data)!r}, 'holdout': 0.2}}]"
+    workdir = tmp_path / "run"
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=rf"1 row\(s\) without text in field 'text': {data} line 41; "
+        r"fix the data, or set flame_gin.build_loader.bad_rows = 'skip'",
+    ):
+        _run(workdir, source)
+    assert not workdir.exists()
+    with caplog.at_level("WARNING"):
+        assert _run(workdir, source, "flame_gin.build_loader.bad_rows = 'skip'") == 0
+    assert any(
+        f"skipping 1 row(s) without text in field 'text' (first: {data} line 41)" in r.getMessage()
+        for r in caplog.records
+    )

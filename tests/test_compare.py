@@ -15,31 +15,58 @@ LOSS = re.compile(r"\] \[(\d+)\] [^\n]*?\bloss=([0-9.e+-]+)")
 
 @pytest.mark.slow
 def test_compare_renders_two_runs_and_tabulates_them(tmp_path):
-  pytest.importorskip("matplotlib")
-  env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-  logs = {}
-  for name, lr in (("a", "3e-3"), ("b", "1e-3")):
+    pytest.importorskip("matplotlib")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    logs = {}
+    for name, lr in (("a", "3e-3"), ("b", "1e-3")):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flame_gin.train",
+                "--gin_file=gin/tiny.gin",
+                "--gin.TRAIN_STEPS=30",
+                f"--gin.LR={lr}",
+                "--gin.WARMUP_STEPS=2",
+                "--gin.flame_gin.run.log_interval=2",
+                "--gin.flame_gin.run.eval_interval=10",
+                f"--workdir={tmp_path / name}",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logs[name] = [float(v) for _, v in LOSS.findall(proc.stderr)]
+    out = tmp_path / "compare.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "flame_gin.train", "--gin_file=gin/tiny.gin", "--gin.TRAIN_STEPS=30",
-         f"--gin.LR={lr}", "--gin.WARMUP_STEPS=2", "--gin.flame_gin.run.log_interval=2",
-         "--gin.flame_gin.run.eval_interval=10", f"--workdir={tmp_path / name}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        [sys.executable, "-m", "flame_gin.compare", str(tmp_path / "a"), str(tmp_path / "b"), f"--out={out}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    logs[name] = [float(v) for _, v in LOSS.findall(proc.stderr)]
-  out = tmp_path / "compare.png"
-  proc = subprocess.run([sys.executable, "-m", "flame_gin.compare", str(tmp_path / "a"), str(tmp_path / "b"),
-                         f"--out={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  from matplotlib import image
-  pixels = image.imread(out)
-  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
-  assert pixels.shape[0] > 300 and pixels.shape[1] > 1000 and pixels[..., :3].std() > 0.05  # drawn, not blank
-  rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:3]}
-  for name in ("a", "b"):
-    row = rows[str(tmp_path / name)]
-    assert row[1] == "30"
-    assert float(row[2]) == pytest.approx(sum(logs[name][-10:]) / 10, abs=1e-3)
-  assert float(rows[str(tmp_path / "a")][2]) < float(rows[str(tmp_path / "b")][2])  # the higher LR learns faster here
-  bad = subprocess.run([sys.executable, "-m", "flame_gin.compare", str(tmp_path)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
-  assert bad.returncode == 2 and "no tensorboard/ folder" in bad.stderr and "Traceback" not in bad.stderr
+    from matplotlib import image
+
+    pixels = image.imread(out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    assert pixels.shape[0] > 300 and pixels.shape[1] > 1000 and pixels[..., :3].std() > 0.05  # drawn, not blank
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:3]}
+    for name in ("a", "b"):
+        row = rows[str(tmp_path / name)]
+        assert row[1] == "30"
+        assert float(row[2]) == pytest.approx(sum(logs[name][-10:]) / 10, abs=1e-3)
+    assert float(rows[str(tmp_path / "a")][2]) < float(rows[str(tmp_path / "b")][2])  # the higher LR learns faster here
+    bad = subprocess.run(
+        [sys.executable, "-m", "flame_gin.compare", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "no tensorboard/ folder" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,87 +1,103 @@
 """Gin plumbing: shorthand rewrite, search paths, errors that name file and line, config files written."""
 
 import pytest
-import gin
 
+import gin
 from flame_gin import config as config_lib
 from flame_gin import configurables  # noqa: F401  (registers configurables)
 
 
 def test_shorthand_rewrite_keeps_other_flags():
-  argv = ["prog", "--gin.TRAIN_STEPS=20", "--gin.LR=3e-4", "--workdir=x", "--gin.flame_gin.run.seed=1"]
-  assert config_lib.rewrite_shorthand(argv) == [
-      "prog", "--gin_bindings=TRAIN_STEPS = 20", "--gin_bindings=LR = 3e-4", "--workdir=x",
-      "--gin_bindings=flame_gin.run.seed = 1"]
+    argv = ["prog", "--gin.TRAIN_STEPS=20", "--gin.LR=3e-4", "--workdir=x", "--gin.flame_gin.run.seed=1"]
+    assert config_lib.rewrite_shorthand(argv) == [
+        "prog",
+        "--gin_bindings=TRAIN_STEPS = 20",
+        "--gin_bindings=LR = 3e-4",
+        "--workdir=x",
+        "--gin_bindings=flame_gin.run.seed = 1",
+    ]
 
 
 def test_shorthand_without_value_is_an_error():
-  with pytest.raises(config_lib.ConfigError, match="--gin.TRAIN_STEPS"):
-    config_lib.rewrite_shorthand(["prog", "--gin.TRAIN_STEPS"])
+    with pytest.raises(config_lib.ConfigError, match="--gin.TRAIN_STEPS"):
+        config_lib.rewrite_shorthand(["prog", "--gin.TRAIN_STEPS"])
 
 
 def test_later_files_and_bindings_override(tmp_path):
-  (tmp_path / "a.gin").write_text("flame_gin.run.seed = 1\nflame_gin.run.lr = 0.1\n")
-  (tmp_path / "b.gin").write_text("flame_gin.run.seed = 2\n")
-  config_lib.parse(gin_files=["a.gin", "b.gin"], gin_bindings=["flame_gin.run.lr = 0.5"],
-                   search_paths=[str(tmp_path)])
-  assert gin.query_parameter("flame_gin.run.seed") == 2
-  assert gin.query_parameter("flame_gin.run.lr") == 0.5
+    (tmp_path / "a.gin").write_text("flame_gin.run.seed = 1\nflame_gin.run.lr = 0.1\n")
+    (tmp_path / "b.gin").write_text("flame_gin.run.seed = 2\n")
+    config_lib.parse(
+        gin_files=["a.gin", "b.gin"], gin_bindings=["flame_gin.run.lr = 0.5"], search_paths=[str(tmp_path)]
+    )
+    assert gin.query_parameter("flame_gin.run.seed") == 2
+    assert gin.query_parameter("flame_gin.run.lr") == 0.5
 
 
 def test_unknown_parameter_names_file_and_line(tmp_path):
-  (tmp_path / "bad.gin").write_text("flame_gin.run.seed = 1\nflame_gin.run.sede = 2\n")
-  with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.parse(gin_files=["bad.gin"], gin_bindings=[], search_paths=[str(tmp_path)])
-  assert "sede" in str(e.value) and "bad.gin" in str(e.value) and "line 2" in str(e.value)
+    (tmp_path / "bad.gin").write_text("flame_gin.run.seed = 1\nflame_gin.run.sede = 2\n")
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.parse(gin_files=["bad.gin"], gin_bindings=[], search_paths=[str(tmp_path)])
+    assert "sede" in str(e.value) and "bad.gin" in str(e.value) and "line 2" in str(e.value)
 
 
 def test_unknown_configurable_names_the_including_file(tmp_path):
-  (tmp_path / "inner.gin").write_text("\n\nno_such_thing.x = 1\n")
-  (tmp_path / "outer.gin").write_text("include 'inner.gin'\n")
-  with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.parse(gin_files=["outer.gin"], gin_bindings=[], search_paths=[str(tmp_path)])
-  msg = str(e.value)
-  assert "no_such_thing" in msg and "inner.gin" in msg and "line 3" in msg and "outer.gin" in msg
+    (tmp_path / "inner.gin").write_text("\n\nno_such_thing.x = 1\n")
+    (tmp_path / "outer.gin").write_text("include 'inner.gin'\n")
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.parse(gin_files=["outer.gin"], gin_bindings=[], search_paths=[str(tmp_path)])
+    msg = str(e.value)
+    assert "no_such_thing" in msg and "inner.gin" in msg and "line 3" in msg and "outer.gin" in msg
 
 
 def test_missing_file_lists_search_paths(tmp_path):
-  with pytest.raises(config_lib.ConfigError, match="nope.gin.*not found"):
-    config_lib.parse(gin_files=["nope.gin"], gin_bindings=[], search_paths=[str(tmp_path)])
+    with pytest.raises(config_lib.ConfigError, match="nope.gin.*not found"):
+        config_lib.parse(gin_files=["nope.gin"], gin_bindings=[], search_paths=[str(tmp_path)])
 
 
 def test_unset_required_macro_is_named():
-  with pytest.raises(config_lib.ConfigError, match="TRAIN_STEPS"):
-    config_lib.parse(gin_files=["gin/base.gin"], gin_bindings=["MODEL_DIR = '/x'", "BATCH_SIZE = 1",
-                                                               "SEQ_LEN = 8", "LR = 0.1"],
-                     search_paths=config_lib.default_search_paths())
+    with pytest.raises(config_lib.ConfigError, match="TRAIN_STEPS"):
+        config_lib.parse(
+            gin_files=["gin/base.gin"],
+            gin_bindings=["MODEL_DIR = '/x'", "BATCH_SIZE = 1", "SEQ_LEN = 8", "LR = 0.1"],
+            search_paths=config_lib.default_search_paths(),
+        )
 
 
 def test_config_text_is_reparseable(tmp_path):
-  config_lib.parse(gin_files=["gin/base.gin"], gin_bindings=["MODEL_DIR = '/x'", "TRAIN_STEPS = 3", "BATCH_SIZE = 1",
-                                                             "SEQ_LEN = 8", "LR = 0.1"],
-                   search_paths=config_lib.default_search_paths())
-  text = config_lib.config_text()
-  path = config_lib.write_config(workdir=tmp_path, text=text)
-  config_lib.parse(gin_files=[str(path)], gin_bindings=[], search_paths=[str(tmp_path)])
-  assert gin.query_parameter("%TRAIN_STEPS") == 3
-  assert gin.query_parameter("flame_gin.lr_schedule.name") == "cosine"
-  assert config_lib.config_text() == text
+    config_lib.parse(
+        gin_files=["gin/base.gin"],
+        gin_bindings=["MODEL_DIR = '/x'", "TRAIN_STEPS = 3", "BATCH_SIZE = 1", "SEQ_LEN = 8", "LR = 0.1"],
+        search_paths=config_lib.default_search_paths(),
+    )
+    text = config_lib.config_text()
+    path = config_lib.write_config(workdir=tmp_path, text=text)
+    config_lib.parse(gin_files=[str(path)], gin_bindings=[], search_paths=[str(tmp_path)])
+    assert gin.query_parameter("%TRAIN_STEPS") == 3
+    assert gin.query_parameter("flame_gin.lr_schedule.name") == "cosine"
+    assert config_lib.config_text() == text
 
 
 def test_bound_value_resolves_macros_and_falls_back_only_when_unbound():
-  config_lib.parse(gin_files=["gin/tiny.gin"], gin_bindings=["MODEL_DIR = '/tmp/x'", "SEQ_LEN = 48"],
-                   search_paths=config_lib.default_search_paths())
-  assert config_lib.bound_value("flame_gin.run.seq_len") == 48  # bound through the SEQ_LEN macro
-  assert config_lib.bound_value("flame_gin.run.restore_step", default="unset") == "unset"
-  with pytest.raises(ValueError):
-    config_lib.bound_value("flame_gin.run.restore_step")
+    config_lib.parse(
+        gin_files=["gin/tiny.gin"],
+        gin_bindings=["MODEL_DIR = '/tmp/x'", "SEQ_LEN = 48"],
+        search_paths=config_lib.default_search_paths(),
+    )
+    assert config_lib.bound_value("flame_gin.run.seq_len") == 48  # bound through the SEQ_LEN macro
+    assert config_lib.bound_value("flame_gin.run.restore_step", default="unset") == "unset"
+    with pytest.raises(ValueError):
+        config_lib.bound_value("flame_gin.run.restore_step")
 
 
 def test_includes_found_on_a_later_search_path_log_no_error(caplog, tmp_path):
-  config_lib.parse(gin_files=["gin/tiny.gin"], gin_bindings=["MODEL_DIR = '/tmp/x'"],
-                   search_paths=config_lib.default_search_paths())  # tiny.gin includes base.gin from gin/
-  assert not [r for r in caplog.records if "Path not found" in r.getMessage()]
-  (tmp_path / "broken.gin").write_text("include 'no_such_file.gin'\n")
-  with pytest.raises(config_lib.ConfigError, match="no_such_file.gin"):  # a real miss still fails, named
-    config_lib.parse(gin_files=[str(tmp_path / "broken.gin")], gin_bindings=[],
-                     search_paths=config_lib.default_search_paths())
+    config_lib.parse(
+        gin_files=["gin/tiny.gin"],
+        gin_bindings=["MODEL_DIR = '/tmp/x'"],
+        search_paths=config_lib.default_search_paths(),
+    )  # tiny.gin includes base.gin from gin/
+    assert not [r for r in caplog.records if "Path not found" in r.getMessage()]
+    (tmp_path / "broken.gin").write_text("include 'no_such_file.gin'\n")
+    with pytest.raises(config_lib.ConfigError, match="no_such_file.gin"):  # a real miss still fails, named
+        config_lib.parse(
+            gin_files=[str(tmp_path / "broken.gin")], gin_bindings=[], search_paths=config_lib.default_search_paths()
+        )

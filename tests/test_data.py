@@ -6,10 +6,10 @@ import os
 
 import numpy as np
 import pytest
+from test_data_resume import ID_BASE, doc_text, make_tokenizer, write_corpus
 
 from flame_gin.data import build_loader, embedded, source
 from flame_gin.data.sources import open_split
-from test_data_resume import ID_BASE, doc_text, make_tokenizer, write_corpus
 
 BOS, EOS, PAD = 0, 1, 2
 
@@ -17,8 +17,13 @@ BOS, EOS, PAD = 0, 1, 2
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    return {"dir": str(d), "tok": make_tokenizer(d / "tok"), "a": write_corpus(str(d), "a.jsonl", range(0, 60)),
-            "b": write_corpus(str(d), "b.jsonl", range(100, 160)), "cache": str(d / "cache")}
+    return {
+        "dir": str(d),
+        "tok": make_tokenizer(d / "tok"),
+        "a": write_corpus(str(d), "a.jsonl", range(0, 60)),
+        "b": write_corpus(str(d), "b.jsonl", range(100, 160)),
+        "cache": str(d / "cache"),
+    }
 
 
 def loader(env, **kw):
@@ -29,6 +34,7 @@ def loader(env, **kw):
 def reference_stream(env, ids):
     """BOS + tokens + EOS of each document, concatenated, tokenized independently of the loader."""
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(env["tok"])
     out = []
     for i in ids:
@@ -54,7 +60,7 @@ def test_packed_batches_match_reference_stream(env):
 def test_varlen_marks_documents_and_masks_boundary_labels(env):
     ld = loader(env, sources=[env["a"]], shuffle=False, num_epochs=1, varlen=True, context_len=20, batch_size=3)
     ref_docs = [reference_stream(env, [i]) for i in range(60)]
-    pieces = [d[j:j + 20] for d in ref_docs for j in range(0, len(d), 20)]
+    pieces = [d[j : j + 20] for d in ref_docs for j in range(0, len(d), 20)]
     flat = np.concatenate(pieces)
     starts = set(np.cumsum([0] + [len(p) for p in pieces])[:-1].tolist())
     pos = 0
@@ -63,7 +69,7 @@ def test_varlen_marks_documents_and_masks_boundary_labels(env):
         assert x.shape == (48,) and cu[0] == 0 and cu[-1] == 48 and (np.diff(cu) > 0).all()
         assert np.diff(cu).max() <= 20
         valid = min(48, len(flat) - 1 - pos)
-        np.testing.assert_array_equal(x[:valid], flat[pos:pos + valid])
+        np.testing.assert_array_equal(x[:valid], flat[pos : pos + valid])
         for t in range(valid):
             boundary = (pos + t + 1) in starts
             assert y[t] == (-100 if boundary else flat[pos + t + 1])
@@ -76,6 +82,7 @@ def test_varlen_marks_documents_and_masks_boundary_labels(env):
 @pytest.mark.parametrize("fmt", ["parquet", "text", "arrow", "dir", "data_files"])
 def test_formats_give_the_same_batches(env, fmt):
     import datasets
+
     texts = [doc_text(i) for i in range(60)]
     d = os.path.join(env["dir"], f"fmt_{fmt}")
     os.makedirs(d, exist_ok=True)
@@ -103,6 +110,7 @@ def test_shuffle_exact_and_buffer_are_seeded_permutations(env):
     def order(**kw):
         ids = np.concatenate([b["input_ids"].numpy().ravel() for b in loader(env, num_epochs=1, **kw)])
         return [int(t) - ID_BASE for t in ids if ID_BASE <= t < ID_BASE + 60]
+
     plain = order(sources=[env["a"]], shuffle=False)
     assert plain == list(range(60))
     for kw in (dict(sources=[env["a"]]), dict(sources=[{"path": env["a"], "streaming": True}], buffer_size=10)):
@@ -136,8 +144,9 @@ def test_offline_store_gives_the_same_batches(env):
     kw = dict(sources=[env["a"]], batch_size=3)
     online = loader(env, **kw)
     offline = loader(env, offline=True, **kw)
-    assert [next(online)["input_ids"].tolist() for _ in range(6)] == \
-           [next(offline)["input_ids"].tolist() for _ in range(6)]
+    assert [next(online)["input_ids"].tolist() for _ in range(6)] == [
+        next(offline)["input_ids"].tolist() for _ in range(6)
+    ]
     stores = os.listdir(os.path.join(env["cache"], "token_stores"))
     assert len(stores) == 1
 
@@ -145,6 +154,7 @@ def test_offline_store_gives_the_same_batches(env):
 @pytest.mark.slow
 def test_embedded_corpus_and_tokenizer(tmp_path):
     from transformers import AutoTokenizer
+
     d = embedded.corpus_dir(cache_dir=tmp_path)
     lines = (d / "validation.jsonl").read_text().splitlines()
     assert lines and "def " in "".join(json.loads(x)["text"] for x in lines)
@@ -162,15 +172,18 @@ def test_embedded_corpus_and_tokenizer(tmp_path):
     assert runs[0] == runs[1] and runs[0][0] == first["input_ids"].tolist()  # eval restarts, deterministic
 
 
-@pytest.mark.parametrize("kw,exc,names", [
-    (dict(sources=["/nope/missing.jsonl"]), FileNotFoundError, "/nope/missing.jsonl"),
-    (dict(sources=[{"path": "json", "data_files": "/nope/x.jsonl"}]), FileNotFoundError, "/nope/x.jsonl"),
-    (dict(sources=[{"path": "/nope/dir"}]), FileNotFoundError, "/nope/dir"),
-    (dict(probabilities=[0.5]), ValueError, "[0.5]"),
-    (dict(probabilities=[0.6, 0.6]), ValueError, "[0.6, 0.6]"),
-    (dict(tokenizer="/nope/tok"), FileNotFoundError, "/nope/tok"),
-    (dict(text_field="body"), KeyError, "'body'"),
-])
+@pytest.mark.parametrize(
+    "kw,exc,names",
+    [
+        (dict(sources=["/nope/missing.jsonl"]), FileNotFoundError, "/nope/missing.jsonl"),
+        (dict(sources=[{"path": "json", "data_files": "/nope/x.jsonl"}]), FileNotFoundError, "/nope/x.jsonl"),
+        (dict(sources=[{"path": "/nope/dir"}]), FileNotFoundError, "/nope/dir"),
+        (dict(probabilities=[0.5]), ValueError, "[0.5]"),
+        (dict(probabilities=[0.6, 0.6]), ValueError, "[0.6, 0.6]"),
+        (dict(tokenizer="/nope/tok"), FileNotFoundError, "/nope/tok"),
+        (dict(text_field="body"), KeyError, "'body'"),
+    ],
+)
 def test_bad_input_is_named(env, kw, exc, names):
     if "text_field" in kw:
         kw = dict(sources=[{"path": env["a"], "text_field": kw["text_field"]}])
@@ -200,6 +213,7 @@ def test_empty_dataset_and_unreadable_tokenizer(env, tmp_path):
 def test_hub_name_goes_through_load_dataset_and_fails_clearly_offline(env, monkeypatch):
     import datasets.config
     import huggingface_hub.constants
+
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises((ConnectionError, RuntimeError, OSError)) as e:

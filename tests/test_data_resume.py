@@ -29,8 +29,9 @@ def make_tokenizer(directory):
     words = ["<s>", "</s>", "<pad>", "[UNK]"] + [f"d{i}" for i in range(N_DOCS)] + [f"w{i}" for i in range(50)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="[UNK]")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="[UNK]"
+    )
     fast.save_pretrained(str(directory))
     return str(directory)
 
@@ -50,8 +51,12 @@ def write_corpus(directory, name, ids):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("data_resume")
-    return {"tok": make_tokenizer(d / "tok"), "a": write_corpus(str(d), "a.jsonl", range(0, 160)),
-            "b": write_corpus(str(d), "b.jsonl", range(160, N_DOCS)), "cache": str(d / "cache")}
+    return {
+        "tok": make_tokenizer(d / "tok"),
+        "a": write_corpus(str(d), "a.jsonl", range(0, 160)),
+        "b": write_corpus(str(d), "b.jsonl", range(160, N_DOCS)),
+        "cache": str(d / "cache"),
+    }
 
 
 def cases(env):
@@ -59,8 +64,7 @@ def cases(env):
     return {
         "map": dict(sources=[a]),
         "streaming": dict(sources=[{**a, "streaming": True}], buffer_size=16),
-        "mixture": dict(sources=[a, {"path": env["b"], "streaming": True}], probabilities=[0.7, 0.3],
-                        buffer_size=8),
+        "mixture": dict(sources=[a, {"path": env["b"], "streaming": True}], probabilities=[0.7, 0.3], buffer_size=8),
         "varlen": dict(sources=[a], varlen=True, context_len=12),
         "workers2": dict(sources=[a], num_workers=2),
     }
@@ -98,8 +102,12 @@ def test_exact_resume_in_new_process(env, tmp_path):
         states[name] = json.loads(json.dumps(ld.state_dict()))
     states_file, out_file = tmp_path / "states.json", tmp_path / "out.json"
     states_file.write_text(json.dumps(states))
-    subprocess.run([sys.executable, __file__, json.dumps(env), str(states_file), str(out_file), str(n - k)],
-                   check=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+    subprocess.run(
+        [sys.executable, __file__, json.dumps(env), str(states_file), str(out_file), str(n - k)],
+        check=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     rest = json.loads(out_file.read_text())
     for name in cases(env):
         assert rest[name] == full[name][k:], f"{name}: resumed batches differ"

@@ -8,8 +8,7 @@ import sys
 import pytest
 import torch
 
-from flame_gin.checkpoint import Checkpointer, CheckpointError
-from flame_gin.checkpoint import hf
+from flame_gin.checkpoint import Checkpointer, CheckpointError, hf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -19,8 +18,13 @@ def _tiny_llama(seed):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -42,17 +46,24 @@ def test_export_cli_and_library_then_import(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = _tiny_llama(seed=0)
-    Checkpointer(directory=tmp_path / "ckpt").save(
-        step=4, model=model, optimizer=None, extra={}, config_text=""
-    )
+    Checkpointer(directory=tmp_path / "ckpt").save(step=4, model=model, optimizer=None, extra={}, config_text="")
     tok = _tokenizer(tmp_path / "tok")
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
 
     # CLI, bfloat16 with tokenizer.
     proc = subprocess.run(
-        [sys.executable, "-m", "flame_gin.export", f"--checkpoint_dir={tmp_path / 'ckpt'}",
-         f"--output={tmp_path / 'hf_bf16'}", "--dtype=bfloat16", f"--tokenizer={tok}"],
-        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "flame_gin.export",
+            f"--checkpoint_dir={tmp_path / 'ckpt'}",
+            f"--output={tmp_path / 'hf_bf16'}",
+            "--dtype=bfloat16",
+            f"--tokenizer={tok}",
+        ],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        timeout=120,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr).decode()[-3000:]
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_bf16").eval()
@@ -102,17 +113,36 @@ def test_tiny_run_export_generates_and_stops_at_the_tokenizers_eos(tmp_path):
     import fla  # noqa: F401  (FLA's model types for transformers)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from flame_gin import config as config_lib, configurables, kernels
+    from flame_gin import config as config_lib
+    from flame_gin import configurables, kernels
 
     run = tmp_path / "run"
-    config_lib.parse(gin_files=["gin/tiny.gin"], gin_bindings=[
-        f"MODEL_DIR = {str(run)!r}", "TRAIN_STEPS = 2", "WARMUP_STEPS = 0", "flame_gin.run.eval_interval = 0"],
-        search_paths=config_lib.default_search_paths())
+    config_lib.parse(
+        gin_files=["gin/tiny.gin"],
+        gin_bindings=[
+            f"MODEL_DIR = {str(run)!r}",
+            "TRAIN_STEPS = 2",
+            "WARMUP_STEPS = 0",
+            "flame_gin.run.eval_interval = 0",
+        ],
+        search_paths=config_lib.default_search_paths(),
+    )
     assert configurables.run(config_text="", on_first_step=None) == 0
     proc = subprocess.run(
-        [sys.executable, "-m", "flame_gin.export", f"--checkpoint_dir={run / 'checkpoints'}",
-         f"--output={tmp_path / 'hf'}", "--dtype=float32", "--tokenizer=embedded"],
-        env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=200)
+        [
+            sys.executable,
+            "-m",
+            "flame_gin.export",
+            f"--checkpoint_dir={run / 'checkpoints'}",
+            f"--output={tmp_path / 'hf'}",
+            "--dtype=float32",
+            "--tokenizer=embedded",
+        ],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
@@ -131,5 +161,5 @@ def test_tiny_run_export_generates_and_stops_at_the_tokenizers_eos(tmp_path):
         out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     finally:
         kernels.restore()
-    new = out[0, prompt["input_ids"].shape[1]:].tolist()
+    new = out[0, prompt["input_ids"].shape[1] :].tolist()
     assert new == [tok.eos_token_id], new

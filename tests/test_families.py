@@ -16,7 +16,8 @@ from tensorboard.backend.event_processing import event_accumulator
 from torch import nn
 
 from flame_gin import config as config_lib
-from flame_gin import configurables, families, kernels, loss as loss_lib, models
+from flame_gin import configurables, families, kernels, models
+from flame_gin import loss as loss_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["HIDDEN_SIZE = 64", "NUM_LAYERS = 2", "VOCAB_SIZE = 512"]
@@ -38,249 +39,290 @@ STEPS = 4
 
 
 def _parse(workdir: pathlib.Path, gin_files: list[str], bindings: list[str]) -> None:
-  config_lib.parse(
-      gin_files=["gin/tiny.gin", *gin_files],
-      gin_bindings=[f"MODEL_DIR = {str(workdir)!r}", f"TRAIN_STEPS = {STEPS}", "WARMUP_STEPS = 1", *TINY,
-                    *bindings, "flame_gin.run.eval_interval = 0", "flame_gin.run.log_interval = 1",
-                    "flame_gin.run.checkpointer = None", "flame_gin.run.kernel_cache = False"],
-      search_paths=config_lib.default_search_paths())
+    config_lib.parse(
+        gin_files=["gin/tiny.gin", *gin_files],
+        gin_bindings=[
+            f"MODEL_DIR = {str(workdir)!r}",
+            f"TRAIN_STEPS = {STEPS}",
+            "WARMUP_STEPS = 1",
+            *TINY,
+            *bindings,
+            "flame_gin.run.eval_interval = 0",
+            "flame_gin.run.log_interval = 1",
+            "flame_gin.run.checkpointer = None",
+            "flame_gin.run.kernel_cache = False",
+        ],
+        search_paths=config_lib.default_search_paths(),
+    )
 
 
 def _losses(workdir: pathlib.Path) -> list[float]:
-  acc = event_accumulator.EventAccumulator(str(workdir / "tensorboard"))
-  acc.Reload()
-  return [e.value for e in acc.Scalars("loss")]
+    acc = event_accumulator.EventAccumulator(str(workdir / "tensorboard"))
+    acc.Reload()
+    return [e.value for e in acc.Scalars("loss")]
 
 
 def _train(workdir: pathlib.Path, gin_files: list[str], bindings: list[str]) -> list[float]:
-  _parse(workdir, gin_files, bindings)
-  assert configurables.run(config_text="", on_first_step=None) == 0
-  return _losses(workdir)
+    _parse(workdir, gin_files, bindings)
+    assert configurables.run(config_text="", on_first_step=None) == 0
+    return _losses(workdir)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(CPU_FAMILIES))
 def test_family_trains_on_cpu_through_the_trainer(tmp_path, family):
-  losses = _train(tmp_path / family, [f"gin/model/{family}.gin"], CPU_FAMILIES[family])
-  assert len(losses) == STEPS and all(math.isfinite(v) for v in losses), losses
-  assert losses[-1] < losses[0] - 0.05, f"{family}: loss did not fall over {STEPS} steps: {losses}"
+    losses = _train(tmp_path / family, [f"gin/model/{family}.gin"], CPU_FAMILIES[family])
+    assert len(losses) == STEPS and all(math.isfinite(v) for v in losses), losses
+    assert losses[-1] < losses[0] - 0.05, f"{family}: loss did not fall over {STEPS} steps: {losses}"
 
 
 @pytest.mark.parametrize("family", GPU_ONLY)
 def test_gpu_only_family_is_refused_on_cpu_before_anything_is_built(tmp_path, family):
-  workdir = tmp_path / family
-  _parse(workdir, [f"gin/model/{family}.gin"], [])
-  with pytest.raises(config_lib.ConfigError, match=rf"model family '{family}' has no CPU kernels.*run it on a GPU"):
-    configurables.run(config_text="", on_first_step=None)
-  assert not workdir.exists()
+    workdir = tmp_path / family
+    _parse(workdir, [f"gin/model/{family}.gin"], [])
+    with pytest.raises(config_lib.ConfigError, match=rf"model family '{family}' has no CPU kernels.*run it on a GPU"):
+        configurables.run(config_text="", on_first_step=None)
+    assert not workdir.exists()
 
 
 def test_every_family_in_the_zoo_is_either_trained_or_refused_here():
-  """A family file added to gin/model/ must join one of the two lists above, so none goes untried."""
-  files = {p.stem for p in (ROOT / "gin" / "model").glob("*.gin") if not p.stem.split("_")[-1][:-1].isdigit()}
-  assert files == set(CPU_FAMILIES) | set(GPU_ONLY)
-  for family in CPU_FAMILIES:
-    assert families.traits(family.removesuffix("_hybrid")).cpu, family
-  for family in GPU_ONLY:
-    assert not families.traits(family).cpu, family
+    """A family file added to gin/model/ must join one of the two lists above, so none goes untried."""
+    files = {p.stem for p in (ROOT / "gin" / "model").glob("*.gin") if not p.stem.split("_")[-1][:-1].isdigit()}
+    assert files == set(CPU_FAMILIES) | set(GPU_ONLY)
+    for family in CPU_FAMILIES:
+        assert families.traits(family.removesuffix("_hybrid")).cpu, family
+    for family in GPU_ONLY:
+        assert not families.traits(family).cpu, family
 
 
 # A family FLA does not ship, defined as a user would in their own module: its body lives at `.trunk`, not at
 # `.model`, and a block mixes each token with the one before it.
 class TrunkConfig(transformers.PretrainedConfig):
-  model_type = "trunk_test"
+    model_type = "trunk_test"
 
-  def __init__(self, vocab_size: int = 64, hidden_size: int = 16, num_hidden_layers: int = 2, **kwargs):
-    self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
-    super().__init__(**kwargs)
+    def __init__(self, vocab_size: int = 64, hidden_size: int = 16, num_hidden_layers: int = 2, **kwargs):
+        self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
+        super().__init__(**kwargs)
 
 
 class TrunkModel(transformers.PreTrainedModel):
-  config_class = TrunkConfig
+    config_class = TrunkConfig
 
-  def __init__(self, config):
-    super().__init__(config)
-    self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-    self.layers = nn.ModuleList(nn.Linear(2 * config.hidden_size, config.hidden_size)
-                                for _ in range(config.num_hidden_layers))
-    self.norm = nn.LayerNorm(config.hidden_size)
-    self.post_init()
+    def __init__(self, config):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            nn.Linear(2 * config.hidden_size, config.hidden_size) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = nn.LayerNorm(config.hidden_size)
+        self.post_init()
 
-  def forward(self, input_ids, **kwargs):
-    h = self.embeddings(input_ids)
-    for layer in self.layers:
-      previous = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
-      h = h + torch.tanh(layer(torch.cat([h, previous], dim=-1)))
-    return transformers.modeling_outputs.BaseModelOutput(last_hidden_state=self.norm(h))
+    def forward(self, input_ids, **kwargs):
+        h = self.embeddings(input_ids)
+        for layer in self.layers:
+            previous = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
+            h = h + torch.tanh(layer(torch.cat([h, previous], dim=-1)))
+        return transformers.modeling_outputs.BaseModelOutput(last_hidden_state=self.norm(h))
 
 
 class TrunkForCausalLM(transformers.PreTrainedModel):
-  config_class = TrunkConfig
-  base_model_prefix = "trunk"
+    config_class = TrunkConfig
+    base_model_prefix = "trunk"
 
-  def __init__(self, config):
-    super().__init__(config)
-    self.trunk = TrunkModel(config)
-    self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-    self.post_init()
+    def __init__(self, config):
+        super().__init__(config)
+        self.trunk = TrunkModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
 
-  def get_input_embeddings(self):
-    return self.trunk.embeddings
+    def get_input_embeddings(self):
+        return self.trunk.embeddings
 
-  def get_output_embeddings(self):
-    return self.lm_head
+    def get_output_embeddings(self):
+        return self.lm_head
 
-  def forward(self, input_ids, **kwargs):
-    return transformers.modeling_outputs.CausalLMOutput(logits=self.lm_head(self.trunk(input_ids).last_hidden_state))
+    def forward(self, input_ids, **kwargs):
+        return transformers.modeling_outputs.CausalLMOutput(
+            logits=self.lm_head(self.trunk(input_ids).last_hidden_state)
+        )
 
 
 @pytest.mark.slow
 def test_custom_family_with_its_body_elsewhere_trains_through_the_trainer(tmp_path):
-  models.register_family(name="trunk_test", config_class=TrunkConfig, model_class=TrunkForCausalLM,
-                         traits=families.Traits(cpu=True))
-  model = models.build_model(config=TrunkConfig(), device="cpu", seed=0)
-  assert families.body(model) is model.trunk and len(families.blocks(model)) == 2
-  losses = _train(tmp_path / "trunk", [], [
-      "flame_gin.model_config.family = 'trunk_test'",
-      "flame_gin.model_config.overrides = {'hidden_size': 32, 'num_hidden_layers': 2, 'vocab_size': 512}"])
-  assert len(losses) == STEPS and losses[-1] < losses[0] - 0.05, losses
+    models.register_family(
+        name="trunk_test", config_class=TrunkConfig, model_class=TrunkForCausalLM, traits=families.Traits(cpu=True)
+    )
+    model = models.build_model(config=TrunkConfig(), device="cpu", seed=0)
+    assert families.body(model) is model.trunk and len(families.blocks(model)) == 2
+    losses = _train(
+        tmp_path / "trunk",
+        [],
+        [
+            "flame_gin.model_config.family = 'trunk_test'",
+            "flame_gin.model_config.overrides = {'hidden_size': 32, 'num_hidden_layers': 2, 'vocab_size': 512}",
+        ],
+    )
+    assert len(losses) == STEPS and losses[-1] < losses[0] - 0.05, losses
 
 
 def test_a_model_without_a_body_at_its_prefix_is_named_in_the_error():
-  class Headless(nn.Module):
-    base_model_prefix = "model"
+    class Headless(nn.Module):
+        base_model_prefix = "model"
 
-  with pytest.raises(ValueError, match=r"Headless has no body at base_model_prefix='model'"):
-    families.body_name(Headless())
+    with pytest.raises(ValueError, match=r"Headless has no body at base_model_prefix='model'"):
+        families.body_name(Headless())
 
 
 VARLEN_CONFIGS = {
-    "gla_hybrid": dict(family="gla", overrides=dict(num_heads=2),
-                       attn=dict(layers=[1], num_heads=2, num_kv_heads=1)),
-    "gated_deltanet_hybrid": dict(family="gated_deltanet", overrides=dict(num_heads=2, head_dim=16),
-                                  attn=dict(layers=[0], num_heads=2, num_kv_heads=2, window_size=5)),
+    "gla_hybrid": dict(family="gla", overrides=dict(num_heads=2), attn=dict(layers=[1], num_heads=2, num_kv_heads=1)),
+    "gated_deltanet_hybrid": dict(
+        family="gated_deltanet",
+        overrides=dict(num_heads=2, head_dim=16),
+        attn=dict(layers=[0], num_heads=2, num_kv_heads=2, window_size=5),
+    ),
     "transformer": dict(family="transformer", overrides=dict(num_heads=2, num_kv_heads=1)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(VARLEN_CONFIGS))
 def test_varlen_families_keep_packed_documents_apart(name):
-  """Three documents packed in one row give each document's logits exactly as when it runs alone."""
-  spec = VARLEN_CONFIGS[name]
-  kernels.select(mode="reference")
-  try:
-    config = models.build_config(family=spec["family"], attn=spec.get("attn"), overrides={
-        "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 64, **spec["overrides"]})
-    assert families.supports_varlen(config)
-    model = models.build_model(config=config, device="cpu", seed=0).eval()
-    body = families.body(model)
-    lengths = [5, 9, 3]
-    ids = torch.randint(0, 64, (1, sum(lengths)), generator=torch.Generator().manual_seed(0))
-    cu = torch.tensor([0, 5, 14, 17])
-    with torch.no_grad():
-      packed = body(**loss_lib.backbone_kwargs({"input_ids": ids, "cu_seqlens": cu}),
-                    use_cache=False).last_hidden_state
-      for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        alone = body(input_ids=ids[:, start:end], use_cache=False).last_hidden_state
-        torch.testing.assert_close(packed[:, start:end], alone, rtol=1e-4, atol=1e-5)
-  finally:
-    kernels.restore()
+    """Three documents packed in one row give each document's logits exactly as when it runs alone."""
+    spec = VARLEN_CONFIGS[name]
+    kernels.select(mode="reference")
+    try:
+        config = models.build_config(
+            family=spec["family"],
+            attn=spec.get("attn"),
+            overrides={"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 64, **spec["overrides"]},
+        )
+        assert families.supports_varlen(config)
+        model = models.build_model(config=config, device="cpu", seed=0).eval()
+        body = families.body(model)
+        lengths = [5, 9, 3]
+        ids = torch.randint(0, 64, (1, sum(lengths)), generator=torch.Generator().manual_seed(0))
+        cu = torch.tensor([0, 5, 14, 17])
+        with torch.no_grad():
+            packed = body(
+                **loss_lib.backbone_kwargs({"input_ids": ids, "cu_seqlens": cu}), use_cache=False
+            ).last_hidden_state
+            for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+                alone = body(input_ids=ids[:, start:end], use_cache=False).last_hidden_state
+                torch.testing.assert_close(packed[:, start:end], alone, rtol=1e-4, atol=1e-5)
+    finally:
+        kernels.restore()
 
 
 def test_values_only_the_constructor_sets_are_not_left_uninitialised():
-  """Samba's Mamba mixers set A_log = log(1..state) and D = 1 in their constructor, and Samba's initialiser
-  leaves them alone: a meta build would train uninitialised memory there."""
-  kernels.select(mode="reference")
-  try:
-    config = models.build_config(family="samba", overrides={
-        "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 64, "state_size": 8,
-        "attn": {"layers": [1], "num_heads": 2}})
-    model = models.build_model(config=config, device="cpu", seed=0)
-  finally:
-    kernels.restore()
-  mixer = model.backbone.layers[0].mixer
-  want = torch.log(torch.arange(1, 9, dtype=torch.float32)).expand_as(mixer.A_log)
-  torch.testing.assert_close(mixer.A_log.detach(), want)
-  torch.testing.assert_close(mixer.D.detach(), torch.ones_like(mixer.D))
+    """Samba's Mamba mixers set A_log = log(1..state) and D = 1 in their constructor, and Samba's initialiser
+    leaves them alone: a meta build would train uninitialised memory there."""
+    kernels.select(mode="reference")
+    try:
+        config = models.build_config(
+            family="samba",
+            overrides={
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "vocab_size": 64,
+                "state_size": 8,
+                "attn": {"layers": [1], "num_heads": 2},
+            },
+        )
+        model = models.build_model(config=config, device="cpu", seed=0)
+    finally:
+        kernels.restore()
+    mixer = model.backbone.layers[0].mixer
+    want = torch.log(torch.arange(1, 9, dtype=torch.float32)).expand_as(mixer.A_log)
+    torch.testing.assert_close(mixer.A_log.detach(), want)
+    torch.testing.assert_close(mixer.D.detach(), torch.ones_like(mixer.D))
 
 
 def test_gated_deltanet_is_refused_up_front_where_fla_would_refuse_its_backward(monkeypatch):
-  """On Hopper with Triton 3.4-3.7.0 and no TileLang, FLA raises at the first backward (FLA #640); the trainer
-  asks FLA's own flags before building, and lets the run through once TileLang or a fixed Triton is there."""
-  import importlib.util
+    """On Hopper with Triton 3.4-3.7.0 and no TileLang, FLA raises at the first backward (FLA #640); the trainer
+    asks FLA's own flags before building, and lets the run through once TileLang or a fixed Triton is there."""
+    import importlib.util
 
-  import fla.utils
-  import fla.utils.env
-  config = models.build_config(family="gated_deltanet", overrides={"num_heads": 2, "head_dim": 16})
-  monkeypatch.setattr(fla.utils, "IS_NVIDIA_HOPPER", True)
-  monkeypatch.setattr(fla.utils, "TRITON_ABOVE_3_4_0", True)
-  monkeypatch.setattr(fla.utils.env, "TRITON_ABOVE_3_7_1", False)
-  real_find_spec = importlib.util.find_spec
-  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tilelang" else real_find_spec(name, *a))
-  with pytest.raises(ValueError, match=r"'gated_deltanet' cannot train here: .*FLA #640.*tilelang"):
+    import fla.utils
+    import fla.utils.env
+
+    config = models.build_config(family="gated_deltanet", overrides={"num_heads": 2, "head_dim": 16})
+    monkeypatch.setattr(fla.utils, "IS_NVIDIA_HOPPER", True)
+    monkeypatch.setattr(fla.utils, "TRITON_ABOVE_3_4_0", True)
+    monkeypatch.setattr(fla.utils.env, "TRITON_ABOVE_3_7_1", False)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tilelang" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ValueError, match=r"'gated_deltanet' cannot train here: .*FLA #640.*tilelang"):
+        families.check_device(config=config, device_type="cuda")
+    families.check_device(config=models.build_config(family="gla", overrides={}), device_type="cuda")  # not gated
+    monkeypatch.setattr(fla.utils.env, "TRITON_ABOVE_3_7_1", True)
     families.check_device(config=config, device_type="cuda")
-  families.check_device(config=models.build_config(family="gla", overrides={}), device_type="cuda")  # not gated
-  monkeypatch.setattr(fla.utils.env, "TRITON_ABOVE_3_7_1", True)
-  families.check_device(config=config, device_type="cuda")
 
 
 def test_mamba_style_families_warn_when_their_gpu_kernels_are_missing(monkeypatch):
-  import importlib.util
-  config = models.build_config(family="mamba2", overrides={})
-  real_find_spec = importlib.util.find_spec
-  installed = set()
-  monkeypatch.setattr(importlib.util, "find_spec",
-                      lambda name, *a: (object() if name in installed else None) if name in families._MAMBA_KERNELS
-                      else real_find_spec(name, *a))
-  assert "mamba_ssm and causal_conv1d are not installed" in families.speed_warning(config=config, device_type="cuda")
-  assert families.speed_warning(config=config, device_type="cpu") is None
-  assert families.speed_warning(config=models.build_config(family="gla", overrides={}), device_type="cuda") is None
-  installed.update(families._MAMBA_KERNELS)
-  assert families.speed_warning(config=config, device_type="cuda") is None
+    import importlib.util
+
+    config = models.build_config(family="mamba2", overrides={})
+    real_find_spec = importlib.util.find_spec
+    installed = set()
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (
+            (object() if name in installed else None) if name in families._MAMBA_KERNELS else real_find_spec(name, *a)
+        ),
+    )
+    assert "mamba_ssm and causal_conv1d are not installed" in families.speed_warning(config=config, device_type="cuda")
+    assert families.speed_warning(config=config, device_type="cpu") is None
+    assert families.speed_warning(config=models.build_config(family="gla", overrides={}), device_type="cuda") is None
+    installed.update(families._MAMBA_KERNELS)
+    assert families.speed_warning(config=config, device_type="cuda") is None
 
 
-@pytest.mark.parametrize("family", ["gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "samba", "transformer",
-                                    "gla_hybrid"])
+@pytest.mark.parametrize(
+    "family", ["gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "samba", "transformer", "gla_hybrid"]
+)
 def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
-  """Every family that trains on a CPU exports to a folder that `AutoModelForCausalLM.from_pretrained` loads
-  (after `import fla`) with the same float32 logits, and the tokenizer's special ids."""
-  from flame_gin.checkpoint import hf
-  from flame_gin.data import embedded
-  spec = {"gla_hybrid": dict(family="gla", attn={"layers": [1], "num_heads": 2})}.get(family, dict(family=family))
-  overrides = {"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 512}
-  if family in ("gla", "gla_hybrid", "delta_net", "transformer"):
-    overrides["num_heads"] = 2
-  if family == "gated_deltanet":
-    overrides.update(num_heads=2, head_dim=16)
-  if family == "samba":
-    overrides["attn"] = {"layers": [1], "num_heads": 2}
-  kernels.select(mode="reference")
-  try:
-    config = models.build_config(family=spec["family"], overrides=overrides, attn=spec.get("attn"))
-    model = models.build_model(config=config, device="cpu", seed=0).eval()
-    tokenizer = embedded.tokenizer_path()
-    hf.export_model(model=model, output=tmp_path / "hf", dtype="float32", tokenizer=tokenizer)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-      assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
-  finally:
-    kernels.restore()
-  tok = transformers.AutoTokenizer.from_pretrained(tokenizer)
-  assert (loaded.config.bos_token_id, loaded.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
-  assert loaded.generation_config.eos_token_id == tok.eos_token_id
+    """Every family that trains on a CPU exports to a folder that `AutoModelForCausalLM.from_pretrained` loads
+    (after `import fla`) with the same float32 logits, and the tokenizer's special ids."""
+    from flame_gin.checkpoint import hf
+    from flame_gin.data import embedded
+
+    spec = {"gla_hybrid": dict(family="gla", attn={"layers": [1], "num_heads": 2})}.get(family, dict(family=family))
+    overrides = {"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 512}
+    if family in ("gla", "gla_hybrid", "delta_net", "transformer"):
+        overrides["num_heads"] = 2
+    if family == "gated_deltanet":
+        overrides.update(num_heads=2, head_dim=16)
+    if family == "samba":
+        overrides["attn"] = {"layers": [1], "num_heads": 2}
+    kernels.select(mode="reference")
+    try:
+        config = models.build_config(family=spec["family"], overrides=overrides, attn=spec.get("attn"))
+        model = models.build_model(config=config, device="cpu", seed=0).eval()
+        tokenizer = embedded.tokenizer_path()
+        hf.export_model(model=model, output=tmp_path / "hf", dtype="float32", tokenizer=tokenizer)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    finally:
+        kernels.restore()
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer)
+    assert (loaded.config.bos_token_id, loaded.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+    assert loaded.generation_config.eos_token_id == tok.eos_token_id
 
 
 def test_every_family_without_a_cpu_path_is_refused_on_cpu_by_name():
-  """All of FLA's families (40 in FLA 0.6), not only the zoo's: either marked as training on a CPU (and then
-  trained above) or refused with the one-line error before anything is built."""
-  known = models.config_classes()
-  assert len(known) >= 40
-  refused = 0
-  for family, config_class in sorted(known.items()):
-    if families.traits(family).cpu:
-      continue
-    with pytest.raises(ValueError, match=rf"model family '{family}' has no CPU kernels.*run it on a GPU"):
-      families.check_device(config=config_class(), device_type="cpu")
-    refused += 1
-  assert refused >= 30
+    """All of FLA's families (40 in FLA 0.6), not only the zoo's: either marked as training on a CPU (and then
+    trained above) or refused with the one-line error before anything is built."""
+    known = models.config_classes()
+    assert len(known) >= 40
+    refused = 0
+    for family, config_class in sorted(known.items()):
+        if families.traits(family).cpu:
+            continue
+        with pytest.raises(ValueError, match=rf"model family '{family}' has no CPU kernels.*run it on a GPU"):
+            families.check_device(config=config_class(), device_type="cpu")
+        refused += 1
+    assert refused >= 30

@@ -9,11 +9,49 @@ import pytest
 
 from flame_gin.data import build_loader, embedded, fast_bpe
 
-_SCRIPTS = ["hello", "Straße", "naïve", "Ünïcödé", "日本語の文", "中文字符", "русский", "ελληνικά", "עברית",
-            "العربية", "हिन्दी", "한국어", "🙂🚀", "e\u0301", "x\u200dy", "\u00a0", "\u3000", "\t\t",
-            "\r\n", "don't", "I'll", "we've", "O'Neil's", "3.14159", "٣٤٥", "1_000_000", "<s>", "</s>",
-            "<pad>", "<s", "  ", "    \n", "def f(x):", "return x**2", "#!", "\\u00e9", "", "'", "''s",
-            "\x00", "\x7f"]
+_SCRIPTS = [
+    "hello",
+    "Straße",
+    "naïve",
+    "Ünïcödé",
+    "日本語の文",
+    "中文字符",
+    "русский",
+    "ελληνικά",
+    "עברית",
+    "العربية",
+    "हिन्दी",
+    "한국어",
+    "🙂🚀",
+    "e\u0301",
+    "x\u200dy",
+    "\u00a0",
+    "\u3000",
+    "\t\t",
+    "\r\n",
+    "don't",
+    "I'll",
+    "we've",
+    "O'Neil's",
+    "3.14159",
+    "٣٤٥",
+    "1_000_000",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<s",
+    "  ",
+    "    \n",
+    "def f(x):",
+    "return x**2",
+    "#!",
+    "\\u00e9",
+    "",
+    "'",
+    "''s",
+    "\x00",
+    "\x7f",
+]
 
 
 def _mixed_texts(n: int, seed: int) -> list[str]:
@@ -34,6 +72,7 @@ def mixed_tokenizer(tmp_path_factory):
     code = list(embedded.training_texts(corpus / "train.jsonl", 300_000))
     embedded.train_bpe(texts=code + _mixed_texts(3000, seed=1), vocab_size=1200, output_dir=d / "tok")
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(d / "tok")), code
 
 
@@ -58,6 +97,7 @@ def _toy_bpe(tmp_path, merges):
     """A byte-level BPE over the 256 byte symbols plus ``merges`` (in rank order), saved for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
@@ -66,6 +106,7 @@ def _toy_bpe(tmp_path, merges):
     tok.decoder = decoders.ByteLevel()
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(tmp_path / "toy"))
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(tmp_path / "toy"))
 
 
@@ -77,6 +118,7 @@ def test_unlisted_pair_that_rank_merging_would_join(tmp_path):
     want = _hf_ids(tok, texts)
     assert want[0] == [tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("bc")]
     import tiktoken
+
     ranks = {bytes([b]): b for b in range(256)}
     ranks.update({b"bc": 256, b"ab": 257, b"abc": 258})
     naive = tiktoken.Encoding(name="naive", pat_str=fast_bpe.GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={})
@@ -87,14 +129,18 @@ def test_unlisted_pair_that_rank_merging_would_join(tmp_path):
     assert [list(x) for x in fast(texts)] == want
 
 
-@pytest.mark.parametrize("change, reason", [
-    (lambda s: s.update(normalizer={"type": "NFC"}), "normalizer"),
-    (lambda s: s["pre_tokenizer"].update(add_prefix_space=True), "pre-tokenizer"),
-    (lambda s: s["model"].update(dropout=0.1), "dropout"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda s: s.update(normalizer={"type": "NFC"}), "normalizer"),
+        (lambda s: s["pre_tokenizer"].update(add_prefix_space=True), "pre-tokenizer"),
+        (lambda s: s["model"].update(dropout=0.1), "dropout"),
+    ],
+)
 def test_declines_what_the_proof_does_not_cover(tmp_path, change, reason):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
+
     tok = _toy_bpe(tmp_path, [("b", "c"), ("a", "b")])
     spec = json.loads(tok.backend_tokenizer.to_str())
     change(spec)
@@ -112,6 +158,7 @@ def test_declines_a_token_made_by_two_merges(tmp_path):
 def test_word_level_tokenizer_keeps_hf(tmp_path):
     from test_data_resume import make_tokenizer
     from transformers import AutoTokenizer
+
     fast, why = fast_bpe.compile_fast(AutoTokenizer.from_pretrained(make_tokenizer(tmp_path / "wl")))
     assert fast is None and "not BPE" in why
 
@@ -176,8 +223,16 @@ def test_read_ahead_keeps_state_and_resume_exact(tmp_path, monkeypatch, workers)
     monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
     corpus = tmp_path / "short.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in _mixed_texts(3000, seed=7)))
-    kw = dict(tokenizer="embedded", seq_len=512, batch_size=4, seed=5, cache_dir=str(tmp_path), num_workers=workers,
-              tokenizer_audit_every=1, sources=[str(corpus)])
+    kw = dict(
+        tokenizer="embedded",
+        seq_len=512,
+        batch_size=4,
+        seed=5,
+        cache_dir=str(tmp_path),
+        num_workers=workers,
+        tokenizer_audit_every=1,
+        sources=[str(corpus)],
+    )
     whole = iter(build_loader(**kw))
     ref = [next(whole) for _ in range(8)]
     first, sync = build_loader(**kw), build_loader(**kw, fast_tokenizer=False)
@@ -193,13 +248,14 @@ def test_read_ahead_keeps_state_and_resume_exact(tmp_path, monkeypatch, workers)
         resumed = build_loader(**kw)
         resumed.load_state_dict(json.loads(json.dumps(state)))
         rest = iter(resumed)
-        for want in ref[k:k + 3]:
+        for want in ref[k : k + 3]:
             got = next(rest)
             assert all((got[key] == want[key]).all() for key in want)
 
 
 def test_many_added_tokens_cut_out_as_hf_does(mixed_tokenizer, tmp_path):
     from transformers import AutoTokenizer
+
     tok, _ = mixed_tokenizer
     tok.save_pretrained(str(tmp_path / "more"))
     more = AutoTokenizer.from_pretrained(str(tmp_path / "more"))
@@ -208,13 +264,16 @@ def test_many_added_tokens_cut_out_as_hf_does(mixed_tokenizer, tmp_path):
     fast, why = fast_bpe.compile_fast(more, audit_every=0)
     assert why is None
     rng = random.Random(3)
-    texts = ["".join(rng.choice(extra + ["<s>", " x", "日本", "\n", "<|tag", "|>"]) for _ in range(40))
-             for _ in range(200)]
+    texts = [
+        "".join(rng.choice(extra + ["<s>", " x", "日本", "\n", "<|tag", "|>"]) for _ in range(40)) for _ in range(200)
+    ]
     assert [list(x) for x in fast(texts)] == _hf_ids(more, texts)
 
 
-LLAMA3_STYLE_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                      r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_STYLE_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 @pytest.mark.parametrize("ignore_merges", [False, True])
@@ -223,15 +282,25 @@ def test_split_then_byte_level_tokenizer(mixed_tokenizer, tmp_path, monkeypatch,
     without ignore_merges: same ids as HF, and long documents are not cut (the newline rule is GPT-2's)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     _, code = mixed_tokenizer
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_STYLE_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_STYLE_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(code + _mixed_texts(2000, seed=11), trainer=trainers.BpeTrainer(
-        vocab_size=1500, special_tokens=["<|begin|>", "<|end|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        code + _mixed_texts(2000, seed=11),
+        trainer=trainers.BpeTrainer(
+            vocab_size=1500,
+            special_tokens=["<|begin|>", "<|end|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     spec = json.loads(tok.to_str())
     spec["model"]["ignore_merges"] = ignore_merges
     hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
@@ -248,10 +317,15 @@ def test_split_then_byte_level_tokenizer(mixed_tokenizer, tmp_path, monkeypatch,
 def test_declines_a_split_it_does_not_know(tmp_path):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
+
     spec = json.loads(_toy_bpe(tmp_path, [("b", "c")]).backend_tokenizer.to_str())
-    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": r"\s+"}, "behavior": "Removed", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    spec["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": r"\s+"}, "behavior": "Removed", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ],
+    }
     other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
     fast, why = fast_bpe.compile_fast(other)
     assert fast is None and "pre-tokenizer" in why

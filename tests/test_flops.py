@@ -24,130 +24,143 @@ B, T = 2, 64
 
 
 def _measure(model, x):
-  with FlopCounterMode(display=False) as counter:
-    with torch.no_grad():
-      model(input_ids=x)
-  return {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            model(input_ids=x)
+    return {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
 
 
 def _inside_mixer_ops(counts: dict[str, float]) -> float:
-  """FLOPs counted inside each layer's mixer module but not inside any of its sub-modules (the attention op)."""
-  total = 0.0
-  mixers = [n for n in counts if n.rsplit(".", 1)[-1] in ("attn", "mixer", "self_attn")]
-  for name in mixers:
-    children = [n for n in counts if n.startswith(name + ".") and "." not in n[len(name) + 1:]]
-    total += counts[name] - sum(counts[c] for c in children)
-  return total
+    """FLOPs counted inside each layer's mixer module but not inside any of its sub-modules (the attention op)."""
+    total = 0.0
+    mixers = [n for n in counts if n.rsplit(".", 1)[-1] in ("attn", "mixer", "self_attn")]
+    for name in mixers:
+        children = [n for n in counts if n.startswith(name + ".") and "." not in n[len(name) + 1 :]]
+        total += counts[name] - sum(counts[c] for c in children)
+    return total
 
 
 def test_llama_whole_forward_matches_flop_counter():
-  config = models.build_config(family="llama", overrides=dict(
-      hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=160, vocab_size=256))
-  model = models.build_model(config=config, device="cpu", seed=0)
-  # FlopCounterMode has no formula for the CPU SDPA kernel (it counts 0), so measure through HF's eager attention:
-  # the same two matmuls (QK^T, PV) over the full square, as explicit ops.
-  model.config._attn_implementation = "eager"
-  measured = _measure(model, torch.randint(0, 256, (B, T)))["Global"]
-  predicted = flops.forward_flops_per_token(config=config, seq_len=T) * B * T
-  assert predicted == pytest.approx(measured, rel=0.10)
-  parts = flops.flops_breakdown(config=config, seq_len=T)
-  assert parts["softmax_attention"] == 2 * 4 * T * 64 and parts["linear_attention"] == 0
+    config = models.build_config(
+        family="llama",
+        overrides=dict(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=160, vocab_size=256
+        ),
+    )
+    model = models.build_model(config=config, device="cpu", seed=0)
+    # FlopCounterMode has no formula for the CPU SDPA kernel (it counts 0), so measure through HF's eager attention:
+    # the same two matmuls (QK^T, PV) over the full square, as explicit ops.
+    model.config._attn_implementation = "eager"
+    measured = _measure(model, torch.randint(0, 256, (B, T)))["Global"]
+    predicted = flops.forward_flops_per_token(config=config, seq_len=T) * B * T
+    assert predicted == pytest.approx(measured, rel=0.10)
+    parts = flops.flops_breakdown(config=config, seq_len=T)
+    assert parts["softmax_attention"] == 2 * 4 * T * 64 and parts["linear_attention"] == 0
 
 
-@pytest.mark.parametrize("family,overrides", [
-    ("gla", dict(num_heads=2)),
-    ("delta_net", dict(num_heads=2)),
-    ("gated_deltanet", dict(num_heads=2, head_dim=16)),
-])
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("gla", dict(num_heads=2)),
+        ("delta_net", dict(num_heads=2)),
+        ("gated_deltanet", dict(num_heads=2, head_dim=16)),
+    ],
+)
 def test_fla_matmul_part_matches_flop_counter(family, overrides):
-  from flame_gin import kernels
+    from flame_gin import kernels
 
-  kernels.select(mode="reference")
-  config = models.build_config(family=family, overrides=dict(
-      hidden_size=64, num_hidden_layers=2, vocab_size=256, **overrides))
-  model = models.build_model(config=config, device="cpu", seed=0)
-  counts = _measure(model, torch.randint(0, 256, (B, T)))
-  measured_matmul = counts["Global"] - _inside_mixer_ops(counts)
-  parts = flops.flops_breakdown(config=config, seq_len=T)
-  assert (parts["linear"] + parts["conv"]) * B * T == pytest.approx(measured_matmul, rel=0.10)
-  assert parts["softmax_attention"] == 0 and parts["linear_attention"] > 0
-  if family != "gla":
-    assert parts["conv"] > 0  # short convolutions are counted
+    kernels.select(mode="reference")
+    config = models.build_config(
+        family=family, overrides=dict(hidden_size=64, num_hidden_layers=2, vocab_size=256, **overrides)
+    )
+    model = models.build_model(config=config, device="cpu", seed=0)
+    counts = _measure(model, torch.randint(0, 256, (B, T)))
+    measured_matmul = counts["Global"] - _inside_mixer_ops(counts)
+    parts = flops.flops_breakdown(config=config, seq_len=T)
+    assert (parts["linear"] + parts["conv"]) * B * T == pytest.approx(measured_matmul, rel=0.10)
+    assert parts["softmax_attention"] == 0 and parts["linear_attention"] > 0
+    if family != "gla":
+        assert parts["conv"] > 0  # short convolutions are counted
 
 
 def _recurrent(q, k, v, beta=None):
-  """float64 recurrence: S_t = S_{t-1} + k_t^T (v_t - k_t S_{t-1}) beta_t (delta) or + k_t^T v_t (linear)."""
-  S = torch.zeros(q.shape[0], k.shape[-1], v.shape[-1], dtype=torch.float64)
-  out = []
-  for t in range(q.shape[1]):
-    kt, vt = k[:, t], v[:, t]
-    if beta is not None:
-      vt = (vt - torch.einsum("hk,hkv->hv", kt, S)) * beta[:, t, None]
-    S = S + torch.einsum("hk,hv->hkv", kt, vt)
-    out.append(torch.einsum("hk,hkv->hv", q[:, t], S))
-  return torch.stack(out, 1)
+    """float64 recurrence: S_t = S_{t-1} + k_t^T (v_t - k_t S_{t-1}) beta_t (delta) or + k_t^T v_t (linear)."""
+    S = torch.zeros(q.shape[0], k.shape[-1], v.shape[-1], dtype=torch.float64)
+    out = []
+    for t in range(q.shape[1]):
+        kt, vt = k[:, t], v[:, t]
+        if beta is not None:
+            vt = (vt - torch.einsum("hk,hkv->hv", kt, S)) * beta[:, t, None]
+        S = S + torch.einsum("hk,hv->hkv", kt, vt)
+        out.append(torch.einsum("hk,hkv->hv", q[:, t], S))
+    return torch.stack(out, 1)
 
 
 def _chunked_linear(q, k, v, c):
-  H, n, dk = k.shape
-  S = q.new_zeros(H, dk, v.shape[-1])
-  mask = torch.ones(c, c, dtype=torch.bool).tril()
-  out = []
-  for i in range(0, n, c):
-    qc, kc, vc = q[:, i:i + c], k[:, i:i + c], v[:, i:i + c]
-    scores = torch.bmm(qc, kc.transpose(1, 2)).masked_fill(~mask, 0)
-    out.append(torch.bmm(scores, vc) + torch.bmm(qc, S))
-    S = S + torch.bmm(kc.transpose(1, 2), vc)
-  return torch.cat(out, 1)
+    H, n, dk = k.shape
+    S = q.new_zeros(H, dk, v.shape[-1])
+    mask = torch.ones(c, c, dtype=torch.bool).tril()
+    out = []
+    for i in range(0, n, c):
+        qc, kc, vc = q[:, i : i + c], k[:, i : i + c], v[:, i : i + c]
+        scores = torch.bmm(qc, kc.transpose(1, 2)).masked_fill(~mask, 0)
+        out.append(torch.bmm(scores, vc) + torch.bmm(qc, S))
+        S = S + torch.bmm(kc.transpose(1, 2), vc)
+    return torch.cat(out, 1)
 
 
 def _chunked_delta(q, k, v, beta, c):
-  H, n, dk = k.shape
-  S = q.new_zeros(H, dk, v.shape[-1])
-  lower = torch.ones(c, c, dtype=torch.bool).tril(-1)
-  eye = torch.eye(c, dtype=q.dtype)
-  out = []
-  for i in range(0, n, c):
-    qc, kc, vc, bc = q[:, i:i + c], k[:, i:i + c], v[:, i:i + c], beta[:, i:i + c, None]
-    kkt = torch.bmm(kc * bc, kc.transpose(1, 2)).masked_fill(~lower, 0)
-    A = torch.linalg.solve_triangular(eye + kkt, eye.expand(H, c, c), upper=False)
-    W, U = torch.bmm(A, kc * bc), torch.bmm(A, vc * bc)
-    new_v = U - torch.bmm(W, S)
-    scores = torch.bmm(qc, kc.transpose(1, 2)).masked_fill(~(lower | eye.bool()), 0)
-    out.append(torch.bmm(qc, S) + torch.bmm(scores, new_v))
-    S = S + torch.bmm(kc.transpose(1, 2), new_v)
-  return torch.cat(out, 1)
+    H, n, dk = k.shape
+    S = q.new_zeros(H, dk, v.shape[-1])
+    lower = torch.ones(c, c, dtype=torch.bool).tril(-1)
+    eye = torch.eye(c, dtype=q.dtype)
+    out = []
+    for i in range(0, n, c):
+        qc, kc, vc, bc = q[:, i : i + c], k[:, i : i + c], v[:, i : i + c], beta[:, i : i + c, None]
+        kkt = torch.bmm(kc * bc, kc.transpose(1, 2)).masked_fill(~lower, 0)
+        A = torch.linalg.solve_triangular(eye + kkt, eye.expand(H, c, c), upper=False)
+        W, U = torch.bmm(A, kc * bc), torch.bmm(A, vc * bc)
+        new_v = U - torch.bmm(W, S)
+        scores = torch.bmm(qc, kc.transpose(1, 2)).masked_fill(~(lower | eye.bool()), 0)
+        out.append(torch.bmm(qc, S) + torch.bmm(scores, new_v))
+        S = S + torch.bmm(kc.transpose(1, 2), new_v)
+    return torch.cat(out, 1)
 
 
 @pytest.mark.parametrize("delta", [False, True])
 def test_mixer_formula_matches_counted_chunked_implementation(delta):
-  torch.manual_seed(0)
-  H, n, dk, dv, c = 3, 128, 16, 32, 32
-  q, k, v = (torch.randn(H, n, d, dtype=torch.float64) / math.sqrt(d) for d in (dk, dk, dv))
-  k = torch.nn.functional.normalize(k, dim=-1)
-  beta = torch.rand(H, n, dtype=torch.float64)
-  with FlopCounterMode(display=False) as counter:
-    out = _chunked_delta(q, k, v, beta, c) if delta else _chunked_linear(q, k, v, c)
-  torch.testing.assert_close(out, _recurrent(q, k, v, beta if delta else None))
-  formula = flops.chunked_delta_rule_flops if delta else flops.chunked_linear_attention_flops
-  # The triangular solve is not a counted op; the formula charges it 2c^2/3 per token (under 4% here).
-  assert formula(heads=H, dk=dk, dv=dv, chunk=c) * n == pytest.approx(counter.get_total_flops(), rel=0.10)
+    torch.manual_seed(0)
+    H, n, dk, dv, c = 3, 128, 16, 32, 32
+    q, k, v = (torch.randn(H, n, d, dtype=torch.float64) / math.sqrt(d) for d in (dk, dk, dv))
+    k = torch.nn.functional.normalize(k, dim=-1)
+    beta = torch.rand(H, n, dtype=torch.float64)
+    with FlopCounterMode(display=False) as counter:
+        out = _chunked_delta(q, k, v, beta, c) if delta else _chunked_linear(q, k, v, c)
+    torch.testing.assert_close(out, _recurrent(q, k, v, beta if delta else None))
+    formula = flops.chunked_delta_rule_flops if delta else flops.chunked_linear_attention_flops
+    # The triangular solve is not a counted op; the formula charges it 2c^2/3 per token (under 4% here).
+    assert formula(heads=H, dk=dk, dv=dv, chunk=c) * n == pytest.approx(counter.get_total_flops(), rel=0.10)
 
 
 def test_gla_340m_at_2048():
-  config = models.build_config(family="gla", overrides=dict(
-      hidden_size=1024, num_hidden_layers=24, num_heads=4, vocab_size=32000))
-  training = flops.flops_per_token(config=config, seq_len=2048)
-  assert training == pytest.approx(2.10e9, rel=0.01)  # forward + backward, embedding lookup excluded
-  model = models.build_meta_model(config=config)
-  flame_rule = 6 * models.count_parameters(model) + 12 * 24 * 1024 * 2048  # counts the embedding and softmax
-  assert flame_rule / training == pytest.approx(1.357, rel=0.01)
+    config = models.build_config(
+        family="gla", overrides=dict(hidden_size=1024, num_hidden_layers=24, num_heads=4, vocab_size=32000)
+    )
+    training = flops.flops_per_token(config=config, seq_len=2048)
+    assert training == pytest.approx(2.10e9, rel=0.01)  # forward + backward, embedding lookup excluded
+    model = models.build_meta_model(config=config)
+    flame_rule = 6 * models.count_parameters(model) + 12 * 24 * 1024 * 2048  # counts the embedding and softmax
+    assert flame_rule / training == pytest.approx(1.357, rel=0.01)
 
 
 def test_unknown_family_is_a_clear_error():
-  config = models.build_config(family="hgrn", overrides=dict(hidden_size=32, num_hidden_layers=1, vocab_size=64))
-  with pytest.raises(ValueError, match="No FLOP count for model family 'hgrn'.*gla"):
-    flops.flops_per_token(config=config, seq_len=16)
-  with pytest.raises(ValueError, match="seq_len"):
-    flops.flops_per_token(config=models.build_config(family="gla", overrides=dict(
-        hidden_size=32, num_hidden_layers=1, num_heads=2, vocab_size=64)), seq_len=0)
+    config = models.build_config(family="hgrn", overrides=dict(hidden_size=32, num_hidden_layers=1, vocab_size=64))
+    with pytest.raises(ValueError, match="No FLOP count for model family 'hgrn'.*gla"):
+        flops.flops_per_token(config=config, seq_len=16)
+    with pytest.raises(ValueError, match="seq_len"):
+        flops.flops_per_token(
+            config=models.build_config(
+                family="gla", overrides=dict(hidden_size=32, num_hidden_layers=1, num_heads=2, vocab_size=64)
+            ),
+            seq_len=0,
+        )

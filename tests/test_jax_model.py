@@ -32,86 +32,117 @@ assert "torch" not in sys.modules, "flame_gin.jax imported torch"
 
 
 def _jax_logits(step_dir: pathlib.Path, tokens: np.ndarray, tmp: pathlib.Path) -> np.ndarray:
-  np.save(tmp / "tokens.npy", tokens)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(JAX_SIDE), str(step_dir), str(tmp / "tokens.npy"),
-                         str(tmp / "jax.npy")], env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return np.load(tmp / "jax.npy")
+    np.save(tmp / "tokens.npy", tokens)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(JAX_SIDE), str(step_dir), str(tmp / "tokens.npy"), str(tmp / "jax.npy")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.load(tmp / "jax.npy")
 
 
 def _torch_logits(model: torch.nn.Module, tokens: np.ndarray) -> np.ndarray:
-  with torch.no_grad():
-    return model(input_ids=torch.from_numpy(tokens)).logits.float().numpy()
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(tokens)).logits.float().numpy()
 
 
 @pytest.mark.slow
 def test_tiny_run_checkpoint_runs_in_jax(tmp_path):
-  run = tmp_path / "run"
-  config_lib.parse(gin_files=["gin/tiny.gin"], gin_bindings=[
-      f"MODEL_DIR = {str(run)!r}", "TRAIN_STEPS = 3", "WARMUP_STEPS = 0", "flame_gin.run.eval_interval = 0"],
-      search_paths=config_lib.default_search_paths())
-  assert configurables.run(config_text="", on_first_step=None) == 0
-  tokens = np.random.default_rng(0).integers(0, 512, size=(2, 80))
-  kernels.select(mode="reference")
-  try:
-    model, step = hf.load_checkpoint_model(checkpoint_dir=run / "checkpoints")
-    ref = _torch_logits(model, tokens)
-  finally:
-    kernels.restore()
-  got = _jax_logits(run / "checkpoints" / str(step), tokens, tmp_path)
-  assert got.shape == ref.shape == (2, 80, 512)
-  assert np.abs(got - ref).max() < TOLERANCE, np.abs(got - ref).max()
+    run = tmp_path / "run"
+    config_lib.parse(
+        gin_files=["gin/tiny.gin"],
+        gin_bindings=[
+            f"MODEL_DIR = {str(run)!r}",
+            "TRAIN_STEPS = 3",
+            "WARMUP_STEPS = 0",
+            "flame_gin.run.eval_interval = 0",
+        ],
+        search_paths=config_lib.default_search_paths(),
+    )
+    assert configurables.run(config_text="", on_first_step=None) == 0
+    tokens = np.random.default_rng(0).integers(0, 512, size=(2, 80))
+    kernels.select(mode="reference")
+    try:
+        model, step = hf.load_checkpoint_model(checkpoint_dir=run / "checkpoints")
+        ref = _torch_logits(model, tokens)
+    finally:
+        kernels.restore()
+    got = _jax_logits(run / "checkpoints" / str(step), tokens, tmp_path)
+    assert got.shape == ref.shape == (2, 80, 512)
+    assert np.abs(got - ref).max() < TOLERANCE, np.abs(got - ref).max()
 
 
 @pytest.mark.slow
 def test_gla_options_match_in_jax(tmp_path):
-  from fla.models import GLAConfig
-  from transformers import AutoModelForCausalLM
+    from fla.models import GLAConfig
+    from transformers import AutoModelForCausalLM
 
-  config = GLAConfig(hidden_size=64, num_hidden_layers=2, num_heads=4, num_kv_heads=2, vocab_size=97,
-                     intermediate_size=96, use_short_conv=True, conv_size=3, fuse_norm=False, clamp_min=-0.05,
-                     tie_word_embeddings=True, initializer_range=0.2)
-  kernels.select(mode="reference")
-  try:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # larger-than-init gate biases, so gates and the clamp both matter
-      for layer in model.model.layers:
-        layer.attn.gk_proj[1].bias.uniform_(-6.0, 3.0)
-    tokens = np.random.default_rng(1).integers(0, 97, size=(3, 70))
-    ref = _torch_logits(model, tokens)
-  finally:
-    kernels.restore()
-  Checkpointer(directory=tmp_path / "ckpt").save(step=1, model=model, optimizer=None, extra={}, config_text="")
-  saved = json.loads((tmp_path / "ckpt" / "1" / "model_config.json").read_text())
-  assert saved["use_short_conv"] and saved["num_kv_heads"] == 2 and not saved["fuse_norm"]
-  got = _jax_logits(tmp_path / "ckpt" / "1", tokens, tmp_path)
-  assert np.abs(got - ref).max() < TOLERANCE, np.abs(got - ref).max()
-  # The check has teeth: without the clamp the JAX side differs.
-  saved["clamp_min"] = None
-  (tmp_path / "ckpt" / "1" / "model_config.json").write_text(json.dumps(saved))
-  assert np.abs(_jax_logits(tmp_path / "ckpt" / "1", tokens, tmp_path) - ref).max() > 100 * TOLERANCE
+    config = GLAConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        vocab_size=97,
+        intermediate_size=96,
+        use_short_conv=True,
+        conv_size=3,
+        fuse_norm=False,
+        clamp_min=-0.05,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )
+    kernels.select(mode="reference")
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():  # larger-than-init gate biases, so gates and the clamp both matter
+            for layer in model.model.layers:
+                layer.attn.gk_proj[1].bias.uniform_(-6.0, 3.0)
+        tokens = np.random.default_rng(1).integers(0, 97, size=(3, 70))
+        ref = _torch_logits(model, tokens)
+    finally:
+        kernels.restore()
+    Checkpointer(directory=tmp_path / "ckpt").save(step=1, model=model, optimizer=None, extra={}, config_text="")
+    saved = json.loads((tmp_path / "ckpt" / "1" / "model_config.json").read_text())
+    assert saved["use_short_conv"] and saved["num_kv_heads"] == 2 and not saved["fuse_norm"]
+    got = _jax_logits(tmp_path / "ckpt" / "1", tokens, tmp_path)
+    assert np.abs(got - ref).max() < TOLERANCE, np.abs(got - ref).max()
+    # The check has teeth: without the clamp the JAX side differs.
+    saved["clamp_min"] = None
+    (tmp_path / "ckpt" / "1" / "model_config.json").write_text(json.dumps(saved))
+    assert np.abs(_jax_logits(tmp_path / "ckpt" / "1", tokens, tmp_path) - ref).max() > 100 * TOLERANCE
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("short_conv", [True, False])
 def test_delta_net_matches_in_jax(tmp_path, short_conv):
-  from fla.models import DeltaNetConfig
-  from transformers import AutoModelForCausalLM
+    from fla.models import DeltaNetConfig
+    from transformers import AutoModelForCausalLM
 
-  config = DeltaNetConfig(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=97, intermediate_size=96,
-                          use_short_conv=short_conv, conv_size=4, initializer_range=0.2)
-  kernels.select(mode="reference")
-  try:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tokens = np.random.default_rng(2).integers(0, 97, size=(2, 90))
-    ref = _torch_logits(model, tokens)
-  finally:
-    kernels.restore()
-  Checkpointer(directory=tmp_path / "ckpt").save(step=1, model=model, optimizer=None, extra={}, config_text="")
-  assert json.loads((tmp_path / "ckpt" / "1" / "model_config.json").read_text())["model_type"] == "delta_net"
-  got = _jax_logits(tmp_path / "ckpt" / "1", tokens, tmp_path)
-  assert np.abs(ref).max() > 1.0  # logits large enough for the comparison to mean something
-  assert np.abs(got - ref).max() < TOLERANCE, np.abs(got - ref).max()
+    config = DeltaNetConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_heads=2,
+        vocab_size=97,
+        intermediate_size=96,
+        use_short_conv=short_conv,
+        conv_size=4,
+        initializer_range=0.2,
+    )
+    kernels.select(mode="reference")
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tokens = np.random.default_rng(2).integers(0, 97, size=(2, 90))
+        ref = _torch_logits(model, tokens)
+    finally:
+        kernels.restore()
+    Checkpointer(directory=tmp_path / "ckpt").save(step=1, model=model, optimizer=None, extra={}, config_text="")
+    assert json.loads((tmp_path / "ckpt" / "1" / "model_config.json").read_text())["model_type"] == "delta_net"
+    got = _jax_logits(tmp_path / "ckpt" / "1", tokens, tmp_path)
+    assert np.abs(ref).max() > 1.0  # logits large enough for the comparison to mean something
+    assert np.abs(got - ref).max() < TOLERANCE, np.abs(got - ref).max()

@@ -43,10 +43,17 @@ def test_the_trainer_makes_no_kernel_cache_where_no_triton_kernel_runs(tmp_path,
     """On a CUDA device the trainer points the cache at the run directory (``use_run_dir``, above) before the
     model is built; on a CPU no Triton kernel is compiled, so it makes no folder and sets nothing."""
     workdir = tmp_path / "run"
-    config_lib.parse(gin_files=["gin/tiny.gin"],
-                     gin_bindings=[f"MODEL_DIR = {str(workdir)!r}", "TRAIN_STEPS = 1", "WARMUP_STEPS = 0",
-                                   "flame_gin.run.eval_interval = 0", f"flame_gin.run.kernel_cache = {enabled}"],
-                     search_paths=config_lib.default_search_paths())
+    config_lib.parse(
+        gin_files=["gin/tiny.gin"],
+        gin_bindings=[
+            f"MODEL_DIR = {str(workdir)!r}",
+            "TRAIN_STEPS = 1",
+            "WARMUP_STEPS = 0",
+            "flame_gin.run.eval_interval = 0",
+            f"flame_gin.run.kernel_cache = {enabled}",
+        ],
+        search_paths=config_lib.default_search_paths(),
+    )
     assert configurables.run(config_text="", on_first_step=None) == 0
     assert os.environ.get(cache.DIR_ENV) is None
     assert not (workdir / cache.DIRNAME).exists() and (workdir / "checkpoints").is_dir()

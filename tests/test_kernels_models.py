@@ -14,8 +14,9 @@ VOCAB = 256
 BASE = dict(hidden_size=32, num_hidden_layers=2, num_heads=2, vocab_size=VOCAB)
 CONFIGS = {
     "gla": lambda: GLAConfig(**BASE),
-    "gla_conv_unfused": lambda: GLAConfig(**BASE, use_short_conv=True, fuse_norm=False, fuse_swiglu=False,
-                                          num_kv_heads=1),
+    "gla_conv_unfused": lambda: GLAConfig(
+        **BASE, use_short_conv=True, fuse_norm=False, fuse_swiglu=False, num_kv_heads=1
+    ),
     "delta_net": lambda: DeltaNetConfig(**BASE),
     "delta_net_elu_sum": lambda: DeltaNetConfig(**BASE, qk_activation="elu", qk_norm="sum", use_gate=True),
     "gated_deltanet": lambda: GatedDeltaNetConfig(**BASE, head_dim=16),
@@ -50,7 +51,9 @@ def test_auto_picks_reference_without_cuda_and_triton_restores(monkeypatch):
     assert kernels.select() == "reference"
     assert kernels.installed()
     import fla.layers.gla as gla_layer
+
     from flame_gin.kernels import attention
+
     assert gla_layer.chunk_gla is attention.chunk_gla
     assert kernels.select(mode="triton") == "triton"
     assert not kernels.installed()
@@ -78,6 +81,7 @@ def test_missing_name_or_bad_version_fails_loudly_and_changes_nothing(monkeypatc
         kernels.select(mode="reference")
     assert not kernels.installed()
     import fla.layers.gla as gla_layer
+
     assert gla_layer.chunk_gla is fla.ops.gla.chunk_gla
     monkeypatch.setattr(swap, "TABLE", swap.TABLE[:-1])
     monkeypatch.setattr(fla, "__version__", "0.7.1")

@@ -7,14 +7,14 @@ reference model's logits and gradients.
 
 from __future__ import annotations
 
+import dist_models
 import pytest
 import torch
+from graph_count import GraphCounter
 
-import dist_models
 import flame_gin.kernels
 from flame_gin.kernels import attention, opaque
 from flame_gin.parallel.compile import apply_compile
-from graph_count import GraphCounter
 
 
 def _count_graphs(model, *, ids, fullgraph: bool):
@@ -95,11 +95,14 @@ def test_states_fall_back_to_the_unwrapped_op():
 
 def test_varlen_batches_with_different_document_counts_share_one_graph():
     from flame_gin import loss as loss_lib
+
     torch._dynamo.reset()
     counter = GraphCounter()
     ids = torch.randint(0, dist_models.VOCAB, (1, 160), generator=torch.Generator().manual_seed(0))
-    batches = [{"input_ids": ids, "cu_seqlens": torch.tensor(cuts, dtype=torch.int32)}  # > 64 tokens: chunked
-               for cuts in ([0, 70, 160], [0, 5, 90, 160], [0, 7, 9, 100, 140, 160])]
+    batches = [
+        {"input_ids": ids, "cu_seqlens": torch.tensor(cuts, dtype=torch.int32)}  # > 64 tokens: chunked
+        for cuts in ([0, 70, 160], [0, 5, 90, 160], [0, 7, 9, 100, 140, 160])
+    ]
     reference = dist_models.build("gla", layers=2)  # kernel selection is process-wide: reference first
     want = [reference.model(**loss_lib.backbone_kwargs(b), use_cache=False).last_hidden_state for b in batches]
     model = dist_models.build("gla", layers=2, kernel_mode="compiled")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from graph_count import GraphCounter
 
 from flame_gin.kernels import attention, conv, norm
-from graph_count import GraphCounter
 
 
 def recurrence64(*, q, k, v, scale, gk=None, g=None, beta=None, h0=None):
@@ -50,7 +50,8 @@ def _run(family, x, *, chunk_size=64, **kw):
     if family == "delta":
         return attention.chunk_delta_rule(q=x["q"], k=x["k"], v=x["v"], beta=x["beta"], chunk_size=chunk_size, **kw)
     return attention.chunk_gated_delta_rule(
-        q=x["q"], k=x["k"], v=x["v"], g=x["g"], beta=x["beta"], chunk_size=chunk_size, **kw)
+        q=x["q"], k=x["k"], v=x["v"], g=x["g"], beta=x["beta"], chunk_size=chunk_size, **kw
+    )
 
 
 def _expected(family, x, *, h0=None):
@@ -93,9 +94,9 @@ def test_varlen_equals_separate_documents(family):
     o, ht = _run(family, x, cu_seqlens=torch.tensor(bounds), initial_state=h0, output_final_state=True)
     for n, (s, e) in enumerate(zip(bounds, bounds[1:])):
         doc = {name: (t[:, s:e] if t.dim() >= 3 else t) for name, t in x.items()}
-        o_ref, h_ref = _expected(family, doc, h0=h0[n:n + 1])
+        o_ref, h_ref = _expected(family, doc, h0=h0[n : n + 1])
         torch.testing.assert_close(o[:, s:e].double(), o_ref, atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(ht[n:n + 1].double(), h_ref, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(ht[n : n + 1].double(), h_ref, atol=2e-5, rtol=1e-4)
 
 
 def test_state_v_first_is_the_transposed_layout():
@@ -111,17 +112,31 @@ def test_gated_delta_rule_fused_gate_beta_l2norm_and_grouped_value_heads():
     batch, length, heads, v_heads, dk, dv = 2, 20, 2, 4, 8, 5
     q, k = torch.randn(batch, length, heads, dk, generator=gen), torch.randn(batch, length, heads, dk, generator=gen)
     v = torch.randn(batch, length, v_heads, dv, generator=gen)
-    g_raw, b_raw = torch.randn(batch, length, v_heads, generator=gen), torch.randn(batch, length, v_heads, generator=gen)
+    g_raw, b_raw = (
+        torch.randn(batch, length, v_heads, generator=gen),
+        torch.randn(batch, length, v_heads, generator=gen),
+    )
     a_log, dt_bias = torch.randn(v_heads, generator=gen), torch.randn(v_heads, generator=gen)
     o, _ = attention.chunk_gated_delta_rule(
-        q=q, k=k, v=v, g=g_raw, beta=b_raw, use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True,
-        allow_neg_eigval=True, use_gate_in_kernel=True, A_log=a_log, dt_bias=dt_bias, chunk_size=8)
+        q=q,
+        k=k,
+        v=v,
+        g=g_raw,
+        beta=b_raw,
+        use_qk_l2norm_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True,
+        allow_neg_eigval=True,
+        use_gate_in_kernel=True,
+        A_log=a_log,
+        dt_bias=dt_bias,
+        chunk_size=8,
+    )
     # independent: explicit gate/beta/normalisation, heads repeated by hand, float64 recurrence
     q64, k64 = F.normalize(q.double(), dim=-1), F.normalize(k.double(), dim=-1)
     rep = [h // (v_heads // heads) for h in range(v_heads)]
     gate = -a_log.double().exp() * F.softplus(g_raw.double() + dt_bias.double())
     beta = 2 * torch.sigmoid(b_raw.double())
-    o_ref, _ = recurrence64(q=q64[:, :, rep], k=k64[:, :, rep], v=v, scale=dk ** -0.5, g=gate, beta=beta)
+    o_ref, _ = recurrence64(q=q64[:, :, rep], k=k64[:, :, rep], v=v, scale=dk**-0.5, g=gate, beta=beta)
     torch.testing.assert_close(o.double(), o_ref, atol=1e-5, rtol=1e-4)
 
 
@@ -140,8 +155,14 @@ def test_gradients_match_float64_recurrence():
     o, _ = _run("gdn", {**x, **leaves}, chunk_size=5)
     o.square().sum().backward()
     leaves64 = {n: t.detach().double().requires_grad_(True) for n, t in leaves.items()}
-    o64, _ = recurrence64(q=leaves64["q"], k=leaves64["k"], v=leaves64["v"], g=leaves64["g"], beta=leaves64["beta"],
-                          scale=x["q"].shape[-1] ** -0.5)
+    o64, _ = recurrence64(
+        q=leaves64["q"],
+        k=leaves64["k"],
+        v=leaves64["v"],
+        g=leaves64["g"],
+        beta=leaves64["beta"],
+        scale=x["q"].shape[-1] ** -0.5,
+    )
     o64.square().sum().backward()
     for name in leaves:
         torch.testing.assert_close(leaves[name].grad.double(), leaves64[name].grad, atol=1e-4, rtol=1e-3)
@@ -178,8 +199,15 @@ def test_packed_causal_conv_keeps_documents_apart_with_states_and_short_document
     edges = [0, 2, 9, 10, 17]  # documents of 2, 7, 1 and 7 tokens: two shorter than the width 4
     x, w, b = torch.randn(1, 17, 6, generator=gen), torch.randn(6, 4, generator=gen), torch.randn(6, generator=gen)
     h0 = torch.randn(4, 6, 4, generator=gen)
-    y, state = conv.causal_conv1d(x=x, weight=w, bias=b, activation="silu", initial_state=h0,
-                                  output_final_state=True, cu_seqlens=torch.tensor(edges))
+    y, state = conv.causal_conv1d(
+        x=x,
+        weight=w,
+        bias=b,
+        activation="silu",
+        initial_state=h0,
+        output_final_state=True,
+        cu_seqlens=torch.tensor(edges),
+    )
     for n, (start, end) in enumerate(zip(edges, edges[1:])):
         y64, s64 = _conv64_with_state(x=x[0, start:end], w=w, b=b, state=h0[n])
         torch.testing.assert_close(y[0, start:end].double(), y64, atol=1e-5, rtol=1e-5)

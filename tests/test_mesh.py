@@ -19,20 +19,29 @@ def test_infers_dp_shard_and_data_ranks():
     assert sorted({dims.dp_rank(rank=r) for r in range(16)}) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(world_size=8, tp=3), "does not divide world_size=8"),
-    (dict(world_size=8, dp_shard=3, tp=2), "!= world_size=8"),
-    (dict(world_size=8, tp=0), "tp must be an integer >= 1"),
-    (dict(world_size=8, dp_shard=-2), "dp_shard must be -1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(world_size=8, tp=3), "does not divide world_size=8"),
+        (dict(world_size=8, dp_shard=3, tp=2), "!= world_size=8"),
+        (dict(world_size=8, tp=0), "tp must be an integer >= 1"),
+        (dict(world_size=8, dp_shard=-2), "dp_shard must be -1"),
+    ],
+)
 def test_bad_shapes(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ParallelDims(**kwargs)
 
 
 def test_validate_for_model():
-    config = LlamaConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=6, num_hidden_layers=2,
-                         intermediate_size=96, vocab_size=128)
+    config = LlamaConfig(
+        hidden_size=48,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        vocab_size=128,
+    )
     with pytest.raises(ValueError, match="tp=4 does not divide num_attention_heads=6"):
         ParallelDims(world_size=4, tp=4).validate_for_model(config=config)
     with pytest.raises(ValueError, match="pp=4 is larger than num_hidden_layers=2"):
@@ -65,8 +74,8 @@ def _mesh_worker(rank, world):
 
 def test_hybrids_are_refused_for_tensor_and_context_parallel():
     from flame_gin import models
-    hybrid = models.build_config(family="gla", overrides={"num_hidden_layers": 4},
-                                 attn={"layers": [3], "num_heads": 4})
+
+    hybrid = models.build_config(family="gla", overrides={"num_hidden_layers": 4}, attn={"layers": [3], "num_heads": 4})
     for dims in (ParallelDims(world_size=2, tp=2), ParallelDims(world_size=2, cp=2)):
         with pytest.raises(ValueError, match=r"softmax attention layers .* linear-attention layers only"):
             dims.validate_for_model(config=hybrid)

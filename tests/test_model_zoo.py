@@ -11,13 +11,13 @@ from __future__ import annotations
 import pathlib
 import re
 
-import gin
 import pytest
 import torch
 import transformers
 from torch import nn
 
 import flame_gin.models
+import gin
 from flame_gin import models
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin"
@@ -26,120 +26,136 @@ NOMINAL = {"m": 1e6, "b": 1e9}
 
 
 def _model_config():
-  """The gin-registered builder: the package's own registration when present, else registered here."""
-  match = gin.config._REGISTRY.get_match("model_config")
-  if match is None:
-    return gin.external_configurable(flame_gin.models.build_config, name="model_config")
-  return match.wrapper
+    """The gin-registered builder: the package's own registration when present, else registered here."""
+    match = gin.config._REGISTRY.get_match("model_config")
+    if match is None:
+        return gin.external_configurable(flame_gin.models.build_config, name="model_config")
+    return match.wrapper
 
 
 def _parse(text: str):
-  gin.clear_config()
-  gin.add_config_file_search_path(str(GIN_DIR))
-  build = _model_config()
-  gin.parse_config(text)
-  return build()
+    gin.clear_config()
+    gin.add_config_file_search_path(str(GIN_DIR))
+    build = _model_config()
+    gin.parse_config(text)
+    return build()
 
 
 @pytest.fixture
 def flash_attn_stub(monkeypatch):
-  """FLA 0.6's softmax Attention layer refuses to be constructed without flash-attn; meta builds never call it."""
-  import fla.layers.attn
+    """FLA 0.6's softmax Attention layer refuses to be constructed without flash-attn; meta builds never call it."""
+    import fla.layers.attn
 
-  def refuse(*args, **kwargs):
-    raise AssertionError("flash-attn stub called: meta-device builds must not run attention")
+    def refuse(*args, **kwargs):
+        raise AssertionError("flash-attn stub called: meta-device builds must not run attention")
 
-  monkeypatch.setattr(fla.layers.attn, "flash_attn_func", refuse)
+    monkeypatch.setattr(fla.layers.attn, "flash_attn_func", refuse)
 
 
 def test_every_family_has_340m_and_1b():
-  names = {p.stem for p in SIZE_FILES}
-  for family in ("gla", "delta_net", "gated_deltanet", "gsa", "hgrn2", "mamba", "mamba2", "samba", "rwkv7",
-                 "retnet", "llama", "gla_hybrid", "gated_deltanet_hybrid"):
-    assert {f"{family}_340m", f"{family}_1b"} <= names, family
-  assert {"gla_7b", "llama_7b"} <= names
+    names = {p.stem for p in SIZE_FILES}
+    for family in (
+        "gla",
+        "delta_net",
+        "gated_deltanet",
+        "gsa",
+        "hgrn2",
+        "mamba",
+        "mamba2",
+        "samba",
+        "rwkv7",
+        "retnet",
+        "llama",
+        "gla_hybrid",
+        "gated_deltanet_hybrid",
+    ):
+        assert {f"{family}_340m", f"{family}_1b"} <= names, family
+    assert {"gla_7b", "llama_7b"} <= names
 
 
 @pytest.mark.parametrize("path", SIZE_FILES, ids=[p.stem for p in SIZE_FILES])
 def test_size_file_builds_with_named_size(path, flash_attn_stub):
-  text = path.read_text()
-  assert text.startswith("# ") and "python -m flame_gin.train" in text.split("\n\n")[0], "header: command"
-  config = _parse(text)
-  family, size = path.stem.rsplit("_", 1)
-  if family.endswith("_hybrid"):  # a linear-attention family with softmax attention at chosen layers
-    family = family.removesuffix("_hybrid")
-    assert config.attn and config.attn["layers"], f"{path.name}: a hybrid names its attention layers"
-  assert config.model_type == family
-  model = models.build_meta_model(config=config)
-  total = models.count_parameters(model)
-  without_embedding = models.count_parameters(model, exclude_embeddings=True)
+    text = path.read_text()
+    assert text.startswith("# ") and "python -m flame_gin.train" in text.split("\n\n")[0], "header: command"
+    config = _parse(text)
+    family, size = path.stem.rsplit("_", 1)
+    if family.endswith("_hybrid"):  # a linear-attention family with softmax attention at chosen layers
+        family = family.removesuffix("_hybrid")
+        assert config.attn and config.attn["layers"], f"{path.name}: a hybrid names its attention layers"
+    assert config.model_type == family
+    model = models.build_meta_model(config=config)
+    total = models.count_parameters(model)
+    without_embedding = models.count_parameters(model, exclude_embeddings=True)
 
-  stated = re.search(r"^# .*?: ([\d,]+) parameters \(([\d,]+) without the input embedding\)", text, re.M)
-  assert stated, f"{path.name}: header must state the parameter count"
-  assert (int(stated[1].replace(",", "")), int(stated[2].replace(",", ""))) == (total, without_embedding)
+    stated = re.search(r"^# .*?: ([\d,]+) parameters \(([\d,]+) without the input embedding\)", text, re.M)
+    assert stated, f"{path.name}: header must state the parameter count"
+    assert (int(stated[1].replace(",", "")), int(stated[2].replace(",", ""))) == (total, without_embedding)
 
-  nominal = float(size[:-1]) * NOMINAL[size[-1]]
-  error = abs(without_embedding / nominal - 1)
-  if "Misses its name" in text:
-    assert 0.10 < error <= 0.40, f"{path.name}: {without_embedding:,} vs {nominal:,.0f} ({error:.0%})"
-  else:
-    assert error <= 0.10, f"{path.name}: {without_embedding:,} vs {nominal:,.0f} ({error:.0%}); say so in the file"
-  assert config.vocab_size == 32000
+    nominal = float(size[:-1]) * NOMINAL[size[-1]]
+    error = abs(without_embedding / nominal - 1)
+    if "Misses its name" in text:
+        assert 0.10 < error <= 0.40, f"{path.name}: {without_embedding:,} vs {nominal:,.0f} ({error:.0%})"
+    else:
+        assert error <= 0.10, f"{path.name}: {without_embedding:,} vs {nominal:,.0f} ({error:.0%}); say so in the file"
+    assert config.vocab_size == 32000
 
 
 def test_family_file_rejects_typo():
-  with pytest.raises(ValueError, match="num_head"):
-    _parse("include 'model/gla.gin'\nmodel_config.overrides = {'num_head': 2}")
+    with pytest.raises(ValueError, match="num_head"):
+        _parse("include 'model/gla.gin'\nmodel_config.overrides = {'num_head': 2}")
 
 
 # A family FLA does not ship: a bag-of-previous-token model, defined here as a user would in their own module.
 class TinyMixConfig(transformers.PretrainedConfig):
-  model_type = "tiny_mix_test"
+    model_type = "tiny_mix_test"
 
-  def __init__(self, vocab_size: int = 64, hidden_size: int = 16, num_hidden_layers: int = 2, **kwargs):
-    self.vocab_size = vocab_size
-    self.hidden_size = hidden_size
-    self.num_hidden_layers = num_hidden_layers
-    super().__init__(**kwargs)
+    def __init__(self, vocab_size: int = 64, hidden_size: int = 16, num_hidden_layers: int = 2, **kwargs):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        super().__init__(**kwargs)
 
 
 class TinyMixForCausalLM(transformers.PreTrainedModel):
-  config_class = TinyMixConfig
-  _input_embed_layer = "embed"
+    config_class = TinyMixConfig
+    _input_embed_layer = "embed"
 
-  def __init__(self, config):
-    super().__init__(config)
-    self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-    self.layers = nn.ModuleList(nn.Linear(2 * config.hidden_size, config.hidden_size)
-                                for _ in range(config.num_hidden_layers))
-    self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-    self.post_init()
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            nn.Linear(2 * config.hidden_size, config.hidden_size) for _ in range(config.num_hidden_layers)
+        )
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
 
-  def get_input_embeddings(self):
-    return self.embed
+    def get_input_embeddings(self):
+        return self.embed
 
-  def forward(self, input_ids, labels=None, **kwargs):
-    h = self.embed(input_ids)
-    for layer in self.layers:
-      previous = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)  # causal: token t sees t-1 only
-      h = h + torch.tanh(layer(torch.cat([h, previous], dim=-1)))
-    return transformers.modeling_outputs.CausalLMOutput(logits=self.lm_head(h))
+    def forward(self, input_ids, labels=None, **kwargs):
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            previous = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)  # causal: token t sees t-1 only
+            h = h + torch.tanh(layer(torch.cat([h, previous], dim=-1)))
+        return transformers.modeling_outputs.CausalLMOutput(logits=self.lm_head(h))
 
 
 def test_custom_family_from_gin_runs_forward_on_cpu():
-  models.register_family(name="tiny_mix_test", config_class=TinyMixConfig, model_class=TinyMixForCausalLM)
-  config = _parse("model_config.family = 'tiny_mix_test'\n"
-                  "model_config.overrides = {'hidden_size': 24, 'num_hidden_layers': 3, 'vocab_size': 50}")
-  assert isinstance(config, TinyMixConfig) and config.hidden_size == 24
-  with pytest.raises(ValueError, match="hidden_sise"):
-    _parse("model_config.family = 'tiny_mix_test'\nmodel_config.overrides = {'hidden_sise': 24}")
-  model = models.build_model(config=config, device="cpu", seed=0)
-  assert models.count_parameters(model) == 50 * 24 + 3 * (48 * 24 + 24) + 24 * 50
-  x = torch.randint(0, 50, (2, 7))
-  logits = model(input_ids=x).logits
-  assert logits.shape == (2, 7, 50) and torch.isfinite(logits).all()
-  y = x.clone()
-  y[:, 4:] = (y[:, 4:] + 1) % 50  # changing tokens 4.. must not change logits before position 4
-  torch.testing.assert_close(model(input_ids=y).logits[:, :4], logits[:, :4])
-  logits.sum().backward()
-  assert all(p.grad is not None for p in model.parameters())
+    models.register_family(name="tiny_mix_test", config_class=TinyMixConfig, model_class=TinyMixForCausalLM)
+    config = _parse(
+        "model_config.family = 'tiny_mix_test'\n"
+        "model_config.overrides = {'hidden_size': 24, 'num_hidden_layers': 3, 'vocab_size': 50}"
+    )
+    assert isinstance(config, TinyMixConfig) and config.hidden_size == 24
+    with pytest.raises(ValueError, match="hidden_sise"):
+        _parse("model_config.family = 'tiny_mix_test'\nmodel_config.overrides = {'hidden_sise': 24}")
+    model = models.build_model(config=config, device="cpu", seed=0)
+    assert models.count_parameters(model) == 50 * 24 + 3 * (48 * 24 + 24) + 24 * 50
+    x = torch.randint(0, 50, (2, 7))
+    logits = model(input_ids=x).logits
+    assert logits.shape == (2, 7, 50) and torch.isfinite(logits).all()
+    y = x.clone()
+    y[:, 4:] = (y[:, 4:] + 1) % 50  # changing tokens 4.. must not change logits before position 4
+    torch.testing.assert_close(model(input_ids=y).logits[:, :4], logits[:, :4])
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

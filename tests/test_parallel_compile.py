@@ -8,16 +8,16 @@ import pathlib
 import subprocess
 import sys
 
+import dist_models
 import pytest
 import torch
+from graph_count import GraphCounter
 from torch._dynamo.utils import counters
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
-import dist_models
 from flame_gin import config as config_lib
 from flame_gin import configurables
 from flame_gin.parallel.compile import CACHE_FILE, apply_compile, load_compile_cache, save_compile_cache
-from graph_count import GraphCounter
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY_COMPILED = ["--gin_file=gin/tiny.gin", "--gin_file=gin/parallel/compile.gin"]
@@ -49,20 +49,39 @@ def test_blocks_compile_once_not_per_layer():
 def test_a_resume_on_a_node_with_an_empty_cache_compiles_from_the_workdir_artifacts(tmp_path):
     workdir = tmp_path / "run"
     first = subprocess.run(
-        [sys.executable, "-m", "flame_gin.train", *TINY_COMPILED, f"--workdir={workdir}", "--gin.TRAIN_STEPS=2",
-         "--gin.WARMUP_STEPS=0", "--gin.CHECKPOINT_INTERVAL=2", "--gin.flame_gin.run.eval_interval=0"],
-        cwd=ROOT, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "node_a")}, capture_output=True,
-        text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "flame_gin.train",
+            *TINY_COMPILED,
+            f"--workdir={workdir}",
+            "--gin.TRAIN_STEPS=2",
+            "--gin.WARMUP_STEPS=0",
+            "--gin.CHECKPOINT_INTERVAL=2",
+            "--gin.flame_gin.run.eval_interval=0",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "node_a")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     artifacts = (workdir / CACHE_FILE).read_bytes()
     assert artifacts
     with temporary_cache_dir(str(tmp_path / "node_b")):  # this process plays a fresh node: nothing cached
         torch._dynamo.reset()
         counters.clear()
-        config_lib.parse(gin_files=["gin/tiny.gin", "gin/parallel/compile.gin"],
-                         gin_bindings=[f"MODEL_DIR = {str(workdir)!r}", "TRAIN_STEPS = 3", "WARMUP_STEPS = 0",
-                                       "flame_gin.run.eval_interval = 0"],
-                         search_paths=config_lib.default_search_paths())
+        config_lib.parse(
+            gin_files=["gin/tiny.gin", "gin/parallel/compile.gin"],
+            gin_bindings=[
+                f"MODEL_DIR = {str(workdir)!r}",
+                "TRAIN_STEPS = 3",
+                "WARMUP_STEPS = 0",
+                "flame_gin.run.eval_interval = 0",
+            ],
+            search_paths=config_lib.default_search_paths(),
+        )
         assert configurables.run(config_text="", on_first_step=None) == 0
         hits = counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"]
         misses = counters["aot_autograd"]["autograd_cache_miss"] + counters["inductor"]["fxgraph_cache_miss"]

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-from dist_launch import launch
 import dist_suite
+import pytest
+from dist_launch import launch
 
 pytestmark = pytest.mark.slow  # subprocess / multi-process runs: the full suite only
 
@@ -27,8 +26,11 @@ TWO = {
     "tp_sp_gated_deltanet": (EQ, ("gated_deltanet", dict(tp=2), dict()), {}),
     "cp_fsdp_gla": (EQ, ("gla", dict(cp=2), dict()), dict(rows=2)),
     "cp_gla_varlen": (EQ, ("gla", dict(cp=2), dict()), dict(rows=1, varlen=True)),
-    "cp_delta_net_conv_varlen": (EQ, ("delta_net", dict(cp=2), dict()),
-                                 dict(rows=1, varlen=True, model_kwargs=dict(use_short_conv=True))),
+    "cp_delta_net_conv_varlen": (
+        EQ,
+        ("delta_net", dict(cp=2), dict()),
+        dict(rows=1, varlen=True, model_kwargs=dict(use_short_conv=True)),
+    ),
     "cp_gated_deltanet_varlen": (EQ, ("gated_deltanet", dict(cp=2), dict()), dict(rows=1, varlen=True)),
     "pp_gpipe_llama": (PP, ("llama", dict(pp=2), "GPipe"), {}),
     "pp_1f1b_gla": (PP, ("gla", dict(pp=2), "1F1B"), {}),

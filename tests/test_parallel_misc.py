@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 
+import dist_models
 import pytest
 import torch
 
-import dist_models
 from flame_gin.mesh import ParallelDims
 from flame_gin.parallel.memory import estimate_memory, format_estimate
 from flame_gin.parallel.tp_plans import apply_tensor_parallel
@@ -15,7 +15,9 @@ from flame_gin.parallel.tp_plans import apply_tensor_parallel
 
 def test_float8_says_torchao_is_missing(monkeypatch):
     import sys
+
     from flame_gin.parallel.float8 import apply_float8
+
     monkeypatch.setitem(sys.modules, "torchao.float8", None)  # as if torchao were not installed
     with pytest.raises(RuntimeError, match="torchao is not installed"):
         apply_float8(torch.nn.Sequential(torch.nn.Linear(16, 16)))
@@ -25,7 +27,9 @@ def test_float8_says_torchao_is_missing(monkeypatch):
 def test_float8_converts_only_large_linears_and_never_the_head():
     """torchao's real conversion (CPU: modules only; float8 matmuls need an H100) under the size filter."""
     from torchao.float8.float8_linear import Float8Linear
+
     from flame_gin.parallel.float8 import apply_float8
+
     model = dist_models.build("gla", hidden=64, heads=4)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     want = {n for n, m in linears.items() if "lm_head" not in n and min(m.in_features, m.out_features) >= 64}
@@ -40,13 +44,14 @@ def test_memory_estimate_scales_with_sharding():
     one = estimate_memory(model=model, dims=ParallelDims(world_size=1), local_batch=2, seq_len=32)
     eight = estimate_memory(model=model, dims=ParallelDims(world_size=8), local_batch=2, seq_len=32)
     n = sum(p.numel() for p in model.parameters())
-    assert one["params"] == pytest.approx(n * 4 / 1024 ** 3)
+    assert one["params"] == pytest.approx(n * 4 / 1024**3)
     assert eight["optimizer"] == pytest.approx(one["optimizer"] / 8)
     assert one["activations"] is not None and one["activations"] > 0
 
 
 def test_tensor_parallel_refuses_unknown_family():
     from transformers import GPT2Config, GPT2LMHeadModel
+
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="no plan for model family 'gpt2'.*gla"):
         apply_tensor_parallel(model, tp_mesh=None)
@@ -58,6 +63,7 @@ def test_activation_checkpointing_keeps_gradients(family, mode):
     """Recomputation replays the same forward: gradients equal those without checkpointing (HF Llama with
     SDPA included, called as the trainer calls it, without a KV cache)."""
     from flame_gin.parallel.checkpointing import apply_activation_checkpointing
+
     ids, _ = dist_models.batch(rows=2, seq=16)
     grads = []
     for checkpointing in ("none", mode):
@@ -73,8 +79,7 @@ def test_activation_checkpointing_keeps_gradients(family, mode):
 def test_memory_estimate_can_skip_running_blocks():
     model = dist_models.build("gla").to("meta")
     ran = estimate_memory(model=model, dims=ParallelDims(world_size=1), local_batch=2, seq_len=32)
-    skipped = estimate_memory(model=model, dims=ParallelDims(world_size=1), local_batch=2, seq_len=32,
-                              run_blocks=False)
+    skipped = estimate_memory(model=model, dims=ParallelDims(world_size=1), local_batch=2, seq_len=32, run_blocks=False)
     assert ran["activations"] is not None and skipped["activations"] is None
     assert skipped["params"] == ran["params"]
     assert "upper bound" in format_estimate(ran, compiled=True) and "upper bound" not in format_estimate(ran)
@@ -83,6 +88,7 @@ def test_memory_estimate_can_skip_running_blocks():
 
 def test_async_tp_is_refused_without_tp_compile_or_cuda():
     from flame_gin.parallel.parallelize import parallelize
+
     model = dist_models.build("gla")
     with pytest.raises(ValueError, match="needs tensor parallel and compiled blocks: ParallelDims.tp=1"):
         parallelize(model, dims=ParallelDims(world_size=1), mesh=None, async_tp=True, compile=True)
@@ -90,5 +96,6 @@ def test_async_tp_is_refused_without_tp_compile_or_cuda():
         parallelize(model, dims=ParallelDims(world_size=2, tp=2, dp_shard=1), mesh=None, async_tp=True)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs CUDA"):
-            parallelize(model, dims=ParallelDims(world_size=2, tp=2, dp_shard=1), mesh=None, async_tp=True,
-                        compile=True)
+            parallelize(
+                model, dims=ParallelDims(world_size=2, tp=2, dp_shard=1), mesh=None, async_tp=True, compile=True
+            )

@@ -6,6 +6,7 @@ import pytest
 
 from flame_gin.parallel.pipeline import stage_layer_ranges
 
+
 def test_stage_ranges():
     assert stage_layer_ranges(num_layers=5, num_stages=2) == [(0, 3), (3, 5)]
     assert stage_layer_ranges(num_layers=8, num_stages=3, split_points=[2, 5]) == [(0, 2), (2, 5), (5, 8)]

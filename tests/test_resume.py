@@ -21,109 +21,128 @@ pytestmark = pytest.mark.slow  # subprocess / multi-process runs: the full suite
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 12
-ARGS = ["--gin_file=gin/tiny.gin", f"--gin.TRAIN_STEPS={STEPS}", "--gin.WARMUP_STEPS=3",
-        "--gin.flame_gin.run.log_interval=1", "--gin.flame_gin.run.eval_interval=0", "--gin.CHECKPOINT_INTERVAL=1000"]
+ARGS = [
+    "--gin_file=gin/tiny.gin",
+    f"--gin.TRAIN_STEPS={STEPS}",
+    "--gin.WARMUP_STEPS=3",
+    "--gin.flame_gin.run.log_interval=1",
+    "--gin.flame_gin.run.eval_interval=0",
+    "--gin.CHECKPOINT_INTERVAL=1000",
+]
 LOSS = re.compile(r"step (\d+)/\d+ \| loss ([\d.]+)")
 
 
 def _cmd(workdir):
-  return [sys.executable, "-m", "flame_gin.train", *ARGS, f"--workdir={workdir}"]
+    return [sys.executable, "-m", "flame_gin.train", *ARGS, f"--workdir={workdir}"]
 
 
 def _env():
-  return dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    return dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
 
 
 def _losses(text):
-  return {int(m.group(1)): m.group(2) for m in LOSS.finditer(text)}
+    return {int(m.group(1)): m.group(2) for m in LOSS.finditer(text)}
 
 
 def _final_params(workdir):
-  config = models.build_config(family="gla", overrides=dict(hidden_size=64, num_hidden_layers=2, num_heads=2,
-                                                            vocab_size=512, intermediate_size=128, expand_k=0.5,
-                                                            expand_v=1, use_output_gate=True, use_short_conv=False,
-                                                            tie_word_embeddings=False))
-  model = models.build_model(config=config, device="cpu", seed=0)
-  ckpt = checkpoint.Checkpointer(directory=workdir / "checkpoints")
-  extra = ckpt.restore(model=model)
-  ckpt.close()
-  assert extra["train_state"]["step"] == STEPS
-  return model.state_dict()
+    config = models.build_config(
+        family="gla",
+        overrides=dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_heads=2,
+            vocab_size=512,
+            intermediate_size=128,
+            expand_k=0.5,
+            expand_v=1,
+            use_output_gate=True,
+            use_short_conv=False,
+            tie_word_embeddings=False,
+        ),
+    )
+    model = models.build_model(config=config, device="cpu", seed=0)
+    ckpt = checkpoint.Checkpointer(directory=workdir / "checkpoints")
+    extra = ckpt.restore(model=model)
+    ckpt.close()
+    assert extra["train_state"]["step"] == STEPS
+    return model.state_dict()
 
 
 def test_sigterm_then_resume_is_bit_identical(tmp_path):
-  # The uninterrupted run is independent of the interrupted one: it runs alongside it (most of each process is
-  # imports on one core) and is read after the resume.
-  straight_log = tmp_path / "straight.log"
-  with open(straight_log, "w") as log:
-    straight_proc = subprocess.Popen(_cmd(tmp_path / "straight"), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                                     stderr=log, text=True)
-  try:
-    first_text, workdir, stopped_at, resumed = _interrupt_then_resume(tmp_path)
-    straight_proc.wait(timeout=300)
-  except BaseException:
-    straight_proc.kill()
-    straight_proc.wait()
-    raise
-  straight_stderr = straight_log.read_text()
-  assert straight_proc.returncode == 0, straight_stderr[-3000:]
-  reference = _losses(straight_stderr)
-  assert sorted(reference) == list(range(1, STEPS + 1))
+    # The uninterrupted run is independent of the interrupted one: it runs alongside it (most of each process is
+    # imports on one core) and is read after the resume.
+    straight_log = tmp_path / "straight.log"
+    with open(straight_log, "w") as log:
+        straight_proc = subprocess.Popen(
+            _cmd(tmp_path / "straight"), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=log, text=True
+        )
+    try:
+        first_text, workdir, stopped_at, resumed = _interrupt_then_resume(tmp_path)
+        straight_proc.wait(timeout=300)
+    except BaseException:
+        straight_proc.kill()
+        straight_proc.wait()
+        raise
+    straight_stderr = straight_log.read_text()
+    assert straight_proc.returncode == 0, straight_stderr[-3000:]
+    reference = _losses(straight_stderr)
+    assert sorted(reference) == list(range(1, STEPS + 1))
 
-  assert f"resumed from step {stopped_at}" in resumed.stderr
-  second = _losses(resumed.stderr)
-  assert sorted(second) == list(range(stopped_at + 1, STEPS + 1))
-  combined = {**_losses(first_text), **second}
-  assert combined == reference
+    assert f"resumed from step {stopped_at}" in resumed.stderr
+    second = _losses(resumed.stderr)
+    assert sorted(second) == list(range(stopped_at + 1, STEPS + 1))
+    combined = {**_losses(first_text), **second}
+    assert combined == reference
 
-  a, b = _final_params(tmp_path / "straight"), _final_params(workdir)
-  assert a.keys() == b.keys()
-  for name in a:
-    assert torch.equal(a[name], b[name]), name
+    a, b = _final_params(tmp_path / "straight"), _final_params(workdir)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def _interrupt_then_resume(tmp_path):
-  """SIGTERM at step 5 (must save and exit 42), then the same command again; returns the first run's log, its
-  workdir, the step it stopped at and the resumed run's result."""
-  workdir = tmp_path / "interrupted"
-  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                          text=True)
-  first_part = []
-  for line in proc.stderr:
-    first_part.append(line)
-    if " step 5/" in line:
-      proc.send_signal(signal.SIGTERM)
-      break
-  _, rest = proc.communicate(timeout=300)
-  first_text = "".join(first_part) + rest
-  assert proc.returncode == 42, first_text[-3000:]
-  stopped_at = max(_losses(first_text))
-  assert 5 <= stopped_at < STEPS
+    """SIGTERM at step 5 (must save and exit 42), then the same command again; returns the first run's log, its
+    workdir, the step it stopped at and the resumed run's result."""
+    workdir = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        _cmd(workdir), cwd=ROOT, env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    first_part = []
+    for line in proc.stderr:
+        first_part.append(line)
+        if " step 5/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, rest = proc.communicate(timeout=300)
+    first_text = "".join(first_part) + rest
+    assert proc.returncode == 42, first_text[-3000:]
+    stopped_at = max(_losses(first_text))
+    assert 5 <= stopped_at < STEPS
 
-  resumed = subprocess.run(_cmd(workdir), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  return first_text, workdir, stopped_at, resumed
+    resumed = subprocess.run(_cmd(workdir), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return first_text, workdir, stopped_at, resumed
 
 
 def test_damaged_latest_checkpoint_falls_back_and_the_run_is_the_same(tmp_path):
-  """A run whose latest checkpoint was damaged after it ended (one data file truncated) is run again: it warns
-  once, moves the damaged step aside, resumes from the previous checkpoint and repeats the lost steps with the
-  same losses, then commits that step afresh. No traceback."""
-  workdir = tmp_path / "run"
-  cmd = [*_cmd(workdir), "--gin.TRAIN_STEPS=8", "--gin.CHECKPOINT_INTERVAL=4"]
-  first = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-  assert first.returncode == 0, first.stderr[-3000:]
-  ckpts = workdir / "checkpoints"
-  assert checkpoint.layout.committed_steps(ckpts) == [4, 8]
-  data = max((p for p in (ckpts / "8" / "optimizer").rglob("d/*") if p.is_file()), key=lambda p: p.stat().st_size)
-  os.truncate(data, data.stat().st_size // 2)
-  again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "Traceback" not in again.stderr
-  warnings = [line for line in again.stderr.splitlines() if "is damaged" in line]
-  assert len(warnings) == 1 and "checkpoint step 8" in warnings[0] and "resuming from step 4" in warnings[0]
-  assert "resumed from step 4" in again.stderr
-  repeated = _losses(again.stderr)
-  assert repeated == {s: _losses(first.stderr)[s] for s in (5, 6, 7, 8)}
-  assert checkpoint.layout.committed_steps(ckpts) == [4, 8]
-  assert (ckpts / "8.damaged" / "DAMAGED.txt").is_file()
+    """A run whose latest checkpoint was damaged after it ended (one data file truncated) is run again: it warns
+    once, moves the damaged step aside, resumes from the previous checkpoint and repeats the lost steps with the
+    same losses, then commits that step afresh. No traceback."""
+    workdir = tmp_path / "run"
+    cmd = [*_cmd(workdir), "--gin.TRAIN_STEPS=8", "--gin.CHECKPOINT_INTERVAL=4"]
+    first = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpts = workdir / "checkpoints"
+    assert checkpoint.layout.committed_steps(ckpts) == [4, 8]
+    data = max((p for p in (ckpts / "8" / "optimizer").rglob("d/*") if p.is_file()), key=lambda p: p.stat().st_size)
+    os.truncate(data, data.stat().st_size // 2)
+    again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Traceback" not in again.stderr
+    warnings = [line for line in again.stderr.splitlines() if "is damaged" in line]
+    assert len(warnings) == 1 and "checkpoint step 8" in warnings[0] and "resuming from step 4" in warnings[0]
+    assert "resumed from step 4" in again.stderr
+    repeated = _losses(again.stderr)
+    assert repeated == {s: _losses(first.stderr)[s] for s in (5, 6, 7, 8)}
+    assert checkpoint.layout.committed_steps(ckpts) == [4, 8]
+    assert (ckpts / "8.damaged" / "DAMAGED.txt").is_file()

@@ -10,85 +10,112 @@ import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TINY = ["NUM_LAYERS=1", "HIDDEN_SIZE=32", "NUM_HEADS=2", "VOCAB_SIZE=256", "INTERMEDIATE_SIZE=64", "SEQ_LEN=32",
-        "BATCH_SIZE=2"]
+TINY = [
+    "NUM_LAYERS=1",
+    "HIDDEN_SIZE=32",
+    "NUM_HEADS=2",
+    "VOCAB_SIZE=256",
+    "INTERMEDIATE_SIZE=64",
+    "SEQ_LEN=32",
+    "BATCH_SIZE=2",
+]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_benchmark_varlen_json_line(tmp_path):
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  out = tmp_path / "lines.jsonl"
-  cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--gin_file=gin/gla.gin", "--steps=3",
-         "--warmup=1", f"--json_out={out}", "--label=smoke", "--gin_bindings=flame_gin.run.varlen=True",
-         *[f"--gin_bindings={b}" for b in TINY]]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert line == json.loads(out.read_text().splitlines()[-1])
-  assert (line["family"], line["batch"], line["seq_len"], line["varlen"]) == ("gla", 2, 32, True)
-  assert line["flame"]["tokens_per_second"] > 0 and line["baseline"]["tokens_per_second"] > 0
-  assert line["ratio"] == pytest.approx(line["flame"]["tokens_per_second"] / line["baseline"]["tokens_per_second"],
-                                        rel=1e-2)
-  assert line["flops_per_token"] > 0
-  # Both loops learn something real from the same synthetic data (vocabulary 256: ln 256 ~ 5.55 at the start).
-  for loop in ("flame", "baseline"):
-    assert 4.0 < line[loop]["final_loss"] < 6.5
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    out = tmp_path / "lines.jsonl"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "throughput.py"),
+        "--gin_file=gin/gla.gin",
+        "--steps=3",
+        "--warmup=1",
+        f"--json_out={out}",
+        "--label=smoke",
+        "--gin_bindings=flame_gin.run.varlen=True",
+        *[f"--gin_bindings={b}" for b in TINY],
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=110, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line == json.loads(out.read_text().splitlines()[-1])
+    assert (line["family"], line["batch"], line["seq_len"], line["varlen"]) == ("gla", 2, 32, True)
+    assert line["flame"]["tokens_per_second"] > 0 and line["baseline"]["tokens_per_second"] > 0
+    assert line["ratio"] == pytest.approx(
+        line["flame"]["tokens_per_second"] / line["baseline"]["tokens_per_second"], rel=1e-2
+    )
+    assert line["flops_per_token"] > 0
+    # Both loops learn something real from the same synthetic data (vocabulary 256: ln 256 ~ 5.55 at the start).
+    for loop in ("flame", "baseline"):
+        assert 4.0 < line[loop]["final_loss"] < 6.5
 
 
 def test_synthetic_varlen_batches_are_sound():
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  import throughput
-  loader = throughput.SyntheticLoader(vocab_size=50, seq_len=16, batch_size=3, seed=0, varlen=True, distinct=2)
-  batch = next(loader)
-  ids, labels, cu = batch["input_ids"], batch["labels"], batch["cu_seqlens"].long()
-  assert ids.shape == labels.shape == (1, 48) and int(cu[0]) == 0 and int(cu[-1]) == 48
-  assert int((cu[1:] - cu[:-1]).max()) <= 16 and bool((ids >= 0).all()) and bool((ids < 50).all())
-  ends = cu[1:] - 1
-  assert bool((labels[0, ends] == -100).all())
-  inside = [i for i in range(47) if i not in set(ends.tolist())]
-  assert bool((labels[0, inside] == ids[0, [i + 1 for i in inside]]).all())
-  assert next(loader)["input_ids"] is not ids and next(loader)["input_ids"] is ids  # cycles over 2 batches
-  assert throughput.steady_rate(times={2: 1.0, 6: 3.0}, warmup=2, steps=6, tokens_per_step=10) == 20.0
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import throughput
+
+    loader = throughput.SyntheticLoader(vocab_size=50, seq_len=16, batch_size=3, seed=0, varlen=True, distinct=2)
+    batch = next(loader)
+    ids, labels, cu = batch["input_ids"], batch["labels"], batch["cu_seqlens"].long()
+    assert ids.shape == labels.shape == (1, 48) and int(cu[0]) == 0 and int(cu[-1]) == 48
+    assert int((cu[1:] - cu[:-1]).max()) <= 16 and bool((ids >= 0).all()) and bool((ids < 50).all())
+    ends = cu[1:] - 1
+    assert bool((labels[0, ends] == -100).all())
+    inside = [i for i in range(47) if i not in set(ends.tolist())]
+    assert bool((labels[0, inside] == ids[0, [i + 1 for i in inside]]).all())
+    assert next(loader)["input_ids"] is not ids and next(loader)["input_ids"] is ids  # cycles over 2 batches
+    assert throughput.steady_rate(times={2: 1.0, 6: 3.0}, warmup=2, steps=6, tokens_per_step=10) == 20.0
 
 
 def test_synthetic_varlen_document_lengths_do_not_grow_with_the_context():
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  import throughput
-  for seq_len, batch in ((64, 16), (256, 4)):
-    loader = throughput.SyntheticLoader(vocab_size=50, seq_len=seq_len, batch_size=batch, seed=0, varlen=True,
-                                        distinct=1, doc_tokens=40)
-    lengths = (lambda cu: cu[1:] - cu[:-1])(next(loader)["cu_seqlens"].long())
-    assert int(lengths.sum()) == 1024 and int(lengths[:-1].min()) >= 20 and int(lengths.max()) <= 60
-    assert 30 <= float(lengths[:-1].float().mean()) <= 50  # about doc_tokens at either context length
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import throughput
+
+    for seq_len, batch in ((64, 16), (256, 4)):
+        loader = throughput.SyntheticLoader(
+            vocab_size=50, seq_len=seq_len, batch_size=batch, seed=0, varlen=True, distinct=1, doc_tokens=40
+        )
+        lengths = (lambda cu: cu[1:] - cu[:-1])(next(loader)["cu_seqlens"].long())
+        assert int(lengths.sum()) == 1024 and int(lengths[:-1].min()) >= 20 and int(lengths.max()) <= 60
+        assert 30 <= float(lengths[:-1].float().mean()) <= 50  # about doc_tokens at either context length
 
 
 def test_fused_loss_mode_is_checked_before_any_kernel():
-  import torch
-  from flame_gin import fused, loss
-  assert loss.DEFAULT_FUSED in fused.MODES
-  with pytest.raises(ValueError, match="'chunked'"):
-    fused.token_loss_sum(hidden=torch.zeros(2, 4), head=torch.nn.Linear(4, 8), labels=torch.zeros(2, dtype=torch.long),
-                         mode="chunked")
+    import torch
+
+    from flame_gin import fused, loss
+
+    assert loss.DEFAULT_FUSED in fused.MODES
+    with pytest.raises(ValueError, match="'chunked'"):
+        fused.token_loss_sum(
+            hidden=torch.zeros(2, 4),
+            head=torch.nn.Linear(4, 8),
+            labels=torch.zeros(2, dtype=torch.long),
+            mode="chunked",
+        )
 
 
 def test_compiled_short_conv_saves_one_input_copy_for_backward():
-  """The shifted-sum convolution keeps one padded copy of its input for the backward, not one per lag (the
-  second form cost compiled DeltaNet-340M about 13 GiB at 16 x 2048)."""
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  import saved_activations
-  from flame_gin.kernels import conv
+    """The shifted-sum convolution keeps one padded copy of its input for the backward, not one per lag (the
+    second form cost compiled DeltaNet-340M about 13 GiB at 16 x 2048)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import saved_activations
 
-  class Conv(torch.nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.weight = torch.nn.Parameter(torch.randn(64, 4))
+    from flame_gin.kernels import conv
 
-    def forward(self, x):
-      return conv.causal_conv1d(x=x, weight=self.weight, activation="silu")[0]
+    class Conv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(64, 4))
 
-  torch._dynamo.reset()
-  rows = saved_activations.saved_tensors(Conv(), tokens=256, hidden=64)
-  input_sized = [r for r in rows if r[2][-1] == 64 and r[2][-2] >= 256]  # [.., T (+ padding), D] tensors
-  assert len(input_sized) <= 2, rows  # the block's output and one padded input copy
+        def forward(self, x):
+            return conv.causal_conv1d(x=x, weight=self.weight, activation="silu")[0]
+
+    torch._dynamo.reset()
+    rows = saved_activations.saved_tensors(Conv(), tokens=256, hidden=64)
+    input_sized = [r for r in rows if r[2][-1] == 64 and r[2][-2] >= 256]  # [.., T (+ padding), D] tensors
+    assert len(input_sized) <= 2, rows  # the block's output and one padded input copy

@@ -95,11 +95,7 @@ class Checkpointer:
             for stale in self._root.glob(f"*{layout.TMP_SUFFIX}"):
                 shutil.rmtree(stale, ignore_errors=True)
         self._barrier()
-        self._pool = (
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt")
-            if async_save
-            else None
-        )
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt") if async_save else None
         self._pending: concurrent.futures.Future | None = None
         self._last_save_time = time.monotonic()
         self.last_blocked_seconds = 0.0
@@ -150,9 +146,7 @@ class Checkpointer:
             due = True
         if self._interval_seconds is not None:
             elapsed = time.monotonic() - self._last_save_time
-            due = due or self._broadcast(
-                elapsed >= self._interval_seconds, caller_thread=True
-            )
+            due = due or self._broadcast(elapsed >= self._interval_seconds, caller_thread=True)
         return due
 
     # ---- save ------------------------------------------------------------
@@ -181,14 +175,10 @@ class Checkpointer:
             return False
         init_ns = time.time_ns()
         copy = self._pool is not None
-        model_snap = writer.snapshot(
-            tensors=get_model_state_dict(model), copy=copy, buffers=self._buffers["model"]
-        )
+        model_snap = writer.snapshot(tensors=get_model_state_dict(model), copy=copy, buffers=self._buffers["model"])
         opt_snap, opt_other = None, None
         if optimizer is not None:
-            tensors, opt_other = shards.flatten_optimizer(
-                get_optimizer_state_dict(model, optimizer)
-            )
+            tensors, opt_other = shards.flatten_optimizer(get_optimizer_state_dict(model, optimizer))
             opt_snap = writer.snapshot(tensors=tensors, copy=copy, buffers=self._buffers["optimizer"])
         snaps = {layout.MODEL_ITEM: model_snap}
         if opt_snap is not None:
@@ -268,9 +258,7 @@ class Checkpointer:
     def _commit(self, *, tmp, step, items, side, init_ns) -> None:
         for name, snap in items.items():
             writer.merge_item(item_dir=tmp / name)
-            writer.write_item_metadata(
-                item_dir=tmp / name, arrays=side["item_shapes"][name], init_ns=init_ns
-            )
+            writer.write_item_metadata(item_dir=tmp / name, arrays=side["item_shapes"][name], init_ns=init_ns)
         layout.write_bytes(path=tmp / layout.EXTRA_FILE, data=pickle.dumps(side))
         layout.write_bytes(path=tmp / layout.CONFIG_FILE, data=side["config_text"].encode())
         if side["model_config"] is not None:
@@ -333,8 +321,7 @@ class Checkpointer:
         if step is not None:
             if step not in steps:
                 raise reader.CheckpointError(
-                    f"no committed checkpoint for step {step} in {self._root} "
-                    f"(committed: {steps})"
+                    f"no committed checkpoint for step {step} in {self._root} (committed: {steps})"
                 )
             candidates = [step]
         else:
@@ -355,14 +342,18 @@ class Checkpointer:
                     f" (no older committed checkpoint to fall back to; move {self._root / str(s)} "
                     "away to start from scratch)"
                     if step is None and self._fallback
-                    else "" if step is not None
+                    else ""
+                    if step is not None
                     else " (fallback_to_previous=True would try older checkpoints)"
                 )
                 raise reader.CheckpointCorruptError(f"{'; '.join(errors)}{hint}")
             moved = self._move_aside(step=s, reason=errors[0])
             log.warning(
                 "checkpoint step %d is damaged (%s); moved to %s; resuming from step %d",
-                s, errors[0], moved.name, candidates[i + 1],
+                s,
+                errors[0],
+                moved.name,
+                candidates[i + 1],
             )
         raise AssertionError("unreachable")
 
@@ -394,19 +385,13 @@ class Checkpointer:
             raise reader.CheckpointCorruptError(
                 f"checkpoint step {step}: {layout.EXTRA_FILE} is unreadable: {e}"
             ) from e
-        reader.read_item(
-            item_dir=path / layout.MODEL_ITEM, tensors=get_model_state_dict(model), step=step
-        )
+        reader.read_item(item_dir=path / layout.MODEL_ITEM, tensors=get_model_state_dict(model), step=step)
         if optimizer is not None:
             if side.get("optimizer") is None:
-                raise reader.CheckpointError(
-                    f"checkpoint step {step} in {self._root} holds no optimizer state"
-                )
+                raise reader.CheckpointError(f"checkpoint step {step} in {self._root} holds no optimizer state")
             state = get_optimizer_state_dict(model, optimizer)
             tensors, _ = shards.flatten_optimizer(state)
-            reader.read_item(
-                item_dir=path / layout.OPTIMIZER_ITEM, tensors=tensors, step=step
-            )
+            reader.read_item(item_dir=path / layout.OPTIMIZER_ITEM, tensors=tensors, step=step)
             for fqn, values in side["optimizer"]["state"].items():
                 state["state"].setdefault(fqn, {}).update(values)
             state["param_groups"] = side["optimizer"]["param_groups"]

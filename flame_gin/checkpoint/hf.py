@@ -69,9 +69,7 @@ def export_model(
     return output
 
 
-def load_checkpoint_model(
-    *, checkpoint_dir: str | os.PathLike, step: int | None = None
-) -> tuple[torch.nn.Module, int]:
+def load_checkpoint_model(*, checkpoint_dir: str | os.PathLike, step: int | None = None) -> tuple[torch.nn.Module, int]:
     """The float32 HF model of a checkpoint (latest, or `step`) on the CPU, and the step it holds.
 
     The checkpoint must hold the model's HF config (saved automatically when the model has a `config`).
@@ -133,8 +131,7 @@ def import_hf(*, path: str | os.PathLike, model: torch.nn.Module) -> None:
         value = values[name]
         if tuple(value.shape) != tuple(tensor.shape):
             raise reader.CheckpointError(
-                f"HF checkpoint {path}: {name!r} has shape {tuple(value.shape)}, "
-                f"the model has {tuple(tensor.shape)}"
+                f"HF checkpoint {path}: {name!r} has shape {tuple(value.shape)}, the model has {tuple(tensor.shape)}"
             )
         box = shards.box_of(name=name, tensor=tensor)
         if box.contiguous:

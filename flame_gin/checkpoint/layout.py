@@ -181,10 +181,7 @@ def checkpoint_metadata(*, init_ns: int, item_handlers) -> dict:
     }
 
 
-PYTREE_HANDLER = (
-    "orbax.checkpoint._src.handlers.standard_checkpoint_handler."
-    "StandardCheckpointHandler"
-)
+PYTREE_HANDLER = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
 
 
 def write_json(*, path: pathlib.Path, value) -> None:

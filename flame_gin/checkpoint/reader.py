@@ -45,9 +45,7 @@ def stored_names(*, item_dir: pathlib.Path) -> list[str]:
     return names
 
 
-def read_item(
-    *, item_dir: pathlib.Path, tensors: dict[str, torch.Tensor], step: int | None
-) -> None:
+def read_item(*, item_dir: pathlib.Path, tensors: dict[str, torch.Tensor], step: int | None) -> None:
     """Fill `tensors` (plain or DTensor) in place from the item's arrays.
 
     Raises CheckpointError naming the array when one is missing or has
@@ -61,18 +59,13 @@ def read_item(
     context = ts.Context()
     try:
         kvstore = ts.KvStore.open(kv, context=context).result()
-        present = {
-            k.decode().rsplit("/", 1)[0] for k in kvstore.list().result()
-        }
+        present = {k.decode().rsplit("/", 1)[0] for k in kvstore.list().result()}
     except Exception as e:  # tensorstore raises ValueError/RuntimeError
-        raise CheckpointCorruptError(
-            f"checkpoint {where}: database in {item_dir} is unreadable: {e}"
-        ) from e
+        raise CheckpointCorruptError(f"checkpoint {where}: database in {item_dir} is unreadable: {e}") from e
     missing = [n for n in tensors if n not in present]
     if missing:
         raise CheckpointError(
-            f"checkpoint {where} ({item_dir}) lacks arrays {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}"
+            f"checkpoint {where} ({item_dir}) lacks arrays {missing[:5]}{' ...' if len(missing) > 5 else ''}"
         )
     opened = {
         name: ts.open(
@@ -86,9 +79,7 @@ def read_item(
         try:
             store = opened[name].result()
         except Exception as e:
-            raise CheckpointCorruptError(
-                f"checkpoint {where}: array {name!r} metadata is unreadable: {e}"
-            ) from e
+            raise CheckpointCorruptError(f"checkpoint {where}: array {name!r} metadata is unreadable: {e}") from e
         if tuple(store.shape) != tuple(tensor.shape):
             raise CheckpointError(
                 f"checkpoint {where}: array {name!r} has shape "
@@ -109,8 +100,7 @@ def read_item(
             value = shards.from_numpy(future.result())
         except Exception as e:
             raise CheckpointCorruptError(
-                f"checkpoint {where}: array {name!r} is corrupted or "
-                f"truncated ({item_dir}): {e}"
+                f"checkpoint {where}: array {name!r} is corrupted or truncated ({item_dir}): {e}"
             ) from e
         assign_box(tensor=tensor, value=value, box=box)
 
@@ -120,9 +110,7 @@ def assign_box(*, tensor: torch.Tensor, value: torch.Tensor, box: shards.Box) ->
     contiguous) into `tensor` (plain or DTensor) in place."""
     if isinstance(tensor, DTensor):
         if not box.contiguous:
-            value = distribute_tensor(
-                value.to(tensor.dtype), tensor.device_mesh, tensor.placements
-            ).to_local()
+            value = distribute_tensor(value.to(tensor.dtype), tensor.device_mesh, tensor.placements).to_local()
         target = tensor.to_local()
     else:
         target = tensor

@@ -24,16 +24,12 @@ def save_seed_checkpoint(
     """Save `model`'s current (initial) weights as step `step`, no optimizer."""
     ckpt = Checkpointer(directory=directory, async_save=False)
     try:
-        ckpt.save(
-            step=step, model=model, optimizer=None, extra={}, config_text=config_text, force=True
-        )
+        ckpt.save(step=step, model=model, optimizer=None, extra={}, config_text=config_text, force=True)
     finally:
         ckpt.close()
 
 
-def load_weights(
-    *, directory: str | os.PathLike, model: torch.nn.Module, step: int | None = None
-) -> int:
+def load_weights(*, directory: str | os.PathLike, model: torch.nn.Module, step: int | None = None) -> int:
     """Load only the weights of a checkpoint (latest, or `step`) into `model`.
 
     For warm starts from another run or from a seed checkpoint; returns the

@@ -74,9 +74,7 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
 def from_numpy(array: np.ndarray) -> torch.Tensor:
     """numpy array -> CPU tensor with the same bits (bf16 via ml_dtypes)."""
     if array.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(
-            torch.bfloat16
-        )
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
@@ -97,19 +95,12 @@ def box_of(*, name: str, tensor: torch.Tensor) -> Box:
     mesh, placements = tensor.device_mesh, tensor.placements
     if any(p.is_partial() for p in placements):
         raise ValueError(f"tensor {name!r}: Partial placements cannot be saved")
-    shape, offset = compute_local_shape_and_global_offset(
-        tensor.shape, mesh, placements
-    )
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, mesh, placements)
     glob = tuple(tensor.shape)
     chunk = shard_chunks(tensor=tensor)
-    ok = all(
-        n == 0 or (o % c == 0 and n == min(c, g - o))
-        for g, o, n, c in zip(glob, offset, shape, chunk)
-    )
+    ok = all(n == 0 or (o % c == 0 and n == min(c, g - o)) for g, o, n, c in zip(glob, offset, shape, chunk))
     ok = ok and tuple(shape) == tuple(tensor.to_local().shape)
-    return Box(
-        global_shape=glob, offset=tuple(offset), shape=tuple(shape), contiguous=ok
-    )
+    return Box(global_shape=glob, offset=tuple(offset), shape=tuple(shape), contiguous=ok)
 
 
 def shard_chunks(*, tensor: torch.Tensor) -> tuple[int, ...]:
@@ -139,9 +130,7 @@ def is_writer(*, tensor: torch.Tensor) -> bool:
         coord = tensor.device_mesh.get_coordinate()
         if coord is None:
             return False
-        return all(
-            c == 0 for c, p in zip(coord, tensor.placements) if not p.is_shard()
-        )
+        return all(c == 0 for c, p in zip(coord, tensor.placements) if not p.is_shard())
     return not dist.is_initialized() or dist.get_rank() == 0
 
 

@@ -39,9 +39,7 @@ class ArraySnapshot:
     data: np.ndarray | None
 
 
-def snapshot(
-    *, tensors: dict[str, torch.Tensor], copy: bool, buffers: dict | None = None
-) -> list[ArraySnapshot]:
+def snapshot(*, tensors: dict[str, torch.Tensor], copy: bool, buffers: dict | None = None) -> list[ArraySnapshot]:
     """Take what this rank must write as host arrays (may run collectives).
 
     With `copy`, CPU tensors are copied so that training may go on changing
@@ -144,9 +142,7 @@ def write_process_db(
     """
     if compression not in COMPRESSORS:
         raise ValueError(f"compression={compression!r}: use one of {list(COMPRESSORS)}")
-    kv = layout.ocdbt_kvstore(
-        path=layout.process_dir(item_dir=item_dir, rank=rank), for_write=True
-    )
+    kv = layout.ocdbt_kvstore(path=layout.process_dir(item_dir=item_dir, rank=rank), for_write=True)
     context = ts.Context()
     # One transaction: a single OCDBT commit (few data files, one manifest
     # write) instead of one per array.
@@ -184,15 +180,11 @@ def merge_item(*, item_dir: pathlib.Path) -> None:
     # Parent and children must share one context: copying by reference
     # works only between OCDBT databases over the same base kvstore.
     context = ts.Context()
-    parent = ts.KvStore.open(
-        layout.ocdbt_kvstore(path=item_dir, for_write=True), context=context
-    ).result()
+    parent = ts.KvStore.open(layout.ocdbt_kvstore(path=item_dir, for_write=True), context=context).result()
     txn = ts.Transaction(atomic=True)
     children = sorted(pathlib.Path(item_dir).glob(f"{layout.PROCESS_PREFIX}*"))
     for child_dir in children:
-        child = ts.KvStore.open(
-            layout.ocdbt_kvstore(path=child_dir, for_write=True), context=context
-        ).result()
+        child = ts.KvStore.open(layout.ocdbt_kvstore(path=child_dir, for_write=True), context=context).result()
         child.experimental_copy_range_to(parent.with_transaction(txn)).result()
     txn.commit_async().result()
 
@@ -221,7 +213,5 @@ def write_item_metadata(
     )
     layout.write_json(
         path=pathlib.Path(item_dir) / layout.CHECKPOINT_METADATA,
-        value=layout.checkpoint_metadata(
-            init_ns=init_ns, item_handlers=layout.PYTREE_HANDLER
-        ),
+        value=layout.checkpoint_metadata(init_ns=init_ns, item_handlers=layout.PYTREE_HANDLER),
     )

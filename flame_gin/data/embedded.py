@@ -65,8 +65,10 @@ def corpus_dir(*, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     base.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=base, prefix=".corpus-"))
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    with open(tmp / "train.jsonl", "w", encoding="utf-8") as train, \
-            open(tmp / "validation.jsonl", "w", encoding="utf-8") as valid:
+    with (
+        open(tmp / "train.jsonl", "w", encoding="utf-8") as train,
+        open(tmp / "validation.jsonl", "w", encoding="utf-8") as valid,
+    ):
         for i, path in enumerate(_stdlib_sources()):
             text = path.read_bytes().decode("utf-8", errors="replace")
             if not text.strip():
@@ -107,8 +109,7 @@ def train_bpe(*, texts, vocab_size: int, output_dir: str | os.PathLike) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(str(output_dir))
 
 
@@ -128,8 +129,9 @@ def tokenizer_path(*, cache_dir: str | os.PathLike | None = None, vocab_size: in
     previous = os.environ.get("RAYON_NUM_THREADS")
     os.environ["RAYON_NUM_THREADS"] = "1"
     try:
-        train_bpe(texts=training_texts(corpus / "train.jsonl", _TOKENIZER_TRAIN_BYTES),
-                  vocab_size=vocab_size, output_dir=tmp)
+        train_bpe(
+            texts=training_texts(corpus / "train.jsonl", _TOKENIZER_TRAIN_BYTES), vocab_size=vocab_size, output_dir=tmp
+        )
     finally:
         if previous is None:
             os.environ.pop("RAYON_NUM_THREADS", None)

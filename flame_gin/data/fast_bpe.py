@@ -58,8 +58,12 @@ def _split_pattern(pre: dict) -> str | None:
     if pre.get("type") != "Sequence" or len(steps) != 2:
         return None
     split, byte_level = steps
-    if (split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert")
-            or "Regex" not in (split.get("pattern") or {})):
+    if (
+        split.get("type") != "Split"
+        or split.get("behavior") != "Isolated"
+        or split.get("invert")
+        or "Regex" not in (split.get("pattern") or {})
+    ):
         return None
     if byte_level.get("type") != "ByteLevel" or byte_level.get("add_prefix_space") or byte_level.get("use_regex"):
         return None
@@ -74,8 +78,10 @@ def _ineligible(spec: dict) -> str | None:
     if spec.get("normalizer") is not None:
         return "it has a normalizer"
     if _split_pattern(pre) is None:
-        return ("its pre-tokenizer is neither ByteLevel(add_prefix_space=False, use_regex=True) nor "
-                "Split(regex, Isolated) + ByteLevel(use_regex=False)")
+        return (
+            "its pre-tokenizer is neither ByteLevel(add_prefix_space=False, use_regex=True) nor "
+            "Split(regex, Isolated) + ByteLevel(use_regex=False)"
+        )
     for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
         if model.get(key):
             return f"its BPE model sets {key}={model[key]!r}"
@@ -101,6 +107,7 @@ def compile_fast(tokenizer, *, audit_every: int = 256):
     except ImportError:
         return None, "tiktoken is not installed"
     from transformers.convert_slow_tokenizer import bytes_to_unicode
+
     spec = json.loads(backend.to_str())
     reason = _ineligible(spec)
     if reason:
@@ -121,6 +128,7 @@ def compile_fast(tokenizer, *, audit_every: int = 256):
     bpe = backend.model
     if model.get("ignore_merges"):
         from tokenizers import models
+
         bpe = models.BPE(vocab=vocab, merges=merges)  # merges only, for the self-encoding check
     dropped = 0
     for i, tok in enumerate(results):
@@ -132,24 +140,37 @@ def compile_fast(tokenizer, *, audit_every: int = 256):
     if dropped and model.get("ignore_merges"):
         return None, f"ignore_merges with {dropped} tokens that merging alone never builds"
     pattern = _split_pattern(spec["pre_tokenizer"])
-    encoding = tiktoken.Encoding(name="flame_gin_fast_bpe", pat_str=pattern, mergeable_ranks=ranks,
-                                 special_tokens={}, explicit_n_vocab=None)
+    encoding = tiktoken.Encoding(
+        name="flame_gin_fast_bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens={}, explicit_n_vocab=None
+    )
     added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
-    fast = FastBPE(encoding=encoding, id_of_rank=id_of_rank, added=added, reference=backend,
-                   audit_every=audit_every, cut_newlines=pattern == GPT2_SPLIT)
-    logging.info("fast BPE path on: %d merged tokens, %d never emitted by the HF model left out, %d added tokens",
-                 len(merges) - dropped, dropped, len(added))
+    fast = FastBPE(
+        encoding=encoding,
+        id_of_rank=id_of_rank,
+        added=added,
+        reference=backend,
+        audit_every=audit_every,
+        cut_newlines=pattern == GPT2_SPLIT,
+    )
+    logging.info(
+        "fast BPE path on: %d merged tokens, %d never emitted by the HF model left out, %d added tokens",
+        len(merges) - dropped,
+        dropped,
+        len(added),
+    )
     return fast, None
 
 
 class FastBPE:
     """Texts to int32 id arrays; every ``audit_every``-th document is also encoded by HF and compared."""
 
-    def __init__(self, *, encoding, id_of_rank: np.ndarray, added: dict, reference, audit_every: int,
-                 cut_newlines: bool):
+    def __init__(
+        self, *, encoding, id_of_rank: np.ndarray, added: dict, reference, audit_every: int, cut_newlines: bool
+    ):
         self._enc, self._id_of_rank, self._added, self._ref = encoding, id_of_rank, added, reference
-        self._split = (re.compile("(" + "|".join(map(re.escape, sorted(added, key=len, reverse=True))) + ")")
-                       if added else None)
+        self._split = (
+            re.compile("(" + "|".join(map(re.escape, sorted(added, key=len, reverse=True))) + ")") if added else None
+        )
         self._audit_every, self._seen = audit_every, 0
         self._pool, self._pool_pid = None, None
         # the newline cut of _pieces is proven for the GPT-2 pattern only
@@ -172,9 +193,11 @@ class FastBPE:
         try:  # tiktoken would quietly replace a lone surrogate; HF cannot encode the text at all
             text.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ValueError(f"a document holds invalid Unicode (a lone surrogate at character {e.start}, near "
-                             f"{text[max(0, e.start - 40):e.start + 40]!r}), which the HF tokenizer cannot "
-                             "encode either: clean the source") from None
+            raise ValueError(
+                f"a document holds invalid Unicode (a lone surrogate at character {e.start}, near "
+                f"{text[max(0, e.start - 40) : e.start + 40]!r}), which the HF tokenizer cannot "
+                "encode either: clean the source"
+            ) from None
         if not self._mentions_added(text):
             return self._ranks_to_ids(text)
         parts = []
@@ -243,8 +266,9 @@ class FastBPE:
                 k = next((i for i, (a, b) in enumerate(zip(ids, want)) if a != b), min(len(ids), len(want)))
                 raise TokenizerMismatch(
                     f"the fast BPE path and the HF tokenizer disagree at token {k} of a document starting "
-                    f"{text[:80]!r} (fast {list(ids[k:k + 5])}, HF {want[k:k + 5]}); set "
-                    "flame_gin.build_loader.fast_tokenizer=False (gin) to tokenize with HF only")
+                    f"{text[:80]!r} (fast {list(ids[k : k + 5])}, HF {want[k : k + 5]}); set "
+                    "flame_gin.build_loader.fast_tokenizer=False (gin) to tokenize with HF only"
+                )
 
     def __getstate__(self):
         raise TypeError("FastBPE is built per process (compile_fast); do not pickle it")

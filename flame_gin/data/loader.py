@@ -71,8 +71,12 @@ class _WorkerStreams(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         j, n = (info.id, info.num_workers) if info is not None else (0, 1)
         logical = (self._first + j) % n
-        stream = self._plan.make_stream(stream=self._gids[logical], num_streams=self._num_streams,
-                                        generation=self._generation, state=self._states[logical])
+        stream = self._plan.make_stream(
+            stream=self._gids[logical],
+            num_streams=self._num_streams,
+            generation=self._generation,
+            state=self._states[logical],
+        )
         while True:
             batch = stream.next_batch()
             if batch is None:
@@ -131,8 +135,9 @@ class Loader:
 
     def _generate(self):
         if self._num_workers == 0:
-            stream = self._plan.make_stream(stream=self._gids()[0], num_streams=self.num_streams,
-                                            generation=self._generation, state=self._states[0])
+            stream = self._plan.make_stream(
+                stream=self._gids()[0], num_streams=self.num_streams, generation=self._generation, state=self._states[0]
+            )
             self._live = stream
             while True:
                 batch = stream.next_batch()
@@ -140,11 +145,22 @@ class Loader:
                     return
                 self._batches += 1
                 yield _to_tensors(batch)
-        workers = _WorkerStreams(plan=self._plan, states=list(self._states), first=self._next_worker,
-                                 gids=self._gids(), num_streams=self.num_streams, generation=self._generation)
-        dl = torch.utils.data.DataLoader(workers, batch_size=None, num_workers=self._num_workers,
-                                         prefetch_factor=self._prefetch, collate_fn=_identity,
-                                         worker_init_fn=_share_cores)
+        workers = _WorkerStreams(
+            plan=self._plan,
+            states=list(self._states),
+            first=self._next_worker,
+            gids=self._gids(),
+            num_streams=self.num_streams,
+            generation=self._generation,
+        )
+        dl = torch.utils.data.DataLoader(
+            workers,
+            batch_size=None,
+            num_workers=self._num_workers,
+            prefetch_factor=self._prefetch,
+            collate_fn=_identity,
+            worker_init_fn=_share_cores,
+        )
         for logical, batch, state in dl:
             self._states[logical] = state
             self._next_worker = (logical + 1) % self._per_rank
@@ -169,10 +185,16 @@ class Loader:
         streams = list(self._states)
         if self._live is not None:
             streams[0] = self._live.state_dict()
-        return {"format": _FORMAT, "rank": self._rank, "world_size": self._world_size,
-                "streams_per_rank": self._per_rank, "next_worker": self._next_worker,
-                "generation": self._generation, "batches": self._batches,
-                "streams": copy.deepcopy(streams)}
+        return {
+            "format": _FORMAT,
+            "rank": self._rank,
+            "world_size": self._world_size,
+            "streams_per_rank": self._per_rank,
+            "next_worker": self._next_worker,
+            "generation": self._generation,
+            "batches": self._batches,
+            "streams": copy.deepcopy(streams),
+        }
 
     def load_state_dict(self, state) -> None:
         """Restores from this rank's dict, or from the list of every rank's dicts (which may reshard)."""
@@ -182,11 +204,17 @@ class Loader:
                 raise ValueError(f"not a data loader state (format {_FORMAT}): {str(st)[:200]}")
             for st_ in st["streams"]:
                 if st_ is not None and len(st_["readers"]) != len(self._plan.sources):
-                    raise ValueError(f"the saved state has {len(st_['readers'])} sources, the loader has "
-                                     f"{len(self._plan.sources)}")
+                    raise ValueError(
+                        f"the saved state has {len(st_['readers'])} sources, the loader has {len(self._plan.sources)}"
+                    )
         self._reset()
-        same = [st for st in states if st["world_size"] == self._world_size and st["rank"] == self._rank
-                and st["streams_per_rank"] == self._per_rank]
+        same = [
+            st
+            for st in states
+            if st["world_size"] == self._world_size
+            and st["rank"] == self._rank
+            and st["streams_per_rank"] == self._per_rank
+        ]
         if same:
             st = same[0]
             self._states = copy.deepcopy(st["streams"])
@@ -197,7 +225,8 @@ class Loader:
             raise ValueError(
                 f"cannot resume rank {self._rank} of {self._world_size} with {self._per_rank} streams per rank "
                 f"from the saved ranks {old_ranks} of {states[0]['world_size']}: to change the number of ranks "
-                "or workers, pass the list of every rank's loader state")
+                "or workers, pass the list of every rank's loader state"
+            )
         self._reshard(sorted(states, key=lambda s: s["rank"]))
 
     def _reshard(self, states: list[dict]) -> None:
@@ -205,12 +234,21 @@ class Loader:
         s_old, s_new = len(old), self.num_streams
         self._generation = max(r["generation"] for r in states) + 1
         plan, n_src = self._plan, len(self._plan.sources)
-        old_readers = [st["readers"] if st else
-                       [plan.fresh_reader_state(source=s, stream=g, num_streams=s_old) for s in range(n_src)]
-                       for g, st in enumerate(old)]
-        new_streams = [{"readers": [], "packer": {"docs": [], "tokens_per_source": [0] * n_src},
-                        "active": [True] * n_src, "tokens_per_doc": float(plan.rows * plan.seq_len + 1)}
-                       for _ in range(s_new)]
+        old_readers = [
+            st["readers"]
+            if st
+            else [plan.fresh_reader_state(source=s, stream=g, num_streams=s_old) for s in range(n_src)]
+            for g, st in enumerate(old)
+        ]
+        new_streams = [
+            {
+                "readers": [],
+                "packer": {"docs": [], "tokens_per_source": [0] * n_src},
+                "active": [True] * n_src,
+                "tokens_per_doc": float(plan.rows * plan.seq_len + 1),
+            }
+            for _ in range(s_new)
+        ]
         for s in range(n_src):
             cursors = [rs[s]["cursor"] for rs in old_readers]
             new_cursors = order.reshard(cursors, num_streams=s_new)
@@ -225,21 +263,41 @@ class Loader:
                 continue
             packer = new_streams[g % s_new]["packer"]
             packer["docs"] += st["packer"]["docs"]
-            packer["tokens_per_source"] = [a + b for a, b in zip(packer["tokens_per_source"],
-                                                                  st["packer"]["tokens_per_source"])]
+            packer["tokens_per_source"] = [
+                a + b for a, b in zip(packer["tokens_per_source"], st["packer"]["tokens_per_source"])
+            ]
         for j, st in enumerate(new_streams):
             seed = [plan.seed, j, s_new, self._generation]
             st["rng"] = np.random.Generator(np.random.PCG64(seed)).bit_generator.state
         self._states = [new_streams[g] for g in self._gids()]
 
 
-def build_loader(*, tokenizer: str = "embedded", seq_len: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, split: str = "train", sources=None, probabilities=None,
-                 context_len: int | None = None, add_bos: bool | None = None, add_eos: bool = True,
-                 varlen: bool = False, shuffle: bool | None = None, buffer_size: int = 10_000,
-                 num_epochs: int | None = None, num_workers: int = 0, prefetch_factor: int | None = None,
-                 offline: bool = False, cache_dir: str | None = None, fast_tokenizer: bool = True,
-                 tokenizer_audit_every: int = 256, bad_rows: str = "stop") -> Loader:
+def build_loader(
+    *,
+    tokenizer: str = "embedded",
+    seq_len: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    split: str = "train",
+    sources=None,
+    probabilities=None,
+    context_len: int | None = None,
+    add_bos: bool | None = None,
+    add_eos: bool = True,
+    varlen: bool = False,
+    shuffle: bool | None = None,
+    buffer_size: int = 10_000,
+    num_epochs: int | None = None,
+    num_workers: int = 0,
+    prefetch_factor: int | None = None,
+    offline: bool = False,
+    cache_dir: str | None = None,
+    fast_tokenizer: bool = True,
+    tokenizer_audit_every: int = 256,
+    bad_rows: str = "stop",
+) -> Loader:
     """Builds the data loader of one data-parallel rank.
 
     ``tokenizer``: a tokenizer directory or hub name, or ``"embedded"``. ``batch_size``: sequences per batch on
@@ -265,10 +323,33 @@ def build_loader(*, tokenizer: str = "embedded", seq_len: int, batch_size: int, 
         raise ValueError(f"num_workers={num_workers} and prefetch_factor={prefetch_factor} are invalid")
     if not isinstance(tokenizer_audit_every, int) or tokenizer_audit_every < 0:
         raise ValueError(f"tokenizer_audit_every={tokenizer_audit_every!r} must be an integer >= 0 (0: no audit)")
-    plan = make_plan(tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed, split=split,
-                     sources=sources, probabilities=probabilities, context_len=context_len, add_bos=add_bos,
-                     add_eos=add_eos, varlen=varlen, shuffle=shuffle, buffer_size=buffer_size,
-                     num_epochs=num_epochs, offline=offline, cache_dir=cache_dir, num_workers=num_workers,
-                     fast_tokenizer=fast_tokenizer, audit_every=tokenizer_audit_every, bad_rows=bad_rows)
-    return Loader(plan=plan, rank=rank, world_size=world_size, num_workers=num_workers,
-                  prefetch_factor=prefetch_factor, split=split)
+    plan = make_plan(
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        split=split,
+        sources=sources,
+        probabilities=probabilities,
+        context_len=context_len,
+        add_bos=add_bos,
+        add_eos=add_eos,
+        varlen=varlen,
+        shuffle=shuffle,
+        buffer_size=buffer_size,
+        num_epochs=num_epochs,
+        offline=offline,
+        cache_dir=cache_dir,
+        num_workers=num_workers,
+        fast_tokenizer=fast_tokenizer,
+        audit_every=tokenizer_audit_every,
+        bad_rows=bad_rows,
+    )
+    return Loader(
+        plan=plan,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        prefetch_factor=prefetch_factor,
+        split=split,
+    )

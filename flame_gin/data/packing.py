@@ -49,7 +49,7 @@ class Packer:
         for doc, off in zip(self._docs, self._offsets):
             if taken >= want:
                 break
-            part = doc[off: off + want - taken]
+            part = doc[off : off + want - taken]
             first_cut = -(-off // self._context_len) * self._context_len  # first piece start at or after off
             starts.extend(taken + c - off for c in range(first_cut, off + len(part), self._context_len))
             flat.append(part)
@@ -62,7 +62,7 @@ class Packer:
         inputs = np.full(n, pad_id, dtype=np.int64)
         labels = np.full(n, IGNORE, dtype=np.int64)
         inputs[:consumed] = flat[:consumed]
-        labels[:consumed] = flat[1:consumed + 1]
+        labels[:consumed] = flat[1 : consumed + 1]
         out = {}
         if varlen:
             bounds = [s for s in starts if 0 < s <= consumed]

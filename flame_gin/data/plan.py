@@ -14,7 +14,8 @@ import math
 import os
 import pathlib
 
-from flame_gin.data import embedded, fast_bpe, order, readers, rows, sources as sources_lib, store
+from flame_gin.data import embedded, fast_bpe, order, readers, rows, store
+from flame_gin.data import sources as sources_lib
 from flame_gin.data.stream import DocStream, Tokenize
 
 _TOKENIZERS: dict = {}
@@ -25,16 +26,21 @@ def load_tokenizer(path: str):
     """Loads (once per process) an HF tokenizer; ``"embedded"`` means the embedded default's tokenizer."""
     if path not in _TOKENIZERS:
         from transformers import AutoTokenizer
+
         if path.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(path)):
             raise FileNotFoundError(f"tokenizer path {path!r} is not a directory")
         try:
             _TOKENIZERS[path] = AutoTokenizer.from_pretrained(os.path.expanduser(path))
         except Exception as e:  # OSError, a broken tokenizer file, or a repo that holds no tokenizer
-            what = ("a local directory that holds no loadable tokenizer" if os.path.isdir(os.path.expanduser(path))
-                    else "neither a local tokenizer directory nor loadable from the Hugging Face Hub")
+            what = (
+                "a local directory that holds no loadable tokenizer"
+                if os.path.isdir(os.path.expanduser(path))
+                else "neither a local tokenizer directory nor loadable from the Hugging Face Hub"
+            )
             reason = (str(e).splitlines() or [""])[0]
-            raise ValueError(f"tokenizer {path!r} (flame_gin.build_loader.tokenizer): {what} "
-                             f"({type(e).__name__}: {reason})") from e
+            raise ValueError(
+                f"tokenizer {path!r} (flame_gin.build_loader.tokenizer): {what} ({type(e).__name__}: {reason})"
+            ) from e
     return _TOKENIZERS[path]
 
 
@@ -90,10 +96,16 @@ class Plan:
 
             def open_iter(ds=ds, field=field):
                 return (t for batch in ds.iter(batch_size=256) for t in batch[field])
-            return readers.StreamReader(open_iter=open_iter, seed=self.seed, source=s,
-                                        buffer_size=self.buffer_size if self.shuffle else 1,
-                                        num_epochs=self.num_epochs, cursor=state["cursor"],
-                                        shuffle_state=state.get("shuffle"))
+
+            return readers.StreamReader(
+                open_iter=open_iter,
+                seed=self.seed,
+                source=s,
+                buffer_size=self.buffer_size if self.shuffle else 1,
+                num_epochs=self.num_epochs,
+                cursor=state["cursor"],
+                shuffle_state=state.get("shuffle"),
+            )
         if kind == "store":
             fetch = ds.fetch
         else:
@@ -101,23 +113,45 @@ class Plan:
 
             def fetch(indices, ds=ds, field=field):
                 return ds[indices][field]
-        return readers.MapReader(fetch=fetch, size=len(ds), seed=self.seed, source=s, shuffle=self.shuffle,
-                                 num_epochs=self.num_epochs, cursor=state["cursor"])
+
+        return readers.MapReader(
+            fetch=fetch,
+            size=len(ds),
+            seed=self.seed,
+            source=s,
+            shuffle=self.shuffle,
+            num_epochs=self.num_epochs,
+            cursor=state["cursor"],
+        )
 
     def make_stream(self, *, stream: int, num_streams: int, generation: int, state: dict | None) -> DocStream:
         """The stream with global id ``stream``; ``state`` None means fresh, a dict continues exactly."""
         state = copy.deepcopy(state)
-        reader_states = (state["readers"] if state else
-                         [self.fresh_reader_state(source=s, stream=stream, num_streams=num_streams)
-                          for s in range(len(self.sources))])
+        reader_states = (
+            state["readers"]
+            if state
+            else [
+                self.fresh_reader_state(source=s, stream=stream, num_streams=num_streams)
+                for s in range(len(self.sources))
+            ]
+        )
         reader_objs = [self._reader(s, st) for s, st in enumerate(reader_states)]
         return DocStream(
-            readers=reader_objs, tokenized=[k == "store" for k in self.kinds],
-            tokenize=self.tokenize(), probabilities=self.probabilities,
-            bos=self.bos, eos=self.eos, context_len=self.context_len, seq_len=self.seq_len, rows=self.rows,
-            varlen=self.varlen, pad_id=self.pad_id, mixture_seed=[self.seed, stream, num_streams, generation],
+            readers=reader_objs,
+            tokenized=[k == "store" for k in self.kinds],
+            tokenize=self.tokenize(),
+            probabilities=self.probabilities,
+            bos=self.bos,
+            eos=self.eos,
+            context_len=self.context_len,
+            seq_len=self.seq_len,
+            rows=self.rows,
+            varlen=self.varlen,
+            pad_id=self.pad_id,
+            mixture_seed=[self.seed, stream, num_streams, generation],
             min_read_ahead=self.read_ahead_docs,
-            state=state if state and "packer" in state else None)
+            state=state if state and "packer" in state else None,
+        )
 
 
 def _as_source(x) -> sources_lib.Source:
@@ -133,9 +167,11 @@ def _as_source(x) -> sources_lib.Source:
 def embedded_source(*, cache_dir=None) -> sources_lib.Source:
     """The embedded default corpus as a ``Source`` (built on first use)."""
     d = embedded.corpus_dir(cache_dir=cache_dir)
-    return sources_lib.source(path="json", data_files={"train": str(d / "train.jsonl"),
-                                                       "validation": str(d / "validation.jsonl")},
-                              label="stdlib")
+    return sources_lib.source(
+        path="json",
+        data_files={"train": str(d / "train.jsonl"), "validation": str(d / "validation.jsonl")},
+        label="stdlib",
+    )
 
 
 def _check_probabilities(probabilities, n: int) -> list[float]:
@@ -151,10 +187,29 @@ def _check_probabilities(probabilities, n: int) -> list[float]:
     return probabilities
 
 
-def make_plan(*, tokenizer: str, seq_len: int, batch_size: int, seed: int, split: str, sources, probabilities,
-              context_len, add_bos, add_eos, varlen, shuffle, buffer_size, num_epochs, offline, cache_dir,
-              num_workers: int = 0, fast_tokenizer: bool = True, audit_every: int = 256,
-              bad_rows: str = "stop") -> Plan:
+def make_plan(
+    *,
+    tokenizer: str,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    split: str,
+    sources,
+    probabilities,
+    context_len,
+    add_bos,
+    add_eos,
+    varlen,
+    shuffle,
+    buffer_size,
+    num_epochs,
+    offline,
+    cache_dir,
+    num_workers: int = 0,
+    fast_tokenizer: bool = True,
+    audit_every: int = 256,
+    bad_rows: str = "stop",
+) -> Plan:
     """Resolves and validates every option; opens the sources. Raises before any model is built."""
     if seq_len <= 0 or batch_size <= 0:
         raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be positive")
@@ -184,22 +239,39 @@ def make_plan(*, tokenizer: str, seq_len: int, batch_size: int, seed: int, split
     for s, src in enumerate(srcs):
         ds = sources_lib.open_split(src, split=split, cache_dir=hf_cache, bad_rows=bad_rows)
         if offline:
-            key = store.store_key(description={**dataclasses.asdict(src), "split": split},
-                                  tokenizer_path=str(tokenizer))
+            key = store.store_key(
+                description={**dataclasses.asdict(src), "split": split}, tokenizer_path=str(tokenizer)
+            )
             base = pathlib.Path(cache_dir) if cache_dir else embedded.default_cache_dir()
             texts = (t for batch in ds.iter(batch_size=256) for t in batch[src.text_field])
             tokenize = load_tokenize(str(tokenizer), fast=fast_tokenizer, audit_every=audit_every)
-            ds = store.build_store(texts=texts, tokenize=tokenize, vocab_size=len(tok),
-                                   directory=base / "token_stores" / key)
+            ds = store.build_store(
+                texts=texts, tokenize=tokenize, vocab_size=len(tok), directory=base / "token_stores" / key
+            )
             kinds.append("store")
         else:
             kinds.append("stream" if src.streaming else "map")
         datasets_.append(ds)
-    return Plan(tokenizer_path=str(tokenizer), sources=srcs, datasets=datasets_, kinds=kinds, probabilities=probs,
-                seq_len=seq_len, rows=batch_size, varlen=varlen, context_len=context_len, bos=bos, eos=eos,
-                pad_id=pad, seed=seed, shuffle=training if shuffle is None else bool(shuffle),
-                buffer_size=buffer_size, num_epochs=(None if training else 1) if num_epochs is None else num_epochs,
-                # One stream per process gets all tokenizer threads: bigger calls balance them (measured +10-25%
-                # on 2 cores); with several workers, small calls keep the round-robin hand-off smooth.
-                read_ahead_docs=32 if num_workers <= 1 else 8, fast_tokenizer=fast_tokenizer,
-                audit_every=audit_every)
+    return Plan(
+        tokenizer_path=str(tokenizer),
+        sources=srcs,
+        datasets=datasets_,
+        kinds=kinds,
+        probabilities=probs,
+        seq_len=seq_len,
+        rows=batch_size,
+        varlen=varlen,
+        context_len=context_len,
+        bos=bos,
+        eos=eos,
+        pad_id=pad,
+        seed=seed,
+        shuffle=training if shuffle is None else bool(shuffle),
+        buffer_size=buffer_size,
+        num_epochs=(None if training else 1) if num_epochs is None else num_epochs,
+        # One stream per process gets all tokenizer threads: bigger calls balance them (measured +10-25%
+        # on 2 cores); with several workers, small calls keep the round-robin hand-off smooth.
+        read_ahead_docs=32 if num_workers <= 1 else 8,
+        fast_tokenizer=fast_tokenizer,
+        audit_every=audit_every,
+    )

@@ -20,8 +20,9 @@ from flame_gin.data import order
 class MapReader:
     """Documents of a map-style source; ``fetch(indices)`` returns their payloads (texts or token arrays)."""
 
-    def __init__(self, *, fetch, size: int, seed: int, source: int, shuffle: bool, num_epochs: int | None,
-                 cursor: dict):
+    def __init__(
+        self, *, fetch, size: int, seed: int, source: int, shuffle: bool, num_epochs: int | None, cursor: dict
+    ):
         self._fetch, self._n, self._seed, self._source = fetch, size, seed, source
         self._shuffle = shuffle
         self._limit = None if num_epochs is None else num_epochs * size
@@ -59,15 +60,30 @@ class MapReader:
 class StreamReader:
     """Documents of a streaming source through a seeded shuffle buffer shared (replayed) by all streams."""
 
-    def __init__(self, *, open_iter, seed: int, source: int, buffer_size: int, num_epochs: int | None,
-                 cursor: dict, shuffle_state: dict | None = None):
+    def __init__(
+        self,
+        *,
+        open_iter,
+        seed: int,
+        source: int,
+        buffer_size: int,
+        num_epochs: int | None,
+        cursor: dict,
+        shuffle_state: dict | None = None,
+    ):
         self._open_iter, self._buffer_size = open_iter, max(1, buffer_size)
         self._num_epochs = num_epochs
         self.cursor = cursor
         if shuffle_state is None:
             rng = np.random.Generator(np.random.PCG64([seed, source, 0xB0F]))
-            shuffle_state = {"epoch": 0, "n_read": 0, "buffer": [], "rng": rng.bit_generator.state, "pos": 0,
-                             "draining": False}
+            shuffle_state = {
+                "epoch": 0,
+                "n_read": 0,
+                "buffer": [],
+                "rng": rng.bit_generator.state,
+                "pos": 0,
+                "draining": False,
+            }
         self._restore(shuffle_state)
 
     def _restore(self, st: dict) -> None:
@@ -127,6 +143,14 @@ class StreamReader:
         return positions, out
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "shuffle": {
-            "epoch": self._epoch, "n_read": self._n_read, "buffer": [i for i, _ in self._buffer],
-            "rng": self._rng.bit_generator.state, "pos": self._pos, "draining": self._draining}}
+        return {
+            "cursor": self.cursor,
+            "shuffle": {
+                "epoch": self._epoch,
+                "n_read": self._n_read,
+                "buffer": [i for i, _ in self._buffer],
+                "rng": self._rng.bit_generator.state,
+                "pos": self._pos,
+                "draining": self._draining,
+            },
+        }

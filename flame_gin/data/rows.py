@@ -34,10 +34,17 @@ def handle(ds, *, field: str, what: str, files: list[str], bad_rows: str, stream
     if bad_rows == "stop":
         shown = ", ".join(_where(i, files=files) for i in bad[:_SHOWN])
         more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
-        raise ValueError(f"{what}: {len(bad)} row(s) without text in field {field!r}: {shown}{more}; fix the data, "
-                         f"or set flame_gin.build_loader.bad_rows = 'skip' to train without them")
-    log.warning("%s: skipping %d row(s) without text in field %r (first: %s)", what, len(bad), field,
-                _where(bad[0], files=files))
+        raise ValueError(
+            f"{what}: {len(bad)} row(s) without text in field {field!r}: {shown}{more}; fix the data, "
+            f"or set flame_gin.build_loader.bad_rows = 'skip' to train without them"
+        )
+    log.warning(
+        "%s: skipping %d row(s) without text in field %r (first: %s)",
+        what,
+        len(bad),
+        field,
+        _where(bad[0], files=files),
+    )
     drop = set(bad)
     return ds.select([i for i in range(len(ds)) if i not in drop])
 
@@ -51,7 +58,9 @@ def _bad_indices(ds, *, field: str) -> list[int]:
         mask = pc.is_null(column)
     else:  # numbers, lists, ...: no row of it is text
         mask = pa.chunked_array([pa.array([True] * len(column))]) if len(column) else pc.is_null(column)
-    return pc.indices_nonzero(pa.concat_arrays(mask.chunks) if mask.num_chunks else pa.array([], pa.bool_())).to_pylist()
+    return pc.indices_nonzero(
+        pa.concat_arrays(mask.chunks) if mask.num_chunks else pa.array([], pa.bool_())
+    ).to_pylist()
 
 
 def _where(index: int, *, files: list[str]) -> str:
@@ -76,7 +85,9 @@ class _StreamCheck:
         if isinstance(row[self.field], str):
             return True
         if self.bad_rows == "stop":
-            raise ValueError(f"{self.what}: row {index} of the stream has no text in field {self.field!r} "
-                             f"({row[self.field]!r}); set flame_gin.build_loader.bad_rows = 'skip' to train without it")
+            raise ValueError(
+                f"{self.what}: row {index} of the stream has no text in field {self.field!r} "
+                f"({row[self.field]!r}); set flame_gin.build_loader.bad_rows = 'skip' to train without it"
+            )
         log.warning("%s: skipping row %d of the stream: no text in field %r", self.what, index, self.field)
         return False

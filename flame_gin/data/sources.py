@@ -25,7 +25,12 @@ import pathlib
 from flame_gin.data import rows
 
 _BUILDER_BY_SUFFIX = {
-    ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text", ".arrow": "arrow",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".text": "text",
+    ".arrow": "arrow",
     ".csv": "csv",
 }
 
@@ -33,6 +38,7 @@ _BUILDER_BY_SUFFIX = {
 @dataclasses.dataclass(frozen=True)
 class Source:
     """One text source; ``path`` is a hub name, a ``datasets`` builder name, or a local file or folder."""
+
     path: str
     name: str | None = None
     data_dir: str | None = None
@@ -49,29 +55,53 @@ class Source:
         return self.label or (self.name and f"{self.path}/{self.name}") or pathlib.Path(str(self.path)).name
 
 
-def source(*, path: str, name: str | None = None, data_dir: str | None = None, data_files=None,
-           train_split: str = "train", validation_split: str = "validation", text_field: str = "text",
-           streaming: bool = False, label: str | None = None, holdout: float = 0.0) -> Source:
+def source(
+    *,
+    path: str,
+    name: str | None = None,
+    data_dir: str | None = None,
+    data_files=None,
+    train_split: str = "train",
+    validation_split: str = "validation",
+    text_field: str = "text",
+    streaming: bool = False,
+    label: str | None = None,
+    holdout: float = 0.0,
+) -> Source:
     """Builds a ``Source`` (the gin-facing constructor; lists in ``data_files`` become tuples).
 
     ``holdout`` (0 to 1, exclusive): the share of the training split's documents held out for evaluation.
     Raises when evaluation would read the training documents (the same split, or the same files for both)."""
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"data source {path!r}: holdout={holdout} must lie in [0, 1)")
-    same_files = (isinstance(data_files, dict) and train_split in data_files and validation_split in data_files
-                  and data_files[train_split] == data_files[validation_split])
+    same_files = (
+        isinstance(data_files, dict)
+        and train_split in data_files
+        and validation_split in data_files
+        and data_files[train_split] == data_files[validation_split]
+    )
     if not holdout and (train_split == validation_split or same_files):
         raise ValueError(
             f"data source {path!r}: evaluation would read the training documents (validation_split="
             f"{validation_split!r}{', the same data_files' if same_files else ''}); give it a split or files of "
-            f"its own, or set 'holdout' (for example 0.001) to hold out a share of the training documents")
+            f"its own, or set 'holdout' (for example 0.001) to hold out a share of the training documents"
+        )
     if isinstance(data_files, list):
         data_files = tuple(data_files)
     if isinstance(data_files, dict):
         data_files = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_files.items()}
-    return Source(path=path, name=name, data_dir=data_dir, data_files=data_files, train_split=train_split,
-                  validation_split=validation_split, text_field=text_field, streaming=streaming, label=label,
-                  holdout=float(holdout))
+    return Source(
+        path=path,
+        name=name,
+        data_dir=data_dir,
+        data_files=data_files,
+        train_split=train_split,
+        validation_split=validation_split,
+        text_field=text_field,
+        streaming=streaming,
+        label=label,
+        holdout=float(holdout),
+    )
 
 
 def held_out(text: str, *, share: float) -> bool:
@@ -79,7 +109,7 @@ def held_out(text: str, *, share: float) -> bool:
     2**64, is below ``share``. A function of the text alone, so training and evaluation agree on every
     rank and worker without coordination."""
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < share * 2.0 ** 64
+    return int.from_bytes(digest, "little") < share * 2.0**64
 
 
 def _keep(batch: dict, *, field: str, share: float, evaluation: bool) -> list[bool]:
@@ -91,7 +121,7 @@ def _check_local_files(files, *, what: str) -> None:
         for v in files.values():
             _check_local_files(v, what=what)
         return
-    for f in ([files] if isinstance(files, (str, os.PathLike)) else list(files)):
+    for f in [files] if isinstance(files, (str, os.PathLike)) else list(files):
         f = str(f)
         if "://" in f:
             continue
@@ -113,8 +143,10 @@ def _load_arguments(src: Source, split: str) -> dict:
         if os.path.isfile(local):
             builder = _BUILDER_BY_SUFFIX.get(os.path.splitext(local)[1])
             if builder is None:
-                raise ValueError(f"data source {path!r}: cannot tell the format from its suffix "
-                                 f"(known: {sorted(_BUILDER_BY_SUFFIX)})")
+                raise ValueError(
+                    f"data source {path!r}: cannot tell the format from its suffix "
+                    f"(known: {sorted(_BUILDER_BY_SUFFIX)})"
+                )
             path, data_files = builder, {src.train_split: local}
         else:
             path = local
@@ -124,8 +156,12 @@ def _load_arguments(src: Source, split: str) -> dict:
             data_files = list(data_files)
         if isinstance(data_files, dict):
             data_files = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_files.items()}
-    if data_dir is not None and "://" not in str(data_dir) and not os.path.isdir(os.path.join(path, data_dir)) \
-            and not os.path.isdir(data_dir):
+    if (
+        data_dir is not None
+        and "://" not in str(data_dir)
+        and not os.path.isdir(os.path.join(path, data_dir))
+        and not os.path.isdir(data_dir)
+    ):
         raise FileNotFoundError(f"data source {src.path!r}: data_dir {data_dir!r} does not exist")
     kwargs = {"path": path, "split": split, "streaming": src.streaming}
     if src.name is not None:
@@ -194,8 +230,13 @@ def open_split(src: Source, *, split: str, cache_dir: str | None = None, bad_row
     except Exception as e:  # keep the familiar type where it can carry our message, else RuntimeError
         where = _first_bad_json_line(kwargs) if kwargs["path"] == "json" else None
         message = f"cannot open data source {src.path!r} (split {kwargs['split']!r}): {where or e}"
-        kind = ValueError if where else next(
-            (t for t in (FileNotFoundError, ConnectionError, ValueError, OSError) if isinstance(e, t)), RuntimeError)
+        kind = (
+            ValueError
+            if where
+            else next(
+                (t for t in (FileNotFoundError, ConnectionError, ValueError, OSError) if isinstance(e, t)), RuntimeError
+            )
+        )
         raise kind(message) from e
     columns = ds.column_names
     if columns is None and src.streaming:
@@ -204,20 +245,31 @@ def open_split(src: Source, *, split: str, cache_dir: str | None = None, bad_row
             raise ValueError(f"data source {src.path!r} split {kwargs['split']!r} is empty")
         columns = list(first)
     if src.text_field not in columns:
-        raise KeyError(f"data source {src.path!r}: text field {src.text_field!r} not found; "
-                       f"the columns are {sorted(columns)}")
+        raise KeyError(
+            f"data source {src.path!r}: text field {src.text_field!r} not found; the columns are {sorted(columns)}"
+        )
     ds = ds.select_columns([src.text_field])
-    ds = rows.handle(ds, field=src.text_field, what=f"data source {src.path!r} split {kwargs['split']!r}",
-                     files=_local_files(kwargs.get("data_files")), bad_rows=bad_rows, streaming=src.streaming)
+    ds = rows.handle(
+        ds,
+        field=src.text_field,
+        what=f"data source {src.path!r} split {kwargs['split']!r}",
+        files=_local_files(kwargs.get("data_files")),
+        bad_rows=bad_rows,
+        streaming=src.streaming,
+    )
     if src.streaming:
         if next(iter(ds.take(1)), None) is None:
             raise ValueError(f"data source {src.path!r} split {kwargs['split']!r} is empty")
     elif len(ds) == 0:
         raise ValueError(f"data source {src.path!r} split {kwargs['split']!r} is empty")
     if src.holdout:
-        ds = ds.filter(functools.partial(_keep, field=src.text_field, share=src.holdout,
-                                         evaluation=split == "validation"), batched=True)
+        ds = ds.filter(
+            functools.partial(_keep, field=src.text_field, share=src.holdout, evaluation=split == "validation"),
+            batched=True,
+        )
         if not src.streaming and len(ds) == 0:
-            raise ValueError(f"data source {src.path!r}: holdout={src.holdout} leaves no {split} document "
-                             f"in split {kwargs['split']!r}")
+            raise ValueError(
+                f"data source {src.path!r}: holdout={src.holdout} leaves no {split} document "
+                f"in split {kwargs['split']!r}"
+            )
     return ds

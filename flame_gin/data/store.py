@@ -49,7 +49,7 @@ class TokenStore:
 
     def fetch(self, indices: list[int]) -> list[np.ndarray]:
         o = self._offsets
-        return [np.asarray(self._tokens[o[i]:o[i + 1]], dtype=np.int32) for i in indices]
+        return [np.asarray(self._tokens[o[i] : o[i + 1]], dtype=np.int32) for i in indices]
 
     def __reduce__(self):  # workers reopen the memory map instead of copying it
         return (TokenStore, (self.directory,))
@@ -64,6 +64,7 @@ def build_store(*, texts, tokenize, vocab_size: int, directory: pathlib.Path) ->
     dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     offsets, total, chunk = [0], 0, []
     with open(tmp / "tokens.bin", "wb") as out:
+
         def flush():
             nonlocal total
             for ids in tokenize(chunk):
@@ -71,6 +72,7 @@ def build_store(*, texts, tokenize, vocab_size: int, directory: pathlib.Path) ->
                 total += len(ids)
                 offsets.append(total)
             chunk.clear()
+
         for text in texts:
             chunk.append(text)
             if len(chunk) >= _CHUNK:

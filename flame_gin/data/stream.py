@@ -79,9 +79,24 @@ def with_specials(ids: np.ndarray, *, bos: int | None, eos: int | None) -> np.nd
 class DocStream:
     """Mixture -> tokenize -> pack for one stream; ``next_batch()`` returns numpy arrays or None at the end."""
 
-    def __init__(self, *, readers: list, tokenized: list[bool], tokenize, probabilities: list[float],
-                 bos: int | None, eos: int | None, context_len: int, seq_len: int, rows: int, varlen: bool,
-                 pad_id: int, mixture_seed: list[int], min_read_ahead: int = 8, state: dict | None = None):
+    def __init__(
+        self,
+        *,
+        readers: list,
+        tokenized: list[bool],
+        tokenize,
+        probabilities: list[float],
+        bos: int | None,
+        eos: int | None,
+        context_len: int,
+        seq_len: int,
+        rows: int,
+        varlen: bool,
+        pad_id: int,
+        mixture_seed: list[int],
+        min_read_ahead: int = 8,
+        state: dict | None = None,
+    ):
         self._readers, self._tokenized, self._tokenize = readers, tokenized, tokenize
         self._min_read_ahead = min_read_ahead  # documents per tokenizer call at least (keeps its threads busy)
         self._probs = np.asarray(probabilities, dtype=np.float64)
@@ -160,8 +175,12 @@ class DocStream:
         need = self._rows * self._seq_len + 1
         self._fill(need)
         batch = self._packer.batch(rows=self._rows, seq_len=self._seq_len, varlen=self._varlen, pad_id=self._pad_id)
-        if (batch is not None and self._tokenize.runs_in_background and self._packer.available < need
-                and any(self._active)):
+        if (
+            batch is not None
+            and self._tokenize.runs_in_background
+            and self._packer.available < need
+            and any(self._active)
+        ):
             self._snapshot = self._state()
             self._ahead = self._read(need)
         return batch
@@ -175,9 +194,12 @@ class DocStream:
         return copy.deepcopy(self._snapshot) if self._ahead is not None else self._state()
 
     def _state(self) -> dict:
-        return copy.deepcopy({
-            "readers": [r.state_dict() for r in self._readers],
-            "packer": self._packer.state_dict(),
-            "rng": self._rng.bit_generator.state, "active": list(self._active),
-            "tokens_per_doc": self._tokens_per_doc})
-
+        return copy.deepcopy(
+            {
+                "readers": [r.state_dict() for r in self._readers],
+                "packer": self._packer.state_dict(),
+                "rng": self._rng.bit_generator.state,
+                "active": list(self._active),
+                "tokens_per_doc": self._tokens_per_doc,
+            }
+        )

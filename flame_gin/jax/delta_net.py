@@ -66,13 +66,16 @@ def mixer(params: dict, prefix: str, config: dict, x: jax.Array) -> jax.Array:
 
 def check_config(config: dict) -> None:
     """Refuse, by name, the DeltaNet options this forward does not implement."""
-    layers.refuse("DeltaNet", {
-        "qk_activation": config.get("qk_activation", "silu") not in ("silu", "identity"),
-        "qk_norm": config.get("qk_norm", "l2") != "l2",
-        "use_gate": bool(config.get("use_gate")),
-        "attn (hybrid softmax layers)": bool(config.get("attn")),
-        "hidden_act": config.get("hidden_act", "swish") not in ("swish", "silu"),
-    })
+    layers.refuse(
+        "DeltaNet",
+        {
+            "qk_activation": config.get("qk_activation", "silu") not in ("silu", "identity"),
+            "qk_norm": config.get("qk_norm", "l2") != "l2",
+            "use_gate": bool(config.get("use_gate")),
+            "attn (hybrid softmax layers)": bool(config.get("attn")),
+            "hidden_act": config.get("hidden_act", "swish") not in ("swish", "silu"),
+        },
+    )
 
 
 def logits(*, params: dict, config: dict, tokens) -> jax.Array:

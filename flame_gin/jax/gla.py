@@ -66,13 +66,16 @@ def mixer(params: dict, prefix: str, config: dict, x: jax.Array) -> jax.Array:
 
 def check_config(config: dict) -> None:
     """Refuse, by name, the GLA options this forward does not implement."""
-    layers.refuse("GLA", {
-        "feature_map": config.get("feature_map") is not None,
-        "attnres_block_size": config.get("attnres_block_size") is not None,
-        "attn (hybrid softmax layers)": bool(config.get("attn")),
-        "hidden_act": config.get("hidden_act", "swish") not in ("swish", "silu"),
-        "use_gv": bool(config.get("use_gv")),
-    })
+    layers.refuse(
+        "GLA",
+        {
+            "feature_map": config.get("feature_map") is not None,
+            "attnres_block_size": config.get("attnres_block_size") is not None,
+            "attn (hybrid softmax layers)": bool(config.get("attn")),
+            "hidden_act": config.get("hidden_act", "swish") not in ("swish", "silu"),
+            "use_gv": bool(config.get("use_gv")),
+        },
+    )
 
 
 def logits(*, params: dict, config: dict, tokens) -> jax.Array:

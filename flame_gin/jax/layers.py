@@ -60,7 +60,9 @@ def causal_lm_logits(*, params: dict, config: dict, tokens, mixer: Callable) -> 
         h = params["model.embeddings.weight"][seq]
         for i in range(config["num_hidden_layers"]):
             p = f"model.layers.{i}"
-            h = h + mixer(params, f"{p}.attn", config, rms_norm(h, params[f"{p}.attn_norm.weight"], eps).astype(h.dtype))
+            h = h + mixer(
+                params, f"{p}.attn", config, rms_norm(h, params[f"{p}.attn_norm.weight"], eps).astype(h.dtype)
+            )
             h = h + mlp(params, f"{p}.mlp", rms_norm(h, params[f"{p}.mlp_norm.weight"], eps).astype(h.dtype))
         h = rms_norm(h, params["model.norm.weight"], eps).astype(h.dtype)
         head = params.get("lm_head.weight", params["model.embeddings.weight"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from flame_gin.kernels import cache, sdpa
+from flame_gin.kernels import cache, sdpa  # noqa: F401  (cache: re-exported as kernels.cache)
 from flame_gin.kernels.swap import TABLE, check_fla_version, check_table, installed, restore
 
 MODES = ("auto", "triton", "reference", "compiled")
@@ -39,8 +39,7 @@ def select(*, mode: str = "auto") -> str:
     if mode in ("reference", "compiled"):
         from flame_gin.kernels import swap
 
-        swap.install(swap.TABLE if mode == "reference" else
-                     swap.compiled_table(on_gpu=torch.cuda.is_available()))
+        swap.install(swap.TABLE if mode == "reference" else swap.compiled_table(on_gpu=torch.cuda.is_available()))
     else:
         restore()
     sdpa.install()  # FLA's softmax attention layer without flash-attn, in every mode

@@ -49,12 +49,15 @@ def _run_segments(*, core, tensors, initial_state, output_final_state, state_v_f
     outputs, states = [], []
     # float32 throughout, also under an enclosing bf16 autocast region
     device_type = tensors[0].device.type
-    off = (torch.autocast(device_type=device_type, enabled=False) if device_type in ("cpu", "cuda")
-           else contextlib.nullcontext())  # no autocast on meta (memory estimates run blocks there)
+    off = (
+        torch.autocast(device_type=device_type, enabled=False)
+        if device_type in ("cpu", "cuda")
+        else contextlib.nullcontext()
+    )  # no autocast on meta (memory estimates run blocks there)
     with off:
         for n, (row, start, end) in enumerate(segments):
-            parts = [t[row:row + 1, start:end] for t in tensors]
-            h0 = None if initial_state is None else initial_state[n:n + 1]
+            parts = [t[row : row + 1, start:end] for t in tensors]
+            h0 = None if initial_state is None else initial_state[n : n + 1]
             o, ht = core(*parts, h0)
             outputs.append(o)
             states.append(ht)
@@ -77,7 +80,7 @@ def _gla_core(q, k, v, g, h0, *, scale, chunk_size):
     h = q.new_zeros(1, heads, dk, dv) if h0 is None else h0
     outputs = []
     for start in range(0, length, chunk_size):
-        qc, kc, vc, gc = (x[:, start:start + chunk_size] for x in (q, k, v, g))
+        qc, kc, vc, gc = (x[:, start : start + chunk_size] for x in (q, k, v, g))
         c = qc.shape[1]
         b = gc.cumsum(1)  # [1, c, H, K]
         o = torch.einsum("bthk,bhkv->bthv", qc * scale * b.exp(), h)
@@ -99,7 +102,7 @@ def _delta_core(q, k, v, beta, g, h0, *, scale, chunk_size):
     h = q.new_zeros(1, heads, dk, dv) if h0 is None else h0
     outputs = []
     for start in range(0, length, chunk_size):
-        qc, kc, vc, bc, gc = (x[:, start:start + chunk_size] for x in (q, k, v, beta, g))
+        qc, kc, vc, bc, gc = (x[:, start : start + chunk_size] for x in (q, k, v, beta, g))
         c = qc.shape[1]
         b = gc.cumsum(1)  # [1, c, H]
         lower = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
@@ -129,26 +132,52 @@ def _check_chunk_size(chunk_size):
 
 
 def chunk_gla(
-    q, k, v, g, scale=None, initial_state=None, output_final_state=False, state_v_first=False,
-    cu_seqlens=None, cu_seqlens_cpu=None, chunk_size=DEFAULT_CHUNK_SIZE, **kwargs,
+    q,
+    k,
+    v,
+    g,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    state_v_first=False,
+    cu_seqlens=None,
+    cu_seqlens_cpu=None,
+    chunk_size=DEFAULT_CHUNK_SIZE,
+    **kwargs,
 ):
     """Reference for `fla.ops.gla.chunk_gla`: q, k, g [B, T, H, K], v [B, T, H, V], g in log space."""
     if kwargs.get("cp_context") is not None:
         raise NotImplementedError("the reference chunk_gla has no context-parallel path")
     _check_chunk_size(chunk_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+
     def core(q_, k_, v_, g_, h0):
         return _gla_core(q_, k_, v_, g_, h0, scale=scale, chunk_size=chunk_size)
+
     return _run_segments(
-        core=core, tensors=[x.float() for x in (q, k, v, g)], initial_state=initial_state,
-        output_final_state=output_final_state, state_v_first=state_v_first, cu_seqlens=cu_seqlens,
+        core=core,
+        tensors=[x.float() for x in (q, k, v, g)],
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        state_v_first=state_v_first,
+        cu_seqlens=cu_seqlens,
         out_dtype=v.dtype,
     )
 
 
 def fused_recurrent_gla(
-    q, k, v, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False, reverse=False,
-    state_v_first=False, cu_seqlens=None, **kwargs,
+    q,
+    k,
+    v,
+    gk=None,
+    gv=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    reverse=False,
+    state_v_first=False,
+    cu_seqlens=None,
+    **kwargs,
 ):
     """Reference for `fla.ops.gla.fused_recurrent_gla` (key-wise gate `gk`; `gv` and `reverse` unsupported)."""
     if gv is not None or reverse:
@@ -156,14 +185,32 @@ def fused_recurrent_gla(
     if gk is None:
         gk = torch.zeros_like(q)
     return chunk_gla(
-        q=q, k=k, v=v, g=gk, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-        state_v_first=state_v_first, cu_seqlens=cu_seqlens,
+        q=q,
+        k=k,
+        v=v,
+        g=gk,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        state_v_first=state_v_first,
+        cu_seqlens=cu_seqlens,
     )
 
 
 def _delta_common(
-    *, q, k, v, beta, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
-    use_qk_l2norm_in_kernel, chunk_size,
+    *,
+    q,
+    k,
+    v,
+    beta,
+    g,
+    scale,
+    initial_state,
+    output_final_state,
+    state_v_first,
+    cu_seqlens,
+    use_qk_l2norm_in_kernel,
+    chunk_size,
 ):
     """Shared body of the delta-rule references: l2norm, grouped value heads, defaults, per-sequence run."""
     _check_chunk_size(chunk_size)
@@ -185,33 +232,71 @@ def _delta_common(
 
     def core(q_, k_, v_, b_, g_, h0):
         return _delta_core(q_, k_, v_, b_, g_, h0, scale=scale, chunk_size=chunk_size)
+
     return _run_segments(
-        core=core, tensors=[q, k, v, beta, g], initial_state=initial_state,
-        output_final_state=output_final_state, state_v_first=state_v_first, cu_seqlens=cu_seqlens,
+        core=core,
+        tensors=[q, k, v, beta, g],
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        state_v_first=state_v_first,
+        cu_seqlens=cu_seqlens,
         out_dtype=out_dtype,
     )
 
 
 def chunk_delta_rule(
-    q, k, v, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
-    cu_seqlens=None, cu_seqlens_cpu=None, chunk_size=DEFAULT_CHUNK_SIZE, **kwargs,
+    q,
+    k,
+    v,
+    beta,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    use_qk_l2norm_in_kernel=False,
+    cu_seqlens=None,
+    cu_seqlens_cpu=None,
+    chunk_size=DEFAULT_CHUNK_SIZE,
+    **kwargs,
 ):
     """Reference for `fla.ops.delta_rule.chunk_delta_rule` (DeltaNet): beta [B, T, H], no gate."""
     return _delta_common(
-        q=q, k=k, v=v, beta=beta, g=None, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, state_v_first=False, cu_seqlens=cu_seqlens,
-        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, chunk_size=chunk_size,
+        q=q,
+        k=k,
+        v=v,
+        beta=beta,
+        g=None,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        state_v_first=False,
+        cu_seqlens=cu_seqlens,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        chunk_size=chunk_size,
     )
 
 
 def fused_recurrent_delta_rule(
-    q, k, v, beta=None, scale=None, initial_state=None, output_final_state=False,
-    use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kwargs,
+    q,
+    k,
+    v,
+    beta=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    use_qk_l2norm_in_kernel=False,
+    cu_seqlens=None,
+    **kwargs,
 ):
     """Reference for `fla.ops.delta_rule.fused_recurrent_delta_rule` (same math as the chunked form)."""
     return chunk_delta_rule(
-        q=q, k=k, v=v, beta=beta, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        q=q,
+        k=k,
+        v=v,
+        beta=beta,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
         cu_seqlens=cu_seqlens,
     )
 
@@ -231,30 +316,77 @@ def _gdn_gate_and_beta(*, g, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_
 
 
 def chunk_gated_delta_rule(
-    q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, use_qk_l2norm_in_kernel=False,
-    use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, state_v_first=False, cu_seqlens=None,
-    cu_seqlens_cpu=None, chunk_indices=None, cp_context=None, use_gate_in_kernel=False, A_log=None,
-    dt_bias=None, chunk_size=DEFAULT_CHUNK_SIZE, **kwargs,
+    q,
+    k,
+    v,
+    g,
+    beta,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    use_qk_l2norm_in_kernel=False,
+    use_beta_sigmoid_in_kernel=False,
+    allow_neg_eigval=False,
+    state_v_first=False,
+    cu_seqlens=None,
+    cu_seqlens_cpu=None,
+    chunk_indices=None,
+    cp_context=None,
+    use_gate_in_kernel=False,
+    A_log=None,
+    dt_bias=None,
+    chunk_size=DEFAULT_CHUNK_SIZE,
+    **kwargs,
 ):
     """Reference for `fla.ops.gated_delta_rule.chunk_gated_delta_rule` (Gated DeltaNet): g [B, T, HV] in
     log space, or raw with `use_gate_in_kernel` (g = -exp(A_log) * softplus(g + dt_bias))."""
     if cp_context is not None:
         raise NotImplementedError("the reference chunk_gated_delta_rule has no context-parallel path")
     g, beta = _gdn_gate_and_beta(
-        g=g, beta=beta, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
-        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
+        g=g,
+        beta=beta,
+        use_gate_in_kernel=use_gate_in_kernel,
+        A_log=A_log,
+        dt_bias=dt_bias,
+        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+        allow_neg_eigval=allow_neg_eigval,
     )
     return _delta_common(
-        q=q, k=k, v=v, beta=beta, g=g, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, state_v_first=state_v_first, cu_seqlens=cu_seqlens,
-        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, chunk_size=chunk_size,
+        q=q,
+        k=k,
+        v=v,
+        beta=beta,
+        g=g,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        state_v_first=state_v_first,
+        cu_seqlens=cu_seqlens,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        chunk_size=chunk_size,
     )
 
 
 def fused_recurrent_gated_delta_rule(
-    q, k, v, g=None, gk=None, gv=None, beta=None, scale=None, initial_state=None, output_final_state=False,
-    use_qk_l2norm_in_kernel=False, use_gate_in_kernel=False, A_log=None, dt_bias=None,
-    use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, state_v_first=False, cu_seqlens=None, **kwargs,
+    q,
+    k,
+    v,
+    g=None,
+    gk=None,
+    gv=None,
+    beta=None,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    use_qk_l2norm_in_kernel=False,
+    use_gate_in_kernel=False,
+    A_log=None,
+    dt_bias=None,
+    use_beta_sigmoid_in_kernel=False,
+    allow_neg_eigval=False,
+    state_v_first=False,
+    cu_seqlens=None,
+    **kwargs,
 ):
     """Reference for `fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule` (head-wise gate only)."""
     if gk is not None or gv is not None:
@@ -266,9 +398,20 @@ def fused_recurrent_gated_delta_rule(
         g = torch.zeros_like(v[..., 0])
         use_gate_in_kernel = False
     return chunk_gated_delta_rule(
-        q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval,
-        state_v_first=state_v_first, cu_seqlens=cu_seqlens, use_gate_in_kernel=use_gate_in_kernel,
-        A_log=A_log, dt_bias=dt_bias,
+        q=q,
+        k=k,
+        v=v,
+        g=g,
+        beta=beta,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
+        allow_neg_eigval=allow_neg_eigval,
+        state_v_first=state_v_first,
+        cu_seqlens=cu_seqlens,
+        use_gate_in_kernel=use_gate_in_kernel,
+        A_log=A_log,
+        dt_bias=dt_bias,
     )

@@ -21,17 +21,16 @@ import logging
 import os
 import pathlib
 import sys
-from typing import Optional
 
 log = logging.getLogger(__name__)
 
 AUTOTUNE_ENV = "FLA_CACHE_RESULTS"
 DIR_ENV = "TRITON_CACHE_DIR"
 DIRNAME = "kernel_cache"
-_set_by_us: dict[str, Optional[str]] = {"dir": None}
+_set_by_us: dict[str, str | None] = {"dir": None}
 
 
-def autotuning_persisted() -> Optional[bool]:
+def autotuning_persisted() -> bool | None:
     """Whether FLA's autotuned GLA kernels write their results to disk; None when FLA or Triton is missing.
 
     False when `FLA_CACHE_RESULTS=0`, or when the installed Triton cannot cache autotuning results."""
@@ -47,12 +46,14 @@ def autotuning_persisted() -> Optional[bool]:
 def gla_autotuners() -> list:
     """The Triton autotuners of FLA's chunked GLA kernels (the module `autotuning_persisted` reads)."""
     from fla.ops.gla import chunk
+
     return [tuner for tuner in map(_autotuner, vars(chunk).values()) if tuner is not None]
 
 
 def _autotuner(obj):
     """The Autotuner inside `obj` (FLA wraps it in `triton.heuristics`), else None."""
     from triton.runtime.autotuner import Autotuner
+
     for _ in range(4):
         if isinstance(obj, Autotuner):
             return obj
@@ -75,7 +76,10 @@ def use_run_dir(*, workdir: os.PathLike | str) -> pathlib.Path:
         os.environ[DIR_ENV] = _set_by_us["dir"] = str(folder)
         log.info("Triton kernel cache: %s", folder)
     if autotuning_persisted() is False:
-        log.warning("FLA's autotuning results are not written to the kernel cache (%s=%r): a restarted run "
-                    "autotunes again and may choose other kernel configurations", AUTOTUNE_ENV,
-                    os.environ.get(AUTOTUNE_ENV))
+        log.warning(
+            "FLA's autotuning results are not written to the kernel cache (%s=%r): a restarted run "
+            "autotunes again and may choose other kernel configurations",
+            AUTOTUNE_ENV,
+            os.environ.get(AUTOTUNE_ENV),
+        )
     return folder

@@ -53,8 +53,19 @@ def _final_state(*, x, cu_seqlens, initial_state, width: int):
 
 
 def causal_conv1d(
-    x, weight=None, bias=None, residual=None, initial_state=None, output_final_state=False, activation=None,
-    backend="triton", cu_seqlens=None, cu_seqlens_cpu=None, chunk_indices=None, cp_context=None, **kwargs,
+    x,
+    weight=None,
+    bias=None,
+    residual=None,
+    initial_state=None,
+    output_final_state=False,
+    activation=None,
+    backend="triton",
+    cu_seqlens=None,
+    cu_seqlens_cpu=None,
+    chunk_indices=None,
+    cp_context=None,
+    **kwargs,
 ):
     """Reference for `fla.modules.causal_conv1d.causal_conv1d`: x [B, T, D] (B == 1 with cu_seqlens).
 
@@ -76,14 +87,16 @@ def causal_conv1d(
     y = torch.zeros((), device=x.device) if bias is None else bias.float()
     padded = F.pad(x, (0, 0, width - 1, 0))  # one copy; every lag is a view of it (what a compiled graph saves)
     for lag in range(width):
-        shifted = padded[:, width - 1 - lag:width - 1 - lag + length]
+        shifted = padded[:, width - 1 - lag : width - 1 - lag + length]
         if lag > 0 and (seq is not None or initial_state is not None):  # zero padding ends a lone row already
             inside = (pos >= lag)[None, :, None]
             if initial_state is None:
                 shifted = torch.where(inside, shifted, torch.zeros((), dtype=x.dtype, device=x.device))
             else:
                 column = (width + pos - lag).clamp(max=width - 1)  # padded index W + pos - lag, read when pos < lag
-                past = initial_state[:, :, column].transpose(1, 2) if seq is None else initial_state[seq, :, column][None]
+                past = (
+                    initial_state[:, :, column].transpose(1, 2) if seq is None else initial_state[seq, :, column][None]
+                )
                 shifted = torch.where(inside, shifted, past.to(x.dtype))
         y = y + shifted.float() * weight[:, width - 1 - lag].float()
     y = _activate(y, activation)

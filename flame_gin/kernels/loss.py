@@ -42,10 +42,16 @@ class ReferenceCrossEntropyLoss(_FusedCrossEntropyLoss):
     def forward(self, input, target):
         _no_process_group(self.process_group)
         logits = _transform_logits(
-            logits=input, logit_scale=self.logit_scale, logit_softcapping=self.logit_softcapping,
+            logits=input,
+            logit_scale=self.logit_scale,
+            logit_softcapping=self.logit_softcapping,
         )
         loss = F.cross_entropy(
-            logits, target, ignore_index=self.ignore_index, reduction="none", label_smoothing=self.label_smoothing,
+            logits,
+            target,
+            ignore_index=self.ignore_index,
+            reduction="none",
+            label_smoothing=self.label_smoothing,
         )
         valid = target != self.ignore_index
         z_loss = self.lse_square_scale * torch.logsumexp(logits, dim=-1).square() * valid
@@ -64,11 +70,17 @@ class ReferenceLinearCrossEntropyLoss(_FusedLinearCrossEntropyLoss):
         _no_process_group(self.process_group)
         logits = F.linear(x.reshape(-1, x.shape[-1]).float(), weight.float(), None if bias is None else bias.float())
         logits = _transform_logits(
-            logits=logits, logit_scale=self.logit_scale, logit_softcapping=self.logit_softcapping,
+            logits=logits,
+            logit_scale=self.logit_scale,
+            logit_softcapping=self.logit_softcapping,
         )
         target = target.reshape(-1)
         loss = F.cross_entropy(
-            logits, target, ignore_index=self.ignore_index, reduction="none", label_smoothing=self.label_smoothing,
+            logits,
+            target,
+            ignore_index=self.ignore_index,
+            reduction="none",
+            label_smoothing=self.label_smoothing,
         )
         loss = _reduce(loss=loss, target=target, ignore_index=self.ignore_index, reduction=self.reduction)
         if self.use_l2warp:

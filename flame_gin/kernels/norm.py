@@ -43,21 +43,43 @@ def _with_residual(*, x, residual, residual_in_fp32):
 def layer_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False, is_rms_norm=False):
     """Reference for `fla.modules.norm.layernorm.layer_norm`."""
     return group_norm(
-        x=x, weight=weight, bias=bias, residual=residual, eps=eps, prenorm=prenorm,
-        residual_in_fp32=residual_in_fp32, is_rms_norm=is_rms_norm, num_groups=1,
+        x=x,
+        weight=weight,
+        bias=bias,
+        residual=residual,
+        eps=eps,
+        prenorm=prenorm,
+        residual_in_fp32=residual_in_fp32,
+        is_rms_norm=is_rms_norm,
+        num_groups=1,
     )
 
 
 def rms_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False):
     """Reference for `fla.modules.norm.layernorm.rms_norm`."""
     return group_norm(
-        x=x, weight=weight, bias=bias, residual=residual, eps=eps, prenorm=prenorm,
-        residual_in_fp32=residual_in_fp32, is_rms_norm=True, num_groups=1,
+        x=x,
+        weight=weight,
+        bias=bias,
+        residual=residual,
+        eps=eps,
+        prenorm=prenorm,
+        residual_in_fp32=residual_in_fp32,
+        is_rms_norm=True,
+        num_groups=1,
     )
 
 
 def group_norm(
-    x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False, is_rms_norm=False, num_groups=1,
+    x,
+    weight,
+    bias,
+    residual=None,
+    eps=1e-5,
+    prenorm=False,
+    residual_in_fp32=False,
+    is_rms_norm=False,
+    num_groups=1,
 ):
     """Reference for `fla.modules.norm.layernorm.group_norm` (also the body of the two above)."""
     if x.shape[-1] % num_groups:
@@ -85,22 +107,54 @@ def _norm_gated(*, x, g, weight, bias, activation, residual, eps, prenorm, resid
 
 
 def rms_norm_gated(
-    x, g, weight, bias, activation="swish", residual=None, prenorm=False, residual_in_fp32=False, eps=1e-6,
+    x,
+    g,
+    weight,
+    bias,
+    activation="swish",
+    residual=None,
+    prenorm=False,
+    residual_in_fp32=False,
+    eps=1e-6,
 ):
     """Reference for `fla.modules.norm.fused_norm_gate.rms_norm_gated`: rmsnorm(x) * act(g)."""
     return _norm_gated(
-        x=x, g=g, weight=weight, bias=bias, activation=activation, residual=residual, eps=eps, prenorm=prenorm,
-        residual_in_fp32=residual_in_fp32, is_rms_norm=True,
+        x=x,
+        g=g,
+        weight=weight,
+        bias=bias,
+        activation=activation,
+        residual=residual,
+        eps=eps,
+        prenorm=prenorm,
+        residual_in_fp32=residual_in_fp32,
+        is_rms_norm=True,
     )
 
 
 def layer_norm_gated(
-    x, g, weight, bias, activation="swish", residual=None, prenorm=False, residual_in_fp32=False, eps=1e-6,
+    x,
+    g,
+    weight,
+    bias,
+    activation="swish",
+    residual=None,
+    prenorm=False,
+    residual_in_fp32=False,
+    eps=1e-6,
 ):
     """Reference for `fla.modules.norm.fused_norm_gate.layer_norm_gated`: layernorm(x) * act(g)."""
     return _norm_gated(
-        x=x, g=g, weight=weight, bias=bias, activation=activation, residual=residual, eps=eps, prenorm=prenorm,
-        residual_in_fp32=residual_in_fp32, is_rms_norm=False,
+        x=x,
+        g=g,
+        weight=weight,
+        bias=bias,
+        activation=activation,
+        residual=residual,
+        eps=eps,
+        prenorm=prenorm,
+        residual_in_fp32=residual_in_fp32,
+        is_rms_norm=False,
     )
 
 

@@ -22,8 +22,6 @@ layer recompiled; these return at once when there is no cache.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from flame_gin.kernels import attention, norm
@@ -42,13 +40,15 @@ def _check(*, op: str, name: str, got: Tensor, shape, dtype: torch.dtype) -> Non
     if got.shape != shape or got.dtype != dtype:
         raise RuntimeError(
             f"{op}: FLA returned {name} {tuple(got.shape)} {got.dtype}, flame_gin.kernels.opaque expects "
-            f"{tuple(shape)} {dtype}; the installed FLA changed its internals (supported: 0.6.x)")
+            f"{tuple(shape)} {dtype}; the installed FLA changed its internals (supported: 0.6.x)"
+        )
 
 
-def _chunk_indices(cu_seqlens: Optional[Tensor], chunk: int) -> Optional[Tensor]:
+def _chunk_indices(cu_seqlens: Tensor | None, chunk: int) -> Tensor | None:
     if cu_seqlens is None:
         return None
     from fla.ops.utils import prepare_chunk_indices
+
     return prepare_chunk_indices(cu_seqlens, chunk)
 
 
@@ -61,25 +61,38 @@ def _recompute_grads(fn, inputs: list[Tensor], grad_out: Tensor) -> tuple[Tensor
 
 # --- GLA ----------------------------------------------------------------------------------------------------
 
+
 def _gla_fake_a(q: Tensor) -> Tensor:
     batch, length, heads, _ = q.shape
     return q.new_empty(batch, length, heads, _gla_chunk(length), dtype=torch.float32)
 
 
 @torch.library.custom_op("flame_gin::gla_fwd", mutates_args=())
-def gla_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, state_v_first: bool,
-            cu_seqlens: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def gla_fwd(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: float, state_v_first: bool, cu_seqlens: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """Chunked GLA forward without states: returns (o, A)."""
     want_a = _gla_fake_a(q)
     if not q.is_cuda:
         o, _ = attention.chunk_gla(q=q, k=k, v=v, g=g, scale=scale, cu_seqlens=cu_seqlens)
         return o, torch.zeros_like(want_a)
     from fla.ops.gla.chunk import chunk_gla_fwd
+
     chunk = want_a.shape[-1]
     _, a, _, _, o = chunk_gla_fwd(
-        q=q, k=k, v=v, g=g, g_cumsum=None, scale=scale, initial_state=None, output_final_state=False,
-        state_v_first=state_v_first, cu_seqlens=cu_seqlens, chunk_size=chunk,
-        chunk_indices=_chunk_indices(cu_seqlens, chunk))
+        q=q,
+        k=k,
+        v=v,
+        g=g,
+        g_cumsum=None,
+        scale=scale,
+        initial_state=None,
+        output_final_state=False,
+        state_v_first=state_v_first,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk,
+        chunk_indices=_chunk_indices(cu_seqlens, chunk),
+    )
     _check(op="gla_fwd", name="o", got=o, shape=v.shape, dtype=v.dtype)
     _check(op="gla_fwd", name="A", got=a, shape=want_a.shape, dtype=want_a.dtype)
     return o, a
@@ -91,19 +104,41 @@ def _(q, k, v, g, scale, state_v_first, cu_seqlens):
 
 
 @torch.library.custom_op("flame_gin::gla_bwd", mutates_args=())
-def gla_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, a: Tensor, do: Tensor, scale: float,
-            state_v_first: bool, cu_seqlens: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def gla_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    a: Tensor,
+    do: Tensor,
+    scale: float,
+    state_v_first: bool,
+    cu_seqlens: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Chunked GLA backward from the forward's A: returns (dq, dk, dv, dg) in the inputs' dtypes."""
     if not q.is_cuda:
-        fn = lambda q_, k_, v_, g_: attention.chunk_gla(q=q_, k=k_, v=v_, g=g_, scale=scale,
-                                                         cu_seqlens=cu_seqlens)[0]
+        fn = lambda q_, k_, v_, g_: attention.chunk_gla(q=q_, k=k_, v=v_, g=g_, scale=scale, cu_seqlens=cu_seqlens)[0]
         return _recompute_grads(fn, [q, k, v, g], do)
     from fla.ops.gla.chunk import chunk_gla_bwd
+
     chunk = a.shape[-1]
     dq, dk, dv, dg, _ = chunk_gla_bwd(
-        q=q, k=k, v=v, g=g, g_cumsum=None, scale=scale, initial_state=None, h=None, A=a, do=do.contiguous(),
-        dht=None, state_v_first=state_v_first, cu_seqlens=cu_seqlens, chunk_size=chunk,
-        chunk_indices=_chunk_indices(cu_seqlens, chunk))
+        q=q,
+        k=k,
+        v=v,
+        g=g,
+        g_cumsum=None,
+        scale=scale,
+        initial_state=None,
+        h=None,
+        A=a,
+        do=do.contiguous(),
+        dht=None,
+        state_v_first=state_v_first,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk,
+        chunk_indices=_chunk_indices(cu_seqlens, chunk),
+    )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype)
 
 
@@ -127,27 +162,51 @@ def _gla_backward(ctx, do, _da):
 gla_fwd.register_autograd(_gla_backward, setup_context=_gla_setup)
 
 
-def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, state_v_first=False,
-              cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
+def chunk_gla(
+    q,
+    k,
+    v,
+    g,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    state_v_first=False,
+    cu_seqlens=None,
+    cu_seqlens_cpu=None,
+    **kwargs,
+):
     """`fla.ops.gla.chunk_gla` as one compiled-graph node; falls back to the unwrapped op with states."""
     if initial_state is not None or output_final_state or kwargs:
-        return _unwrapped_gla(q)(q=q, k=k, v=v, g=g, scale=scale, initial_state=initial_state,
-                                 output_final_state=output_final_state, state_v_first=state_v_first,
-                                 cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, **kwargs)
+        return _unwrapped_gla(q)(
+            q=q,
+            k=k,
+            v=v,
+            g=g,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            state_v_first=state_v_first,
+            cu_seqlens=cu_seqlens,
+            cu_seqlens_cpu=cu_seqlens_cpu,
+            **kwargs,
+        )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o, _ = gla_fwd(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale, bool(state_v_first),
-                   cu_seqlens)
+    o, _ = gla_fwd(
+        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale, bool(state_v_first), cu_seqlens
+    )
     return o, None
 
 
 def _unwrapped_gla(q: Tensor):
     if q.is_cuda:
         from fla.ops.gla import chunk_gla as fla_chunk_gla
+
         return fla_chunk_gla
     return attention.chunk_gla
 
 
 # --- DeltaNet ------------------------------------------------------------------------------------------------
+
 
 def _delta_fake_a(k: Tensor) -> Tensor:
     batch, length, heads, _ = k.shape
@@ -155,17 +214,28 @@ def _delta_fake_a(k: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("flame_gin::delta_fwd", mutates_args=())
-def delta_fwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, scale: float,
-              cu_seqlens: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def delta_fwd(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, scale: float, cu_seqlens: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """Chunked delta rule forward without states (q, k already normalised): returns (o, A)."""
     want_a = _delta_fake_a(k)
     if not q.is_cuda:
         o, _ = attention.chunk_delta_rule(q=q, k=k, v=v, beta=beta, scale=scale, cu_seqlens=cu_seqlens)
         return o.to(q.dtype), torch.zeros_like(want_a)
     from fla.ops.delta_rule.chunk import chunk_delta_rule_fwd
+
     o, a, _ = chunk_delta_rule_fwd(
-        q=q, k=k, v=v, beta=beta, scale=scale, initial_state=None, output_final_state=False,
-        cu_seqlens=cu_seqlens, chunk_indices=_chunk_indices(cu_seqlens, DELTA_CHUNK), chunk_size=DELTA_CHUNK)
+        q=q,
+        k=k,
+        v=v,
+        beta=beta,
+        scale=scale,
+        initial_state=None,
+        output_final_state=False,
+        cu_seqlens=cu_seqlens,
+        chunk_indices=_chunk_indices(cu_seqlens, DELTA_CHUNK),
+        chunk_size=DELTA_CHUNK,
+    )
     o = o.to(q.dtype)
     _check(op="delta_fwd", name="o", got=o, shape=v.shape, dtype=q.dtype)
     _check(op="delta_fwd", name="A", got=a, shape=want_a.shape, dtype=want_a.dtype)
@@ -178,17 +248,31 @@ def _(q, k, v, beta, scale, cu_seqlens):
 
 
 @torch.library.custom_op("flame_gin::delta_bwd", mutates_args=())
-def delta_bwd(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, a: Tensor, do: Tensor, scale: float,
-              cu_seqlens: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def delta_bwd(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, a: Tensor, do: Tensor, scale: float, cu_seqlens: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Chunked delta rule backward from the forward's A: returns (dq, dk, dv, dbeta)."""
     if not q.is_cuda:
-        fn = lambda q_, k_, v_, b_: attention.chunk_delta_rule(q=q_, k=k_, v=v_, beta=b_, scale=scale,
-                                                                cu_seqlens=cu_seqlens)[0]
+        fn = lambda q_, k_, v_, b_: attention.chunk_delta_rule(
+            q=q_, k=k_, v=v_, beta=b_, scale=scale, cu_seqlens=cu_seqlens
+        )[0]
         return _recompute_grads(fn, [q, k, v, beta], do)
     from fla.ops.delta_rule.chunk import chunk_delta_rule_bwd
+
     dq, dk, dv, db, _ = chunk_delta_rule_bwd(
-        q=q, k=k, v=v, beta=beta, A=a, scale=scale, initial_state=None, do=do.contiguous(), dht=None,
-        cu_seqlens=cu_seqlens, chunk_indices=_chunk_indices(cu_seqlens, DELTA_CHUNK), chunk_size=DELTA_CHUNK)
+        q=q,
+        k=k,
+        v=v,
+        beta=beta,
+        A=a,
+        scale=scale,
+        initial_state=None,
+        do=do.contiguous(),
+        dht=None,
+        cu_seqlens=cu_seqlens,
+        chunk_indices=_chunk_indices(cu_seqlens, DELTA_CHUNK),
+        chunk_size=DELTA_CHUNK,
+    )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), db.to(beta.dtype)
 
 
@@ -212,14 +296,34 @@ def _delta_backward(ctx, do, _da):
 delta_fwd.register_autograd(_delta_backward, setup_context=_delta_setup)
 
 
-def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
-                     use_qk_l2norm_in_kernel=False, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
+def chunk_delta_rule(
+    q,
+    k,
+    v,
+    beta,
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    use_qk_l2norm_in_kernel=False,
+    cu_seqlens=None,
+    cu_seqlens_cpu=None,
+    **kwargs,
+):
     """`fla.ops.delta_rule.chunk_delta_rule` as one compiled-graph node; falls back with states."""
     if initial_state is not None or output_final_state or kwargs:
-        return _unwrapped_delta(q)(q=q, k=k, v=v, beta=beta, scale=scale, initial_state=initial_state,
-                                   output_final_state=output_final_state,
-                                   use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens,
-                                   cu_seqlens_cpu=cu_seqlens_cpu, **kwargs)
+        return _unwrapped_delta(q)(
+            q=q,
+            k=k,
+            v=v,
+            beta=beta,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+            cu_seqlens=cu_seqlens,
+            cu_seqlens_cpu=cu_seqlens_cpu,
+            **kwargs,
+        )
     if use_qk_l2norm_in_kernel:  # outside the op (FLA does it inside): the compiled graph fuses it
         q, k = norm.l2norm(q), norm.l2norm(k)
     scale = k.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -230,17 +334,20 @@ def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final
 def _unwrapped_delta(q: Tensor):
     if q.is_cuda:
         from fla.ops.delta_rule import chunk_delta_rule as fla_chunk_delta_rule
+
         return fla_chunk_delta_rule
     return attention.chunk_delta_rule
 
 
 # --- cache helpers -------------------------------------------------------------------------------------------
 
+
 def get_layer_cache(module, past_key_values):
     """`fla.layers.utils.get_layer_cache` that reads nothing of `module` when there is no cache."""
     if past_key_values is None:
         return None
     from fla.layers import utils
+
     return utils.get_layer_cache(module, past_key_values)
 
 
@@ -249,4 +356,5 @@ def update_layer_cache(module, past_key_values, **kwargs):
     if past_key_values is None:
         return None
     from fla.layers import utils
+
     return utils.update_layer_cache(module, past_key_values, **kwargs)

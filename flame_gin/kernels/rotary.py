@@ -27,8 +27,9 @@ def _positions(*, x: torch.Tensor, seqlen_offsets, cu_seqlens) -> torch.Tensor:
     return pos + seqlen_offsets
 
 
-def rotary_embedding(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None,
-                     chunk_indices=None):
+def rotary_embedding(
+    x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None, chunk_indices=None
+):
     """`x`: `[B, T, H, D]`; `cos`, `sin`: `[positions, R // 2]` tables; the first R channels are rotated."""
     pos = _positions(x=x, seqlen_offsets=seqlen_offsets, cu_seqlens=cu_seqlens)
     cos, sin = cos.float()[pos].unsqueeze(2), sin.float()[pos].unsqueeze(2)  # [B, T, 1, R/2]

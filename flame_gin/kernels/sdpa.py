@@ -41,8 +41,9 @@ def _mask(*, q_len: int, k_len: int, causal: bool, window_size, device) -> torch
     return keep
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window_size,
-            softmax_scale) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window_size, softmax_scale
+) -> torch.Tensor:
     """SDPA over ``[batch, time, heads, dim]`` tensors; key/value heads may be fewer (grouped queries)."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     q_len, k_len = q.shape[-2], k.shape[-2]
@@ -56,17 +57,29 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, 
     return out.transpose(1, 2)
 
 
-def flash_attn_func(q, k, v, dropout_p: float = 0.0, softmax_scale=None, causal: bool = False,
-                    window_size=(-1, -1), **unused):
+def flash_attn_func(
+    q, k, v, dropout_p: float = 0.0, softmax_scale=None, causal: bool = False, window_size=(-1, -1), **unused
+):
     """flash-attn's dense entry point: ``[batch, time, heads, dim]`` in and out."""
     if dropout_p:
         raise ValueError(f"SDPA attention: dropout_p={dropout_p} is not supported (FLA's layer passes none)")
     return _attend(q, k, v, causal=causal, window_size=window_size, softmax_scale=softmax_scale)
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
-                           dropout_p: float = 0.0, softmax_scale=None, causal: bool = False,
-                           window_size=(-1, -1), **unused):
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    dropout_p: float = 0.0,
+    softmax_scale=None,
+    causal: bool = False,
+    window_size=(-1, -1),
+    **unused,
+):
     """flash-attn's packed entry point: ``[tokens, heads, dim]`` with document offsets ``cu_seqlens_*``.
 
     Each document is attended on its own (one host read of the offsets per call)."""
@@ -78,8 +91,16 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     outs = []
     for i in range(len(starts_q) - 1):
         qs, ks = slice(starts_q[i], starts_q[i + 1]), slice(starts_k[i], starts_k[i + 1])
-        outs.append(_attend(q[None, qs], k[None, ks], v[None, ks], causal=causal, window_size=window_size,
-                            softmax_scale=softmax_scale)[0])
+        outs.append(
+            _attend(
+                q[None, qs],
+                k[None, ks],
+                v[None, ks],
+                causal=causal,
+                window_size=window_size,
+                softmax_scale=softmax_scale,
+            )[0]
+        )
     return torch.cat(outs, dim=0)
 
 

@@ -42,8 +42,9 @@ def _table() -> tuple[Swap, ...]:
         Swap("fla.layers.delta_net", "chunk_delta_rule", attention.chunk_delta_rule),
         Swap("fla.layers.delta_net", "fused_recurrent_delta_rule", attention.fused_recurrent_delta_rule),
         Swap("fla.layers.gated_deltanet", "chunk_gated_delta_rule", attention.chunk_gated_delta_rule),
-        Swap("fla.layers.gated_deltanet", "fused_recurrent_gated_delta_rule",
-             attention.fused_recurrent_gated_delta_rule),
+        Swap(
+            "fla.layers.gated_deltanet", "fused_recurrent_gated_delta_rule", attention.fused_recurrent_gated_delta_rule
+        ),
         # short convolution (ShortConvolution.forward/step, and Gated DeltaNet's fused q/k/v conv)
         Swap("fla.modules.causal_conv1d.ops", "causal_conv1d", conv.causal_conv1d),
         Swap("fla.modules.causal_conv1d.ops", "causal_conv1d_update", conv.causal_conv1d_update),
@@ -74,8 +75,10 @@ def _table() -> tuple[Swap, ...]:
 
 TABLE: tuple[Swap, ...] = _table()
 _ATTENTION_MODULES = ("fla.layers.gla", "fla.layers.delta_net", "fla.layers.gated_deltanet")
-_OPAQUE = {("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
-           ("fla.layers.delta_net", "chunk_delta_rule"): opaque.chunk_delta_rule}
+_OPAQUE = {
+    ("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
+    ("fla.layers.delta_net", "chunk_delta_rule"): opaque.chunk_delta_rule,
+}
 
 
 def compiled_table(*, on_gpu: bool) -> tuple[Swap, ...]:

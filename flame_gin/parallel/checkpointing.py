@@ -11,8 +11,12 @@ import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-_SAVE_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-             torch.ops.aten.linear.default}
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.linear.default,
+}
 MODES = ("none", "full", "selective")
 
 
@@ -20,8 +24,9 @@ def _selective_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_activation_checkpointing(blocks: nn.ModuleList | nn.ModuleDict, *, mode: str = "full",
-                                   every: int = 1) -> None:
+def apply_activation_checkpointing(
+    blocks: nn.ModuleList | nn.ModuleDict, *, mode: str = "full", every: int = 1
+) -> None:
     """Wraps blocks of `blocks` (in place) with checkpointing. `mode` in MODES; `every`: wrap every n-th block
     (full mode only)."""
     if mode not in MODES:
@@ -39,6 +44,8 @@ def apply_activation_checkpointing(blocks: nn.ModuleList | nn.ModuleDict, *, mod
             wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
         else:
             wrapped = checkpoint_wrapper(
-                block, preserve_rng_state=False,
-                context_fn=lambda: create_selective_checkpoint_contexts(_selective_policy))
+                block,
+                preserve_rng_state=False,
+                context_fn=lambda: create_selective_checkpoint_contexts(_selective_policy),
+            )
         blocks[key] = wrapped

@@ -31,14 +31,18 @@ def configure_dynamo() -> None:
     torch._dynamo.config.allow_unspec_int_on_nn_module = True
 
 
-def apply_compile(blocks: nn.ModuleList | nn.ModuleDict, *, backend="inductor", fullgraph: bool = False,
-                  mode: str | None = None) -> None:
+def apply_compile(
+    blocks: nn.ModuleList | nn.ModuleDict, *, backend="inductor", fullgraph: bool = False, mode: str | None = None
+) -> None:
     """Compiles each block of `blocks` in place (`Module.compile`, so names and state_dict keys stay)."""
     configure_dynamo()
     if torch.cuda.is_available() and kernels.current_mode() != "compiled":
-        log.warning("compiling blocks with kernel mode %r: FLA's attention ops break every block's graph; "
-                    "set flame_gin.run.kernel_mode = 'compiled' (gin/parallel/compile.gin)", kernels.current_mode())
-    for block in (blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks):
+        log.warning(
+            "compiling blocks with kernel mode %r: FLA's attention ops break every block's graph; "
+            "set flame_gin.run.kernel_mode = 'compiled' (gin/parallel/compile.gin)",
+            kernels.current_mode(),
+        )
+    for block in blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks:
         block.compile(backend=backend, fullgraph=fullgraph, mode=mode, dynamic=False)
 
 

@@ -38,8 +38,10 @@ import torch.nn as nn
 _OPS = {
     "gla": ("fla.layers.gla", {"fused_recurrent_gla": "gla:gk", "chunk_gla": "gla:g", "fused_chunk_gla": "gla:g"}),
     "delta_net": ("fla.layers.delta_net", {"fused_recurrent_delta_rule": "delta", "chunk_delta_rule": "delta"}),
-    "gated_deltanet": ("fla.layers.gated_deltanet", {"chunk_gated_delta_rule": "delta",
-                                                     "fused_recurrent_gated_delta_rule": "delta"}),
+    "gated_deltanet": (
+        "fla.layers.gated_deltanet",
+        {"chunk_gated_delta_rule": "delta", "fused_recurrent_gated_delta_rule": "delta"},
+    ),
 }
 
 
@@ -51,11 +53,15 @@ def check_context_parallel_config(*, config) -> None:
     """Raises if the model family has no context-parallel path."""
     family = getattr(config, "model_type", type(config).__name__)
     if family not in _OPS:
-        raise ValueError(f"context parallel: no linear-attention path for model family {family!r}; supported: "
-                         f"{', '.join(supported_families())}")
+        raise ValueError(
+            f"context parallel: no linear-attention path for model family {family!r}; supported: "
+            f"{', '.join(supported_families())}"
+        )
     if getattr(config, "attn", None):
-        raise ValueError(f"context parallel: hybrid {family} models with softmax-attention layers "
-                         f"(config.attn={config.attn}) are not supported")
+        raise ValueError(
+            f"context parallel: hybrid {family} models with softmax-attention layers "
+            f"(config.attn={config.attn}) are not supported"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +87,9 @@ def context_parallel(info: CPInfo):
         _ACTIVE.pop()
 
 
-def shard_batch(*, input_ids: torch.Tensor, labels: torch.Tensor, cp_mesh, cu_seqlens: torch.Tensor | None = None
-                ) -> dict:
+def shard_batch(
+    *, input_ids: torch.Tensor, labels: torch.Tensor, cp_mesh, cu_seqlens: torch.Tensor | None = None
+) -> dict:
     """This rank's contiguous slice of `input_ids`/`labels` ([B, T]) and its local `cu_seqlens`, plus `cp`
     (a `CPInfo`). Labels are already shifted, so slicing them needs no neighbour token."""
     size, rank = cp_mesh.size(), cp_mesh.get_local_rank()
@@ -106,6 +113,7 @@ def shard_batch(*, input_ids: torch.Tensor, labels: torch.Tensor, cp_mesh, cu_se
 
 
 # ----- the state scan ------------------------------------------------------------------------------------------
+
 
 def _apply_transition(state, trans, kind, v_first):
     if kind == "gla":  # trans: [B, H, K] per-key decay
@@ -138,8 +146,8 @@ class _StateScan(torch.autograd.Function):
         grads = [torch.empty_like(grad) for _ in range(info.size)]
         dist.all_gather(grads, grad, group=info.group)
         with torch.enable_grad():
-            finals = [t.detach().requires_grad_() for t in saved[:info.size]]
-            transs = [t.detach().requires_grad_() for t in saved[info.size:]]
+            finals = [t.detach().requires_grad_() for t in saved[: info.size]]
+            transs = [t.detach().requires_grad_() for t in saved[info.size :]]
             state, total = torch.zeros_like(finals[0]), 0.0
             for r in range(1, info.size):
                 state = _apply_transition(state, transs[r - 1], ctx.kind, ctx.v_first) + finals[r - 1]
@@ -147,8 +155,9 @@ class _StateScan(torch.autograd.Function):
             if info.size == 1 or info.rank == info.size - 1:
                 d_final, d_trans = torch.zeros_like(finals[0]), torch.zeros_like(transs[0])
             else:
-                d_final, d_trans = torch.autograd.grad(total, [finals[info.rank], transs[info.rank]],
-                                                       allow_unused=True, materialize_grads=True)
+                d_final, d_trans = torch.autograd.grad(
+                    total, [finals[info.rank], transs[info.rank]], allow_unused=True, materialize_grads=True
+                )
         return d_final.to(ctx.dtypes[0]), d_trans.to(ctx.dtypes[1]), None, None, None
 
 
@@ -190,14 +199,16 @@ def _cp_op(original, kind: str):
             init = torch.cat([entering, torch.zeros_like(final[1:], dtype=entering.dtype)], dim=0)
         else:
             init = entering
-        return original(**base, initial_state=init.to(final.dtype),
-                        output_final_state=kw.get("output_final_state", False))
+        return original(
+            **base, initial_state=init.to(final.dtype), output_final_state=kw.get("output_final_state", False)
+        )
 
     op._cp_original = original
     return op
 
 
 # ----- short-convolution halo ------------------------------------------------------------------------------------
+
 
 class _Halo(torch.autograd.Function):
     """The previous rank's last rows of `tail` (zeros on rank 0); backward returns the next rank's gradient."""
@@ -225,27 +236,34 @@ def _conv_forward(module: nn.Module, original):
         info = _ACTIVE[-1] if _ACTIVE else None
         if info is None or info.size == 1:
             return original(x, *args, **kwargs)
-        if args or kwargs.get("cache") is not None or kwargs.get("residual") is not None \
-                or kwargs.get("mask") is not None:
+        if (
+            args
+            or kwargs.get("cache") is not None
+            or kwargs.get("residual") is not None
+            or kwargs.get("mask") is not None
+        ):
             raise ValueError("context parallel: short convolution must be called as (x, cu_seqlens=...) only")
         halo_len = module.kernel_size[0] - 1
         if x.shape[1] < halo_len:
-            raise ValueError(f"context parallel: slice length {x.shape[1]} shorter than the convolution halo "
-                             f"{halo_len}")
-        halo = _Halo.apply(x[:, x.shape[1] - halo_len:], info)
+            raise ValueError(
+                f"context parallel: slice length {x.shape[1]} shorter than the convolution halo {halo_len}"
+            )
+        halo = _Halo.apply(x[:, x.shape[1] - halo_len :], info)
         if not info.carry_in:
             halo = halo * 0.0
         cu = kwargs.get("cu_seqlens")
         if cu is not None:
             cu = torch.cat([cu[:1], cu[1:] + halo_len])
-        y, state = original(torch.cat([halo, x], dim=1), cu_seqlens=cu,
-                            output_final_state=kwargs.get("output_final_state", False))
+        y, state = original(
+            torch.cat([halo, x], dim=1), cu_seqlens=cu, output_final_state=kwargs.get("output_final_state", False)
+        )
         return y[:, halo_len:], state
 
     return forward
 
 
 # ----- installation ------------------------------------------------------------------------------------------
+
 
 def _patch_ops(family: str) -> None:
     module_name, ops = _OPS[family]

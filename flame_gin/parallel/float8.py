@@ -16,14 +16,18 @@ def apply_float8(model: nn.Module, *, min_features: int = 1024, skip: tuple[str,
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError as err:
-        raise RuntimeError("float8: torchao is not installed (pip install torchao); float8 training needs it") \
-            from err
+        raise RuntimeError("float8: torchao is not installed (pip install torchao); float8 training needs it") from err
     converted = []
 
     def keep(module: nn.Module, fqn: str) -> bool:
-        ok = (isinstance(module, nn.Linear) and not any(s in fqn for s in skip)
-              and module.in_features >= min_features and module.out_features >= min_features
-              and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+        ok = (
+            isinstance(module, nn.Linear)
+            and not any(s in fqn for s in skip)
+            and module.in_features >= min_features
+            and module.out_features >= min_features
+            and module.in_features % 16 == 0
+            and module.out_features % 16 == 0
+        )
         if ok:
             converted.append(fqn)
         return ok

@@ -25,9 +25,17 @@ def _dtype(name: str, what: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def apply_data_parallel(model: nn.Module, *, mesh: DeviceMesh, mode: str = "fsdp", param_dtype: str = "float32",
-                        reduce_dtype: str = "float32", reshard_after_forward: bool = True,
-                        cpu_offload: bool = False, blocks: list[nn.Module] | None = None) -> nn.Module:
+def apply_data_parallel(
+    model: nn.Module,
+    *,
+    mesh: DeviceMesh,
+    mode: str = "fsdp",
+    param_dtype: str = "float32",
+    reduce_dtype: str = "float32",
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+    blocks: list[nn.Module] | None = None,
+) -> nn.Module:
     """Applies FSDP2 to `model` in place.
 
     `mesh`: 1-D (FSDP over `dp_shard_cp`) or 2-D (`dp_replicate`, `dp_shard_cp`: HSDP; with a shard size of 1,
@@ -37,10 +45,13 @@ def apply_data_parallel(model: nn.Module, *, mesh: DeviceMesh, mode: str = "fsdp
     if mode not in ("fsdp", "ddp"):
         raise ValueError(f"data parallel: mode={mode!r}; expected 'fsdp' or 'ddp'")
     if mode == "ddp" and mesh.ndim == 2 and mesh.size(1) != 1:
-        raise ValueError(f"data parallel: mode='ddp' needs dp_shard*cp == 1, got a shard dimension of "
-                         f"{mesh.size(1)}; use mode='fsdp' (HSDP) instead")
-    mp = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype, "param_dtype"),
-                              reduce_dtype=_dtype(reduce_dtype, "reduce_dtype"))
+        raise ValueError(
+            f"data parallel: mode='ddp' needs dp_shard*cp == 1, got a shard dimension of "
+            f"{mesh.size(1)}; use mode='fsdp' (HSDP) instead"
+        )
+    mp = MixedPrecisionPolicy(
+        param_dtype=_dtype(param_dtype, "param_dtype"), reduce_dtype=_dtype(reduce_dtype, "reduce_dtype")
+    )
     offload = CPUOffloadPolicy() if cpu_offload else None
     reshard = reshard_after_forward and mode == "fsdp"
     kwargs = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)

@@ -75,9 +75,11 @@ def token_loss_sum(*, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
         return _vocab_parallel_loss_sum(logits, labels)
     if logits.is_cuda:
         from flame_gin import fused
+
         return fused.logits_loss_sum(logits=logits, labels=labels)
-    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten().to(logits.device),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits.flatten(0, -2).float(), labels.flatten().to(logits.device), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def normalized_loss(*, logits: torch.Tensor, labels: torch.Tensor, global_tokens: torch.Tensor) -> torch.Tensor:

@@ -19,11 +19,12 @@ from flame_gin.mesh import ParallelDims
 
 log = logging.getLogger(__name__)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
-def _block_activation_bytes(block: nn.Module, *, batch: int, seq: int, hidden: int, dtype: torch.dtype,
-                            rotary: nn.Module | None) -> int:
+def _block_activation_bytes(
+    block: nn.Module, *, batch: int, seq: int, hidden: int, dtype: torch.dtype, rotary: nn.Module | None
+) -> int:
     total = 0
 
     def pack(t):
@@ -40,9 +41,17 @@ def _block_activation_bytes(block: nn.Module, *, batch: int, seq: int, hidden: i
     return total
 
 
-def estimate_memory(*, model: nn.Module, dims: ParallelDims, local_batch: int, seq_len: int,
-                    param_dtype: str = "bfloat16", optimizer_states: int = 2,
-                    activation_checkpointing: str = "none", run_blocks: bool = True) -> dict:
+def estimate_memory(
+    *,
+    model: nn.Module,
+    dims: ParallelDims,
+    local_batch: int,
+    seq_len: int,
+    param_dtype: str = "bfloat16",
+    optimizer_states: int = 2,
+    activation_checkpointing: str = "none",
+    run_blocks: bool = True,
+) -> dict:
     """GiB per rank: `params` (fp32 shards), `grads`, `optimizer`, `gathered` (one block unsharded in
     `param_dtype`), `activations` (None when unmeasurable) and `total`. `model` may live on `meta`.
 
@@ -55,20 +64,30 @@ def estimate_memory(*, model: nn.Module, dims: ParallelDims, local_batch: int, s
     shard = dims.dp_shard * dims.cp * dims.tp * dims.pp
     per_rank = n_params / shard
     block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks) / dims.tp
-    out = {"params": per_rank * 4 / GIB, "grads": per_rank * 4 / GIB,
-           "optimizer": per_rank * 4 * optimizer_states / GIB,
-           "gathered": 2 * block_params * _BYTES[param_dtype] / GIB}
+    out = {
+        "params": per_rank * 4 / GIB,
+        "grads": per_rank * 4 / GIB,
+        "optimizer": per_rank * 4 * optimizer_states / GIB,
+        "gathered": 2 * block_params * _BYTES[param_dtype] / GIB,
+    }
     seq = seq_len // dims.cp
     hidden = model.config.hidden_size
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[param_dtype]
     try:
         if not run_blocks:
             raise RuntimeError("the block's kernels do not run on meta tensors")
-        meta_block = blocks[0].to_empty(device="meta") if next(blocks[0].parameters()).device.type != "meta" \
-            else blocks[0]
+        meta_block = (
+            blocks[0].to_empty(device="meta") if next(blocks[0].parameters()).device.type != "meta" else blocks[0]
+        )
         rotary = getattr(families.body(model), "rotary_emb", None)
-        per_block = _block_activation_bytes(meta_block.to(dtype), batch=local_batch, seq=seq, hidden=hidden,
-                                            dtype=dtype, rotary=rotary.to_empty(device="meta") if rotary else None)
+        per_block = _block_activation_bytes(
+            meta_block.to(dtype),
+            batch=local_batch,
+            seq=seq,
+            hidden=hidden,
+            dtype=dtype,
+            rotary=rotary.to_empty(device="meta") if rotary else None,
+        )
     except Exception as err:  # an op without a meta kernel (e.g. a Triton kernel)
         log.info("memory estimate: activations not measurable on meta: %s", err)
         per_block = None
@@ -92,6 +111,8 @@ def format_estimate(estimate: dict, *, compiled: bool = False) -> str:
     parts = [f"{k}={v:.3f}" if v is not None else f"{k}=unknown" for k, v in estimate.items()]
     line = "memory estimate per rank (GiB): " + ", ".join(parts)
     if compiled and estimate.get("activations") is not None:
-        line += (" (activations and total are upper bounds: measured on the uncompiled block, whose unfused ops "
-                 "save more than inductor's compiled graph does)")
+        line += (
+            " (activations and total are upper bounds: measured on the uncompiled block, whose unfused ops "
+            "save more than inductor's compiled graph does)"
+        )
     return line

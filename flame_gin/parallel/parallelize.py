@@ -25,23 +25,41 @@ log = logging.getLogger(__name__)
 
 def _enable_async_tp(*, dims: ParallelDims, compile: bool) -> None:
     if dims.tp == 1 or not compile:
-        raise ValueError(f"parallelize.async_tp needs tensor parallel and compiled blocks: ParallelDims.tp={dims.tp}, "
-                         f"parallelize.compile={compile}")
+        raise ValueError(
+            f"parallelize.async_tp needs tensor parallel and compiled blocks: ParallelDims.tp={dims.tp}, "
+            f"parallelize.compile={compile}"
+        )
     if not torch.cuda.is_available():
         raise ValueError("parallelize.async_tp needs CUDA (symmetric memory); it has no CPU/gloo path")
     from torch._inductor import config as inductor_config  # only here: no start-up cost for every run
+
     inductor_config._micro_pipeline_tp = True
     log.info("async tensor parallel: inductor micro-pipelines the TP collectives of compiled blocks")
 
 
-def parallelize(model: nn.Module, *, dims: ParallelDims, mesh: DeviceMesh, sequence_parallel: bool = True,
-                loss_parallel: bool = True, activation_checkpointing: str = "none", ac_every: int = 1,
-                compile: bool = False, compile_backend: str = "inductor", compile_fullgraph: bool = False,
-                compile_mode: str | None = None, data_parallel: str = "fsdp",
-                param_dtype: str = "float32", reduce_dtype: str = "float32",
-                reshard_after_forward: bool = True, cpu_offload: bool = False, float8: bool = False,
-                float8_min_features: int = 1024, fsdp_on_one_rank: bool = False,
-                async_tp: bool = False) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    *,
+    dims: ParallelDims,
+    mesh: DeviceMesh,
+    sequence_parallel: bool = True,
+    loss_parallel: bool = True,
+    activation_checkpointing: str = "none",
+    ac_every: int = 1,
+    compile: bool = False,
+    compile_backend: str = "inductor",
+    compile_fullgraph: bool = False,
+    compile_mode: str | None = None,
+    data_parallel: str = "fsdp",
+    param_dtype: str = "float32",
+    reduce_dtype: str = "float32",
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+    float8: bool = False,
+    float8_min_features: int = 1024,
+    fsdp_on_one_rank: bool = False,
+    async_tp: bool = False,
+) -> nn.Module:
     """Parallelises `model` (a whole causal LM, or one pipeline stage) in place and returns it.
 
     `mesh` is the world mesh from `ParallelDims.build`. Data parallel runs over `dp_shard_cp` (HSDP adds
@@ -53,17 +71,20 @@ def parallelize(model: nn.Module, *, dims: ParallelDims, mesh: DeviceMesh, seque
     "max-autotune-no-cudagraphs" lets inductor time its own matmul templates against cuBLAS, slower to compile).
     """
     if fsdp_on_one_rank and mesh is None:
-        raise ValueError("parallelize.fsdp_on_one_rank needs a process group: launch one process with "
-                         "torchrun --nproc_per_node=1")
+        raise ValueError(
+            "parallelize.fsdp_on_one_rank needs a process group: launch one process with torchrun --nproc_per_node=1"
+        )
     if async_tp:
         _enable_async_tp(dims=dims, compile=compile)
     if float8:
         from flame_gin.parallel.float8 import apply_float8
+
         count = apply_float8(model, min_features=float8_min_features)
         log.info("float8: converted %d linear layers", count)
     if dims.tp > 1:
-        apply_tensor_parallel(model, tp_mesh=mesh["tp"], sequence_parallel=sequence_parallel,
-                              loss_parallel=loss_parallel)
+        apply_tensor_parallel(
+            model, tp_mesh=mesh["tp"], sequence_parallel=sequence_parallel, loss_parallel=loss_parallel
+        )
     apply_activation_checkpointing(families.blocks(model), mode=activation_checkpointing, every=ac_every)
     if compile:
         apply_compile(families.blocks(model), backend=compile_backend, fullgraph=compile_fullgraph, mode=compile_mode)
@@ -74,13 +95,28 @@ def parallelize(model: nn.Module, *, dims: ParallelDims, mesh: DeviceMesh, seque
     else:
         dp_mesh = None
     if data_parallel == "ddp" and dp_mesh is not None and dp_mesh.ndim == 1:
-        raise ValueError(f"parallelize: data_parallel='ddp' needs dp_shard=1 and cp=1 with dp_replicate>1, got "
-                         f"{dims.describe()}")
+        raise ValueError(
+            f"parallelize: data_parallel='ddp' needs dp_shard=1 and cp=1 with dp_replicate>1, got {dims.describe()}"
+        )
     if dp_mesh is not None:
-        log.info("data parallel: %s over %s (%d ranks), parameters %s, gradient reduction %s", data_parallel,
-                 dp_mesh.mesh_dim_names, dp_mesh.size(), param_dtype, reduce_dtype)
-        apply_data_parallel(model, mesh=dp_mesh, mode=data_parallel, param_dtype=param_dtype,
-                            reduce_dtype=reduce_dtype, reshard_after_forward=reshard_after_forward,
-                            cpu_offload=cpu_offload, blocks=list(families.blocks(model).values())
-                            if isinstance(families.blocks(model), nn.ModuleDict) else list(families.blocks(model)))
+        log.info(
+            "data parallel: %s over %s (%d ranks), parameters %s, gradient reduction %s",
+            data_parallel,
+            dp_mesh.mesh_dim_names,
+            dp_mesh.size(),
+            param_dtype,
+            reduce_dtype,
+        )
+        apply_data_parallel(
+            model,
+            mesh=dp_mesh,
+            mode=data_parallel,
+            param_dtype=param_dtype,
+            reduce_dtype=reduce_dtype,
+            reshard_after_forward=reshard_after_forward,
+            cpu_offload=cpu_offload,
+            blocks=list(families.blocks(model).values())
+            if isinstance(families.blocks(model), nn.ModuleDict)
+            else list(families.blocks(model)),
+        )
     return model

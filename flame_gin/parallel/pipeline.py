@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import ScheduleGPipe, ScheduleInterleaved1F1B, Schedule1F1B
+from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from flame_gin import families
 from flame_gin.parallel.loss import token_loss_sum
@@ -28,8 +28,9 @@ from flame_gin.parallel.loss import token_loss_sum
 SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
 
 
-def stage_layer_ranges(*, num_layers: int, num_stages: int, split_points: list[int] | None = None
-                       ) -> list[tuple[int, int]]:
+def stage_layer_ranges(
+    *, num_layers: int, num_stages: int, split_points: list[int] | None = None
+) -> list[tuple[int, int]]:
     """[start, end) block indices of each stage. `split_points`: first block of every stage after the first
     (e.g. [4, 8, 12] for 4 stages of a 16-block model); default: as even as possible."""
     if num_stages < 1 or num_stages > num_layers:
@@ -39,10 +40,15 @@ def stage_layer_ranges(*, num_layers: int, num_stages: int, split_points: list[i
         sizes = [base + (1 if i < extra else 0) for i in range(num_stages)]
         split_points = [sum(sizes[:i]) for i in range(1, num_stages)]
     points = list(split_points)
-    if len(points) != num_stages - 1 or points != sorted(set(points)) or (points and not
-                                                                          0 < points[0] <= points[-1] < num_layers):
-        raise ValueError(f"pipeline: split_points={split_points} must be {num_stages - 1} increasing block indices "
-                         f"in (0, {num_layers})")
+    if (
+        len(points) != num_stages - 1
+        or points != sorted(set(points))
+        or (points and not 0 < points[0] <= points[-1] < num_layers)
+    ):
+        raise ValueError(
+            f"pipeline: split_points={split_points} must be {num_stages - 1} increasing block indices "
+            f"in (0, {num_layers})"
+        )
     bounds = [0, *points, num_layers]
     return [(bounds[i], bounds[i + 1]) for i in range(num_stages)]
 
@@ -96,43 +102,65 @@ class PipelineRuntime:
     _tokens: list
 
 
-def build_pipeline(model: nn.Module, *, pp_mesh, microbatches: int, schedule: str = "1F1B",
-                   stages_per_rank: int = 1, split_points: list[int] | None = None,
-                   parallelize_stage=None, device: torch.device | str = "cpu") -> PipelineRuntime:
+def build_pipeline(
+    model: nn.Module,
+    *,
+    pp_mesh,
+    microbatches: int,
+    schedule: str = "1F1B",
+    stages_per_rank: int = 1,
+    split_points: list[int] | None = None,
+    parallelize_stage=None,
+    device: torch.device | str = "cpu",
+) -> PipelineRuntime:
     """Splits `model` over `pp_mesh`, parallelises each stage with `parallelize_stage(module) -> module`
     (e.g. `functools.partial(parallelize, dims=..., mesh=...)`), and builds the schedule."""
     if schedule not in SCHEDULES:
         raise ValueError(f"pipeline: schedule={schedule!r}; expected one of {sorted(SCHEDULES)}")
     if schedule != "Interleaved1F1B" and stages_per_rank != 1:
-        raise ValueError(f"pipeline: schedule {schedule} runs one stage per rank, got stages_per_rank="
-                         f"{stages_per_rank}")
+        raise ValueError(
+            f"pipeline: schedule {schedule} runs one stage per rank, got stages_per_rank={stages_per_rank}"
+        )
     pp, rank = pp_mesh.size(), pp_mesh.get_local_rank()
     num_stages = pp * stages_per_rank
     if microbatches < pp:
         raise ValueError(f"pipeline: microbatches={microbatches} must be >= pp={pp}")
-    ranges = stage_layer_ranges(num_layers=len(families.blocks(model)), num_stages=num_stages,
-                                split_points=split_points)
+    ranges = stage_layer_ranges(
+        num_layers=len(families.blocks(model)), num_stages=num_stages, split_points=split_points
+    )
     stage_ids = [rank + i * pp for i in range(stages_per_rank)]  # looped placement
     modules = split_model(model, ranges=ranges, stage_ids=stage_ids)
     if parallelize_stage is not None:
         modules = [parallelize_stage(m) for m in modules]
     group = pp_mesh.get_group()
-    stages = [PipelineStage(m, sid, num_stages, torch.device(device), group=group)
-              for m, sid in zip(modules, stage_ids)]
+    stages = [
+        PipelineStage(m, sid, num_stages, torch.device(device), group=group) for m, sid in zip(modules, stage_ids)
+    ]
     tokens: list = [None]
 
     def loss_fn(logits, labels):
         return token_loss_sum(logits=logits, labels=labels) / tokens[0]
 
     cls = SCHEDULES[schedule]
-    sched = cls(stages if schedule == "Interleaved1F1B" else stages[0], n_microbatches=microbatches,
-                loss_fn=loss_fn, scale_grads=False)
-    return PipelineRuntime(stages=modules, schedule=sched, has_first=0 in stage_ids,
-                           has_last=num_stages - 1 in stage_ids, group=group, _tokens=tokens)
+    sched = cls(
+        stages if schedule == "Interleaved1F1B" else stages[0],
+        n_microbatches=microbatches,
+        loss_fn=loss_fn,
+        scale_grads=False,
+    )
+    return PipelineRuntime(
+        stages=modules,
+        schedule=sched,
+        has_first=0 in stage_ids,
+        has_last=num_stages - 1 in stage_ids,
+        group=group,
+        _tokens=tokens,
+    )
 
 
-def pipeline_step(runtime: PipelineRuntime, *, input_ids: torch.Tensor, labels: torch.Tensor,
-                  global_tokens: torch.Tensor) -> torch.Tensor:
+def pipeline_step(
+    runtime: PipelineRuntime, *, input_ids: torch.Tensor, labels: torch.Tensor, global_tokens: torch.Tensor
+) -> torch.Tensor:
     """Runs forward and backward of one batch (split into the runtime's micro-batches) and returns this
     data shard's loss share (sum over micro-batches of token-loss sum / `global_tokens`), the same on every
     pipeline rank. Gradients are left in the stage parameters for the optimizer."""
@@ -141,7 +169,7 @@ def pipeline_step(runtime: PipelineRuntime, *, input_ids: torch.Tensor, labels: 
     kwargs = {"target": labels, "losses": losses} if runtime.has_last else {}
     args = (input_ids,) if runtime.has_first else ()
     runtime.schedule.step(*args, **kwargs)
-    total = torch.stack([l.detach().float() for l in losses]).sum() if losses else torch.zeros(())
+    total = torch.stack([part.detach().float() for part in losses]).sum() if losses else torch.zeros(())
     total = total.reshape(()).clone()
     dist.all_reduce(total, group=runtime.group)
     return total

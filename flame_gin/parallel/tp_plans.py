@@ -51,8 +51,14 @@ class LocalCompute(ParallelStyle):
     `hidden_states`/`x`) arrives sequence-sharded and is all-gathered on dim 1 first.
     """
 
-    def __init__(self, *, shard_params: tuple[str, ...] = (), partial_grads: bool = False,
-                 gather_sequence: bool = False, recurse: bool = True):
+    def __init__(
+        self,
+        *,
+        shard_params: tuple[str, ...] = (),
+        partial_grads: bool = False,
+        gather_sequence: bool = False,
+        recurse: bool = True,
+    ):
         super().__init__()
         self.shard_params = tuple(shard_params)
         self.partial_grads = partial_grads
@@ -65,11 +71,13 @@ class LocalCompute(ParallelStyle):
         for prefix, sub in owners:
             for name, param in list(sub.named_parameters(recurse=False)):
                 full = f"{prefix}.{name}" if prefix else name
-                placement: Placement = Shard(0) if (name in self.shard_params or full in self.shard_params) \
-                    else Replicate()
+                placement: Placement = (
+                    Shard(0) if (name in self.shard_params or full in self.shard_params) else Replicate()
+                )
                 if not isinstance(param, DTensor):
-                    dparam = nn.Parameter(distribute_tensor(param.data, device_mesh, [placement]),
-                                          requires_grad=param.requires_grad)
+                    dparam = nn.Parameter(
+                        distribute_tensor(param.data, device_mesh, [placement]), requires_grad=param.requires_grad
+                    )
                     for attr in ("_no_weight_decay",):
                         if hasattr(param, attr):
                             setattr(dparam, attr, getattr(param, attr))
@@ -120,6 +128,7 @@ def _gather_first(args, kwargs, mesh):
 
 # ----- per-family plans ----------------------------------------------------------------------------------------
 
+
 def _rowwise(*, sp: bool):
     return RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
 
@@ -133,8 +142,11 @@ def _mlp_plan(prefix: str, *, sp: bool, mlp: nn.Module) -> dict:
         # the fused swiglu+down_proj kernel reads down_proj.weight directly, bypassing the row-wise plan
         log.info("tensor parallel: disabling fuse_swiglu on %s so down_proj runs row-wise", prefix)
         mlp.fuse_swiglu = False
-    plan = {f"{prefix}.gate_proj": ColwiseParallel(), f"{prefix}.up_proj": ColwiseParallel(),
-            f"{prefix}.down_proj": _rowwise(sp=sp)}
+    plan = {
+        f"{prefix}.gate_proj": ColwiseParallel(),
+        f"{prefix}.up_proj": ColwiseParallel(),
+        f"{prefix}.down_proj": _rowwise(sp=sp),
+    }
     if sp:
         plan[prefix] = LocalCompute(gather_sequence=True, recurse=False)
     return plan
@@ -188,8 +200,13 @@ def _gated_deltanet_attn(attn, prefix, *, sp):
     # fused q/k/v convolution reads the three conv weights at once; keep the separate per-projection path
     if hasattr(attn, "_use_fused_qkv_conv"):
         attn._use_fused_qkv_conv = lambda **kwargs: False
-    return _per_head_projections(attn, prefix, sp=sp, head_params=("A_log", "dt_bias"),
-                                 names=("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj"))
+    return _per_head_projections(
+        attn,
+        prefix,
+        sp=sp,
+        head_params=("A_log", "dt_bias"),
+        names=("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj"),
+    )
 
 
 def _llama_attn(attn, prefix, *, sp):
@@ -222,8 +239,9 @@ def _model_parts(model: nn.Module):
     return inner, f"{prefix}.{embed}", f"{prefix}.{norm}", f"{prefix}.layers"
 
 
-def apply_tensor_parallel(model: nn.Module, *, tp_mesh: DeviceMesh, sequence_parallel: bool = True,
-                          loss_parallel: bool = True) -> nn.Module:
+def apply_tensor_parallel(
+    model: nn.Module, *, tp_mesh: DeviceMesh, sequence_parallel: bool = True, loss_parallel: bool = True
+) -> nn.Module:
     """Shards `model` (a causal LM with a body of blocks and `.lm_head`) over `tp_mesh` in place.
 
     With `loss_parallel`, logits stay vocabulary-sharded DTensors; compute the loss with
@@ -231,21 +249,28 @@ def apply_tensor_parallel(model: nn.Module, *, tp_mesh: DeviceMesh, sequence_par
     """
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if model_type not in _FAMILIES:
-        raise ValueError(f"tensor parallel: no plan for model family {model_type!r}; families with a plan: "
-                         f"{', '.join(supported_families())}")
+        raise ValueError(
+            f"tensor parallel: no plan for model family {model_type!r}; families with a plan: "
+            f"{', '.join(supported_families())}"
+        )
     if getattr(model.config, "attnres_block_size", None) is not None:
         raise ValueError("tensor parallel: attnres_block_size is not supported")
     if getattr(model.config, "tie_word_embeddings", False):
-        raise ValueError("tensor parallel: tie_word_embeddings=True is not supported (embedding is row-wise, "
-                         "lm_head column-wise)")
+        raise ValueError(
+            "tensor parallel: tie_word_embeddings=True is not supported (embedding is row-wise, lm_head column-wise)"
+        )
     mixer, mlp, norms, mixer_plan = _FAMILIES[model_type]
     sp = sequence_parallel
     inner, embed, final_norm, layers = _model_parts(model)
-    top = {embed: RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate()),
-           final_norm: LocalCompute(partial_grads=sp),
-           "lm_head": ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(),
-                                      output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                                      use_local_output=not loss_parallel)}
+    top = {
+        embed: RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate()),
+        final_norm: LocalCompute(partial_grads=sp),
+        "lm_head": ColwiseParallel(
+            input_layouts=Shard(1) if sp else Replicate(),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        ),
+    }
     top = {name: style for name, style in top.items() if _exists(model, name)}
     parallelize_module(model, tp_mesh, top)
     blocks = inner.layers.items() if isinstance(inner.layers, nn.ModuleDict) else enumerate(inner.layers)
