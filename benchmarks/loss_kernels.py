@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 
 def _paths():
-    from flame_gin import fused
+    from flame_gin import loss
 
     def fp32_torch(hidden, head, labels):
         logits = head(hidden).float()
@@ -26,8 +26,8 @@ def _paths():
 
     return {
         "fp32_logits_torch_ce": fp32_torch,
-        "fla_linear_ce": lambda h, w, y: fused.token_loss_sum(hidden=h, head=w, labels=y, mode="linear"),
-        "fla_bf16_logits_ce": lambda h, w, y: fused.token_loss_sum(hidden=h, head=w, labels=y, mode="logits"),
+        "fla_linear_ce": lambda h, w, y: loss.fla_token_loss_sum(hidden=h, head=w, labels=y, mode="linear"),
+        "fla_bf16_logits_ce": lambda h, w, y: loss.fla_token_loss_sum(hidden=h, head=w, labels=y, mode="logits"),
     }
 
 

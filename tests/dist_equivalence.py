@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from flame_gin.loss import global_valid_tokens, normalized_loss, reduce_for_logging, token_loss_sum
 from flame_gin.mesh import ParallelDims
-from flame_gin.parallel import global_valid_tokens, normalized_loss, parallelize, token_loss_sum
+from flame_gin.parallel import parallelize
 from flame_gin.parallel.context import context_parallel, enable_context_parallel, shard_batch
-from flame_gin.parallel.loss import reduce_for_logging
 
 ATOL, RTOL = 2e-5, 2e-4
 
@@ -50,7 +50,7 @@ def check(rank, world, family, dims_kwargs, par_kwargs, rows=4, seq=32, steps=2,
         # reference: the whole global batch in one process
         opt_ref.zero_grad()
         ref_logits = ref(input_ids=ids, **extra).logits
-        ref_loss = token_loss_sum(logits=ref_logits, labels=labels) / (labels != -100).sum()
+        ref_loss = token_loss_sum(logits=ref_logits, labels=labels, fused=False) / (labels != -100).sum()
         ref_loss.backward()
         # parallel: this rank's data shard
         opt_par.zero_grad()
@@ -63,7 +63,7 @@ def check(rank, world, family, dims_kwargs, par_kwargs, rows=4, seq=32, steps=2,
         count = global_valid_tokens(labels=local_labels, group=dp_cp)
         with scope:
             logits = par(input_ids=local_ids, **kwargs).logits
-        share = normalized_loss(logits=logits, labels=local_labels, global_tokens=count)
+        share = normalized_loss(logits=logits, labels=local_labels, global_tokens=count, fused=False)
         share.backward()
         got = reduce_for_logging(loss_share=share, group=dp_cp)
         assert abs(got - float(ref_loss)) < 1e-5, (step, got, float(ref_loss))

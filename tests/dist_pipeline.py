@@ -9,8 +9,9 @@ import torch
 import torch.distributed as dist
 from dist_equivalence import ATOL, RTOL, _clean, _full
 
+from flame_gin.loss import global_valid_tokens, token_loss_sum
 from flame_gin.mesh import ParallelDims
-from flame_gin.parallel import global_valid_tokens, parallelize, token_loss_sum
+from flame_gin.parallel import parallelize
 from flame_gin.parallel.pipeline import build_pipeline, pipeline_step
 
 
@@ -26,6 +27,7 @@ def check(rank, world, family, dims_kwargs, schedule, stages_per_rank=1, microba
         schedule=schedule,
         stages_per_rank=stages_per_rank,
         parallelize_stage=functools.partial(parallelize, dims=dims, mesh=mesh),
+        token_loss_sum=lambda logits, labels: token_loss_sum(logits=logits, labels=labels, fused=False),
     )
     params = [p for m in runtime.stages for p in m.parameters()]
     opt_par = torch.optim.SGD(params, lr=0.5)
@@ -34,7 +36,7 @@ def check(rank, world, family, dims_kwargs, schedule, stages_per_rank=1, microba
     for step in range(steps):
         ids, labels = dist_models.batch(rows=rows, seq=seq, seed=step + 1)
         opt_ref.zero_grad()
-        ref_loss = token_loss_sum(logits=ref(input_ids=ids).logits, labels=labels) / (labels != -100).sum()
+        ref_loss = token_loss_sum(logits=ref(input_ids=ids).logits, labels=labels, fused=False) / (labels != -100).sum()
         ref_loss.backward()
         opt_par.zero_grad()
         sl = slice(dp_rank * per, (dp_rank + 1) * per)

@@ -77,8 +77,8 @@ def test_fused_loss_setting_is_checked_and_read_as_documented():
 
     with pytest.raises(ValueError, match=r"fused_loss='logit': expected one of"):
         loss.fused_mode(fused_loss="logit", device_type="cuda")
-    assert loss.fused_mode(fused_loss="auto", device_type="cuda") is True
+    assert loss.fused_mode(fused_loss="auto", device_type="cuda") == loss.DEFAULT_FUSED
     assert loss.fused_mode(fused_loss="auto", device_type="cpu") is False
     assert loss.fused_mode(fused_loss="linear", device_type="cpu") == "linear"
     assert loss.fused_mode(fused_loss=False, device_type="cuda") is False
-    assert loss.fused_mode(fused_loss="on", device_type="cpu") is True
+    assert loss.fused_mode(fused_loss="on", device_type="cpu") == loss.DEFAULT_FUSED

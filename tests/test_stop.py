@@ -3,7 +3,8 @@
 import pytest
 
 from flame_gin import config as config_lib
-from flame_gin import configurables, trainer
+from flame_gin import configurables
+from flame_gin.checkpoint import REQUEUE_EXIT_CODE
 
 
 def _run(*, workdir, steps):
@@ -21,7 +22,7 @@ def _run(*, workdir, steps):
     return configurables.run(config_text="", on_first_step=None, stop_requested=lambda: True)
 
 
-@pytest.mark.parametrize("steps, status, saved", [(3, trainer.PREEMPTED_EXIT_CODE, "1"), (1, 0, "1")])
+@pytest.mark.parametrize("steps, status, saved", [(3, REQUEUE_EXIT_CODE, "1"), (1, 0, "1")])
 def test_stop_request_saves_and_exits_42_unless_training_is_done(tmp_path, steps, status, saved):
     assert _run(workdir=tmp_path, steps=steps) == status
     committed = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())

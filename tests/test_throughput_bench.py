@@ -87,11 +87,11 @@ def test_synthetic_varlen_document_lengths_do_not_grow_with_the_context():
 def test_fused_loss_mode_is_checked_before_any_kernel():
     import torch
 
-    from flame_gin import fused, loss
+    from flame_gin import loss
 
-    assert loss.DEFAULT_FUSED in fused.MODES
+    assert loss.DEFAULT_FUSED in loss.MODES
     with pytest.raises(ValueError, match="'chunked'"):
-        fused.token_loss_sum(
+        loss.fla_token_loss_sum(
             hidden=torch.zeros(2, 4),
             head=torch.nn.Linear(4, 8),
             labels=torch.zeros(2, dtype=torch.long),

@@ -262,12 +262,12 @@ def test_no_host_reads_outside_logging_and_saving_steps_and_the_stop_vote_agrees
 
 
 def test_pipeline_with_context_parallel_is_a_config_error():
+    from flame_gin import assembly
     from flame_gin import config as config_lib
-    from flame_gin import trainer
     from flame_gin.mesh import ParallelDims
 
     with pytest.raises(config_lib.ConfigError, match=r"ParallelDims.pp=2 with ParallelDims.cp=2"):
-        trainer._parallel_dims(
+        assembly.parallel_degrees(
             make=functools.partial(ParallelDims, pp=2, cp=2),
             world_size=4,
             batch_size=4,
@@ -278,10 +278,10 @@ def test_pipeline_with_context_parallel_is_a_config_error():
 
 
 def test_bad_split_is_a_config_error_before_anything_is_built():
-    from flame_gin import trainer
+    from flame_gin import assembly
 
     with pytest.raises(ValueError, match="not divisible by the data-parallel size 4"):
-        trainer._parallel_dims(
+        assembly.parallel_degrees(
             make=None, world_size=4, batch_size=6, seq_len=64, varlen=False, model_config=_tiny_config()
         )
 

@@ -4,7 +4,7 @@ Every block of the model's body (`families.blocks`) is its own `fully_shard` uni
 the previous block's compute), then the root. DDP is FSDP2 on a replicate-only mesh (gradients all-reduced, parameters
 never sharded): no wrapper module, so `state_dict` names do not change and it composes with tensor parallel.
 Gradients are summed, not averaged, across ranks: the loss is already divided by the global token count
-(`flame_gin.parallel.loss`).
+(`flame_gin.loss`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import types
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,6 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from flame_gin import families
-from flame_gin.parallel.loss import token_loss_sum
 
 SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
 
@@ -112,9 +112,12 @@ def build_pipeline(
     split_points: list[int] | None = None,
     parallelize_stage=None,
     device: torch.device | str = "cpu",
+    token_loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> PipelineRuntime:
     """Splits `model` over `pp_mesh`, parallelises each stage with `parallelize_stage(module) -> module`
-    (e.g. `functools.partial(parallelize, dims=..., mesh=...)`), and builds the schedule."""
+    (e.g. `functools.partial(parallelize, dims=..., mesh=...)`), and builds the schedule. The last stage's
+    loss is `token_loss_sum(logits, labels)` (the trainer passes `flame_gin.loss.token_loss_sum` with the
+    run's kernel choice), divided by the step's global valid-token count."""
     if schedule not in SCHEDULES:
         raise ValueError(f"pipeline: schedule={schedule!r}; expected one of {sorted(SCHEDULES)}")
     if schedule != "Interleaved1F1B" and stages_per_rank != 1:
@@ -139,7 +142,7 @@ def build_pipeline(
     tokens: list = [None]
 
     def loss_fn(logits, labels):
-        return token_loss_sum(logits=logits, labels=labels) / tokens[0]
+        return token_loss_sum(logits, labels) / tokens[0]
 
     cls = SCHEDULES[schedule]
     sched = cls(

@@ -245,7 +245,7 @@ def apply_tensor_parallel(
     """Shards `model` (a causal LM with a body of blocks and `.lm_head`) over `tp_mesh` in place.
 
     With `loss_parallel`, logits stay vocabulary-sharded DTensors; compute the loss with
-    `flame_gin.parallel.loss.token_loss_sum`, which enters torch's `loss_parallel` context for them.
+    `flame_gin.loss.token_loss_sum`, which enters torch's `loss_parallel` context for them.
     """
     model_type = getattr(model.config, "model_type", type(model).__name__)
     if model_type not in _FAMILIES:

@@ -1,0 +1,236 @@
+"""The training loop: each step runs the phases train -> log -> evaluate -> checkpoint or stop -> housekeeping.
+
+Why a class: the phases share the run's built parts (model, optimizer, loaders, loss, writer, checkpointer)
+and its counters. Holding them once keeps each phase one short method and the loop itself a few readable
+lines (``Loop.run``), instead of closures that capture the run's locals. ``flame_gin.trainer.run`` builds
+the parts and hands them over; nothing here reads a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from typing import Any, Callable
+
+import torch
+from absl import logging
+
+from flame_gin import flops, metrics, process, steps
+from flame_gin.checkpoint import REQUEUE_EXIT_CODE
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What the loop counts, saved in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+
+
+@dataclasses.dataclass(kw_only=True)
+class Loop:
+    """The run's parts and settings, as the loop's phases use them."""
+
+    state: TrainState
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: Any
+    eval_loader: Any | None
+    writer: metrics.MetricWriter
+    ckpt: Any | None
+    prof: Any | None
+    device: torch.device
+    is_primary: bool
+    world_size: int
+    dp_rank: int
+    loss_fn: Callable[..., Any]
+    prepare: Callable[[dict], dict] | None  # context parallel: keep this rank's slice of each batch
+    group: Any | None  # the data x context parallel group that sums tokens and losses
+    pp_group: Any | None
+    runtime: Any | None  # the pipeline schedule (None: the whole model on every rank)
+    train_steps: int
+    lr: float
+    lr_schedule: Callable[[int], float]
+    grad_accum_steps: int
+    max_grad_norm: float
+    skip_nonfinite: bool
+    log_interval: int
+    eval_interval: int
+    eval_batches: int
+    gc_interval: int
+    flops_per_token: float | None
+    peak_tflops: float | None
+    config_text: str
+    stop_requested: Callable[[], bool] | None
+
+    def __post_init__(self) -> None:
+        self._iterator = iter(self.loader)
+        self._tally = steps.StepTally(device=self.device)
+        self._stop_vote = steps.StopVote(
+            stop_requested=self.stop_requested, device=self.device, world_size=self.world_size
+        )
+        self._start_step, self._start_time = self.state.step, time.monotonic()
+        self._window_tokens, self._window_start = self.state.tokens_seen, time.perf_counter()
+
+    def run(self, *, after_first_step: Callable[[], None]) -> int:
+        """Steps to ``train_steps``; 0, or ``REQUEUE_EXIT_CODE`` when a requested stop was saved."""
+        if self.gc_interval > 0:
+            gc.disable()
+        status = 0
+        while self.state.step < self.train_steps:
+            lr_now, step_start, data_wait = self.train_step()
+            if self.state.step == self._start_step + 1:
+                after_first_step()
+            self.log(lr_now=lr_now, step_start=step_start, data_wait=data_wait)
+            self.evaluate()
+            if self.checkpoint_or_stop():
+                status = REQUEUE_EXIT_CODE
+                break
+            self.housekeeping()
+        if self.ckpt is not None and status == 0 and self.state.step > 0:
+            self.save(final=True)
+        self.read_tally()  # warns about skipped steps not yet logged
+        gc.enable()
+        return status
+
+    def train_step(self) -> tuple[float, float, float]:
+        """Phase: fetch micro-batches -> forward/backward -> clip -> optimizer step; nothing read back."""
+        step_start = time.perf_counter()
+        batches, local_tokens, data_wait = steps.fetch(self._iterator, count=self.grad_accum_steps, device=self.device)
+        if self.prepare is not None:  # each context rank keeps its slice of the sequence: count what it kept
+            batches = [self.prepare(b) for b in batches]
+            local_tokens = steps.valid_tokens(batches)
+        tokens = steps.global_tokens(local=local_tokens, device=self.device, group=self.group)
+        if self.runtime is None:
+            loss = steps.forward_backward(
+                model=self.model,
+                batches=batches,
+                tokens=tokens,
+                device=self.device,
+                loss_fn=self.loss_fn,
+                group=self.group,
+            )
+        else:
+            loss = steps.pipeline_forward_backward(
+                runtime=self.runtime, batches=batches, tokens=tokens, device=self.device, group=self.group
+            )
+        grad_norm = steps.clip_grad_norm(model=self.model, max_grad_norm=self.max_grad_norm, pp_group=self.pp_group)
+        lr_now = self.lr * self.lr_schedule(self.state.step)
+        skipped = steps.apply(
+            optimizer=self.optimizer, lr_now=lr_now, loss=loss, grad_norm=grad_norm, skip_nonfinite=self.skip_nonfinite
+        )
+        self._tally.add(loss=loss, grad_norm=grad_norm, tokens=tokens, skipped=skipped)
+        self.state.step += 1
+        return lr_now, step_start, data_wait
+
+    def read_tally(self) -> tuple[float, float]:
+        """The device's step values, read back: only at logging, saving and the end."""
+        loss_value, grad_norm_value, skipped, tokens = self._tally.read()
+        self.state.tokens_seen += tokens
+        if skipped:
+            logging.warning(
+                "%d step(s) up to step %d skipped: non-finite loss or gradient norm (last loss %s, grad norm %s)",
+                skipped,
+                self.state.step,
+                loss_value,
+                grad_norm_value,
+            )
+        self.state.skipped_steps += skipped
+        return loss_value, grad_norm_value
+
+    def log(self, *, lr_now: float, step_start: float, data_wait: float) -> None:
+        """Phase: every ``log_interval`` steps and at the last, the only per-step read-back of device values."""
+        step = self.state.step
+        if not self.log_interval or (step % self.log_interval and step != self.train_steps):
+            return
+        loss_value, grad_norm_value = self.read_tally()
+        elapsed = time.perf_counter() - self._window_start
+        tokens_per_second = (self.state.tokens_seen - self._window_tokens) / max(elapsed, 1e-9)
+        scalars = {
+            "loss": loss_value,
+            "lr": lr_now,
+            "grad_norm": grad_norm_value,
+            "tokens_per_second": tokens_per_second,
+            "tokens_seen": self.state.tokens_seen,
+            "step_time": time.perf_counter() - step_start,
+            "data_wait_time": data_wait,
+            "peak_memory_gib": process.peak_memory_gib(self.device),
+            "skipped_steps": self.state.skipped_steps,
+        }
+        if self.flops_per_token and self.peak_tflops:
+            scalars["mfu"] = flops.mfu(
+                tokens_per_second=tokens_per_second,
+                flops_per_token=self.flops_per_token,
+                peak_tflops=self.peak_tflops,
+                devices=self.world_size,
+            )
+        for source, count in getattr(self.loader, "tokens_per_source", {}).items():
+            scalars[f"data/tokens/{source}"] = count
+        self.writer.write_scalars(step, scalars)
+        if self.is_primary:
+            steps_per_second = (step - self._start_step) / max(time.monotonic() - self._start_time, 1e-9)
+            eta = (self.train_steps - step) / max(steps_per_second, 1e-9)
+            logging.info(
+                metrics.format_progress(step=step, total_steps=self.train_steps, scalars=scalars, eta_seconds=eta)
+            )
+        self._window_tokens, self._window_start = self.state.tokens_seen, time.perf_counter()
+
+    def evaluate(self) -> None:
+        """Phase: every ``eval_interval`` steps and at the last, the held-out loss."""
+        step = self.state.step
+        if self.eval_loader is None or (step % self.eval_interval and step != self.train_steps):
+            return
+        results = steps.evaluate(
+            model=self.model,
+            loader=self.eval_loader,
+            device=self.device,
+            max_batches=self.eval_batches,
+            loss_fn=self.loss_fn,
+            prepare=self.prepare or (lambda batch: batch),
+            group=self.group,
+        )
+        self.writer.write_scalars(step, results)
+
+    def checkpoint_or_stop(self) -> bool:
+        """Phase: save when due (or when a stop was requested); True when the loop must stop for a requeue."""
+        preempted = self._stop_vote.poll()
+        if self.ckpt is not None and self.state.step < self.train_steps and self.save(final=preempted):
+            self.writer.write_scalars(self.state.step, {"checkpoint/blocked_seconds": self.ckpt.last_blocked_seconds})
+        if preempted and self.state.step < self.train_steps:  # at the last step the final save is the stop
+            logging.warning(
+                "stop requested: state saved at step %d, exiting with %d", self.state.step, REQUEUE_EXIT_CODE
+            )
+            return True
+        return False
+
+    def housekeeping(self) -> None:
+        """Phase: a young-generation GC at a fixed cadence (automatic GC is off), the profiler's step."""
+        if self.gc_interval > 0 and self.state.step % self.gc_interval == 0:
+            gc.collect(1)
+        if self.prof is not None:
+            self.prof.step(self.state.step)
+
+    def save(self, *, final: bool = False) -> bool:
+        """Checkpoints model, optimizer and this rank's run state when due (always when ``final``); True when
+        it saved. The checkpointer gathers every rank's ``extra`` (data-iterator and RNG states)."""
+        if self.ckpt is None or not (final or self.ckpt.should_save(step=self.state.step)):
+            return False
+        self.read_tally()
+        extra = {
+            "train_state": dataclasses.asdict(self.state),
+            "data": self.loader.state_dict(),
+            "rng": process.rng_state(),
+            "dp_rank": self.dp_rank,
+        }
+        return bool(
+            self.ckpt.save(
+                step=self.state.step,
+                model=self.model,
+                optimizer=self.optimizer,
+                extra=extra,
+                config_text=self.config_text,
+                force=True,
+            )
+        )
