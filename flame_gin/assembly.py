@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from absl import logging
 
-from flame_gin import checks, families, kernels, models, process, steps
+from flame_gin import checks, families, kernels, models, process
 from flame_gin import config as config_lib
 from flame_gin import loss as loss_lib
 from flame_gin import mesh as mesh_lib
@@ -42,6 +42,10 @@ def parallel_degrees(
     dims = (make or mesh_lib.ParallelDims)(world_size=world_size)
     dims.validate_for_batch(global_batch_size=batch_size, seq_len=seq_len, varlen=varlen)
     dims.validate_for_model(config=model_config)
+    if dims.cp > 1:
+        from flame_gin.parallel.context import check_context_parallel_config
+
+        check_context_parallel_config(config=model_config)
     if dims.pp > 1 and dims.cp > 1:
         raise config_lib.ConfigError(
             f"pipeline stages do not hand context-parallel state across ranks: "
@@ -70,17 +74,15 @@ def _parallel_model(
     apply = functools.partial(parallelize or parallel_lib.parallelize, dims=dims, mesh=mesh)
     if dims.pp == 1:
         return apply(model).train(), None
-    parallelize_stage = lambda stage: steps.shard_plain_stage(apply(stage), mesh=mesh["dp_shard_cp"])
     runtime = pipeline(
         model,
         pp_mesh=mesh["pp"],
-        parallelize_stage=parallelize_stage,
+        parallelize_stage=apply,
+        stage_mesh=mesh["dp_shard_cp"],
         device=device,
         token_loss_sum=lambda logits, labels: loss_lib.token_loss_sum(logits=logits, labels=labels, fused=fused),
     )
-    for stage in runtime.stages:
-        stage.train()
-    return steps.stage_union(runtime.stages), runtime
+    return runtime.model, runtime
 
 
 def _memory_estimate(*, meta, dims: mesh_lib.ParallelDims, micro_batch: int, seq_len: int, device: torch.device) -> str:

@@ -106,7 +106,9 @@ class ParallelDims:
 
     # ----- validation against a model and a batch ------------------------------------------------------------
     def validate_for_model(self, *, config) -> None:
-        """Checks that the model config can be split this way; raises before the model is built."""
+        """Checks that the model config can be split this way; raises before the model is built. Whether a
+        family has a context-parallel path is the context module's question
+        (``flame_gin.parallel.context.check_context_parallel_config``), asked by the trainer beside this."""
         name = type(config).__name__
         layers = getattr(config, "num_hidden_layers", None)
         if self.pp > 1:
@@ -136,10 +138,6 @@ class ParallelDims:
                     raise ValueError(f"ParallelDims: tp={self.tp} does not divide {attr}={value} of {name}")
             if getattr(config, "attnres_block_size", None) is not None:
                 raise ValueError(f"ParallelDims: tp={self.tp} is not supported with attnres_block_size in {name}")
-        if self.cp > 1:
-            from flame_gin.parallel.context import check_context_parallel_config
-
-            check_context_parallel_config(config=config)
 
     def validate_for_batch(self, *, global_batch_size: int, seq_len: int, varlen: bool = False) -> None:
         """Checks the global batch splits over data ranks and the sequence over context/tensor ranks."""

@@ -3,8 +3,8 @@ schedule, gradient clipping within one stage or across pipeline stages, the opti
 
 The loss of every variant is the sum of token losses divided by the step's global count of valid tokens (over
 data and context ranks and every micro-batch), so a step equals the same step on one process. A pipelined rank
-holds only its stages: ``stage_union`` gives them one module under the unsplit model's parameter names, which
-the optimizer, the clipping and the checkpointer see as "the model".
+holds only its stages: ``flame_gin.parallel.pipeline`` gives them one module under the unsplit model's parameter
+names, which the optimizer, the clipping and the checkpointer see as "the model".
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from flame_gin import families, process
 from flame_gin import loss as loss_lib
+from flame_gin import process
 from flame_gin.parallel import fsdp
 
 
@@ -245,83 +244,3 @@ def evaluate(
     total, count = process.all_reduce_sum(total, group=group), process.all_reduce_sum(count, group=group)
     mean = float(total / count.clamp(min=1))
     return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0))}
-
-
-class _StageUnion(nn.Module):
-    """Several stages of one rank as one module (parameters and state dict only; never called)."""
-
-    def get_input_embeddings(self):
-        inner = families.body(self)
-        name = families.embedding_name(inner)
-        return getattr(inner, name) if name is not None else None
-
-    def get_output_embeddings(self):
-        return getattr(self, "lm_head", None)
-
-
-def stage_union(stages: list[nn.Module]) -> nn.Module:
-    """One module holding this rank's pipeline stages (shared, not copied) under the unsplit model's names
-    (the body's embedding, ``layers.<i>`` and final norm, ``lm_head``), for the optimizer, clipping and
-    checkpoints. A single stage already has those names and is returned as is."""
-    if len(stages) == 1:
-        return stages[0]
-    prefix = families.body_name(stages[0])
-    union, inner = _StageUnion(), nn.Module()
-    union.config, union.base_model_prefix = stages[0].config, prefix
-    setattr(union, prefix, inner)
-    inner.layers = nn.ModuleDict()
-    for stage in stages:
-        for name, child in families.body(stage).named_children():
-            if name == "layers":
-                for index, block in child.items():
-                    inner.layers[index] = block
-            elif child is not None:
-                setattr(inner, name, child)
-        for name, child in stage.named_children():
-            if name != prefix and child is not None:
-                setattr(union, name, child)
-    return union
-
-
-def shard_plain_stage(stage: nn.Module, *, mesh) -> nn.Module:
-    """A stage with plain (unsharded) parameters becomes an FSDP module over this rank alone (``mesh``: a
-    one-rank mesh), so the checkpointer, which writes a plain tensor from the first rank only, lets every
-    pipeline rank write its own stage's arrays. No data is exchanged."""
-    from torch.distributed.tensor import DTensor
-
-    if mesh.size() != 1 or any(isinstance(p, DTensor) for p in stage.parameters()):
-        return stage
-    return fsdp.apply_data_parallel(
-        stage, mesh=mesh, mode="fsdp", blocks=list(families.blocks(stage).values()), reshard_after_forward=False
-    )
-
-
-def stage_local_optimizer_state(optimizer, *, mesh) -> None:
-    """Lets every pipeline stage's optimizer state reach the checkpoint.
-
-    The optimizer's per-parameter ``step`` counters are plain tensors even under FSDP, and the checkpointer
-    writes a plain tensor from the first rank only, which holds none of the other stages' parameters. In the
-    state dict handed out they become DTensors replicated over ``mesh`` (the ranks of this pipeline stage:
-    every non-pipeline dimension), so one rank per stage writes them; a state dict loaded back gets plain
-    tensors again.
-    """
-    from torch.distributed.tensor import DTensor, Replicate
-
-    def to_stage(_, state_dict):
-        for per_param in state_dict["state"].values():
-            for key, value in per_param.items():
-                if torch.is_tensor(value) and not isinstance(value, DTensor):
-                    per_param[key] = DTensor.from_local(
-                        value, device_mesh=mesh, placements=[Replicate()] * mesh.ndim, run_check=False
-                    )
-        return state_dict
-
-    def to_local(_, state_dict):
-        for per_param in state_dict["state"].values():
-            for key, value in per_param.items():
-                if isinstance(value, DTensor) and all(p.is_replicate() for p in value.placements):
-                    per_param[key] = value.to_local()
-        return state_dict
-
-    optimizer.register_state_dict_post_hook(to_stage)
-    optimizer.register_load_state_dict_pre_hook(to_local)

@@ -24,10 +24,11 @@ from typing import Any, Callable
 
 import torch
 
-from flame_gin import assembly, flops, kernels, metrics, optim, process, start, steps
+from flame_gin import assembly, flops, kernels, metrics, optim, process, start
 from flame_gin import config as config_lib
 from flame_gin import loop as loop_lib
 from flame_gin.parallel import compile as compile_lib
+from flame_gin.parallel import pipeline as pipeline_lib
 
 
 def _after_first_step(
@@ -156,7 +157,7 @@ def run(
     )
     opt = optimizer(params=optim.parameter_groups(model=built.model, weight_decay=weight_decay), lr=lr)
     if built.runtime is not None:
-        steps.stage_local_optimizer_state(opt, mesh=built.mesh["dp_replicate", "dp_shard", "cp", "tp"])
+        pipeline_lib.stage_local_optimizer_state(opt, mesh=built.mesh["dp_replicate", "dp_shard", "cp", "tp"])
     assembly.describe(plan=plan, model=built.model, n_params=n_params, writer=writer, config_text=config_text)
     # 6. Start: resume the run's own checkpoint, or warm-start weights, or keep the seeded initialisation.
     if seed_checkpoint_only:

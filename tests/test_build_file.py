@@ -53,3 +53,50 @@ def test_deps_name_existing_targets_without_cycles():
         for dep in t["deps"]:
             if dep.startswith(":"):
                 assert dep in names, f"{t['name']} depends on unknown target {dep}"
+
+
+def _imported_modules(path: pathlib.Path) -> set[str]:
+    """The ``flame_gin`` modules a source file imports (at any depth: lazy imports inside functions count)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("flame_gin")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flame_gin"):
+            for alias in node.names:  # `from pkg import module` names the module, not the package
+                full = f"{node.module}.{alias.name}"
+                out.add(full if _module_file(full) is not None else node.module)
+    return out
+
+
+def _module_file(name: str) -> str | None:
+    """``flame_gin.a.b`` -> the repository path of its module or package (None for a name inside a module)."""
+    base = ROOT / pathlib.Path(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return str(candidate.relative_to(ROOT))
+    return None
+
+
+def test_imports_follow_the_deps_no_upward_arrows():
+    """A library imports only its own files and those of the libraries it depends on (transitively), so BUILD
+    shows every arrow and a lower layer never reaches up into the trainer's modules."""
+    targets = [t for t in _targets() if t["kind"] == "py_library"]
+    owner = {src: f":{t['name']}" for t in targets for src in t["srcs"]}
+    deps = {f":{t['name']}": {d for d in t["deps"] if d.startswith(":")} for t in targets}
+
+    def closure(name, seen=None):
+        seen = set() if seen is None else seen
+        for dep in deps.get(name, ()):
+            if dep not in seen:
+                seen.add(dep)
+                closure(dep, seen)
+        return seen
+
+    wrong = []
+    for src, target in owner.items():
+        allowed = closure(target) | {target}
+        for name in _imported_modules(ROOT / src):
+            file = _module_file(name)
+            if file is not None and file in owner and owner[file] not in allowed:
+                wrong.append(f"{src} ({target}) imports {name} ({owner[file]})")
+    assert not wrong, "imports that BUILD's deps do not allow:\n" + "\n".join(sorted(set(wrong)))

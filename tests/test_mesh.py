@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig
 
 from flame_gin.mesh import ParallelDims
+from flame_gin.parallel.context import check_context_parallel_config
 
 
 def test_infers_dp_shard_and_data_ranks():
@@ -47,7 +48,7 @@ def test_validate_for_model():
     with pytest.raises(ValueError, match="pp=4 is larger than num_hidden_layers=2"):
         ParallelDims(world_size=4, pp=4).validate_for_model(config=config)
     with pytest.raises(ValueError, match="context parallel: no linear-attention path for model family 'llama'"):
-        ParallelDims(world_size=2, cp=2).validate_for_model(config=config)
+        check_context_parallel_config(config=config)
     ParallelDims(world_size=4, tp=2, pp=2).validate_for_model(config=config)
 
 

@@ -24,6 +24,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from flame_gin import families
+from flame_gin.parallel import fsdp
 
 SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
 
@@ -92,8 +93,11 @@ def split_model(model: nn.Module, *, ranges: list[tuple[int, int]], stage_ids: l
 
 @dataclasses.dataclass
 class PipelineRuntime:
-    """What `pipeline_step` needs: this rank's stage modules, the schedule, and whether it owns the loss."""
+    """What the trainer needs: this rank's stages as one module under the unsplit model's names (``model``, for
+    the optimizer, clipping and checkpoints), and what `pipeline_step` needs: the stage modules, the schedule,
+    and whether this rank owns the loss."""
 
+    model: nn.Module
     stages: list[nn.Module]
     schedule: object
     has_first: bool
@@ -111,11 +115,14 @@ def build_pipeline(
     stages_per_rank: int = 1,
     split_points: list[int] | None = None,
     parallelize_stage=None,
+    stage_mesh=None,
     device: torch.device | str = "cpu",
     token_loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> PipelineRuntime:
     """Splits `model` over `pp_mesh`, parallelises each stage with `parallelize_stage(module) -> module`
-    (e.g. `functools.partial(parallelize, dims=..., mesh=...)`), and builds the schedule. The last stage's
+    (e.g. `functools.partial(parallelize, dims=..., mesh=...)`), and builds the schedule. A stage left with
+    plain parameters becomes FSDP over this rank alone when `stage_mesh` (a one-rank mesh, the trainer's
+    ``dp_shard_cp``) is given, so each rank's checkpoint writes its own stage. The last stage's
     loss is `token_loss_sum(logits, labels)` (the trainer passes `flame_gin.loss.token_loss_sum` with the
     run's kernel choice), divided by the step's global valid-token count."""
     if schedule not in SCHEDULES:
@@ -135,6 +142,10 @@ def build_pipeline(
     modules = split_model(model, ranges=ranges, stage_ids=stage_ids)
     if parallelize_stage is not None:
         modules = [parallelize_stage(m) for m in modules]
+    if stage_mesh is not None:
+        modules = [shard_plain_stage(m, mesh=stage_mesh) for m in modules]
+    for module in modules:
+        module.train()
     group = pp_mesh.get_group()
     stages = [
         PipelineStage(m, sid, num_stages, torch.device(device), group=group) for m, sid in zip(modules, stage_ids)
@@ -152,6 +163,7 @@ def build_pipeline(
         scale_grads=False,
     )
     return PipelineRuntime(
+        model=stage_union(modules),
         stages=modules,
         schedule=sched,
         has_first=0 in stage_ids,
@@ -176,3 +188,83 @@ def pipeline_step(
     total = total.reshape(()).clone()
     dist.all_reduce(total, group=runtime.group)
     return total
+
+
+class _StageUnion(nn.Module):
+    """Several stages of one rank as one module (parameters and state dict only; never called)."""
+
+    def get_input_embeddings(self):
+        inner = families.body(self)
+        name = families.embedding_name(inner)
+        return getattr(inner, name) if name is not None else None
+
+    def get_output_embeddings(self):
+        return getattr(self, "lm_head", None)
+
+
+def stage_union(stages: list[nn.Module]) -> nn.Module:
+    """One module holding this rank's pipeline stages (shared, not copied) under the unsplit model's names
+    (the body's embedding, ``layers.<i>`` and final norm, ``lm_head``), for the optimizer, clipping and
+    checkpoints. A single stage already has those names and is returned as is."""
+    if len(stages) == 1:
+        return stages[0]
+    prefix = families.body_name(stages[0])
+    union, inner = _StageUnion(), nn.Module()
+    union.config, union.base_model_prefix = stages[0].config, prefix
+    setattr(union, prefix, inner)
+    inner.layers = nn.ModuleDict()
+    for stage in stages:
+        for name, child in families.body(stage).named_children():
+            if name == "layers":
+                for index, block in child.items():
+                    inner.layers[index] = block
+            elif child is not None:
+                setattr(inner, name, child)
+        for name, child in stage.named_children():
+            if name != prefix and child is not None:
+                setattr(union, name, child)
+    return union
+
+
+def shard_plain_stage(stage: nn.Module, *, mesh) -> nn.Module:
+    """A stage with plain (unsharded) parameters becomes an FSDP module over this rank alone (``mesh``: a
+    one-rank mesh), so the checkpointer, which writes a plain tensor from the first rank only, lets every
+    pipeline rank write its own stage's arrays. No data is exchanged."""
+    from torch.distributed.tensor import DTensor
+
+    if mesh.size() != 1 or any(isinstance(p, DTensor) for p in stage.parameters()):
+        return stage
+    return fsdp.apply_data_parallel(
+        stage, mesh=mesh, mode="fsdp", blocks=list(families.blocks(stage).values()), reshard_after_forward=False
+    )
+
+
+def stage_local_optimizer_state(optimizer, *, mesh) -> None:
+    """Lets every pipeline stage's optimizer state reach the checkpoint.
+
+    The optimizer's per-parameter ``step`` counters are plain tensors even under FSDP, and the checkpointer
+    writes a plain tensor from the first rank only, which holds none of the other stages' parameters. In the
+    state dict handed out they become DTensors replicated over ``mesh`` (the ranks of this pipeline stage:
+    every non-pipeline dimension), so one rank per stage writes them; a state dict loaded back gets plain
+    tensors again.
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    def to_stage(_, state_dict):
+        for per_param in state_dict["state"].values():
+            for key, value in per_param.items():
+                if torch.is_tensor(value) and not isinstance(value, DTensor):
+                    per_param[key] = DTensor.from_local(
+                        value, device_mesh=mesh, placements=[Replicate()] * mesh.ndim, run_check=False
+                    )
+        return state_dict
+
+    def to_local(_, state_dict):
+        for per_param in state_dict["state"].values():
+            for key, value in per_param.items():
+                if isinstance(value, DTensor) and all(p.is_replicate() for p in value.placements):
+                    per_param[key] = value.to_local()
+        return state_dict
+
+    optimizer.register_state_dict_post_hook(to_stage)
+    optimizer.register_load_state_dict_pre_hook(to_local)
