@@ -266,7 +266,7 @@ def run_baseline(
     return result
 
 
-def run_flame(
+def run_trainer(
     *, run_fn, loader_factory, device, steps: int, warmup: int, tokens_per_step: int, profiler=None, workdir: str = ""
 ) -> dict:
     """The trainer for ``steps`` steps with a capturing writer (no eval, no checkpoints).
@@ -442,7 +442,7 @@ def main(argv):
             del workdir
             return profiling.Profiler(workdir=FLAGS.trace_dir, rank=rank, interval=FLAGS.warmup, active_steps=2)
 
-    flame = run_flame(
+    ours = run_trainer(
         run_fn=configurables.run,
         loader_factory=loader_factory,
         tokens_per_step=tokens_per_step,
@@ -456,14 +456,14 @@ def main(argv):
         trace = os.path.join(FLAGS.trace_dir, "profile", f"step_{FLAGS.warmup}", "rank0_trace.json")
         per_kernel, busy = step_profile.trace_kernels(trace, steps=2)
         out["profile"] = step_profile.report(per_kernel, busy, top=30, header={"trace": trace})
-    out["flame"] = {k: _round(v) for k, v in flame.items()}
-    out["tokens_per_second"] = round(flame["tokens_per_second"])
-    out["peak_memory_gib"] = _round(flame["peak_memory_gib"], 2)
-    out["time_to_first_step_s"] = _round(flame["time_to_first_step_s"], 2)
-    out["mfu_vendor"] = mfu(flame["tokens_per_second"], vendor_peak)
-    out["mfu_measured"] = mfu(flame["tokens_per_second"], measured)
+    out["flame_gin"] = {k: _round(v) for k, v in ours.items()}
+    out["tokens_per_second"] = round(ours["tokens_per_second"])
+    out["peak_memory_gib"] = _round(ours["peak_memory_gib"], 2)
+    out["time_to_first_step_s"] = _round(ours["time_to_first_step_s"], 2)
+    out["mfu_vendor"] = mfu(ours["tokens_per_second"], vendor_peak)
+    out["mfu_measured"] = mfu(ours["tokens_per_second"], measured)
     if FLAGS.baseline:
-        out["ratio"] = _round(flame["tokens_per_second"] / base["tokens_per_second"], 3)
+        out["ratio"] = _round(ours["tokens_per_second"] / base["tokens_per_second"], 3)
         out["baseline_mfu_vendor"] = mfu(base["tokens_per_second"], vendor_peak)
     cache_dir = os.environ.get("TRITON_CACHE_DIR")  # where the trainer's kernel cache went (flame_gin.kernels.cache)
     if cache_dir and os.path.isdir(cache_dir):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from graph_count import GraphCounter
 
-from flame_gin.kernels import attention, conv, norm
+from flame_gin.kernels import attention, conv, gated_delta, norm
 
 
 def recurrence64(*, q, k, v, scale, gk=None, g=None, beta=None, h0=None):
@@ -49,7 +49,7 @@ def _run(family, x, *, chunk_size=64, **kw):
         return attention.chunk_gla(q=x["q"], k=x["k"], v=x["v"], g=x["gk"], chunk_size=chunk_size, **kw)
     if family == "delta":
         return attention.chunk_delta_rule(q=x["q"], k=x["k"], v=x["v"], beta=x["beta"], chunk_size=chunk_size, **kw)
-    return attention.chunk_gated_delta_rule(
+    return gated_delta.chunk_gated_delta_rule(
         q=x["q"], k=x["k"], v=x["v"], g=x["g"], beta=x["beta"], chunk_size=chunk_size, **kw
     )
 
@@ -117,7 +117,7 @@ def test_gated_delta_rule_fused_gate_beta_l2norm_and_grouped_value_heads():
         torch.randn(batch, length, v_heads, generator=gen),
     )
     a_log, dt_bias = torch.randn(v_heads, generator=gen), torch.randn(v_heads, generator=gen)
-    o, _ = attention.chunk_gated_delta_rule(
+    o, _ = gated_delta.chunk_gated_delta_rule(
         q=q,
         k=k,
         v=v,

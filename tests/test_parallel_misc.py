@@ -62,7 +62,7 @@ def test_tensor_parallel_refuses_unknown_family():
 def test_activation_checkpointing_keeps_gradients(family, mode):
     """Recomputation replays the same forward: gradients equal those without checkpointing (HF Llama with
     SDPA included, called as the trainer calls it, without a KV cache)."""
-    from flame_gin.parallel.checkpointing import apply_activation_checkpointing
+    from flame_gin.parallel.activation_checkpointing import apply_activation_checkpointing
 
     ids, _ = dist_models.batch(rows=2, seq=16)
     grads = []

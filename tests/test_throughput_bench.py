@@ -44,13 +44,13 @@ def test_benchmark_varlen_json_line(tmp_path):
     line = json.loads(proc.stdout.strip().splitlines()[-1])
     assert line == json.loads(out.read_text().splitlines()[-1])
     assert (line["family"], line["batch"], line["seq_len"], line["varlen"]) == ("gla", 2, 32, True)
-    assert line["flame"]["tokens_per_second"] > 0 and line["baseline"]["tokens_per_second"] > 0
+    assert line["flame_gin"]["tokens_per_second"] > 0 and line["baseline"]["tokens_per_second"] > 0
     assert line["ratio"] == pytest.approx(
-        line["flame"]["tokens_per_second"] / line["baseline"]["tokens_per_second"], rel=1e-2
+        line["flame_gin"]["tokens_per_second"] / line["baseline"]["tokens_per_second"], rel=1e-2
     )
     assert line["flops_per_token"] > 0
     # Both loops learn something real from the same synthetic data (vocabulary 256: ln 256 ~ 5.55 at the start).
-    for loop in ("flame", "baseline"):
+    for loop in ("flame_gin", "baseline"):
         assert 4.0 < line[loop]["final_loss"] < 6.5
 
 

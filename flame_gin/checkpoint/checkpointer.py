@@ -1,19 +1,15 @@
 """Saving and restoring training state: atomic, asynchronous, sharded.
 
-`Checkpointer` owns a checkpoint root (see `layout` for what is on disk).
-A save copies this rank's shards to host memory while the caller waits
-(`last_blocked_seconds`), then writes them in a background thread; the step
-directory appears under its final name only once every rank has written and
-the primary has merged the databases, so a crash at any moment leaves the
-previous checkpoint as the latest one. Collectives of the checkpoint run on
-a private gloo group, so a background save never interleaves with the
-training loop's own collectives.
+`Checkpointer` owns a checkpoint root (see `layout` for what is on disk). A save copies this rank's shards to
+host memory while the caller waits (`last_blocked_seconds`), then writes them in a background thread; the step
+directory appears under its final name only once every rank has written and the primary has merged the
+databases, so a crash at any moment leaves the previous checkpoint as the latest one. Collectives of the
+checkpoint run on a private gloo group, so a background save never interleaves with the loop's collectives.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import os
 import pathlib
@@ -201,7 +197,7 @@ class Checkpointer:
                 world_size=self._world,
                 step=step,
                 config_text=config_text,
-                model_config=_model_config(model),
+                model_config=writer.model_config(model),
                 item_shapes=item_shapes,
             )
         job = lambda: self._write(  # noqa: E731
@@ -399,13 +395,3 @@ class Checkpointer:
         self.restored_extras = side["extras"]
         same = len(self.restored_extras) == self._world
         return self.restored_extras[self._rank if same else 0]
-
-
-def _model_config(model: torch.nn.Module) -> dict | None:
-    """The model's HF config as a dict (for export), when it has one."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_json_string"):
-        return None
-    value = json.loads(config.to_json_string())
-    value.setdefault("architectures", [type(model).__name__])
-    return value

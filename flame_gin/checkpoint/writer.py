@@ -14,6 +14,7 @@ loop only for the first part:
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 
 import numpy as np
@@ -215,3 +216,13 @@ def write_item_metadata(
         path=pathlib.Path(item_dir) / layout.CHECKPOINT_METADATA,
         value=layout.checkpoint_metadata(init_ns=init_ns, item_handlers=layout.PYTREE_HANDLER),
     )
+
+
+def model_config(model: torch.nn.Module) -> dict | None:
+    """The model's HF config as a dict (for export), when it has one."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        return None
+    value = json.loads(config.to_json_string())
+    value.setdefault("architectures", [type(model).__name__])
+    return value

@@ -3,8 +3,8 @@
 FLA's Triton kernels cannot run without a GPU driver, and its `naive.py` references lack what the
 layers pass (scale, V-first state layout, packed documents via `cu_seqlens`, fused gate/beta/l2norm
 options). These functions take the same keyword arguments as `chunk_gla`, `fused_recurrent_gla`,
-`chunk_delta_rule`, `fused_recurrent_delta_rule`, `chunk_gated_delta_rule` and
-`fused_recurrent_gated_delta_rule`, compute in float32 with plain autograd (so backward is exact
+`chunk_delta_rule` and `fused_recurrent_delta_rule` (the gated delta rule's two are in `gated_delta`,
+built on `delta_common`), compute in float32 with plain autograd (so backward is exact
 too), and return `(o, final_state)` with `o` in the input dtype and the state in float32, as FLA does.
 
 The math is the chunked form of each recurrence: inside a chunk the pairwise decays are formed
@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from flame_gin.kernels import norm
 
@@ -197,7 +196,7 @@ def fused_recurrent_gla(
     )
 
 
-def _delta_common(
+def delta_common(
     *,
     q,
     k,
@@ -259,7 +258,7 @@ def chunk_delta_rule(
     **kwargs,
 ):
     """Reference for `fla.ops.delta_rule.chunk_delta_rule` (DeltaNet): beta [B, T, H], no gate."""
-    return _delta_common(
+    return delta_common(
         q=q,
         k=k,
         v=v,
@@ -298,120 +297,4 @@ def fused_recurrent_delta_rule(
         output_final_state=output_final_state,
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
         cu_seqlens=cu_seqlens,
-    )
-
-
-def _gdn_gate_and_beta(*, g, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval):
-    """Applies the gate and beta activations that FLA's gated-delta-rule kernels can fuse."""
-    if use_gate_in_kernel:
-        if A_log is None:
-            raise ValueError("use_gate_in_kernel=True needs A_log")
-        g = g.float() + (0.0 if dt_bias is None else dt_bias.float())
-        g = -A_log.float().exp() * F.softplus(g)
-    if use_beta_sigmoid_in_kernel:
-        beta = beta.float().sigmoid()
-        if allow_neg_eigval:
-            beta = beta * 2.0
-    return g, beta
-
-
-def chunk_gated_delta_rule(
-    q,
-    k,
-    v,
-    g,
-    beta,
-    scale=None,
-    initial_state=None,
-    output_final_state=False,
-    use_qk_l2norm_in_kernel=False,
-    use_beta_sigmoid_in_kernel=False,
-    allow_neg_eigval=False,
-    state_v_first=False,
-    cu_seqlens=None,
-    cu_seqlens_cpu=None,
-    chunk_indices=None,
-    cp_context=None,
-    use_gate_in_kernel=False,
-    A_log=None,
-    dt_bias=None,
-    chunk_size=DEFAULT_CHUNK_SIZE,
-    **kwargs,
-):
-    """Reference for `fla.ops.gated_delta_rule.chunk_gated_delta_rule` (Gated DeltaNet): g [B, T, HV] in
-    log space, or raw with `use_gate_in_kernel` (g = -exp(A_log) * softplus(g + dt_bias))."""
-    if cp_context is not None:
-        raise NotImplementedError("the reference chunk_gated_delta_rule has no context-parallel path")
-    g, beta = _gdn_gate_and_beta(
-        g=g,
-        beta=beta,
-        use_gate_in_kernel=use_gate_in_kernel,
-        A_log=A_log,
-        dt_bias=dt_bias,
-        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-        allow_neg_eigval=allow_neg_eigval,
-    )
-    return _delta_common(
-        q=q,
-        k=k,
-        v=v,
-        beta=beta,
-        g=g,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        state_v_first=state_v_first,
-        cu_seqlens=cu_seqlens,
-        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-        chunk_size=chunk_size,
-    )
-
-
-def fused_recurrent_gated_delta_rule(
-    q,
-    k,
-    v,
-    g=None,
-    gk=None,
-    gv=None,
-    beta=None,
-    scale=None,
-    initial_state=None,
-    output_final_state=False,
-    use_qk_l2norm_in_kernel=False,
-    use_gate_in_kernel=False,
-    A_log=None,
-    dt_bias=None,
-    use_beta_sigmoid_in_kernel=False,
-    allow_neg_eigval=False,
-    state_v_first=False,
-    cu_seqlens=None,
-    **kwargs,
-):
-    """Reference for `fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule` (head-wise gate only)."""
-    if gk is not None or gv is not None:
-        raise NotImplementedError("the reference fused_recurrent_gated_delta_rule supports only a head-wise gate g")
-    if beta is None:
-        beta = torch.ones_like(v[..., 0])
-        use_beta_sigmoid_in_kernel = False
-    if g is None:
-        g = torch.zeros_like(v[..., 0])
-        use_gate_in_kernel = False
-    return chunk_gated_delta_rule(
-        q=q,
-        k=k,
-        v=v,
-        g=g,
-        beta=beta,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-        use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-        allow_neg_eigval=allow_neg_eigval,
-        state_v_first=state_v_first,
-        cu_seqlens=cu_seqlens,
-        use_gate_in_kernel=use_gate_in_kernel,
-        A_log=A_log,
-        dt_bias=dt_bias,
     )

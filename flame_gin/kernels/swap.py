@@ -13,7 +13,7 @@ import dataclasses
 import importlib
 from typing import Any
 
-from flame_gin.kernels import activation, attention, conv, loss, norm, opaque, rotary
+from flame_gin.kernels import activation, attention, conv, gated_delta, loss, norm, opaque, rotary
 
 SUPPORTED_FLA = ((0, 6, 0), (0, 7, 0))  # [low, high)
 
@@ -41,9 +41,11 @@ def _table() -> tuple[Swap, ...]:
         Swap("fla.layers.gla", "fused_recurrent_gla", attention.fused_recurrent_gla),
         Swap("fla.layers.delta_net", "chunk_delta_rule", attention.chunk_delta_rule),
         Swap("fla.layers.delta_net", "fused_recurrent_delta_rule", attention.fused_recurrent_delta_rule),
-        Swap("fla.layers.gated_deltanet", "chunk_gated_delta_rule", attention.chunk_gated_delta_rule),
+        Swap("fla.layers.gated_deltanet", "chunk_gated_delta_rule", gated_delta.chunk_gated_delta_rule),
         Swap(
-            "fla.layers.gated_deltanet", "fused_recurrent_gated_delta_rule", attention.fused_recurrent_gated_delta_rule
+            "fla.layers.gated_deltanet",
+            "fused_recurrent_gated_delta_rule",
+            gated_delta.fused_recurrent_gated_delta_rule,
         ),
         # short convolution (ShortConvolution.forward/step, and Gated DeltaNet's fused q/k/v conv)
         Swap("fla.modules.causal_conv1d.ops", "causal_conv1d", conv.causal_conv1d),

@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from flame_gin import families
 from flame_gin.mesh import ParallelDims
-from flame_gin.parallel.checkpointing import apply_activation_checkpointing
+from flame_gin.parallel.activation_checkpointing import apply_activation_checkpointing
 from flame_gin.parallel.compile import apply_compile
 from flame_gin.parallel.fsdp import apply_data_parallel
 from flame_gin.parallel.tp_plans import apply_tensor_parallel
