@@ -15,8 +15,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing import event_accumulator
 
-from flame_gin import config as config_lib
-from flame_gin import configurables, kernels
+from flame_gin import kernels
 from flame_gin.checkpoint import hf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -42,20 +41,10 @@ metric_list:
 
 
 @pytest.mark.slow
-def test_eval_command_scores_a_local_task_as_computed_by_hand(tmp_path):
+def test_eval_command_scores_a_local_task_as_computed_by_hand(tmp_path, train_tiny):
     pytest.importorskip("lm_eval")
     run = tmp_path / "run"
-    config_lib.parse(
-        gin_files=["gin/tiny.gin"],
-        gin_bindings=[
-            f"MODEL_DIR = {str(run)!r}",
-            "TRAIN_STEPS = 3",
-            "WARMUP_STEPS = 0",
-            "flame_gin.run.eval_interval = 0",
-        ],
-        search_paths=config_lib.default_search_paths(),
-    )
-    assert configurables.run(config_text="", on_first_step=None) == 0
+    train_tiny(run)
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     data = tasks / "docs.jsonl"

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from flame_gin import config as config_lib
-from flame_gin import configurables, kernels
+from flame_gin import kernels
 from flame_gin.checkpoint import Checkpointer, hf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -51,19 +50,9 @@ def _torch_logits(model: torch.nn.Module, tokens: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_tiny_run_checkpoint_runs_in_jax(tmp_path):
+def test_tiny_run_checkpoint_runs_in_jax(tmp_path, train_tiny):
     run = tmp_path / "run"
-    config_lib.parse(
-        gin_files=["gin/tiny.gin"],
-        gin_bindings=[
-            f"MODEL_DIR = {str(run)!r}",
-            "TRAIN_STEPS = 3",
-            "WARMUP_STEPS = 0",
-            "flame_gin.run.eval_interval = 0",
-        ],
-        search_paths=config_lib.default_search_paths(),
-    )
-    assert configurables.run(config_text="", on_first_step=None) == 0
+    train_tiny(run)
     tokens = np.random.default_rng(0).integers(0, 512, size=(2, 80))
     kernels.select(mode="reference")
     try:

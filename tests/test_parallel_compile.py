@@ -15,8 +15,6 @@ from graph_count import GraphCounter
 from torch._dynamo.utils import counters
 from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
-from flame_gin import config as config_lib
-from flame_gin import configurables
 from flame_gin.parallel.compile import CACHE_FILE, apply_compile, load_compile_cache, save_compile_cache
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -46,7 +44,7 @@ def test_blocks_compile_once_not_per_layer():
 
 
 @pytest.mark.slow
-def test_a_resume_on_a_node_with_an_empty_cache_compiles_from_the_workdir_artifacts(tmp_path):
+def test_a_resume_on_a_node_with_an_empty_cache_compiles_from_the_workdir_artifacts(tmp_path, train_tiny):
     workdir = tmp_path / "run"
     first = subprocess.run(
         [
@@ -72,17 +70,7 @@ def test_a_resume_on_a_node_with_an_empty_cache_compiles_from_the_workdir_artifa
     with temporary_cache_dir(str(tmp_path / "node_b")):  # this process plays a fresh node: nothing cached
         torch._dynamo.reset()
         counters.clear()
-        config_lib.parse(
-            gin_files=["gin/tiny.gin", "gin/parallel/compile.gin"],
-            gin_bindings=[
-                f"MODEL_DIR = {str(workdir)!r}",
-                "TRAIN_STEPS = 3",
-                "WARMUP_STEPS = 0",
-                "flame_gin.run.eval_interval = 0",
-            ],
-            search_paths=config_lib.default_search_paths(),
-        )
-        assert configurables.run(config_text="", on_first_step=None) == 0
+        train_tiny(workdir, gin_files=("gin/parallel/compile.gin",))
         hits = counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"]
         misses = counters["aot_autograd"]["autograd_cache_miss"] + counters["inductor"]["fxgraph_cache_miss"]
         torch._dynamo.reset()
