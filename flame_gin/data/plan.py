@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
 import os
 import pathlib
 
-from flame_gin.data import embedded, fast_bpe, order, readers, rows, store
+from flame_gin.data import embedded, fast_bpe, order, readers, rows, store, store_build
 from flame_gin.data import sources as sources_lib
 from flame_gin.data.stream import DocStream, Tokenize
 
@@ -187,6 +188,24 @@ def _check_probabilities(probabilities, n: int) -> list[float]:
     return probabilities
 
 
+def _prepared_store(src, *, split: str) -> store.TokenStore | None:
+    """The store of ``split`` when ``src.path`` is a prepared corpus folder (``<path>/<split name>``, written by
+    ``python -m flame_gin.data.prepare``); None for a text source."""
+    folder = pathlib.Path(str(src.path))
+    if not (folder.is_dir() and any(store.is_store(child) for child in folder.iterdir() if child.is_dir())):
+        return None
+    if src.holdout:
+        raise ValueError(
+            f"data source {src.path!r} is a prepared token-store folder: holdout={src.holdout} needs the texts; "
+            f"prepare a '{src.validation_split}' store beside '{src.train_split}' instead"
+        )
+    name = sources_lib.split_name(src, split)
+    if not store.is_store(folder / name):
+        found = sorted(c.name for c in folder.iterdir() if store.is_store(c))
+        raise ValueError(f"data source {src.path!r}: no '{name}' store for split {split!r} (it holds {found})")
+    return store.TokenStore(folder / name)
+
+
 def make_plan(
     *,
     tokenizer: str,
@@ -209,6 +228,7 @@ def make_plan(
     fast_tokenizer: bool = True,
     audit_every: int = 256,
     bad_rows: str = "stop",
+    store_processes: int = 1,
 ) -> Plan:
     """Resolves and validates every option; opens the sources. Raises before any model is built."""
     if seq_len <= 0 or batch_size <= 0:
@@ -237,6 +257,11 @@ def make_plan(
     hf_cache = None if cache_dir is None else str(pathlib.Path(cache_dir) / "hf_datasets")
     datasets_, kinds = [], []
     for s, src in enumerate(srcs):
+        prepared = _prepared_store(src, split=split)
+        if prepared is not None:
+            datasets_.append(prepared)
+            kinds.append("store")
+            continue
         ds = sources_lib.open_split(src, split=split, cache_dir=hf_cache, bad_rows=bad_rows)
         if offline:
             key = store.store_key(
@@ -244,9 +269,15 @@ def make_plan(
             )
             base = pathlib.Path(cache_dir) if cache_dir else embedded.default_cache_dir()
             texts = (t for batch in ds.iter(batch_size=256) for t in batch[src.text_field])
-            tokenize = load_tokenize(str(tokenizer), fast=fast_tokenizer, audit_every=audit_every)
-            ds = store.build_store(
-                texts=texts, tokenize=tokenize, vocab_size=len(tok), directory=base / "token_stores" / key
+            ds = store_build.build_store(
+                texts=texts,
+                make_tokenize=functools.partial(
+                    load_tokenize, str(tokenizer), fast=fast_tokenizer, audit_every=audit_every
+                ),
+                vocab_size=len(tok),
+                directory=base / "token_stores" / key,
+                processes=store_processes,
+                meta={"source": src.display_name, "split": split, "tokenizer": str(tokenizer)},
             )
             kinds.append("store")
         else:

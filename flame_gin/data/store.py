@@ -1,21 +1,31 @@
-"""Offline mode: tokenize a source once into a memory-mapped token store and read documents from it.
+"""The token store: a source tokenized once, read memory-mapped, with exact positions for any number of readers.
 
-Repeated runs over the same data then skip tokenization entirely. The store is two files, a flat token array
-(``uint16`` when the vocabulary fits, else ``uint32``) and document offsets, under a directory keyed by a hash
-of the source description and the tokenizer's files, written to a temporary name and renamed into place.
+Repeated runs over the same data then skip tokenization, every data-parallel rank and worker opens the same
+files and reads only the documents it owns, and a resume seeks to a document index instead of re-reading.
+
+On disk a store is a folder of three files, readable with numpy alone:
+
+- ``tokens.bin``: every document's token ids, one after another, as raw little-endian ``uint16`` (when the
+  vocabulary fits) or ``uint32``: ``np.memmap(folder / "tokens.bin", dtype=meta["dtype"], mode="r")``;
+- ``offsets.npy``: ``int64`` document boundaries, ``documents + 1`` values rising from 0 to the token count:
+  document ``i`` is ``tokens[offsets[i]:offsets[i + 1]]`` (``np.load(folder / "offsets.npy", mmap_mode="r")``);
+- ``meta.json``: ``{"dtype": ..., "documents": ..., "tokens": ...}`` and where the store came from.
+
+A folder without ``meta.json`` is not a store: builders write elsewhere and rename the finished folder into
+place (``flame_gin.data.store_build``). Offline mode keeps one store per (source, split, tokenizer) under the
+cache directory, named by ``store_key``; a prepared or ingested corpus is a folder holding one store per split
+(``<folder>/train``, ``<folder>/validation``), named as a source's ``path``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
 
 import numpy as np
 
-_CHUNK = 1024
+TOKENS_FILE, OFFSETS_FILE, META_FILE = "tokens.bin", "offsets.npy", "meta.json"
 
 
 def _tokenizer_digest(tokenizer_path: str) -> str:
@@ -35,14 +45,24 @@ def store_key(*, description: dict, tokenizer_path: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def is_store(directory: pathlib.Path | str) -> bool:
+    """Whether ``directory`` holds a finished store."""
+    return (pathlib.Path(directory) / META_FILE).is_file()
+
+
+def write_meta(directory: pathlib.Path, **meta) -> None:
+    """Writes ``meta.json`` last: its presence is what makes the folder a store."""
+    (directory / META_FILE).write_text(json.dumps(meta, sort_keys=True))
+
+
 class TokenStore:
     """Read-only view of a built store; ``fetch(indices)`` returns one token array per document."""
 
-    def __init__(self, directory: pathlib.Path):
-        self.directory = directory
-        self._offsets = np.load(directory / "offsets.npy", mmap_mode="r")
-        meta = json.loads((directory / "meta.json").read_text())
-        self._tokens = np.memmap(directory / "tokens.bin", dtype=meta["dtype"], mode="r")
+    def __init__(self, directory: pathlib.Path | str):
+        self.directory = pathlib.Path(directory)
+        self._offsets = np.load(self.directory / OFFSETS_FILE, mmap_mode="r")
+        self.meta = json.loads((self.directory / META_FILE).read_text())
+        self._tokens = np.memmap(self.directory / TOKENS_FILE, dtype=self.meta["dtype"], mode="r")
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -51,41 +71,9 @@ class TokenStore:
         o = self._offsets
         return [np.asarray(self._tokens[o[i] : o[i + 1]], dtype=np.int32) for i in indices]
 
+    def describe(self) -> dict:
+        """Folder, documents and tokens, for logs and the prepare command's report."""
+        return {"directory": str(self.directory), "documents": len(self), "tokens": int(self._offsets[-1])}
+
     def __reduce__(self):  # workers reopen the memory map instead of copying it
         return (TokenStore, (self.directory,))
-
-
-def build_store(*, texts, tokenize, vocab_size: int, directory: pathlib.Path) -> TokenStore:
-    """Tokenizes the iterable ``texts`` into ``directory`` unless it already holds a finished store."""
-    if (directory / "meta.json").exists():
-        return TokenStore(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=".store-"))
-    dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    offsets, total, chunk = [0], 0, []
-    with open(tmp / "tokens.bin", "wb") as out:
-
-        def flush():
-            nonlocal total
-            for ids in tokenize(chunk):
-                out.write(ids.astype(dtype).tobytes())
-                total += len(ids)
-                offsets.append(total)
-            chunk.clear()
-
-        for text in texts:
-            chunk.append(text)
-            if len(chunk) >= _CHUNK:
-                flush()
-        if chunk:
-            flush()
-    if len(offsets) == 1:
-        raise ValueError(f"cannot build a token store in {directory}: the source has no documents")
-    np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
-    (tmp / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "documents": len(offsets) - 1}))
-    try:
-        os.rename(tmp, directory)
-    except OSError:
-        if not (directory / "meta.json").exists():
-            raise
-    return TokenStore(directory)
