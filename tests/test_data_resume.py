@@ -126,10 +126,19 @@ def _drain(ld):
     return [b for b in ld]
 
 
-@pytest.mark.parametrize("old_ws,new_ws,streaming", [(2, 1, False), (1, 2, False), (2, 1, True)])
-def test_resume_with_other_rank_count_reads_every_document_once(env, old_ws, new_ws, streaming):
-    kw = dict(sources=[source(path=env["a"], streaming=streaming)], num_epochs=1, buffer_size=8)
+@pytest.mark.parametrize(
+    "old_ws,new_ws,kind", [(2, 1, "map"), (1, 2, "map"), (2, 1, "streaming"), (2, 1, "store"), (1, 3, "store")]
+)
+def test_resume_with_other_rank_count_reads_every_document_once(env, old_ws, new_ws, kind):
+    """``store``: the offline token store, which every rank reads memory-mapped (as after data.prepare)."""
+    kw = dict(
+        sources=[source(path=env["a"], streaming=kind == "streaming")],
+        num_epochs=1,
+        buffer_size=8,
+        offline=kind == "store",
+    )
     old = [loader(env, rank=r, world_size=old_ws, **kw) for r in range(old_ws)]
+    assert bool(old[0].stores()) == (kind == "store")
     before = []
     for r, ld in enumerate(old):
         before += [next(ld) for _ in range(3 + 2 * r)]  # ranks at different depths, as after a crash
