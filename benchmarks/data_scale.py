@@ -88,7 +88,9 @@ def main() -> None:
     cache = pathlib.Path(args.cache_dir)
     corpus = data_throughput.build_corpus(cache)
     tokenizer = data_throughput.build_tokenizer(cache, corpus)
-    files = shard_corpus(corpus=corpus, out=cache / f"shards_{args.shards}x{args.repeat}", shards=args.shards, repeat=args.repeat)
+    files = shard_corpus(
+        corpus=corpus, out=cache / f"shards_{args.shards}x{args.repeat}", shards=args.shards, repeat=args.repeat
+    )
     corpus_bytes = sum(os.path.getsize(f) for f in files)
     out = {"benchmark": "data_scale", "corpus_bytes": corpus_bytes, "shards": len(files), "cpus": os.cpu_count()}
 

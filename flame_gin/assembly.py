@@ -136,9 +136,15 @@ def plan(
         proc = process.init(timeout_seconds=init_timeout_seconds, nccl_trace_buffer_size=nccl_trace_buffer_size)
         if train_timeout_seconds is not None and train_timeout_seconds <= 0:
             raise ValueError(f"train_timeout_seconds={train_timeout_seconds} must be positive")
+    # What needs neither FLA nor the model config first: importing FLA alone takes ~12 s on a CPU.
+    checks.scalars(train_steps=numbers["train_steps"], seq_len=numbers["seq_len"], lr=numbers["lr"])
+    checks.kernel_mode(mode=kernel_mode, cuda=proc.device.type == "cuda")
+    checks.workdir(workdir)
+    with as_config_error():
+        use_fused = loss_lib.fused_mode(fused_loss=fused_loss, device_type=proc.device.type)
+        schedule = lr_schedule(total_steps=numbers["train_steps"])
     with as_config_error():
         config = model_config()
-        schedule = lr_schedule(total_steps=numbers["train_steps"])
         dims = parallel_degrees(
             make=parallel_dims,
             world_size=proc.world_size,
@@ -157,8 +163,6 @@ def plan(
             f"ParallelDims.pp={dims.pp} needs a schedule: set flame_gin.run.pipeline = "
             f"@flame_gin.build_pipeline (see gin/parallel/pp2.gin)"
         )
-    checks.kernel_mode(mode=kernel_mode, cuda=proc.device.type == "cuda")
-    checks.workdir(workdir)
     kernel_used = kernels.select(mode=kernel_mode)
     with as_config_error():
         families.check_device(config=config, device_type=proc.device.type)
@@ -167,8 +171,6 @@ def plan(
         logging.warning(slow)
     numbers = dict(numbers, dp_size=dims.dp_size, model_config=config)
     micro_batch = checks.run_numbers(**numbers, vocab_size=None)
-    with as_config_error():
-        use_fused = loss_lib.fused_mode(fused_loss=fused_loss, device_type=proc.device.type)
     return Plan(
         proc=proc,
         model_config=config,

@@ -17,6 +17,16 @@ from flame_gin.config import ConfigError
 from flame_gin.kernels import MODES as KERNEL_MODES  # the modes kernels.select knows, one definition
 
 
+def scalars(*, train_steps: int, seq_len: int, lr) -> None:
+    """The run's own numbers, checked before anything is imported or built (a typo is reported in seconds)."""
+    if train_steps < 0:
+        raise ConfigError(f"TRAIN_STEPS={train_steps} must be >= 0")
+    if seq_len <= 0:
+        raise ConfigError(f"SEQ_LEN={seq_len} must be positive")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ConfigError(f"LR={lr!r} (flame_gin.run.lr) must be a positive number")
+
+
 def run_numbers(
     *,
     train_steps: int,
@@ -30,12 +40,7 @@ def run_numbers(
     varlen: bool,
 ) -> int:
     """The run's numbers against each other and the model; returns the per-rank micro-batch size."""
-    if train_steps < 0:
-        raise ConfigError(f"TRAIN_STEPS={train_steps} must be >= 0")
-    if seq_len <= 0:
-        raise ConfigError(f"SEQ_LEN={seq_len} must be positive")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"LR={lr!r} (flame_gin.run.lr) must be a positive number")
+    scalars(train_steps=train_steps, seq_len=seq_len, lr=lr)
     per_step = dp_size * grad_accum_steps
     if batch_size <= 0 or batch_size % per_step:
         raise ConfigError(

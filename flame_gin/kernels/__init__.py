@@ -12,7 +12,46 @@ from __future__ import annotations
 import torch
 
 from flame_gin.kernels import cache, sdpa  # noqa: F401  (cache: re-exported as kernels.cache)
-from flame_gin.kernels.swap import TABLE, check_fla_version, check_table, installed, restore
+
+# The swap table names FLA's classes, and importing FLA takes about 12 s on a CPU: it is imported on first use,
+# so a command line reports a config error before paying for it.
+
+
+def restore() -> None:
+    """Puts FLA's own ops back where `select` swapped them."""
+    from flame_gin.kernels import swap
+
+    swap.restore()
+
+
+def installed() -> bool:
+    """Whether the reference ops are installed."""
+    from flame_gin.kernels import swap
+
+    return swap.installed()
+
+
+def check_table() -> list:
+    """Checks that every name the swap table replaces still exists in FLA; their labels."""
+    from flame_gin.kernels import swap
+
+    return swap.check_table()
+
+
+def check_fla_version() -> str:
+    """FLA's version; raises unless it is in the supported range."""
+    from flame_gin.kernels import swap
+
+    return swap.check_fla_version()
+
+
+def __getattr__(name: str):
+    if name == "TABLE":
+        from flame_gin.kernels import swap
+
+        return swap.TABLE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 MODES = ("auto", "triton", "reference", "compiled")
 _current = {"mode": "triton"}
