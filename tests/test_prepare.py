@@ -78,6 +78,30 @@ def test_parallel_build_is_the_serial_one_and_an_interrupted_build_resumes(tmp_p
     assert _bytes(resumed.directory) == _bytes(serial.directory)
     assert not (tmp_path / ".resumed.partial").exists()
 
+    # A crash after the parts were joined (here: writing the meta) leaves only the clean-up to do.
+    real_write_meta = store.write_meta
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "write_meta", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store_build.build_store(
+            texts=texts, make_tokenize=_make_tokenize(tok), vocab_size=512, directory=tmp_path / "late"
+        )
+    monkeypatch.setattr(store, "write_meta", real_write_meta)
+
+    def must_not_tokenize():
+        raise AssertionError("the joined parts were tokenized again")
+
+    late = store_build.build_store(
+        texts=texts, make_tokenize=must_not_tokenize, vocab_size=512, directory=tmp_path / "late"
+    )
+    assert _bytes(late.directory) == _bytes(serial.directory) and late.meta["documents"] == 400
+    assert sorted(p.name for p in late.directory.iterdir()) == sorted(
+        [store.TOKENS_FILE, store.OFFSETS_FILE, store.META_FILE]
+    )
+
 
 def test_ingest_cuts_documents_at_the_separator_or_the_offsets(tmp_path):
     docs = [[5, 6, 7], [8], [9, 10]]

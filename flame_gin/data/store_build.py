@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import itertools
+import json
 import multiprocessing
 import os
 import pathlib
@@ -30,6 +31,7 @@ from flame_gin.data import store
 
 CHUNK_DOCS = 1024  # documents per tokenizer call (one pool task)
 PART_CHUNKS = 64  # chunks per committed part: the work an interruption can lose
+JOINED_FILE = "joined.json"  # in the work folder: the parts are joined, only the clean-up and rename are left
 
 
 def _dtype(vocab_size: int):
@@ -79,10 +81,18 @@ def _join(*, work: pathlib.Path, parts: list[pathlib.Path], dtype, meta: dict) -
                 shutil.copyfileobj(f, out, 1 << 24)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     np.save(work / store.OFFSETS_FILE, offsets)
-    for p in parts:
-        p.unlink()
-        p.with_suffix(".bin").unlink()
-    store.write_meta(work, dtype=np.dtype(dtype).name, documents=len(lengths), tokens=int(offsets[-1]), **meta)
+    final = dict(meta, dtype=np.dtype(dtype).name, documents=len(lengths), tokens=int(offsets[-1]))
+    (work / JOINED_FILE).write_text(json.dumps(final))  # from here on the parts are no longer needed
+    _finish(work)
+
+
+def _finish(work: pathlib.Path) -> None:
+    """After the join (also when a crash interrupted what follows it): drop the parts, then write the meta."""
+    if (work / JOINED_FILE).exists():
+        for part in work.glob("part-*"):
+            part.unlink()
+        store.write_meta(work, **json.loads((work / JOINED_FILE).read_text()))
+        (work / JOINED_FILE).unlink()
 
 
 def build_store(
@@ -105,6 +115,11 @@ def build_store(
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder per store; the others wait, then read it
         if store.is_store(directory):
+            return store.TokenStore(directory)
+        if (work / JOINED_FILE).exists() or store.is_store(work):
+            _finish(work)  # an earlier build got past its join: only the clean-up and the rename were left
+            os.rename(work, directory)
+            lock_path.unlink()
             return store.TokenStore(directory)
         dtype = _dtype(vocab_size)
         parts = _committed_parts(work)
