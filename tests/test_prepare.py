@@ -143,60 +143,69 @@ def test_prepare_command_builds_what_the_offline_run_reads_and_an_ingested_corpu
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])["prepare"]
     assert {r["split"] for r in report} == {"train", "validation"} and all(r["tokens"] > 0 for r in report)
-    # The run finds them: building its plan offline tokenizes nothing.
+    # The run finds them: the offline run (in this process) tokenizes nothing and builds no other store.
     stamps = {r["directory"]: os.stat(pathlib.Path(r["directory"]) / store.TOKENS_FILE).st_mtime_ns for r in report}
-    run = subprocess.run(
-        [sys.executable, "-m", "flame_gin.train", *gin_args, "--gin.TRAIN_STEPS=2", f"--workdir={tmp_path / 'run'}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    _train(
+        tmp_path / "run",
+        files=["gin/tiny.gin", "gin/data/offline.gin"],
+        bindings=[f"flame_gin.build_loader.cache_dir = '{cache}'"],
     )
-    assert run.returncode == 0, run.stderr[-3000:]
     assert stamps == {d: os.stat(pathlib.Path(d) / store.TOKENS_FILE).st_mtime_ns for d in stamps}
     assert sorted(p.name for p in (cache / "token_stores").iterdir()) == sorted(pathlib.Path(d).name for d in stamps)
 
-    # A corpus tokenized elsewhere: ingested per split, named by its folder, trained on.
+    # A corpus tokenized elsewhere: ingested per split (the command for one, the library for the other), named
+    # by its folder, trained on with evaluation.
     tokenize = _make_tokenize(tok)()
     for split, part in (("train", texts[:350]), ("validation", texts[350:])):
         ids = np.concatenate([np.append(a, 1) for a in tokenize(part)]).astype(np.uint16)  # 1 is </s>
         ids.tofile(tmp_path / f"{split}.bin")
-        ingested = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "flame_gin.data.prepare",
-                f"--ingest_tokens={tmp_path / f'{split}.bin'}",
-                "--separator=1",
-                f"--out={tmp_path / 'corpus' / split}",
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert ingested.returncode == 0, ingested.stderr[-3000:]
-    trained = subprocess.run(
+    ingested = subprocess.run(
         [
             sys.executable,
             "-m",
-            "flame_gin.train",
-            "--gin_file=gin/tiny.gin",
-            "--gin.TRAIN_STEPS=3",
-            f"--gin.flame_gin.build_loader.sources=[{{'path': '{tmp_path / 'corpus'}'}}]",
-            "--gin.flame_gin.run.eval_interval=3",
-            f"--workdir={tmp_path / 'ingested_run'}",
+            "flame_gin.data.prepare",
+            f"--ingest_tokens={tmp_path / 'train.bin'}",
+            "--separator=1",
+            f"--out={tmp_path / 'corpus' / 'train'}",
         ],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=300,
     )
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    assert "eval_loss" in trained.stderr and "step 3/3" in trained.stderr
+    assert ingested.returncode == 0, ingested.stderr[-3000:]
+    assert json.loads(ingested.stdout.strip().splitlines()[-1])["prepare"][0]["documents"] == 350
+    store_build.ingest(
+        tokens=tmp_path / "validation.bin", dtype="uint16", separator=1, directory=tmp_path / "corpus" / "validation"
+    )
+    workdir = _train(
+        tmp_path / "ingested_run",
+        files=["gin/tiny.gin"],
+        bindings=[
+            f"flame_gin.build_loader.sources = [{{'path': '{tmp_path / 'corpus'}'}}]",
+            "flame_gin.run.eval_interval = 2",
+        ],
+    )
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval_loss")] == [2] and [e.step for e in events.Scalars("loss")][-1] == 2
+
+
+def _train(workdir: pathlib.Path, *, files: list[str], bindings: list[str]) -> pathlib.Path:
+    """Two training steps in this process with the given gin files and bindings."""
+    from flame_gin import config as config_lib
+    from flame_gin import configurables
+
+    config_lib.parse(
+        gin_files=files,
+        gin_bindings=[*bindings, f"MODEL_DIR = {str(workdir)!r}", "TRAIN_STEPS = 2", "flame_gin.run.log_interval = 1"],
+        search_paths=config_lib.default_search_paths(),
+    )
+    assert configurables.run(config_text="", on_first_step=None) == 0
+    return workdir
 
 
 def test_an_ingested_corpus_is_read_in_its_document_order(tmp_path, corpus):
