@@ -12,7 +12,8 @@ import logging
 import os
 import pathlib
 import re
-from typing import Sequence
+import sys
+from typing import Callable, Sequence
 
 import gin
 
@@ -66,6 +67,19 @@ def rewrite_shorthand(argv: Sequence[str]) -> list[str]:
         else:
             out.append(arg)
     return out
+
+
+def run_command(main: Callable[[list[str]], int], *, prog: str) -> None:
+    """Console-script entry of a command that reads gin files: rewrites the ``--gin.X=V`` shorthand (a malformed
+    one exits 2 with one line naming ``prog``), then hands ``main`` over to absl; its return is the exit status."""
+    from absl import app
+
+    try:
+        argv = rewrite_shorthand(sys.argv)
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(lambda a: sys.exit(main(a)), argv=argv)
 
 
 def resolve_file(name: str, search_paths: Sequence[str]) -> str:

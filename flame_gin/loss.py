@@ -186,11 +186,7 @@ def loss_sum(*, model: nn.Module, batch: dict, fused: bool | str) -> tuple[torch
     if fused:
         mode = DEFAULT_FUSED if fused is True else fused
         return fla_token_loss_sum(hidden=hidden, head=head, labels=labels, mode=mode), count
-    logits = head(hidden).float()
-    total = F.cross_entropy(
-        logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return total, count
+    return token_loss_sum(logits=head(hidden), labels=labels, fused=False), count
 
 
 def shard_for_context(*, batch: dict, cp_mesh) -> dict:

@@ -80,13 +80,8 @@ def _stop_flag():
 
 
 def run_main() -> None:
-    """Console-script entry: rewrites the ``--gin.X=V`` shorthand, then hands over to absl."""
-    try:
-        argv = config_lib.rewrite_shorthand(sys.argv)
-    except config_lib.ConfigError as e:
-        print(f"flame_gin: {e}", file=sys.stderr)
-        sys.exit(2)
-    app.run(lambda a: sys.exit(main(a)), argv=argv)
+    """Console-script entry (the ``--gin.X=V`` shorthand accepted)."""
+    config_lib.run_command(main, prog="flame_gin")
 
 
 if __name__ == "__main__":

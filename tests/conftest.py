@@ -13,11 +13,12 @@ warnings.filterwarnings("ignore", message="Triton is not supported on current pl
 @pytest.fixture
 def train_tiny():
     """Trains the embedded tiny default in this process for a few steps, no evaluation, into ``workdir`` (its
-    final checkpoint is the one at ``steps``); returns ``workdir``. Extra gin files layer over ``gin/tiny.gin``."""
+    final checkpoint is the one at ``steps``); returns ``workdir``. Extra gin files layer over ``gin/tiny.gin``
+    and extra bindings over these defaults."""
     from flame_gin import config as config_lib
     from flame_gin import configurables
 
-    def train(workdir, *, steps: int = 3, gin_files: tuple[str, ...] = ()):
+    def train(workdir, *, steps: int = 3, gin_files: tuple[str, ...] = (), bindings: tuple[str, ...] = ()):
         config_lib.parse(
             gin_files=["gin/tiny.gin", *gin_files],
             gin_bindings=[
@@ -25,6 +26,7 @@ def train_tiny():
                 f"TRAIN_STEPS = {steps}",
                 "WARMUP_STEPS = 0",
                 "flame_gin.run.eval_interval = 0",
+                *bindings,
             ],
             search_paths=config_lib.default_search_paths(),
         )

@@ -49,6 +49,30 @@ def _torch_logits(model: torch.nn.Module, tokens: np.ndarray) -> np.ndarray:
         return model(input_ids=torch.from_numpy(tokens)).logits.float().numpy()
 
 
+def _reference(config, *, size: tuple[int, int], seed: int, tweak=None):
+    """The model of ``config`` (torch seed 0, reference kernels, ``tweak(model)`` applied without gradients),
+    random tokens of ``size`` and its float32 logits."""
+    from transformers import AutoModelForCausalLM
+
+    kernels.select(mode="reference")
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if tweak is not None:
+            with torch.no_grad():
+                tweak(model)
+        tokens = np.random.default_rng(seed).integers(0, config.vocab_size, size=size)
+        return model, tokens, _torch_logits(model, tokens)
+    finally:
+        kernels.restore()
+
+
+def _save(model: torch.nn.Module, tmp_path: pathlib.Path) -> pathlib.Path:
+    """The model saved as step 1 of a checkpoint under ``tmp_path``; the step's folder."""
+    Checkpointer(directory=tmp_path / "ckpt").save(step=1, model=model, optimizer=None, extra={}, config_text="")
+    return tmp_path / "ckpt" / "1"
+
+
 @pytest.mark.slow
 def test_tiny_run_checkpoint_runs_in_jax(tmp_path, train_tiny):
     run = tmp_path / "run"
@@ -68,7 +92,6 @@ def test_tiny_run_checkpoint_runs_in_jax(tmp_path, train_tiny):
 @pytest.mark.slow
 def test_gla_options_match_in_jax(tmp_path):
     from fla.models import GLAConfig
-    from transformers import AutoModelForCausalLM
 
     config = GLAConfig(
         hidden_size=64,
@@ -84,33 +107,27 @@ def test_gla_options_match_in_jax(tmp_path):
         tie_word_embeddings=True,
         initializer_range=0.2,
     )
-    kernels.select(mode="reference")
-    try:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        with torch.no_grad():  # larger-than-init gate biases, so gates and the clamp both matter
-            for layer in model.model.layers:
-                layer.attn.gk_proj[1].bias.uniform_(-6.0, 3.0)
-        tokens = np.random.default_rng(1).integers(0, 97, size=(3, 70))
-        ref = _torch_logits(model, tokens)
-    finally:
-        kernels.restore()
-    Checkpointer(directory=tmp_path / "ckpt").save(step=1, model=model, optimizer=None, extra={}, config_text="")
-    saved = json.loads((tmp_path / "ckpt" / "1" / "model_config.json").read_text())
+
+    def wide_gate_biases(model):  # larger-than-init gate biases, so gates and the clamp both matter
+        for layer in model.model.layers:
+            layer.attn.gk_proj[1].bias.uniform_(-6.0, 3.0)
+
+    model, tokens, ref = _reference(config, size=(3, 70), seed=1, tweak=wide_gate_biases)
+    step_dir = _save(model, tmp_path)
+    saved = json.loads((step_dir / "model_config.json").read_text())
     assert saved["use_short_conv"] and saved["num_kv_heads"] == 2 and not saved["fuse_norm"]
-    got = _jax_logits(tmp_path / "ckpt" / "1", tokens, tmp_path)
+    got = _jax_logits(step_dir, tokens, tmp_path)
     assert np.abs(got - ref).max() < TOLERANCE, np.abs(got - ref).max()
     # The check has teeth: without the clamp the JAX side differs.
     saved["clamp_min"] = None
-    (tmp_path / "ckpt" / "1" / "model_config.json").write_text(json.dumps(saved))
-    assert np.abs(_jax_logits(tmp_path / "ckpt" / "1", tokens, tmp_path) - ref).max() > 100 * TOLERANCE
+    (step_dir / "model_config.json").write_text(json.dumps(saved))
+    assert np.abs(_jax_logits(step_dir, tokens, tmp_path) - ref).max() > 100 * TOLERANCE
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("short_conv", [True, False])
 def test_delta_net_matches_in_jax(tmp_path, short_conv):
     from fla.models import DeltaNetConfig
-    from transformers import AutoModelForCausalLM
 
     config = DeltaNetConfig(
         hidden_size=64,
@@ -122,16 +139,9 @@ def test_delta_net_matches_in_jax(tmp_path, short_conv):
         conv_size=4,
         initializer_range=0.2,
     )
-    kernels.select(mode="reference")
-    try:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tokens = np.random.default_rng(2).integers(0, 97, size=(2, 90))
-        ref = _torch_logits(model, tokens)
-    finally:
-        kernels.restore()
-    Checkpointer(directory=tmp_path / "ckpt").save(step=1, model=model, optimizer=None, extra={}, config_text="")
-    assert json.loads((tmp_path / "ckpt" / "1" / "model_config.json").read_text())["model_type"] == "delta_net"
-    got = _jax_logits(tmp_path / "ckpt" / "1", tokens, tmp_path)
+    model, tokens, ref = _reference(config, size=(2, 90), seed=2)
+    step_dir = _save(model, tmp_path)
+    assert json.loads((step_dir / "model_config.json").read_text())["model_type"] == "delta_net"
+    got = _jax_logits(step_dir, tokens, tmp_path)
     assert np.abs(ref).max() > 1.0  # logits large enough for the comparison to mean something
     assert np.abs(got - ref).max() < TOLERANCE, np.abs(got - ref).max()

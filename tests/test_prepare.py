@@ -35,7 +35,7 @@ def _bytes(directory):
 
 
 class _Counting:
-    """A picklable-free in-process tokenizer that counts the documents it tokenized."""
+    """An in-process tokenizer that counts the documents it tokenized."""
 
     def __init__(self, path):
         self.inner, self.count = _make_tokenize(path)(), 0
@@ -123,7 +123,7 @@ def test_ingest_cuts_documents_at_the_separator_or_the_offsets(tmp_path):
 
 
 @pytest.mark.slow
-def test_prepare_command_builds_what_the_offline_run_reads_and_an_ingested_corpus_trains(tmp_path, corpus):
+def test_prepare_command_builds_what_the_offline_run_reads_and_an_ingested_corpus_trains(tmp_path, corpus, train_tiny):
     texts, tok = corpus
     cache = tmp_path / "cache"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
@@ -145,10 +145,11 @@ def test_prepare_command_builds_what_the_offline_run_reads_and_an_ingested_corpu
     assert {r["split"] for r in report} == {"train", "validation"} and all(r["tokens"] > 0 for r in report)
     # The run finds them: the offline run (in this process) tokenizes nothing and builds no other store.
     stamps = {r["directory"]: os.stat(pathlib.Path(r["directory"]) / store.TOKENS_FILE).st_mtime_ns for r in report}
-    _train(
+    train_tiny(  # evaluation on: the held-out store is read too
         tmp_path / "run",
-        files=["gin/tiny.gin", "gin/data/offline.gin"],
-        bindings=[f"flame_gin.build_loader.cache_dir = '{cache}'"],
+        steps=2,
+        gin_files=("gin/data/offline.gin",),
+        bindings=(f"flame_gin.build_loader.cache_dir = '{cache}'", "flame_gin.run.eval_interval = 2"),
     )
     assert stamps == {d: os.stat(pathlib.Path(d) / store.TOKENS_FILE).st_mtime_ns for d in stamps}
     assert sorted(p.name for p in (cache / "token_stores").iterdir()) == sorted(pathlib.Path(d).name for d in stamps)
@@ -179,33 +180,19 @@ def test_prepare_command_builds_what_the_offline_run_reads_and_an_ingested_corpu
     store_build.ingest(
         tokens=tmp_path / "validation.bin", dtype="uint16", separator=1, directory=tmp_path / "corpus" / "validation"
     )
-    workdir = _train(
+    workdir = train_tiny(
         tmp_path / "ingested_run",
-        files=["gin/tiny.gin"],
-        bindings=[
+        steps=2,
+        bindings=(
             f"flame_gin.build_loader.sources = [{{'path': '{tmp_path / 'corpus'}'}}]",
             "flame_gin.run.eval_interval = 2",
-        ],
+        ),
     )
     from tensorboard.backend.event_processing import event_accumulator
 
     events = event_accumulator.EventAccumulator(str(workdir / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("eval_loss")] == [2] and [e.step for e in events.Scalars("loss")][-1] == 2
-
-
-def _train(workdir: pathlib.Path, *, files: list[str], bindings: list[str]) -> pathlib.Path:
-    """Two training steps in this process with the given gin files and bindings."""
-    from flame_gin import config as config_lib
-    from flame_gin import configurables
-
-    config_lib.parse(
-        gin_files=files,
-        gin_bindings=[*bindings, f"MODEL_DIR = {str(workdir)!r}", "TRAIN_STEPS = 2", "flame_gin.run.log_interval = 1"],
-        search_paths=config_lib.default_search_paths(),
-    )
-    assert configurables.run(config_text="", on_first_step=None) == 0
-    return workdir
 
 
 def test_an_ingested_corpus_is_read_in_its_document_order(tmp_path, corpus):

@@ -24,7 +24,7 @@ import pathlib
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files of the run whose data to prepare.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings (or --gin.NAME=VALUE).")
@@ -38,7 +38,6 @@ _OUT = flags.DEFINE_string("out", None, "Ingest: the store folder to create (for
 
 def _prepare_run_data(*, gin_files: list[str], bindings: list[str], processes: int) -> list[dict]:
     """Builds the run's stores by building its loaders once, offline, with ``processes`` tokenizers."""
-    import gin
     from flame_gin import config as config_lib
     from flame_gin import configurables  # noqa: F401  (registers the configurables)
 
@@ -54,7 +53,7 @@ def _prepare_run_data(*, gin_files: list[str], bindings: list[str], processes: i
         if factory is None:
             continue
         started = time.perf_counter()
-        loader = gin.query_parameter(f"flame_gin.run.{name}").scoped_configurable_fn(
+        loader = factory.scoped_configurable_fn(  # the configured reference, called as the trainer would
             seq_len=value("flame_gin.run.seq_len"),
             batch_size=1,
             rank=0,
@@ -108,15 +107,10 @@ def main(argv) -> int:
 
 
 def run_main() -> None:
-    """Entry: the ``--gin.X=V`` shorthand rewritten as in ``flame_gin.train``, then absl."""
+    """Console-script entry (the ``--gin.X=V`` shorthand accepted, as in ``flame_gin.train``)."""
     from flame_gin import config as config_lib
 
-    try:
-        argv = config_lib.rewrite_shorthand(sys.argv)
-    except config_lib.ConfigError as e:
-        print(f"flame_gin.data.prepare: {e}", file=sys.stderr)
-        sys.exit(2)
-    app.run(lambda a: sys.exit(main(a)), argv=argv)
+    config_lib.run_command(main, prog="flame_gin.data.prepare")
 
 
 if __name__ == "__main__":

@@ -13,43 +13,16 @@ import torch
 
 from flame_gin.kernels import cache, sdpa  # noqa: F401  (cache: re-exported as kernels.cache)
 
-# The swap table names FLA's classes, and importing FLA takes about 12 s on a CPU: it is imported on first use,
-# so a command line reports a config error before paying for it.
-
-
-def restore() -> None:
-    """Puts FLA's own ops back where `select` swapped them."""
-    from flame_gin.kernels import swap
-
-    swap.restore()
-
-
-def installed() -> bool:
-    """Whether the reference ops are installed."""
-    from flame_gin.kernels import swap
-
-    return swap.installed()
-
-
-def check_table() -> list:
-    """Checks that every name the swap table replaces still exists in FLA; their labels."""
-    from flame_gin.kernels import swap
-
-    return swap.check_table()
-
-
-def check_fla_version() -> str:
-    """FLA's version; raises unless it is in the supported range."""
-    from flame_gin.kernels import swap
-
-    return swap.check_fla_version()
+# The swap module names FLA's classes, and importing FLA takes about 12 s on a CPU: its names are served from
+# here on first use (PEP 562), so a command line reports a config error before paying for it.
+_FROM_SWAP = ("TABLE", "check_fla_version", "check_table", "installed", "restore")
 
 
 def __getattr__(name: str):
-    if name == "TABLE":
+    if name in _FROM_SWAP:
         from flame_gin.kernels import swap
 
-        return swap.TABLE
+        return getattr(swap, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -75,12 +48,12 @@ def select(*, mode: str = "auto") -> str:
         raise ValueError(f"kernel mode must be one of {MODES}, got {mode!r}")
     if mode == "auto":
         mode = "triton" if torch.cuda.is_available() else "reference"
-    if mode in ("reference", "compiled"):
-        from flame_gin.kernels import swap
+    from flame_gin.kernels import swap
 
+    if mode in ("reference", "compiled"):
         swap.install(swap.TABLE if mode == "reference" else swap.compiled_table(on_gpu=torch.cuda.is_available()))
     else:
-        restore()
+        swap.restore()
     sdpa.install()  # FLA's softmax attention layer without flash-attn, in every mode
     _current["mode"] = mode
     return mode
