@@ -60,7 +60,7 @@ def parse(*, gin_files: list[str], bindings: list[str], workdir: str) -> None:
             *bindings,
             f"MODEL_DIR = {workdir!r}",
             "flame_gin.run.log_interval = 1",
-            "flame_gin.run.eval_interval = 0",
+            "flame_gin.evaluation.interval = 0",
             "flame_gin.run.checkpointer = None",
             "flame_gin.run.grad_accum_steps = 1",
         ],
@@ -98,7 +98,7 @@ def reference_losses(*, steps: int, bf16_logits: bool = False, decay_all: bool =
         value("flame_gin.run.seq_len"),
         value("flame_gin.run.batch_size"),
     )
-    lr, weight_decay = value("flame_gin.run.lr"), value("flame_gin.run.weight_decay", 0.1)
+    lr, weight_decay = value("flame_gin.adamw.lr"), value("flame_gin.adamw.weight_decay", 0.1)
     warmup, min_ratio = value("flame_gin.lr_schedule.warmup_steps", 0), value("flame_gin.lr_schedule.min_lr_ratio", 0.0)
     total, clip = value("flame_gin.run.train_steps"), value("flame_gin.run.max_grad_norm", 1.0)
     betas, eps = value("flame_gin.adamw.betas", (0.9, 0.95)), value("flame_gin.adamw.eps", 1e-8)

@@ -60,7 +60,7 @@ def _command(*, family: str, workdir: str, args) -> list[str]:
         "--gin_file=gin/tiny.gin",
         f"--gin_file=gin/model/{family}.gin",
         *[f"--gin.{b}" for b in bindings],
-        "--gin_bindings=flame_gin.run.eval_interval = 0",
+        "--gin_bindings=flame_gin.evaluation.interval = 0",
         "--gin_bindings=flame_gin.run.log_interval = 1",
         "--gin_bindings=flame_gin.run.checkpointer = None",
         f"--workdir={workdir}",

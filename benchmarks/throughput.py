@@ -294,7 +294,7 @@ def run_trainer(
             workdir=workdir,
             train_steps=steps,
             log_interval=math.gcd(warmup, steps),
-            eval_interval=0,
+            evaluation=None,
             checkpointer=None,
             profiler=profiler,
             writers=lambda **_: writer,
@@ -342,7 +342,7 @@ def main(argv):
     model_config = gin.query_parameter("flame_gin.run.model_config").scoped_configurable_fn()
     seq_len = config_lib.bound_value("flame_gin.run.seq_len", None)
     batch_size = config_lib.bound_value("flame_gin.run.batch_size", None)
-    lr = config_lib.bound_value("flame_gin.run.lr", None)
+    lr = config_lib.bound_value("flame_gin.adamw.lr", None)
     varlen = config_lib.bound_value("flame_gin.run.varlen", False)
     fused_loss = config_lib.bound_value("flame_gin.run.fused_loss", "auto")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

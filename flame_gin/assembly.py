@@ -123,7 +123,7 @@ def plan(
     pipeline: Callable[..., Any] | None,
     workdir: str,
     numbers: dict,
-    evaluates: bool,
+    evaluation,
     kernel_mode: str,
     fused_loss: Any,
     init_timeout_seconds: float,
@@ -138,6 +138,8 @@ def plan(
             raise ValueError(f"train_timeout_seconds={train_timeout_seconds} must be positive")
     # What needs neither FLA nor the model config first: importing FLA alone takes ~12 s on a CPU.
     checks.scalars(train_steps=numbers["train_steps"], seq_len=numbers["seq_len"], lr=numbers["lr"])
+    if evaluation is not None:
+        checks.evaluation(interval=evaluation.interval, batches=evaluation.batches)
     checks.kernel_mode(mode=kernel_mode, cuda=proc.device.type == "cuda")
     checks.workdir(workdir)
     with as_config_error():
@@ -153,10 +155,10 @@ def plan(
             varlen=numbers["varlen"],
             model_config=config,
         )
-    if dims.pp > 1 and evaluates:
+    if dims.pp > 1 and evaluation is not None:
         raise config_lib.ConfigError(
             f"evaluation does not run through pipeline stages (ParallelDims.pp={dims.pp}); "
-            f"set flame_gin.run.eval_interval = 0 or evaluate the checkpoints separately"
+            f"set flame_gin.evaluation.interval = 0 or evaluate the checkpoints separately"
         )
     if dims.pp > 1 and pipeline is None:
         raise config_lib.ConfigError(

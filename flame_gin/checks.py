@@ -24,7 +24,15 @@ def scalars(*, train_steps: int, seq_len: int, lr) -> None:
     if seq_len <= 0:
         raise ConfigError(f"SEQ_LEN={seq_len} must be positive")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ConfigError(f"LR={lr!r} (flame_gin.run.lr) must be a positive number")
+        raise ConfigError(f"LR={lr!r} (flame_gin.adamw.lr) must be a positive number")
+
+
+def evaluation(*, interval, batches) -> None:
+    """The held-out evaluation's settings (``flame_gin.evaluation``)."""
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+        raise ConfigError(f"flame_gin.evaluation.interval={interval!r} must be a whole number of steps >= 0")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+        raise ConfigError(f"flame_gin.evaluation.batches={batches!r} must be a whole number >= 1")
 
 
 def run_numbers(

@@ -11,6 +11,7 @@ import gin
 from flame_gin import (
     checkpoint,
     data,
+    loop,
     mesh,
     metrics,
     models,
@@ -18,6 +19,7 @@ from flame_gin import (
     parallel,
     profiling,
     schedules,
+    start,
     trainer,
     wandb_writer,
 )
@@ -33,7 +35,9 @@ def _register(fn, name: str, **kwargs):
 run = _register(trainer.run, "run", denylist=["config_text", "on_first_step", "stop_requested"])
 _register(models.build_config, "model_config")
 _register(schedules.make_schedule, "lr_schedule", denylist=["total_steps"])
-_register(optim.adamw, "adamw", denylist=["params"])
+_register(optim.AdamW, "adamw")
+_register(loop.Evaluation, "evaluation")
+_register(start.Start, "start")
 _register(metrics.create_writers, "metric_writers", denylist=["workdir", "is_primary"])
 _register(profiling.Profiler, "profiler", denylist=["workdir", "rank"])
 _register(wandb_writer.WandbWriter, "wandb_writer")

@@ -20,6 +20,20 @@ from flame_gin import flops, metrics, process, steps
 from flame_gin.checkpoint import REQUEUE_EXIT_CODE
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Evaluation:
+    """The held-out evaluation's settings (gin: ``flame_gin.evaluation``; the run takes
+    ``@flame_gin.evaluation()``, or None for no evaluation).
+
+    ``data`` builds the held-out loader (called like the training one, with ``split="validation"``), the loss
+    is measured every ``interval`` steps and at the last (0: never) over at most ``batches`` batches.
+    """
+
+    data: Callable[..., Any]
+    interval: int = 1000
+    batches: int = 50
+
+
 @dataclasses.dataclass
 class TrainState:
     """What the loop counts, saved in every checkpoint."""
@@ -178,7 +192,7 @@ class Loop:
         self._window_tokens, self._window_start = self.state.tokens_seen, time.perf_counter()
 
     def evaluate(self) -> None:
-        """Phase: every ``eval_interval`` steps and at the last, the held-out loss."""
+        """Phase: every ``eval_interval`` steps and at the last, the held-out loss (``Evaluation``)."""
         step = self.state.step
         if self.eval_loader is None or (step % self.eval_interval and step != self.train_steps):
             return

@@ -1,11 +1,16 @@
 """AdamW with parameter groups: weight decay only where it belongs.
 
+The optimizer's settings (``AdamW``: learning rate, weight decay, betas, eps) are one object the run is given
+before any model exists, so the learning rate is validated with the other cheap checks and the schedule scales
+it; ``build(model=)`` makes the torch optimizer once the model is materialised.
+
 Norm weights, biases, embeddings and whatever FLA marks as ``_no_weight_decay`` are excluded from weight
 decay (decaying them hurts and is what researchers expect to be off); every other matrix decays.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable
 
 import torch
@@ -61,3 +66,23 @@ def adamw(
     if fused is None:
         fused = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdamW:
+    """The optimizer's settings (gin: ``flame_gin.adamw``; the run takes ``@flame_gin.adamw()``).
+
+    ``lr`` is the peak learning rate (the schedule multiplies it), ``weight_decay`` applies to the ``decay``
+    group only (see ``parameter_groups``), ``fused`` None picks the fused CUDA kernel when every parameter is
+    on a GPU. Another optimizer fits the run when it has ``lr`` and ``build(model=)``.
+    """
+
+    lr: float
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    fused: bool | None = None
+
+    def build(self, *, model: nn.Module) -> torch.optim.Optimizer:
+        groups = parameter_groups(model=model, weight_decay=self.weight_decay)
+        return adamw(params=groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=self.fused)

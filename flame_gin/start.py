@@ -9,6 +9,7 @@ model's initial weights saved before any training, so runs at any mesh can start
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from absl import logging
@@ -17,6 +18,22 @@ from flame_gin import checkpoint, process
 from flame_gin.checkpoint import hf
 
 SEED_CHECKPOINT_DIR = "seed_checkpoint"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Start:
+    """How the run starts (gin: ``flame_gin.start``; the run takes ``@flame_gin.start()``).
+
+    ``restore_step`` resumes that step of the run's own checkpoints instead of the latest; ``init_from`` (another
+    run's checkpoints directory or a seed checkpoint) or ``init_from_hf`` (a Hugging Face model directory) load
+    weights when the run has no checkpoint of its own; ``seed_checkpoint_only`` writes the initial weights to
+    ``WORKDIR/seed_checkpoint`` and stops before training.
+    """
+
+    restore_step: int | None = None
+    init_from: str | None = None
+    init_from_hf: str | None = None
+    seed_checkpoint_only: bool = False
 
 
 def data_states(extras: list[dict]) -> list[dict]:
@@ -74,7 +91,7 @@ def resume_or_initialise(
 def save_seed(*, workdir: str | os.PathLike, model, config_text: str) -> str:
     """Writes the model's initial weights as ``WORKDIR/seed_checkpoint`` (step 0); returns the directory.
 
-    Later runs name it with ``flame_gin.run.init_from`` to start from exactly these weights, at any mesh.
+    Later runs name it with ``flame_gin.start.init_from`` to start from exactly these weights, at any mesh.
     """
     directory = os.path.join(os.fspath(workdir), SEED_CHECKPOINT_DIR)
     checkpoint.save_seed_checkpoint(directory=directory, model=model, config_text=config_text)

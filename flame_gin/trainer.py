@@ -22,11 +22,10 @@ import functools
 import pathlib
 from typing import Any, Callable
 
-import torch
-
-from flame_gin import assembly, flops, kernels, metrics, optim, process, start
+from flame_gin import assembly, flops, kernels, metrics, optim, process
 from flame_gin import config as config_lib
 from flame_gin import loop as loop_lib
+from flame_gin import start as start_lib
 from flame_gin.parallel import compile as compile_lib
 from flame_gin.parallel import pipeline as pipeline_lib
 
@@ -56,59 +55,84 @@ def run(
     workdir: str,
     model_config: Callable[[], Any],
     train_data: Callable[..., Any],
-    eval_data: Callable[..., Any] | None = None,
     train_steps: int,
     batch_size: int,
     seq_len: int,
-    lr: float,
+    optimizer: optim.AdamW,
     lr_schedule: Callable[..., Callable[[int], float]],
-    optimizer: Callable[..., torch.optim.Optimizer] = optim.adamw,
-    weight_decay: float = 0.1,
+    evaluation: loop_lib.Evaluation | None = None,
+    start: start_lib.Start | None = None,
     grad_accum_steps: int = 1,
     max_grad_norm: float = 1.0,
     skip_nonfinite: bool = True,
     seed: int = 42,
     deterministic: bool = False,
-    gc_interval: int = 50,
-    eval_interval: int = 0,
-    eval_batches: int = 0,
-    log_interval: int = 10,
+    varlen: bool = False,
     kernel_mode: str = "auto",
     fused_loss: str = "auto",
-    varlen: bool = False,
+    log_interval: int = 10,
+    gc_interval: int = 50,
+    peak_tflops: float | None = None,
     writers: Callable[..., metrics.MetricWriter] = metrics.create_writers,
     checkpointer: Callable[..., Any] | None = None,
     profiler: Callable[..., Any] | None = None,
-    peak_tflops: float | None = None,
-    config_text: str = "",
-    on_first_step: Callable[[], str] | None = None,
-    stop_requested: Callable[[], bool] | None = None,
     parallel_dims: Callable[..., Any] | None = None,
     parallelize: Callable[..., Any] | None = None,
-    restore_step: int | None = None,
-    init_from: str | None = None,
-    init_from_hf: str | None = None,
-    seed_checkpoint_only: bool = False,
     pipeline: Callable[..., Any] | None = None,
     init_timeout_seconds: float = 600.0,
     train_timeout_seconds: float | None = None,
     nccl_trace_buffer_size: int | None = None,
     compile_cache: bool = True,
     kernel_cache: bool = True,
+    config_text: str = "",
+    on_first_step: Callable[[], str] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> int:
-    """Trains to ``train_steps`` (resuming from ``workdir`` when it holds checkpoints); returns an exit status.
-
+    """Trains to ``train_steps`` (resuming from ``workdir`` when it holds checkpoints); returns an exit status:
     0 when training finished, ``REQUEUE_EXIT_CODE`` (42) when a stop was requested (SIGTERM/SIGUSR2) and the
-    state was saved, so a Slurm wrapper can requeue the job. ``parallel_dims(world_size=)`` gives the
-    ``ParallelDims`` (default: every rank data parallel) and ``parallelize(model, dims=, mesh=)`` applies them;
-    with ``pp > 1``, ``pipeline(model, pp_mesh=, parallelize_stage=, device=)`` (``flame_gin.build_pipeline``)
-    splits the model into stages and builds the schedule. Collectives time out after ``init_timeout_seconds``
-    until the first step is done, then after ``train_timeout_seconds`` (None: unchanged);
-    ``nccl_trace_buffer_size`` sizes NCCL's flight recorder (None: the environment's setting). ``compile_cache``
-    keeps compiled blocks' artifacts in the workdir after the first step and loads them on a resume;
-    ``kernel_cache`` keeps FLA's Triton kernels and autotuning choices in ``workdir/kernel_cache``
-    (`flame_gin.kernels.cache`), so a resumed run skips autotuning and runs the same kernel configurations.
+    state was saved, so a Slurm wrapper can requeue the job.
+
+    Args (gin: ``flame_gin.run.<name>``; the last three are set by the entry point, not by gin):
+      workdir: the run directory (``--workdir``): config, checkpoints, metrics, kernel and compile caches.
+      model_config: builds the FLA model config (``@flame_gin.model_config``: family, sizes, overrides).
+      train_data: builds this rank's training loader (``@flame_gin.build_loader``), given its shard.
+      train_steps: optimizer steps of the whole run (a resumed run continues to the same number).
+      batch_size: global batch in sequences, over every data-parallel rank and accumulation step.
+      seq_len: tokens per sequence (with ``varlen``, tokens per packed row).
+      optimizer: the optimizer's settings, learning rate included (``@flame_gin.adamw()``, ``optim.AdamW``).
+      lr_schedule: ``total_steps -> (step -> multiplier of the peak lr)`` (``@flame_gin.lr_schedule``).
+      evaluation: held-out loss settings (``@flame_gin.evaluation()``, ``loop.Evaluation``); None: none.
+      start: resume/warm-start/seed-checkpoint settings (``@flame_gin.start()``, ``start.Start``); None: resume
+        the latest checkpoint when there is one, else the seeded initialisation.
+      grad_accum_steps: micro-batches per optimizer step (the global batch is split over them).
+      max_grad_norm: the global gradient norm is clipped to this.
+      skip_nonfinite: a step with a non-finite loss or gradient norm leaves the weights unchanged (counted).
+      seed: the initialisation, data order and RNG seed.
+      deterministic: deterministic torch algorithms (slower; for debugging a difference).
+      varlen: pack documents into rows and keep them apart in attention (families that honour ``cu_seqlens``).
+      kernel_mode: ``auto`` / ``triton`` / ``compiled`` / ``reference`` (``flame_gin.kernels``).
+      fused_loss: ``auto``, ``linear`` (head + loss fused), ``logits`` (FLA's loss on logits) or ``off``.
+      log_interval: steps between metric rows (loss, lr, grad norm, tokens/s, MFU, memory).
+      gc_interval: steps between Python garbage collections (0: Python's own schedule).
+      peak_tflops: the device's peak for MFU (None: looked up from the device name).
+      writers: ``(workdir=, is_primary=) -> MetricWriter`` (``@flame_gin.metric_writers``).
+      checkpointer: ``(directory=) -> Checkpointer`` (``@flame_gin.checkpointer``); None: no checkpoints.
+      profiler: ``(workdir=, rank=) -> Profiler`` (``@flame_gin.profiler``); None: no traces.
+      parallel_dims: ``(world_size=) -> ParallelDims`` (``@flame_gin.ParallelDims``); None: all data parallel.
+      parallelize: ``(model, dims=, mesh=)`` applying TP -> AC -> compile -> FSDP (``@flame_gin.parallelize``).
+      pipeline: with ``pp > 1``, ``@flame_gin.build_pipeline``: splits the model into stages, builds the schedule.
+      init_timeout_seconds: collectives' timeout until the first step is done (compilation, autotuning).
+      train_timeout_seconds: collectives' timeout after the first step (None: unchanged).
+      nccl_trace_buffer_size: NCCL flight recorder entries (None: the environment's setting).
+      compile_cache: keep compiled blocks' artifacts in the workdir after the first step; load them on resume.
+      kernel_cache: keep FLA's Triton kernels and autotuning choices in ``workdir/kernel_cache``, so a resumed
+        run skips autotuning and runs the same kernel configurations.
+      config_text: the resolved config, written to ``workdir/config.gin`` and beside the curves.
+      on_first_step: returns the operative config, written after the first step (what gin really used).
+      stop_requested: polled every step; True saves and returns ``REQUEUE_EXIT_CODE``.
     """
+    start = start or start_lib.Start()
+    evaluation = evaluation if evaluation is not None and evaluation.interval else None
     # 1. Set up the process, then validate everything cheap before building anything big.
     plan = assembly.plan(
         model_config=model_config,
@@ -121,10 +145,10 @@ def run(
             batch_size=batch_size,
             grad_accum_steps=grad_accum_steps,
             seq_len=seq_len,
-            lr=lr,
+            lr=optimizer.lr,
             varlen=varlen,
         ),
-        evaluates=eval_data is not None and bool(eval_interval),
+        evaluation=evaluation,
         kernel_mode=kernel_mode,
         fused_loss=fused_loss,
         init_timeout_seconds=init_timeout_seconds,
@@ -134,7 +158,9 @@ def run(
     process.seed_everything(seed=seed, deterministic=deterministic)
     proc, dims = plan.proc, plan.dims
     # 2. Data (fails early on bad paths), then the vocabulary check; 3. the model on the meta device.
-    loaders = assembly.data(plan=plan, train_data=train_data, eval_data=eval_data if eval_interval else None, seed=seed)
+    loaders = assembly.data(
+        plan=plan, train_data=train_data, eval_data=evaluation.data if evaluation else None, seed=seed
+    )
     n_params = assembly.meta_model(plan=plan)
     # 4. Run directory: only now that the config is known to be sound (the checkpointer's own settings last).
     workdir_path = pathlib.Path(workdir)
@@ -155,22 +181,22 @@ def run(
         pipeline=pipeline,
         init_timeout_seconds=init_timeout_seconds,
     )
-    opt = optimizer(params=optim.parameter_groups(model=built.model, weight_decay=weight_decay), lr=lr)
+    opt = optimizer.build(model=built.model)
     if built.runtime is not None:
         pipeline_lib.stage_local_optimizer_state(opt, mesh=built.mesh["dp_replicate", "dp_shard", "cp", "tp"])
     assembly.describe(plan=plan, model=built.model, n_params=n_params, writer=writer, config_text=config_text)
     # 6. Start: resume the run's own checkpoint, or warm-start weights, or keep the seeded initialisation.
-    if seed_checkpoint_only:
-        start.save_seed(workdir=workdir_path, model=built.model, config_text=config_text)
+    if start.seed_checkpoint_only:
+        start_lib.save_seed(workdir=workdir_path, model=built.model, config_text=config_text)
         return _finish(ckpt=ckpt, prof=None, writer=writer, status=0)
-    restored = start.resume_or_initialise(
+    restored = start_lib.resume_or_initialise(
         ckpt=ckpt,
         model=built.model,
         optimizer=opt,
         loader=loaders[0],
-        restore_step=restore_step,
-        init_from=init_from,
-        init_from_hf=init_from_hf,
+        restore_step=start.restore_step,
+        init_from=start.init_from,
+        init_from_hf=start.init_from_hf,
     )
     prof = profiler(workdir=str(workdir_path), rank=proc.rank) if profiler is not None else None
     # 7. The loop; 8. the final save, flush, shut down.
@@ -193,14 +219,14 @@ def run(
         pp_group=built.mesh["pp"].get_group() if dims.pp > 1 else None,
         runtime=built.runtime,
         train_steps=train_steps,
-        lr=lr,
+        lr=optimizer.lr,
         lr_schedule=plan.lr_schedule,
         grad_accum_steps=grad_accum_steps,
         max_grad_norm=max_grad_norm,
         skip_nonfinite=skip_nonfinite,
         log_interval=log_interval,
-        eval_interval=eval_interval,
-        eval_batches=eval_batches,
+        eval_interval=evaluation.interval if evaluation else 0,
+        eval_batches=evaluation.batches if evaluation else 0,
         gc_interval=gc_interval,
         flops_per_token=flops.training_flops_or_none(config=plan.model_config, seq_len=seq_len),
         peak_tflops=flops.device_peak_tflops(device=proc.device, configured=peak_tflops),

@@ -25,7 +25,7 @@ def train_tiny():
                 f"MODEL_DIR = {str(workdir)!r}",
                 f"TRAIN_STEPS = {steps}",
                 "WARMUP_STEPS = 0",
-                "flame_gin.run.eval_interval = 0",
+                "flame_gin.evaluation.interval = 0",
                 *bindings,
             ],
             search_paths=config_lib.default_search_paths(),

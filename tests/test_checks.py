@@ -17,7 +17,7 @@ def _run(workdir, *bindings):
             f"MODEL_DIR = {str(workdir)!r}",
             "TRAIN_STEPS = 2",
             "WARMUP_STEPS = 0",
-            "flame_gin.run.eval_interval = 0",
+            "flame_gin.evaluation.interval = 0",
             *bindings,
         ],
         search_paths=config_lib.default_search_paths(),
@@ -28,7 +28,7 @@ def _run(workdir, *bindings):
 @pytest.mark.parametrize(
     "bindings, message",
     [
-        (["LR = 'abc'"], r"LR='abc' \(flame_gin.run.lr\) must be a positive number"),
+        (["LR = 'abc'"], r"LR='abc' \(flame_gin.adamw.lr\) must be a positive number"),
         (["LR = -1e-3"], r"LR=-0.001 .* must be a positive number"),
         (["flame_gin.run.kernel_mode = 'fastest'"], r"kernel_mode='fastest': expected one of"),
         (["flame_gin.run.kernel_mode = 'triton'"], r"kernel_mode='triton' needs a CUDA GPU"),

@@ -29,7 +29,7 @@ def test_compare_renders_two_runs_and_tabulates_them(tmp_path):
                 f"--gin.LR={lr}",
                 "--gin.WARMUP_STEPS=2",
                 "--gin.flame_gin.run.log_interval=2",
-                "--gin.flame_gin.run.eval_interval=10",
+                "--gin.flame_gin.evaluation.interval=10",
                 f"--workdir={tmp_path / name}",
             ],
             cwd=ROOT,

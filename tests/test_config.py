@@ -24,13 +24,13 @@ def test_shorthand_without_value_is_an_error():
 
 
 def test_later_files_and_bindings_override(tmp_path):
-    (tmp_path / "a.gin").write_text("flame_gin.run.seed = 1\nflame_gin.run.lr = 0.1\n")
+    (tmp_path / "a.gin").write_text("flame_gin.run.seed = 1\nflame_gin.adamw.lr = 0.1\n")
     (tmp_path / "b.gin").write_text("flame_gin.run.seed = 2\n")
     config_lib.parse(
-        gin_files=["a.gin", "b.gin"], gin_bindings=["flame_gin.run.lr = 0.5"], search_paths=[str(tmp_path)]
+        gin_files=["a.gin", "b.gin"], gin_bindings=["flame_gin.adamw.lr = 0.5"], search_paths=[str(tmp_path)]
     )
     assert gin.query_parameter("flame_gin.run.seed") == 2
-    assert gin.query_parameter("flame_gin.run.lr") == 0.5
+    assert gin.query_parameter("flame_gin.adamw.lr") == 0.5
 
 
 def test_unknown_parameter_names_file_and_line(tmp_path):
@@ -84,9 +84,9 @@ def test_bound_value_resolves_macros_and_falls_back_only_when_unbound():
         search_paths=config_lib.default_search_paths(),
     )
     assert config_lib.bound_value("flame_gin.run.seq_len") == 48  # bound through the SEQ_LEN macro
-    assert config_lib.bound_value("flame_gin.run.restore_step", default="unset") == "unset"
+    assert config_lib.bound_value("flame_gin.start.restore_step", default="unset") == "unset"
     with pytest.raises(ValueError):
-        config_lib.bound_value("flame_gin.run.restore_step")
+        config_lib.bound_value("flame_gin.start.restore_step")
 
 
 def test_includes_found_on_a_later_search_path_log_no_error(caplog, tmp_path):

@@ -123,7 +123,7 @@ def test_tiny_run_export_generates_and_stops_at_the_tokenizers_eos(tmp_path):
             f"MODEL_DIR = {str(run)!r}",
             "TRAIN_STEPS = 2",
             "WARMUP_STEPS = 0",
-            "flame_gin.run.eval_interval = 0",
+            "flame_gin.evaluation.interval = 0",
         ],
         search_paths=config_lib.default_search_paths(),
     )

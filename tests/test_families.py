@@ -47,7 +47,7 @@ def _parse(workdir: pathlib.Path, gin_files: list[str], bindings: list[str]) -> 
             "WARMUP_STEPS = 1",
             *TINY,
             *bindings,
-            "flame_gin.run.eval_interval = 0",
+            "flame_gin.evaluation.interval = 0",
             "flame_gin.run.log_interval = 1",
             "flame_gin.run.checkpointer = None",
             "flame_gin.run.kernel_cache = False",

@@ -27,7 +27,7 @@ TINY_OVERRIDES = [
     "--gin.NUM_KV_HEADS=2",
     "--gin.INTERMEDIATE_SIZE=64",
     "--gin.VOCAB_SIZE=512",
-    "--gin.flame_gin.run.eval_interval=0",
+    "--gin.flame_gin.evaluation.interval=0",
 ]
 
 
@@ -44,7 +44,7 @@ def _ablation_args(name: str, workdir: pathlib.Path) -> list[str]:
         f"--gin_file=gin/ablations/{name}",
         "--gin.TRAIN_STEPS=1",
         "--gin.WARMUP_STEPS=0",
-        "--gin.flame_gin.run.eval_interval=0",
+        "--gin.flame_gin.evaluation.interval=0",
         "--gin.flame_gin.run.log_interval=1",
         f"--workdir={workdir}",
     ]
@@ -151,6 +151,15 @@ def test_header_command_binds_a_whole_run(name):
         gin_bindings=[*bindings, "MODEL_DIR = '/tmp/unused'"],
         search_paths=config_lib.default_search_paths(),
     )
-    for needed in ("train_data", "model_config", "train_steps", "batch_size", "seq_len", "lr", "lr_schedule"):
-        assert gin.query_parameter(f"flame_gin.run.{needed}") is not None, f"{name}: flame_gin.run.{needed}"
+    for needed in (
+        "run.train_data",
+        "run.model_config",
+        "run.train_steps",
+        "run.batch_size",
+        "run.seq_len",
+        "run.optimizer",
+        "adamw.lr",
+        "run.lr_schedule",
+    ):
+        assert gin.query_parameter(f"flame_gin.{needed}") is not None, f"{name}: flame_gin.{needed}"
     assert gin.query_parameter("flame_gin.model_config.family"), f"{name}: no model family"

@@ -112,7 +112,7 @@ def test_evaluation_of_the_training_batch_gives_the_training_loss(tmp_path):
             "TRAIN_STEPS = 1",
             "WARMUP_STEPS = 0",
             "flame_gin.run.log_interval = 1",
-            "flame_gin.run.eval_interval = 0",
+            "flame_gin.evaluation.interval = 0",
             "flame_gin.run.checkpointer = None",
         ],
         search_paths=config_lib.default_search_paths(),

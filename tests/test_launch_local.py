@@ -27,7 +27,7 @@ def test_local_sh_one_process_three_steps(tmp_path):
             "--gin.BATCH_SIZE=2",
             "--gin.SEQ_LEN=32",
             "--gin_bindings=flame_gin.run.log_interval=1",
-            "--gin_bindings=flame_gin.run.eval_interval=0",
+            "--gin_bindings=flame_gin.evaluation.interval=0",
         ],
         cwd=REPO,
         env=env,

@@ -207,7 +207,7 @@ def test_sbatch_preempt_requeue_resume(cluster, tmp_path):
             "--gin.BATCH_SIZE=2",
             "--gin.SEQ_LEN=32",
             "--gin_bindings=flame_gin.run.log_interval=1",
-            "--gin_bindings=flame_gin.run.eval_interval=0",
+            "--gin_bindings=flame_gin.evaluation.interval=0",
         ],
         env=env,
         capture_output=True,

@@ -67,7 +67,7 @@ def test_local_sweep_two_learning_rates(tmp_path):
             "--gin_bindings=WARMUP_STEPS = 1",
             "--gin_bindings=BATCH_SIZE = 2",
             "--gin_bindings=SEQ_LEN = 32",
-            "--gin_bindings=flame_gin.run.eval_interval = 0",
+            "--gin_bindings=flame_gin.evaluation.interval = 0",
             f"--workdir_root={root}",
             f"--python={sys.executable}",
             "--nproc=1",

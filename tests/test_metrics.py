@@ -50,7 +50,7 @@ def test_trainer_writes_config_text_and_hparams_into_the_runs_own_events(tmp_pat
             f"MODEL_DIR = {str(tmp_path)!r}",
             "TRAIN_STEPS = 1",
             "WARMUP_STEPS = 0",
-            "flame_gin.run.eval_interval = 0",
+            "flame_gin.evaluation.interval = 0",
             "flame_gin.run.checkpointer = None",
         ],
         search_paths=config_lib.default_search_paths(),

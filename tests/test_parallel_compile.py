@@ -56,7 +56,7 @@ def test_a_resume_on_a_node_with_an_empty_cache_compiles_from_the_workdir_artifa
             "--gin.TRAIN_STEPS=2",
             "--gin.WARMUP_STEPS=0",
             "--gin.CHECKPOINT_INTERVAL=2",
-            "--gin.flame_gin.run.eval_interval=0",
+            "--gin.flame_gin.evaluation.interval=0",
         ],
         cwd=ROOT,
         env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "node_a")},

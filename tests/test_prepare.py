@@ -149,7 +149,7 @@ def test_prepare_command_builds_what_the_offline_run_reads_and_an_ingested_corpu
         tmp_path / "run",
         steps=2,
         gin_files=("gin/data/offline.gin",),
-        bindings=(f"flame_gin.build_loader.cache_dir = '{cache}'", "flame_gin.run.eval_interval = 2"),
+        bindings=(f"flame_gin.build_loader.cache_dir = '{cache}'", "flame_gin.evaluation.interval = 2"),
     )
     assert stamps == {d: os.stat(pathlib.Path(d) / store.TOKENS_FILE).st_mtime_ns for d in stamps}
     assert sorted(p.name for p in (cache / "token_stores").iterdir()) == sorted(pathlib.Path(d).name for d in stamps)
@@ -185,7 +185,7 @@ def test_prepare_command_builds_what_the_offline_run_reads_and_an_ingested_corpu
         steps=2,
         bindings=(
             f"flame_gin.build_loader.sources = [{{'path': '{tmp_path / 'corpus'}'}}]",
-            "flame_gin.run.eval_interval = 2",
+            "flame_gin.evaluation.interval = 2",
         ),
     )
     from tensorboard.backend.event_processing import event_accumulator

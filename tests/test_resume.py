@@ -26,7 +26,7 @@ ARGS = [
     f"--gin.TRAIN_STEPS={STEPS}",
     "--gin.WARMUP_STEPS=3",
     "--gin.flame_gin.run.log_interval=1",
-    "--gin.flame_gin.run.eval_interval=0",
+    "--gin.flame_gin.evaluation.interval=0",
     "--gin.CHECKPOINT_INTERVAL=1000",
 ]
 LOSS = re.compile(r"step (\d+)/\d+ \| loss ([\d.]+)")

@@ -78,10 +78,10 @@ def test_cli_seed_checkpoint_then_warm_start(tmp_path):
         "--gin_file=gin/tiny.gin",
         "--gin.WARMUP_STEPS=0",
         "--gin.flame_gin.run.log_interval=1",
-        "--gin.flame_gin.run.eval_interval=0",
+        "--gin.flame_gin.evaluation.interval=0",
     ]
     seed = subprocess.run(
-        [*base, f"--workdir={tmp_path / 'seed'}", "--gin.flame_gin.run.seed_checkpoint_only=True"],
+        [*base, f"--workdir={tmp_path / 'seed'}", "--gin.flame_gin.start.seed_checkpoint_only=True"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -97,7 +97,7 @@ def test_cli_seed_checkpoint_then_warm_start(tmp_path):
             f"--workdir={tmp_path / 'warm'}",
             "--gin.TRAIN_STEPS=2",
             "--gin.SEED=7",
-            f"--gin.flame_gin.run.init_from='{tmp_path / 'seed' / 'seed_checkpoint'}'",
+            f"--gin.flame_gin.start.init_from='{tmp_path / 'seed' / 'seed_checkpoint'}'",
         ],
         cwd=ROOT,
         env=env,

@@ -14,7 +14,7 @@ def _run(*, workdir, steps):
             f"MODEL_DIR = {str(workdir)!r}",
             f"TRAIN_STEPS = {steps}",
             "WARMUP_STEPS = 0",
-            "flame_gin.run.eval_interval = 0",
+            "flame_gin.evaluation.interval = 0",
             "CHECKPOINT_INTERVAL = 1000",
         ],
         search_paths=config_lib.default_search_paths(),

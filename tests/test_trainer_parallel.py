@@ -35,7 +35,7 @@ COMMON = [
     "--gin.BATCH_SIZE=4",
     "--gin.SEQ_LEN=64",
     "--gin.flame_gin.run.log_interval=1",
-    "--gin.flame_gin.run.eval_interval=0",
+    "--gin.flame_gin.evaluation.interval=0",
     "--gin.CHECKPOINT_INTERVAL=1000",
 ]
 VARLEN = ["--gin_file=gin/data/varlen.gin", "--gin.CONTEXT_LEN=24"]

@@ -55,7 +55,7 @@ def test_two_process_job_makes_one_wandb_run_and_its_resume_continues_it(tmp_pat
                 "--gin_file=gin/tiny.gin",
                 f"--gin.TRAIN_STEPS={steps}",
                 "--gin.WARMUP_STEPS=0",
-                "--gin.flame_gin.run.eval_interval=0",
+                "--gin.flame_gin.evaluation.interval=0",
                 f"--workdir={workdir}",
                 "--gin_bindings=flame_gin.metric_writers.extra = [@flame_gin.wandb_writer]",
                 "--gin_bindings=flame_gin.wandb_writer.project = 'tiny'",

@@ -48,8 +48,8 @@ def _prepare_run_data(*, gin_files: list[str], bindings: list[str], processes: i
     )
     value = config_lib.bound_value
     out = []
-    for split, name in (("train", "train_data"), ("validation", "eval_data")):
-        factory = value(f"flame_gin.run.{name}", None)
+    for split, name in (("train", "flame_gin.run.train_data"), ("validation", "flame_gin.evaluation.data")):
+        factory = value(name, None)
         if factory is None:
             continue
         started = time.perf_counter()
