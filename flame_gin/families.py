@@ -26,13 +26,17 @@ class Traits:
     flame_gin's reference kernels); the others launch Triton kernels that need a GPU driver. ``note``: what a
     user must know to run it, shown when it is refused. ``gated_delta_backward``: its backward calls FLA's gated
     ``chunk_bwd_dqkwg``, which FLA 0.6 itself refuses on Hopper with Triton 3.4-3.7.0 (wrong gradients, FLA #640)
-    unless its TileLang backend can take the call.
+    unless its TileLang backend can take the call. ``body``: the body's attribute for a causal-LM class that does
+    not name it in ``base_model_prefix`` (FLA 0.6's LightNet). ``requires``: packages its GPU layers cannot run
+    without (FLA raises only at the first forward, after the model is built).
     """
 
     varlen: bool = False
     cpu: bool = False
     note: str = ""
     gated_delta_backward: bool = False
+    body: str = ""
+    requires: tuple[str, ...] = ()
 
 
 _UNKNOWN = Traits(note="flame_gin has not checked this family's layers")
@@ -57,13 +61,19 @@ _TRAITS = {
     "rwkv6": Traits(varlen=True),
     "rwkv7": Traits(varlen=True),
     "linear_attn": Traits(varlen=True),
-    "comba": Traits(varlen=True),
+    "comba": Traits(varlen=True, gated_delta_backward=True),
     "kda": Traits(varlen=True),
-    "gated_deltaproduct": Traits(varlen=True, note="FLA's chunked kernel runs in bfloat16 only"),
+    # With its forget gate on (gin/model/gated_deltaproduct.gin), its backward is the gated delta rule's.
+    "gated_deltaproduct": Traits(
+        varlen=True, note="FLA's chunked kernel runs in bfloat16 only", gated_delta_backward=True
+    ),
     "mesa_net": Traits(varlen=True),
-    "lightnet": Traits(varlen=True),
+    "lightnet": Traits(varlen=True, body="model"),
+    # FLA's Triton attention variants: their layers take cu_seqlens, not yet checked against documents alone.
+    "path_attn": Traits(note="packed documents not yet checked"),
+    "forgetting_transformer": Traits(note="packed documents not yet checked"),
     "abc": Traits(note="FLA's ABC layer raises on cu_seqlens"),
-    "mamba3": Traits(note="Mamba3 layers ignore cu_seqlens"),
+    "mamba3": Traits(note="Mamba3 layers ignore cu_seqlens", requires=("mamba_ssm",)),
     "log_linear_mamba2": Traits(note="log-linear Mamba2 has no PyTorch fallback in FLA 0.6"),
     "mom": Traits(gated_delta_backward=True),
     "yoco": Traits(gated_delta_backward=True),
@@ -95,6 +105,12 @@ def check_device(*, config, device_type: str) -> None:
         raise ValueError(
             f"model family {family!r} has no CPU kernels (its layers launch Triton kernels that need a GPU"
             f"{'; ' + note if note else ''}): run it on a GPU. Families that train on a CPU: {runnable}"
+        )
+    missing = [name for name in traits(family).requires if importlib.util.find_spec(name) is None]
+    if device_type == "cuda" and missing:
+        raise ValueError(
+            f"model family {family!r} needs {', '.join(missing)} for its GPU kernels (FLA has no fallback): "
+            f"install it, or pick another family"
         )
     if device_type == "cuda" and traits(family).gated_delta_backward:
         reason = fla_refuses_gated_delta_backward()
@@ -145,9 +161,15 @@ def fla_refuses_gated_delta_backward() -> str | None:
     )
 
 
+def _prefix(model: nn.Module) -> str:
+    """transformers' ``base_model_prefix``, or the family's known body attribute where the class leaves it empty."""
+    family = getattr(getattr(model, "config", None), "model_type", "")
+    return getattr(model, "base_model_prefix", "") or traits(family).body
+
+
 def body_name(model: nn.Module) -> str:
     """The attribute that holds the model's body (``model`` or ``backbone``), from transformers' convention."""
-    name = getattr(model, "base_model_prefix", "")
+    name = _prefix(model)
     if not name or not isinstance(getattr(model, name, None), nn.Module):
         raise ValueError(
             f"{type(model).__name__} has no body at base_model_prefix={name!r}: a causal-LM class "
@@ -159,7 +181,7 @@ def body_name(model: nn.Module) -> str:
 def body(model: nn.Module) -> nn.Module:
     """The model's body: embeddings, blocks and final norm, without the LM head (``model`` itself when it is
     already a body, as transformers' ``base_model`` does)."""
-    name = getattr(model, "base_model_prefix", "")
+    name = _prefix(model)
     inner = getattr(model, name, None) if name else None
     return inner if isinstance(inner, nn.Module) else model
 

@@ -34,7 +34,22 @@ CPU_FAMILIES = {
     "mamba2": [],
     "samba": ["ATTN_LAYERS = [1]", "ATTN_HEADS = 2"],
 }
-GPU_ONLY = ["gsa", "hgrn2", "retnet", "rwkv7"]
+GPU_ONLY = [
+    "comba",
+    "forgetting_transformer",
+    "gated_deltaproduct",
+    "gsa",
+    "hgrn",
+    "hgrn2",
+    "kda",
+    "lightnet",
+    "mamba3",
+    "mesa_net",
+    "path_attn",
+    "retnet",
+    "rwkv6",
+    "rwkv7",
+]
 STEPS = 4
 
 
@@ -171,6 +186,29 @@ def test_a_model_without_a_body_at_its_prefix_is_named_in_the_error():
 
     with pytest.raises(ValueError, match=r"Headless has no body at base_model_prefix='model'"):
         families.body_name(Headless())
+
+
+def test_a_family_whose_class_names_no_body_is_found_by_its_traits():
+    """FLA 0.6's LightNetForCausalLM leaves base_model_prefix empty; its body is still found, blocks and all."""
+    config = models.build_config(family="lightnet", overrides={"hidden_size": 256, "num_hidden_layers": 3})
+    model = models.build_meta_model(config=config)
+    assert type(model).base_model_prefix == ""
+    assert families.body_name(model) == "model"
+    assert len(families.blocks(model)) == 3
+    assert families.body(model) is model.model
+
+
+def test_a_family_needing_a_missing_package_is_refused_before_anything_is_built(monkeypatch):
+    """FLA's Mamba-3 layers raise at the first forward without mamba_ssm's kernels; the trainer asks first."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mamba_ssm" else real_find_spec(name, *a)
+    )
+    config = models.build_config(family="mamba3", overrides={})
+    with pytest.raises(ValueError, match=r"model family 'mamba3' needs mamba_ssm for its GPU kernels"):
+        families.check_device(config=config, device_type="cuda")
 
 
 VARLEN_CONFIGS = {
