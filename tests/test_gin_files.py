@@ -5,9 +5,11 @@ real sources need network) and the model shrunk through its macros; the run must
 pipeline and the model, and exit 0. Every gin file also opens with the command that runs it.
 """
 
-import logging
+import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -49,41 +51,46 @@ def _ablation_args(name: str, workdir: pathlib.Path) -> list[str]:
     ]
 
 
+# Runs each case through the command's own main (flags, the --gin.X=V shorthand, parsing, the run) in one
+# process: the libraries are imported once, not once per case. Prints one JSON line per case.
+_RUNNER = """
+import json, logging, sys
+from absl import flags, logging as absl_logging
+from flame_gin import config as config_lib, train
+
+lines = []
+handler = logging.Handler()
+handler.emit = lambda record: lines.append(record.getMessage())
+absl_logging.get_absl_logger().addHandler(handler)
+for key, argv in json.loads(sys.argv[1]):
+    lines.clear()
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(config_lib.rewrite_shorthand(["flame_gin.train", *argv]))
+    absl_logging.set_verbosity(absl_logging.INFO)  # parsing the flags set absl's default (warnings)
+    status = train.main(["flame_gin.train"])
+    print(json.dumps({"key": key, "status": status, "logged": "\\n".join(lines)}), flush=True)
+"""
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every dry run and ablation run through the command's own ``main`` (flags, the ``--gin.X=V`` shorthand,
-    parsing, the run), in this process: one import of the libraries instead of one per run. Maps (kind, name)
-    to (workdir, exit status, what the run logged)."""
-    from absl import flags
-    from absl import logging as absl_logging
-
-    from flame_gin import config as config_lib
-    from flame_gin import train
-
+    """Every dry run and ablation run, in one subprocess (``_RUNNER``). Maps (kind, name) to (workdir, exit
+    status, what the run logged)."""
     base = tmp_path_factory.mktemp("gin_runs")
     cases = [("top", n, _dry_run_args) for n in TOP_LEVEL] + [("ablation", n, _ablation_args) for n in ABLATIONS]
-    out = {}
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage())
-    absl_logging.get_absl_logger().addHandler(handler)
-    verbosity = absl_logging.get_verbosity()
-    cwd = os.getcwd()
-    try:
-        os.chdir(ROOT)
-        for kind, name, make_args in cases:
-            lines: list[str] = []
-            workdir = base / kind / name / "w"
-            flags.FLAGS.unparse_flags()
-            flags.FLAGS(config_lib.rewrite_shorthand(["flame_gin.train", *make_args(name, workdir)]))
-            absl_logging.set_verbosity(absl_logging.INFO)  # parsing the flags set absl's default (warnings)
-            status = train.main(["flame_gin.train"])
-            out[kind, name] = (workdir, status, "\n".join(lines))
-    finally:
-        os.chdir(cwd)
-        flags.FLAGS.unparse_flags()
-        absl_logging.get_absl_logger().removeHandler(handler)
-        absl_logging.set_verbosity(verbosity)
-    return out
+    workdirs = {(kind, name): base / kind / name / "w" for kind, name, _ in cases}
+    argvs = [[[kind, name], make_args(name, workdirs[kind, name])] for kind, name, make_args in cases]
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNNER, json.dumps(argvs, default=str)],
+        cwd=ROOT,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(cases), proc.stderr[-3000:]
+    return {tuple(r["key"]): (workdirs[tuple(r["key"])], r["status"], r["logged"]) for r in results}
 
 
 @pytest.mark.slow  # a few seconds each
