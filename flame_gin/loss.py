@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from flame_gin import families
+from flame_gin import mesh as mesh_lib
 from flame_gin.data.packing import IGNORE as IGNORE_INDEX  # the data's label for "no target"
 
 # What ``fused=True`` means on GPU: the faster of FLA's two kernels (benchmarks/RESULTS.md: 11.4 ms vs 53.2 ms
@@ -106,7 +106,7 @@ class _SumAcrossShards(torch.autograd.Function):
         return grad, None
 
 
-def _vocab_parallel_loss_sum(logits: DTensor, labels: torch.Tensor) -> torch.Tensor:
+def _vocab_parallel_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if len(logits.placements) != 1 or not logits.placements[0].is_shard(logits.ndim - 1):
         raise ValueError(f"loss parallel: logits must be sharded on the vocabulary only, got {logits.placements}")
     mesh = logits.device_mesh
@@ -135,7 +135,7 @@ def token_loss_sum(*, logits: torch.Tensor, labels: torch.Tensor, fused: str | b
     """Sum of token cross-entropies (fp32), ignoring -100, from logits: vocabulary-sharded DTensor logits by
     collectives; whole logits by FLA's Triton cross-entropy when ``fused`` (any kernel: only logits are at
     hand), else by fp32 ``F.cross_entropy``."""
-    if isinstance(logits, DTensor):
+    if mesh_lib.is_dtensor(logits):
         return _vocab_parallel_loss_sum(logits, labels)
     if fused:
         return _fla_logits_sum(logits=logits, labels=labels)

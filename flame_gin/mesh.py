@@ -18,11 +18,19 @@ pipeline stages than layers, a sequence that cannot be split) is raised here wit
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+def is_dtensor(tensor) -> bool:
+    """Whether ``tensor`` is a DTensor, without importing ``torch.distributed.tensor`` (about 0.6 s, which a
+    config error should not wait for): no DTensor can exist before something has imported that module."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,10 +4,14 @@
 dependency this trainer does not need, so when it is absent a stand-in for that one submodule is registered
 first. TensorBoard event files are written by CLU's ``TorchTensorboardWriter`` (torch's SummaryWriter), which
 has no text support: texts (the config) go to a plain text event through torch's writer directly.
+
+CLU's writer interface imports JAX (about 0.6 s), so CLU is imported when the writers are created, not when this
+module is: a config error is reported before then. A writer is anything with CLU's ``MetricWriter`` methods.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -36,33 +40,44 @@ def _import_clu_writers():
     return metric_writers, torch_tensorboard_writer
 
 
-metric_writers, _torch_tb = _import_clu_writers()
-MetricWriter = metric_writers.MetricWriter
+@functools.cache
+def _writer_classes():
+    """CLU's module and flame_gin's two writer classes over it, defined on first use (see the docstring)."""
+    metric_writers, torch_tb = _import_clu_writers()
+
+    class TensorboardWriter(torch_tb.TorchTensorboardWriter):
+        """CLU's torch TensorBoard writer plus text summaries (the resolved config, notes), and hyperparameters
+        in the run's own event file: torch's ``add_hparams`` (which CLU calls) opens a separate timestamped run,
+        so TensorBoard showed the hyperparameters apart from the curves they belong to."""
+
+        def write_texts(self, step: int, texts: Mapping[str, str]):
+            for key, value in texts.items():
+                self._writer.add_text(key, value, global_step=step)
+
+        def write_hparams(self, hparams: Mapping[str, Any]):
+            from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+            values = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in hparams.items()}
+            for summary in hparams_summaries(values, {}):
+                self._writer.file_writer.add_summary(summary)
+
+    class ConsoleWriter(metric_writers.LoggingWriter):
+        """CLU's logging writer without texts: the resolved config is in the run directory and TensorBoard, and
+        hundreds of lines of it on the console hide the progress lines."""
+
+        def write_texts(self, step: int, texts: Mapping[str, str]):
+            pass
+
+    return metric_writers, TensorboardWriter, ConsoleWriter
 
 
-class TensorboardWriter(_torch_tb.TorchTensorboardWriter):
-    """CLU's torch TensorBoard writer plus text summaries (the resolved config, notes), and hyperparameters in
-    the run's own event file: torch's ``add_hparams`` (which CLU calls) opens a separate timestamped run, so
-    TensorBoard showed the hyperparameters apart from the curves they belong to."""
-
-    def write_texts(self, step: int, texts: Mapping[str, str]):
-        for key, value in texts.items():
-            self._writer.add_text(key, value, global_step=step)
-
-    def write_hparams(self, hparams: Mapping[str, Any]):
-        from torch.utils.tensorboard.summary import hparams as hparams_summaries
-
-        values = {k: (v if isinstance(v, (bool, int, float, str)) else str(v)) for k, v in hparams.items()}
-        for summary in hparams_summaries(values, {}):
-            self._writer.file_writer.add_summary(summary)
-
-
-class _ConsoleWriter(metric_writers.LoggingWriter):
-    """CLU's logging writer without texts: the resolved config is in the run directory and TensorBoard, and
-    hundreds of lines of it on the console hide the progress lines."""
-
-    def write_texts(self, step: int, texts: Mapping[str, str]):
-        pass
+def __getattr__(name: str):
+    """``MetricWriter`` (CLU's interface) and ``TensorboardWriter``, importing CLU on first use."""
+    if name == "MetricWriter":
+        return _writer_classes()[0].MetricWriter
+    if name == "TensorboardWriter":
+        return _writer_classes()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def create_writers(
@@ -72,8 +87,8 @@ def create_writers(
     tensorboard: bool = True,
     log_to_console: bool = True,
     asynchronous: bool = True,
-    extra: Sequence[MetricWriter | Callable[..., MetricWriter]] = (),
-) -> MetricWriter:
+    extra: Sequence[Any | Callable[..., Any]] = (),
+) -> Any:
     """One writer fanning out to logging, TensorBoard (``workdir/tensorboard``) and ``extra`` writers.
 
     Non-primary processes get a writer that drops everything, so callers never branch on rank. An ``extra``
@@ -81,16 +96,17 @@ def create_writers(
     without parentheses, ``[@flame_gin.wandb_writer]``: nothing is opened on the other ranks). TensorBoard and
     extra writers run on a background thread when ``asynchronous`` (file I/O off the training loop).
     """
+    metric_writers, TensorboardWriter, ConsoleWriter = _writer_classes()
     if not is_primary:
         return metric_writers.MultiWriter([])
-    slow: list[MetricWriter] = [
-        w if isinstance(w, MetricWriter) else w(workdir=None if workdir is None else os.fspath(workdir)) for w in extra
+    slow = [
+        w if hasattr(w, "write_scalars") else w(workdir=None if workdir is None else os.fspath(workdir)) for w in extra
     ]
     if tensorboard and workdir is not None:
         slow.append(TensorboardWriter(os.path.join(os.fspath(workdir), "tensorboard")))
     if asynchronous and slow:
         slow = [metric_writers.AsyncMultiWriter(slow)]
-    writers = ([_ConsoleWriter()] if log_to_console else []) + slow
+    writers = ([ConsoleWriter()] if log_to_console else []) + slow
     return metric_writers.MultiWriter(writers)
 
 

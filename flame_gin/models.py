@@ -11,17 +11,26 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
-import transformers
 from absl import logging
 from torch import nn
 
 from flame_gin import families
 
-_BASELINE_FAMILIES = {"llama": transformers.LlamaConfig}
+if TYPE_CHECKING:
+    import transformers
+
+_BASELINE_FAMILIES = ("llama",)  # HF's Llama through SDPA, the softmax baseline
 _CUSTOM_FAMILIES: dict[str, type] = {}
+
+
+def _transformers():
+    """transformers, imported on first use: about 0.8 s, which a config error should not wait for."""
+    import transformers
+
+    return transformers
 
 
 def _fla_families() -> dict[str, type]:
@@ -38,7 +47,7 @@ def _fla_families() -> dict[str, type]:
 
 def config_classes() -> dict[str, type]:
     """All known families: FLA's, the softmax baseline and the user-registered ones, name -> config class."""
-    return {**_fla_families(), **_BASELINE_FAMILIES, **_CUSTOM_FAMILIES}
+    return {**_fla_families(), "llama": _transformers().LlamaConfig, **_CUSTOM_FAMILIES}
 
 
 def register_family(
@@ -57,8 +66,8 @@ def register_family(
             f"expected {name!r}"
         )
     if name not in _CUSTOM_FAMILIES:
-        transformers.AutoConfig.register(name, config_class, exist_ok=True)
-        transformers.AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+        _transformers().AutoConfig.register(name, config_class, exist_ok=True)
+        _transformers().AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
     _CUSTOM_FAMILIES[name] = config_class
     families.register(name=name, traits=traits)
 
@@ -114,7 +123,7 @@ def build_meta_model(*, config: transformers.PretrainedConfig) -> nn.Module:
     """The model with every tensor on the meta device: no memory, exact shapes (for counts and estimates)."""
     try:
         with torch.device("meta"):
-            return transformers.AutoModelForCausalLM.from_config(config)
+            return _transformers().AutoModelForCausalLM.from_config(config)
     except (AssertionError, ArithmeticError, ImportError, KeyError, TypeError, ValueError) as e:
         # Layer constructors check their shapes with asserts and divisions; nothing is allocated on meta, so any
         # such failure is the config's fault and is reported as one, naming the family.
@@ -177,7 +186,7 @@ def _fill_from_constructor(*, model: nn.Module, config, names: list[str], seed: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device("cpu"):
-            reference = dict(_floating_tensors(transformers.AutoModelForCausalLM.from_config(config)))
+            reference = dict(_floating_tensors(_transformers().AutoModelForCausalLM.from_config(config)))
     tensors = dict(_floating_tensors(model))
     with torch.no_grad():
         for name in names:

@@ -1,9 +1,11 @@
-"""A Weights & Biases metric writer with CLU's writer interface (optional extra: ``pip install .[wandb]``).
+"""A Weights & Biases metric writer with CLU's writer methods (optional extra: ``pip install .[wandb]``).
 
 One W&B run per training run, whatever the number of processes and restarts: only global rank 0 opens it
 (another rank's writer drops everything, so a binding evaluated on every rank is harmless), and its id is
 kept in the run directory (``wandb_run_id``) so a resumed or requeued job continues the same W&B run instead
 of opening a new one. The resolved gin config and the run's hyper-parameters land in the run's config.
+It has every method of CLU's ``MetricWriter`` without subclassing it: CLU's interface imports JAX, which a
+config error should not wait for (``flame_gin.metrics``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ import os
 import pathlib
 import secrets
 from typing import Any, Mapping
-
-from flame_gin.metrics import MetricWriter
 
 RUN_ID_FILE = "wandb_run_id"
 
@@ -26,7 +26,7 @@ def _global_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-class WandbWriter(MetricWriter):
+class WandbWriter:
     """Sends scalars, texts and hparams to the run's W&B run; imported lazily so the extra stays optional.
 
     ``workdir`` (given by ``flame_gin.metric_writers`` when the writer is bound without parentheses,

@@ -19,11 +19,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
 from flame_gin.checkpoint import layout, reader, shards, writer
 
@@ -171,10 +166,14 @@ class Checkpointer:
             return False
         init_ns = time.time_ns()
         copy = self._pool is not None
-        model_snap = writer.snapshot(tensors=get_model_state_dict(model), copy=copy, buffers=self._buffers["model"])
+        from torch.distributed.checkpoint import state_dict as dcp_state  # ~1 s: imported at the first save
+
+        model_snap = writer.snapshot(
+            tensors=dcp_state.get_model_state_dict(model), copy=copy, buffers=self._buffers["model"]
+        )
         opt_snap, opt_other = None, None
         if optimizer is not None:
-            tensors, opt_other = shards.flatten_optimizer(get_optimizer_state_dict(model, optimizer))
+            tensors, opt_other = shards.flatten_optimizer(dcp_state.get_optimizer_state_dict(model, optimizer))
             opt_snap = writer.snapshot(tensors=tensors, copy=copy, buffers=self._buffers["optimizer"])
         snaps = {layout.MODEL_ITEM: model_snap}
         if opt_snap is not None:
@@ -381,17 +380,19 @@ class Checkpointer:
             raise reader.CheckpointCorruptError(
                 f"checkpoint step {step}: {layout.EXTRA_FILE} is unreadable: {e}"
             ) from e
-        reader.read_item(item_dir=path / layout.MODEL_ITEM, tensors=get_model_state_dict(model), step=step)
+        from torch.distributed.checkpoint import state_dict as dcp_state  # ~1 s: imported at the first restore
+
+        reader.read_item(item_dir=path / layout.MODEL_ITEM, tensors=dcp_state.get_model_state_dict(model), step=step)
         if optimizer is not None:
             if side.get("optimizer") is None:
                 raise reader.CheckpointError(f"checkpoint step {step} in {self._root} holds no optimizer state")
-            state = get_optimizer_state_dict(model, optimizer)
+            state = dcp_state.get_optimizer_state_dict(model, optimizer)
             tensors, _ = shards.flatten_optimizer(state)
             reader.read_item(item_dir=path / layout.OPTIMIZER_ITEM, tensors=tensors, step=step)
             for fqn, values in side["optimizer"]["state"].items():
                 state["state"].setdefault(fqn, {}).update(values)
             state["param_groups"] = side["optimizer"]["param_groups"]
-            set_optimizer_state_dict(model, optimizer, state)
+            dcp_state.set_optimizer_state_dict(model, optimizer, state)
         self.restored_extras = side["extras"]
         same = len(self.restored_extras) == self._world
         return self.restored_extras[self._rank if same else 0]

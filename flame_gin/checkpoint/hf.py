@@ -14,7 +14,6 @@ import os
 import pathlib
 
 import torch
-from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from flame_gin.checkpoint import layout, reader, shards
 from flame_gin.checkpoint.seed import load_weights
@@ -123,6 +122,8 @@ def import_hf(*, path: str | os.PathLike, model: torch.nn.Module) -> None:
     _register_fla()
     source = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     values = source.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     targets = get_model_state_dict(model)
     missing = [n for n in targets if n not in values]
     if missing:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import pathlib
 
-import tensorstore as ts
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
 
+from flame_gin import mesh as mesh_lib
 from flame_gin.checkpoint import layout, shards
 
 
@@ -56,6 +55,8 @@ def read_item(*, item_dir: pathlib.Path, tensors: dict[str, torch.Tensor], step:
     where = f"step {step}" if step is not None else str(item_dir)
     driver = _driver(item_dir)
     kv = layout.ocdbt_kvstore(path=item_dir, for_write=False)
+    import tensorstore as ts  # ~1 s with ml_dtypes: imported when a checkpoint is first read
+
     context = ts.Context()
     try:
         kvstore = ts.KvStore.open(kv, context=context).result()
@@ -108,7 +109,9 @@ def read_item(*, item_dir: pathlib.Path, tensors: dict[str, torch.Tensor], step:
 def assign_box(*, tensor: torch.Tensor, value: torch.Tensor, box: shards.Box) -> None:
     """Copy `value` (this rank's box, or the full array if the box is not
     contiguous) into `tensor` (plain or DTensor) in place."""
-    if isinstance(tensor, DTensor):
+    if mesh_lib.is_dtensor(tensor):
+        from torch.distributed.tensor import distribute_tensor
+
         if not box.contiguous:
             value = distribute_tensor(value.to(tensor.dtype), tensor.device_mesh, tensor.placements).to_local()
         target = tensor.to_local()

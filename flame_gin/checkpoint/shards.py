@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import ml_dtypes
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+
+from flame_gin import mesh as mesh_lib
 
 # Plain (unsharded) tensors are split into chunks of about this size so that
 # one writer encodes and writes them in parallel.
@@ -67,25 +67,27 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """CPU tensor -> numpy array with the same bits (bf16 via ml_dtypes)."""
     tensor = tensor.detach().contiguous()
     if tensor.dtype == torch.bfloat16:
+        import ml_dtypes  # ~0.7 s: imported when a bf16 tensor is first saved
+
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()
 
 
 def from_numpy(array: np.ndarray) -> torch.Tensor:
     """numpy array -> CPU tensor with the same bits (bf16 via ml_dtypes)."""
-    if array.dtype == ml_dtypes.bfloat16:
+    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 (read arrays come from tensorstore, which has it)
         return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor this rank holds (the local shard of a DTensor)."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return tensor.to_local() if mesh_lib.is_dtensor(tensor) else tensor
 
 
 def box_of(*, name: str, tensor: torch.Tensor) -> Box:
     """Where this rank's part of `tensor` sits in the global array."""
-    if not isinstance(tensor, DTensor):
+    if not mesh_lib.is_dtensor(tensor):
         shape = tuple(tensor.shape)
         return Box(global_shape=shape, offset=(0,) * len(shape), shape=shape)
     from torch.distributed.tensor._utils import (
@@ -110,7 +112,7 @@ def shard_chunks(*, tensor: torch.Tensor) -> tuple[int, ...]:
     split along dim 0 into pieces of about 64 MiB for parallel writing.
     """
     glob = tuple(tensor.shape)
-    if isinstance(tensor, DTensor):
+    if mesh_lib.is_dtensor(tensor):
         splits = [1] * len(glob)
         for mesh_dim, p in enumerate(tensor.placements):
             if p.is_shard():
@@ -126,7 +128,7 @@ def shard_chunks(*, tensor: torch.Tensor) -> tuple[int, ...]:
 
 def is_writer(*, tensor: torch.Tensor) -> bool:
     """True on the one rank that writes this rank's box (first replica)."""
-    if isinstance(tensor, DTensor):
+    if mesh_lib.is_dtensor(tensor):
         coord = tensor.device_mesh.get_coordinate()
         if coord is None:
             return False

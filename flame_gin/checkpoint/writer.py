@@ -18,7 +18,6 @@ import json
 import pathlib
 
 import numpy as np
-import tensorstore as ts
 import torch
 import torch.distributed as dist
 
@@ -144,6 +143,8 @@ def write_process_db(
     if compression not in COMPRESSORS:
         raise ValueError(f"compression={compression!r}: use one of {list(COMPRESSORS)}")
     kv = layout.ocdbt_kvstore(path=layout.process_dir(item_dir=item_dir, rank=rank), for_write=True)
+    import tensorstore as ts  # ~1 s with ml_dtypes: imported when a checkpoint is first written
+
     context = ts.Context()
     # One transaction: a single OCDBT commit (few data files, one manifest
     # write) instead of one per array.
@@ -180,6 +181,8 @@ def merge_item(*, item_dir: pathlib.Path) -> None:
     """
     # Parent and children must share one context: copying by reference
     # works only between OCDBT databases over the same base kvstore.
+    import tensorstore as ts
+
     context = ts.Context()
     parent = ts.KvStore.open(layout.ocdbt_kvstore(path=item_dir, for_write=True), context=context).result()
     txn = ts.Transaction(atomic=True)

@@ -9,10 +9,11 @@ Gradients are summed, not averaged, across ranks: the loss is already divided by
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from flame_gin import families
 
@@ -49,6 +50,8 @@ def apply_data_parallel(
             f"data parallel: mode='ddp' needs dp_shard*cp == 1, got a shard dimension of "
             f"{mesh.size(1)}; use mode='fsdp' (HSDP) instead"
         )
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
     mp = MixedPrecisionPolicy(
         param_dtype=_dtype(param_dtype, "param_dtype"), reduce_dtype=_dtype(reduce_dtype, "reduce_dtype")
     )
@@ -72,6 +75,8 @@ def apply_data_parallel(
 
 
 def set_gradient_sync(model: nn.Module, *, sync: bool) -> None:
-    """Turns gradient reduction off for all but the last micro-batch of an accumulation step."""
-    if isinstance(model, FSDPModule):
+    """Turns gradient reduction off for all but the last micro-batch of an accumulation step (a model is FSDP
+    only once ``apply_data_parallel`` has imported torch's FSDP, about 0.6 s that a plain run never pays)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is not None and isinstance(model, fsdp.FSDPModule):
         model.set_requires_gradient_sync(sync, recurse=True)

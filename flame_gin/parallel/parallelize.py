@@ -18,7 +18,6 @@ from flame_gin.mesh import ParallelDims
 from flame_gin.parallel.activation_checkpointing import apply_activation_checkpointing
 from flame_gin.parallel.compile import apply_compile
 from flame_gin.parallel.fsdp import apply_data_parallel
-from flame_gin.parallel.tp_plans import apply_tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +81,8 @@ def parallelize(
         count = apply_float8(model, min_features=float8_min_features)
         log.info("float8: converted %d linear layers", count)
     if dims.tp > 1:
+        from flame_gin.parallel.tp_plans import apply_tensor_parallel  # torch's DTensor stack: ~0.6 s to import
+
         apply_tensor_parallel(
             model, tp_mesh=mesh["tp"], sequence_parallel=sequence_parallel, loss_parallel=loss_parallel
         )

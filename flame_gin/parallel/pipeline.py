@@ -20,13 +20,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from flame_gin import families
 from flame_gin.parallel import fsdp
 
-SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
+# torch's schedule classes by name; torch.distributed.pipelining (which imports torch._dynamo, about a second)
+# is imported only when a pipeline is built.
+SCHEDULES = {"GPipe": "ScheduleGPipe", "1F1B": "Schedule1F1B", "Interleaved1F1B": "ScheduleInterleaved1F1B"}
 
 
 def stage_layer_ranges(
@@ -146,6 +146,9 @@ def build_pipeline(
         modules = [shard_plain_stage(m, mesh=stage_mesh) for m in modules]
     for module in modules:
         module.train()
+    from torch.distributed import pipelining
+    from torch.distributed.pipelining import PipelineStage
+
     group = pp_mesh.get_group()
     stages = [
         PipelineStage(m, sid, num_stages, torch.device(device), group=group) for m, sid in zip(modules, stage_ids)
@@ -155,7 +158,7 @@ def build_pipeline(
     def loss_fn(logits, labels):
         return token_loss_sum(logits, labels) / tokens[0]
 
-    cls = SCHEDULES[schedule]
+    cls = getattr(pipelining.schedules, SCHEDULES[schedule])
     sched = cls(
         stages if schedule == "Interleaved1F1B" else stages[0],
         n_microbatches=microbatches,
