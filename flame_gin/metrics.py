@@ -80,6 +80,11 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _is_writer(entry) -> bool:
+    """A writer object (CLU's methods), not a writer class or factory still to be called with ``workdir``."""
+    return hasattr(entry, "write_scalars") and not isinstance(entry, type)
+
+
 def create_writers(
     *,
     workdir: str | os.PathLike | None,
@@ -99,9 +104,7 @@ def create_writers(
     metric_writers, TensorboardWriter, ConsoleWriter = _writer_classes()
     if not is_primary:
         return metric_writers.MultiWriter([])
-    slow = [
-        w if hasattr(w, "write_scalars") else w(workdir=None if workdir is None else os.fspath(workdir)) for w in extra
-    ]
+    slow = [w if _is_writer(w) else w(workdir=None if workdir is None else os.fspath(workdir)) for w in extra]
     if tensorboard and workdir is not None:
         slow.append(TensorboardWriter(os.path.join(os.fspath(workdir), "tensorboard")))
     if asynchronous and slow:
