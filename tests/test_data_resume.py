@@ -176,3 +176,26 @@ def test_single_stream_reads_each_document_once_per_epoch(env):
 
 if __name__ == "__main__":
     _resume_main(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]))
+
+
+def test_a_dropped_two_worker_loader_stops_its_workers_without_the_cyclic_collector(env):
+    """A loader left mid-epoch (an evaluation's, or one dropped after ``next``) is freed by reference counting,
+    so its DataLoader iterator sends the workers their stop signal at once. When the loader and its batch
+    generator formed a cycle, only the cyclic collector freed them; it closed the DataLoader's queues first, and
+    each worker then waited out torch's 5 s join (10 s per abandoned 2-worker loader, at every evaluation)."""
+    import gc
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    ld = loader(env, **cases(env)["workers2"])
+    [next(ld) for _ in range(3)]
+    workers = [p for p in multiprocessing.active_children() if p not in before]
+    assert len(workers) == 2
+    gc.disable()
+    try:
+        del ld
+        for p in workers:
+            p.join(timeout=20)
+        assert [p.exitcode for p in workers] == [0, 0]
+    finally:
+        gc.enable()

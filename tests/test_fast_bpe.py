@@ -240,7 +240,7 @@ def test_read_ahead_keeps_state_and_resume_exact(tmp_path, monkeypatch, workers)
     states, ahead = [], []
     for _ in range(4):
         next(it), next(it_sync)
-        ahead.append(workers == 0 and first._live._ahead is not None)
+        ahead.append(workers == 0 and first._p.live._ahead is not None)
         states.append(first.state_dict())
         assert states[-1] == sync.state_dict()
     assert workers or any(ahead)  # the read-ahead ran (checked in the main process)

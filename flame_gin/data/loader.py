@@ -22,7 +22,9 @@ one full read per stream; prefer ``offline=True`` or map-style files for many ra
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,6 +93,55 @@ def _to_tensors(batch: dict) -> dict:
     return out
 
 
+@dataclasses.dataclass
+class _Progress:
+    """How far this rank's loader got: the stream states, which worker is next, and counters. Its own object, so
+    the batch generator holds this and not the ``Loader``: a ``Loader`` and its generator in a reference cycle
+    are freed by the cyclic garbage collector, which closes the DataLoader's queues (their weakref finalizers
+    run first) before the iterator's shutdown can send its workers the stop signal, and each worker then held
+    the process for torch's 5 s join timeout (10 s per abandoned 2-worker iterator: every evaluation)."""
+
+    states: list = dataclasses.field(default_factory=list)
+    live: Any = None  # the in-process stream when num_workers == 0
+    next_worker: int = 0
+    generation: int = 0
+    batches: int = 0
+
+
+def _generate(*, p: _Progress, plan, gids: list[int], num_streams: int, num_workers: int, prefetch: int, per_rank: int):
+    """This rank's batches, recording progress in ``p`` (see ``_Progress`` for why it is not a method)."""
+    if num_workers == 0:
+        stream = plan.make_stream(stream=gids[0], num_streams=num_streams, generation=p.generation, state=p.states[0])
+        p.live = stream
+        while True:
+            batch = stream.next_batch()
+            if batch is None:
+                return
+            p.batches += 1
+            yield _to_tensors(batch)
+    workers = _WorkerStreams(
+        plan=plan,
+        states=list(p.states),
+        first=p.next_worker,
+        gids=gids,
+        num_streams=num_streams,
+        generation=p.generation,
+    )
+    dl = torch.utils.data.DataLoader(
+        workers,
+        batch_size=None,
+        num_workers=num_workers,
+        prefetch_factor=prefetch,
+        collate_fn=_identity,
+        worker_init_fn=_share_cores,
+    )
+    for logical, batch, state in dl:
+        p.states[logical] = state
+        p.next_worker = (logical + 1) % per_rank
+        p.batches += 1
+        yield _to_tensors(batch)
+
+
 class Loader:
     """Iterable of ``dict(input_ids, labels[, cu_seqlens])`` with exact-resume state (see module docstring)."""
 
@@ -102,12 +153,13 @@ class Loader:
         self.vocab_size = len(load_tokenizer(plan.tokenizer_path))
         names = [s.display_name for s in plan.sources]
         self.source_names = [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+        self._p = _Progress()
         self._reset()
 
     def _reset(self) -> None:
-        self._states = [None] * self._per_rank
-        self._live = None  # the in-process stream when num_workers == 0
-        self._next_worker, self._generation, self._batches = 0, 0, 0
+        self._p.states = [None] * self._per_rank
+        self._p.live = None  # the in-process stream when num_workers == 0
+        self._p.next_worker, self._p.generation, self._p.batches = 0, 0, 0
         self._iterator = None
 
     @property
@@ -121,7 +173,15 @@ class Loader:
         if self._restart_each_iter:
             self._reset()
         self._sync_live()
-        return self._generate()
+        return _generate(
+            p=self._p,
+            plan=self._plan,
+            gids=self._gids(),
+            num_streams=self.num_streams,
+            num_workers=self._num_workers,
+            prefetch=self._prefetch,
+            per_rank=self._per_rank,
+        )
 
     def __next__(self) -> dict:
         if self._iterator is None:
@@ -129,43 +189,9 @@ class Loader:
         return next(self._iterator)
 
     def _sync_live(self) -> None:
-        if self._live is not None:
-            self._states[0] = self._live.state_dict()
-            self._live = None
-
-    def _generate(self):
-        if self._num_workers == 0:
-            stream = self._plan.make_stream(
-                stream=self._gids()[0], num_streams=self.num_streams, generation=self._generation, state=self._states[0]
-            )
-            self._live = stream
-            while True:
-                batch = stream.next_batch()
-                if batch is None:
-                    return
-                self._batches += 1
-                yield _to_tensors(batch)
-        workers = _WorkerStreams(
-            plan=self._plan,
-            states=list(self._states),
-            first=self._next_worker,
-            gids=self._gids(),
-            num_streams=self.num_streams,
-            generation=self._generation,
-        )
-        dl = torch.utils.data.DataLoader(
-            workers,
-            batch_size=None,
-            num_workers=self._num_workers,
-            prefetch_factor=self._prefetch,
-            collate_fn=_identity,
-            worker_init_fn=_share_cores,
-        )
-        for logical, batch, state in dl:
-            self._states[logical] = state
-            self._next_worker = (logical + 1) % self._per_rank
-            self._batches += 1
-            yield _to_tensors(batch)
+        if self._p.live is not None:
+            self._p.states[0] = self._p.live.state_dict()
+            self._p.live = None
 
     def stores(self) -> list:
         """The token stores this loader reads (offline mode or prepared corpora)."""
@@ -175,28 +201,28 @@ class Loader:
     def tokens_per_source(self) -> dict:
         """Tokens this rank has delivered from each source (input positions, padding excluded)."""
         totals = np.zeros(len(self.source_names), dtype=np.int64)
-        if self._live is not None:
-            totals += self._live.tokens_per_source
-            states = self._states[1:]
+        if self._p.live is not None:
+            totals += self._p.live.tokens_per_source
+            states = self._p.states[1:]
         else:
-            states = self._states
+            states = self._p.states
         for st in states:
             if st is not None:
                 totals += st["packer"]["tokens_per_source"]
         return dict(zip(self.source_names, totals.tolist()))
 
     def state_dict(self) -> dict:
-        streams = list(self._states)
-        if self._live is not None:
-            streams[0] = self._live.state_dict()
+        streams = list(self._p.states)
+        if self._p.live is not None:
+            streams[0] = self._p.live.state_dict()
         return {
             "format": _FORMAT,
             "rank": self._rank,
             "world_size": self._world_size,
             "streams_per_rank": self._per_rank,
-            "next_worker": self._next_worker,
-            "generation": self._generation,
-            "batches": self._batches,
+            "next_worker": self._p.next_worker,
+            "generation": self._p.generation,
+            "batches": self._p.batches,
             "streams": copy.deepcopy(streams),
         }
 
@@ -221,8 +247,12 @@ class Loader:
         ]
         if same:
             st = same[0]
-            self._states = copy.deepcopy(st["streams"])
-            self._next_worker, self._generation, self._batches = st["next_worker"], st["generation"], st["batches"]
+            self._p.states = copy.deepcopy(st["streams"])
+            self._p.next_worker, self._p.generation, self._p.batches = (
+                st["next_worker"],
+                st["generation"],
+                st["batches"],
+            )
             return
         old_ranks = sorted(st["rank"] for st in states)
         if old_ranks != list(range(states[0]["world_size"])):
@@ -236,7 +266,7 @@ class Loader:
     def _reshard(self, states: list[dict]) -> None:
         old = [st for r in states for st in r["streams"]]
         s_old, s_new = len(old), self.num_streams
-        self._generation = max(r["generation"] for r in states) + 1
+        self._p.generation = max(r["generation"] for r in states) + 1
         plan, n_src = self._plan, len(self._plan.sources)
         old_readers = [
             st["readers"]
@@ -271,9 +301,9 @@ class Loader:
                 a + b for a, b in zip(packer["tokens_per_source"], st["packer"]["tokens_per_source"])
             ]
         for j, st in enumerate(new_streams):
-            seed = [plan.seed, j, s_new, self._generation]
+            seed = [plan.seed, j, s_new, self._p.generation]
             st["rng"] = np.random.Generator(np.random.PCG64(seed)).bit_generator.state
-        self._states = [new_streams[g] for g in self._gids()]
+        self._p.states = [new_streams[g] for g in self._gids()]
 
 
 def build_loader(
