@@ -124,6 +124,7 @@ def plan(
     workdir: str,
     numbers: dict,
     evaluation,
+    checkpointer,
     kernel_mode: str,
     fused_loss: Any,
     init_timeout_seconds: float,
@@ -140,6 +141,9 @@ def plan(
     checks.scalars(train_steps=numbers["train_steps"], seq_len=numbers["seq_len"], lr=numbers["lr"])
     if evaluation is not None:
         checks.evaluation(interval=evaluation.interval, batches=evaluation.batches)
+    if checkpointer is not None:
+        with as_config_error():
+            checkpointer.validate()
     checks.kernel_mode(mode=kernel_mode, cuda=proc.device.type == "cuda")
     checks.workdir(workdir)
     with as_config_error():

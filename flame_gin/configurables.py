@@ -49,7 +49,7 @@ _register(
 _register(data.source, "data_source")
 _register(data.embedded.tokenizer_path, "embedded_tokenizer")
 _register(data.embedded.corpus_dir, "embedded_corpus")
-_register(checkpoint.Checkpointer, "checkpointer", denylist=["directory", "process_group"])
+_register(checkpoint.CheckpointSettings, "checkpointer")
 _register(mesh.ParallelDims, "ParallelDims", denylist=["world_size"])
 _register(parallel.parallelize, "parallelize", denylist=["model", "dims", "mesh"])
 _register(pipeline.build_pipeline, "build_pipeline", denylist=["model", "pp_mesh", "parallelize_stage", "device"])

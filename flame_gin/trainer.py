@@ -22,7 +22,7 @@ import functools
 import pathlib
 from typing import Any, Callable
 
-from flame_gin import assembly, flops, kernels, metrics, optim, process
+from flame_gin import assembly, checkpoint, flops, kernels, metrics, optim, process
 from flame_gin import config as config_lib
 from flame_gin import loop as loop_lib
 from flame_gin import start as start_lib
@@ -74,7 +74,7 @@ def run(
     gc_interval: int = 50,
     peak_tflops: float | None = None,
     writers: Callable[..., metrics.MetricWriter] = metrics.create_writers,
-    checkpointer: Callable[..., Any] | None = None,
+    checkpointer: checkpoint.CheckpointSettings | None = None,
     profiler: Callable[..., Any] | None = None,
     parallel_dims: Callable[..., Any] | None = None,
     parallelize: Callable[..., Any] | None = None,
@@ -116,7 +116,8 @@ def run(
       gc_interval: steps between Python garbage collections (0: Python's own schedule).
       peak_tflops: the device's peak for MFU (None: looked up from the device name).
       writers: ``(workdir=, is_primary=) -> MetricWriter`` (``@flame_gin.metric_writers``).
-      checkpointer: ``(directory=) -> Checkpointer`` (``@flame_gin.checkpointer``); None: no checkpoints.
+      checkpointer: checkpoint settings (``@flame_gin.checkpointer()``, checked in the plan phase and opened on
+        ``workdir/checkpoints`` once the run directory is written); None: no checkpoints.
       profiler: ``(workdir=, rank=) -> Profiler`` (``@flame_gin.profiler``); None: no traces.
       parallel_dims: ``(world_size=) -> ParallelDims`` (``@flame_gin.ParallelDims``); None: all data parallel.
       parallelize: ``(model, dims=, mesh=)`` applying TP -> AC -> compile -> FSDP (``@flame_gin.parallelize``).
@@ -149,6 +150,7 @@ def run(
             varlen=varlen,
         ),
         evaluation=evaluation,
+        checkpointer=checkpointer,
         kernel_mode=kernel_mode,
         fused_loss=fused_loss,
         init_timeout_seconds=init_timeout_seconds,
@@ -162,10 +164,9 @@ def run(
         plan=plan, train_data=train_data, eval_data=evaluation.data if evaluation else None, seed=seed
     )
     n_params = assembly.meta_model(plan=plan)
-    # 4. Run directory: only now that the config is known to be sound (the checkpointer's own settings last).
+    # 4. Run directory: only now that the config is known to be sound (the checkpoint settings were checked in 1).
     workdir_path = pathlib.Path(workdir)
-    with assembly.as_config_error():
-        ckpt = checkpointer(directory=str(workdir_path / "checkpoints")) if checkpointer is not None else None
+    ckpt = checkpointer.open(directory=str(workdir_path / "checkpoints")) if checkpointer is not None else None
     if proc.is_primary:
         config_lib.write_config(workdir=workdir_path, text=config_text)
     writer = writers(workdir=workdir_path, is_primary=proc.is_primary)

@@ -133,6 +133,11 @@ _HEAVY = (
         (["--gin.LR='abc'"], 2, "LR='abc' (flame_gin.adamw.lr) must be a positive number"),
         (["--gin.TRAIN_STEPS=-1"], 2, "TRAIN_STEPS=-1 must be >= 0"),
         (["--gin.flame_gin.run.trian_steps=3"], 2, "trian_steps"),
+        (
+            ["--gin.KEEP_CHECKPOINTS=0"],
+            2,
+            "keep=0: must be >= 1 or None (flame_gin.checkpointer.keep, KEEP_CHECKPOINTS)",
+        ),
         (["--print_config"], 0, "run.train_steps = %TRAIN_STEPS"),
     ],
 )

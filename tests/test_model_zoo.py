@@ -16,7 +16,6 @@ import torch
 import transformers
 from torch import nn
 
-import flame_gin.models
 import gin
 from flame_gin import models
 
@@ -26,11 +25,10 @@ NOMINAL = {"m": 1e6, "b": 1e9}
 
 
 def _model_config():
-    """The gin-registered builder: the package's own registration when present, else registered here."""
-    match = gin.config._REGISTRY.get_match("model_config")
-    if match is None:
-        return gin.external_configurable(flame_gin.models.build_config, name="model_config")
-    return match.wrapper
+    """The gin-registered builder, as the package's registry names it (``flame_gin.model_config``)."""
+    from flame_gin import configurables  # noqa: F401  (registers every configurable)
+
+    return gin.config._REGISTRY.get_match("flame_gin.model_config").wrapper
 
 
 def _parse(text: str):

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from flame_gin.checkpoint import layout, reader, shards, writer
+from flame_gin.checkpoint import layout, reader, settings, shards, writer
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,7 @@ class Checkpointer:
         compression: str | None = None,
         fallback_to_previous: bool = True,
     ):
-        if keep is not None and keep < 1:
-            raise ValueError(f"keep={keep}: must be >= 1 or None")
-        if compression not in writer.COMPRESSORS:
-            raise ValueError(f"compression={compression!r}: use None or 'zstd'")
+        settings.validate(keep=keep, compression=compression)
         self._root = pathlib.Path(directory).absolute()
         self._keep, self._keep_every = keep, keep_every
         self._interval_steps, self._interval_seconds = interval_steps, interval_seconds
