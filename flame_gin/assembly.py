@@ -139,6 +139,7 @@ def plan(
             raise ValueError(f"train_timeout_seconds={train_timeout_seconds} must be positive")
     # What needs neither FLA nor the model config first: importing FLA alone takes ~12 s on a CPU.
     checks.scalars(train_steps=numbers["train_steps"], seq_len=numbers["seq_len"], lr=numbers["lr"])
+    checks.batch(batch_size=numbers["batch_size"], grad_accum_steps=numbers["grad_accum_steps"])
     if evaluation is not None:
         checks.evaluation(interval=evaluation.interval, batches=evaluation.batches)
     if checkpointer is not None:

@@ -27,6 +27,18 @@ def scalars(*, train_steps: int, seq_len: int, lr) -> None:
         raise ConfigError(f"LR={lr!r} (flame_gin.adamw.lr) must be a positive number")
 
 
+def batch(*, batch_size: int, grad_accum_steps: int) -> None:
+    """The global batch against the accumulation steps alone, before the mesh (which needs the model config) is
+    known; ``run_numbers`` checks it against the data-parallel size too."""
+    if grad_accum_steps < 1:
+        raise ConfigError(f"flame_gin.run.grad_accum_steps={grad_accum_steps} must be >= 1")
+    if batch_size <= 0 or batch_size % grad_accum_steps:
+        raise ConfigError(
+            f"BATCH_SIZE={batch_size} (global, in sequences) must be a positive multiple of gradient accumulation "
+            f"{grad_accum_steps} (and of the data-parallel size)"
+        )
+
+
 def evaluation(*, interval, batches) -> None:
     """The held-out evaluation's settings (``flame_gin.evaluation``)."""
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
