@@ -27,16 +27,20 @@ def scalars(*, train_steps: int, seq_len: int, lr) -> None:
         raise ConfigError(f"LR={lr!r} (flame_gin.adamw.lr) must be a positive number")
 
 
-def batch(*, batch_size: int, grad_accum_steps: int) -> None:
-    """The global batch against the accumulation steps alone, before the mesh (which needs the model config) is
-    known; ``run_numbers`` checks it against the data-parallel size too."""
+def batch(*, batch_size: int, grad_accum_steps: int, dp_size: int | None = None) -> int:
+    """The global batch against the accumulation steps and, once the mesh is known, the data-parallel size
+    (None: before the mesh, which needs the model config); returns the per-rank micro-batch size."""
     if grad_accum_steps < 1:
         raise ConfigError(f"flame_gin.run.grad_accum_steps={grad_accum_steps} must be >= 1")
-    if batch_size <= 0 or batch_size % grad_accum_steps:
-        raise ConfigError(
-            f"BATCH_SIZE={batch_size} (global, in sequences) must be a positive multiple of gradient accumulation "
-            f"{grad_accum_steps} (and of the data-parallel size)"
+    per_step = (1 if dp_size is None else dp_size) * grad_accum_steps
+    if batch_size <= 0 or batch_size % per_step:
+        divisor = (
+            f"gradient accumulation {grad_accum_steps} (and of the data-parallel size)"
+            if dp_size is None
+            else f"data-parallel size {dp_size} x gradient accumulation {grad_accum_steps} = {per_step}"
         )
+        raise ConfigError(f"BATCH_SIZE={batch_size} (global, in sequences) must be a positive multiple of {divisor}")
+    return batch_size // per_step
 
 
 def evaluation(*, interval, batches) -> None:
@@ -61,12 +65,7 @@ def run_numbers(
 ) -> int:
     """The run's numbers against each other and the model; returns the per-rank micro-batch size."""
     scalars(train_steps=train_steps, seq_len=seq_len, lr=lr)
-    per_step = dp_size * grad_accum_steps
-    if batch_size <= 0 or batch_size % per_step:
-        raise ConfigError(
-            f"BATCH_SIZE={batch_size} (global, in sequences) must be a positive multiple of data-parallel size "
-            f"{dp_size} x gradient accumulation {grad_accum_steps} = {per_step}"
-        )
+    micro_batch = batch(batch_size=batch_size, grad_accum_steps=grad_accum_steps, dp_size=dp_size)
     if vocab_size is not None and vocab_size > model_config.vocab_size:
         raise ConfigError(
             f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}; "
@@ -77,7 +76,7 @@ def run_numbers(
             f"varlen packing needs layers that honour cu_seqlens; model family {model_config.model_type!r} would "
             f"let documents see each other. Turn varlen off for this family."
         )
-    return batch_size // per_step
+    return micro_batch
 
 
 def kernel_mode(*, mode: str, cuda: bool) -> None:

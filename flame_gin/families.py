@@ -106,8 +106,10 @@ def check_device(*, config, device_type: str) -> None:
             f"model family {family!r} has no CPU kernels (its layers launch Triton kernels that need a GPU"
             f"{'; ' + note if note else ''}): run it on a GPU. Families that train on a CPU: {runnable}"
         )
-    missing = [name for name in traits(family).requires if importlib.util.find_spec(name) is None]
-    if device_type == "cuda" and missing:
+    missing = (
+        [n for n in traits(family).requires if importlib.util.find_spec(n) is None] if device_type == "cuda" else []
+    )
+    if missing:
         raise ValueError(
             f"model family {family!r} needs {', '.join(missing)} for its GPU kernels (FLA has no fallback): "
             f"install it, or pick another family"

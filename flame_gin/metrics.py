@@ -72,11 +72,9 @@ def _writer_classes():
 
 
 def __getattr__(name: str):
-    """``MetricWriter`` (CLU's interface) and ``TensorboardWriter``, importing CLU on first use."""
+    """``MetricWriter`` (CLU's interface, named in annotations), importing CLU on first use."""
     if name == "MetricWriter":
         return _writer_classes()[0].MetricWriter
-    if name == "TensorboardWriter":
-        return _writer_classes()[1]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -22,7 +22,7 @@ from flame_gin import families
 if TYPE_CHECKING:
     import transformers
 
-_BASELINE_FAMILIES = ("llama",)  # HF's Llama through SDPA, the softmax baseline
+_BASELINE_FAMILIES = {"llama": "LlamaConfig"}  # HF's Llama through SDPA, the softmax baseline: transformers' class
 _CUSTOM_FAMILIES: dict[str, type] = {}
 
 
@@ -47,7 +47,8 @@ def _fla_families() -> dict[str, type]:
 
 def config_classes() -> dict[str, type]:
     """All known families: FLA's, the softmax baseline and the user-registered ones, name -> config class."""
-    return {**_fla_families(), "llama": _transformers().LlamaConfig, **_CUSTOM_FAMILIES}
+    baseline = {name: getattr(_transformers(), cls) for name, cls in _BASELINE_FAMILIES.items()}
+    return {**_fla_families(), **baseline, **_CUSTOM_FAMILIES}
 
 
 def register_family(

@@ -108,8 +108,9 @@ class _Progress:
     batches: int = 0
 
 
-def _generate(*, p: _Progress, plan, gids: list[int], num_streams: int, num_workers: int, prefetch: int, per_rank: int):
-    """This rank's batches, recording progress in ``p`` (see ``_Progress`` for why it is not a method)."""
+def _generate(*, p: _Progress, plan, gids: list[int], num_streams: int, num_workers: int, prefetch: int):
+    """This rank's batches from its streams ``gids``, recording progress in ``p`` (see ``_Progress`` for why it is
+    not a method)."""
     if num_workers == 0:
         stream = plan.make_stream(stream=gids[0], num_streams=num_streams, generation=p.generation, state=p.states[0])
         p.live = stream
@@ -137,7 +138,7 @@ def _generate(*, p: _Progress, plan, gids: list[int], num_streams: int, num_work
     )
     for logical, batch, state in dl:
         p.states[logical] = state
-        p.next_worker = (logical + 1) % per_rank
+        p.next_worker = (logical + 1) % len(gids)
         p.batches += 1
         yield _to_tensors(batch)
 
@@ -158,7 +159,7 @@ class Loader:
 
     def _reset(self) -> None:
         self._p.states = [None] * self._per_rank
-        self._p.live = None  # the in-process stream when num_workers == 0
+        self._p.live = None
         self._p.next_worker, self._p.generation, self._p.batches = 0, 0, 0
         self._iterator = None
 
@@ -180,7 +181,6 @@ class Loader:
             num_streams=self.num_streams,
             num_workers=self._num_workers,
             prefetch=self._prefetch,
-            per_rank=self._per_rank,
         )
 
     def __next__(self) -> dict:
