@@ -48,6 +48,11 @@ def write_corpus(directory, name, ids):
     return path
 
 
+def _write_lines(path, ids):
+    path.write_text("".join(doc_text(i) + "\n" for i in ids))
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("data_resume")
@@ -55,6 +60,7 @@ def env(tmp_path_factory):
         "tok": make_tokenizer(d / "tok"),
         "a": write_corpus(str(d), "a.jsonl", range(0, 160)),
         "b": write_corpus(str(d), "b.jsonl", range(160, N_DOCS)),
+        "a_text": _write_lines(d / "a.txt", range(0, 160)),
         "cache": str(d / "cache"),
     }
 
@@ -71,7 +77,7 @@ def cases(env):
 
 
 def loader(env, rank=0, world_size=1, **kw):
-    kw = {"seq_len": 16, "batch_size": 2, "seed": 3, **kw}
+    kw = {"seq_len": 16, "batch_size": 2, "seed": 3, "block_bytes": 512, **kw}
     return build_loader(tokenizer=env["tok"], rank=rank, world_size=world_size, cache_dir=env["cache"], **kw)
 
 
@@ -127,12 +133,22 @@ def _drain(ld):
 
 
 @pytest.mark.parametrize(
-    "old_ws,new_ws,kind", [(2, 1, "map"), (1, 2, "map"), (2, 1, "streaming"), (2, 1, "store"), (1, 3, "store")]
+    "old_ws,new_ws,kind",
+    [
+        (2, 1, "map"),
+        (1, 2, "map"),
+        (2, 1, "streaming"),
+        (1, 3, "streaming"),
+        (2, 1, "replay"),
+        (2, 1, "store"),
+        (1, 3, "store"),
+    ],
 )
 def test_resume_with_other_rank_count_reads_every_document_once(env, old_ws, new_ws, kind):
-    """``store``: the offline token store, which every rank reads memory-mapped (as after data.prepare)."""
+    """``streaming``: JSON lines read by blocks; ``replay``: plain text, which every stream reads whole;
+    ``store``: the offline token store, which every rank reads memory-mapped (as after data.prepare)."""
     kw = dict(
-        sources=[source(path=env["a"], streaming=kind == "streaming")],
+        sources=[source(path=env["a_text" if kind == "replay" else "a"], streaming=kind in ("streaming", "replay"))],
         num_epochs=1,
         buffer_size=8,
         offline=kind == "store",

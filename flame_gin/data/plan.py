@@ -15,7 +15,7 @@ import math
 import os
 import pathlib
 
-from flame_gin.data import embedded, fast_bpe, order, readers, rows, store, store_build
+from flame_gin.data import embedded, fast_bpe, order, readers, rows, shards, store, store_build
 from flame_gin.data import sources as sources_lib
 from flame_gin.data.stream import DocStream, Tokenize
 
@@ -64,7 +64,7 @@ class Plan:
     tokenizer_path: str
     sources: list
     datasets: list
-    kinds: list  # "map" (datasets.Dataset), "store" (TokenStore) or "stream" (IterableDataset)
+    kinds: list  # "map" (datasets.Dataset), "store" (TokenStore), "blocks" (shards.Blocks), "stream" (IterableDataset)
     probabilities: list
     seq_len: int
     rows: int
@@ -88,10 +88,22 @@ class Plan:
         st = {"cursor": order.new_cursor(stream=stream, num_streams=num_streams)}
         if self.kinds[source] == "stream":
             st["shuffle"] = None
+        if self.kinds[source] == "blocks":
+            st["partial"] = []
         return st
 
     def _reader(self, s: int, state: dict):
         ds, kind = self.datasets[s], self.kinds[s]
+        if kind == "blocks":
+            return readers.BlockReader(
+                blocks=ds,
+                seed=self.seed,
+                source=s,
+                shuffle=self.shuffle,
+                num_epochs=self.num_epochs,
+                cursor=state["cursor"],
+                partial=state["partial"],
+            )
         if kind == "stream":
             field = self.sources[s].text_field
 
@@ -229,6 +241,7 @@ def make_plan(
     audit_every: int = 256,
     bad_rows: str = "stop",
     store_processes: int = 1,
+    block_bytes: int = 1 << 22,
 ) -> Plan:
     """Resolves and validates every option; opens the sources. Raises before any model is built."""
     if seq_len <= 0 or batch_size <= 0:
@@ -280,8 +293,17 @@ def make_plan(
                 meta={"source": src.display_name, "split": split, "tokenizer": str(tokenizer)},
             )
             kinds.append("store")
+        elif src.streaming:
+            blocks, why = shards.resolve(
+                src, split=split, block_bytes=block_bytes, bad_rows=bad_rows, cache_dir=hf_cache
+            )
+            if blocks is None:
+                logging.info("data source %s: every stream reads the whole stream (%s)", src.display_name, why)
+            else:
+                ds = blocks
+            kinds.append("stream" if blocks is None else "blocks")
         else:
-            kinds.append("stream" if src.streaming else "map")
+            kinds.append("map")
         datasets_.append(ds)
     return Plan(
         tokenizer_path=str(tokenizer),

@@ -3,7 +3,13 @@
 ``MapReader`` serves a random-access (map-style) source: the global order of epoch ``e`` is an exact seeded
 permutation (or the stored order when shuffling is off), and the stream's cursor picks its positions.
 
-``StreamReader`` serves a streaming source: every stream replays the same seeded buffer shuffle of the
+``BlockReader`` serves a streaming source whose files can be cut into blocks (``shards``): the global order of
+epoch ``e`` is a seeded permutation of the blocks, each block's rows in a seeded order of their own; a stream's
+cursor owns whole blocks, so N streams read disjoint blocks and together read the corpus once per epoch. The
+state names the blocks in progress and how many rows of each are done, so a restored stream reads those blocks
+again and nothing before them (no replay).
+
+``StreamReader`` serves any other streaming source: every stream replays the same seeded buffer shuffle of the
 underlying stream and keeps only the positions its cursor owns (parsing is cheap next to tokenizing, and it
 makes the order independent of the number of streams, which is what lets resume change that number).
 Its state holds the underlying example count, the ids of the examples in the shuffle buffer and the RNG
@@ -55,6 +61,68 @@ class MapReader:
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor}
+
+
+class BlockReader:
+    """Documents of a block-addressable source (``shards.Blocks``): whole blocks per stream, no replay."""
+
+    refetchable = False
+
+    def __init__(
+        self, *, blocks, seed: int, source: int, shuffle: bool, num_epochs: int | None, cursor: dict, partial: list
+    ):
+        self._blocks, self._seed, self._source, self._shuffle = blocks, seed, source, shuffle
+        self._n = len(blocks)
+        self._limit = None if num_epochs is None else num_epochs * self._n
+        self.cursor = cursor
+        self.partial = partial  # [[position, rows done], ...]: blocks taken and not finished, finished in order
+        self._perm_epoch, self._perm = -1, None
+        self._rows_at = (None, None, [])  # (position, block, rows in this epoch's order) of partial[0]
+        self.bytes_read = 0  # not state: what this object fetched (for measurements)
+
+    def _block(self, p: int) -> tuple[int, int]:
+        epoch, i = divmod(p, self._n)
+        if self._shuffle:
+            if epoch != self._perm_epoch:
+                self._perm = order.permutation(n=self._n, seed=self._seed, source=self._source, epoch=epoch)
+                self._perm_epoch = epoch
+            i = int(self._perm[i])
+        return epoch, i
+
+    def _rows(self, p: int) -> tuple[int, list]:
+        if self._rows_at[0] != p:
+            epoch, i = self._block(p)
+            rows, nbytes = self._blocks.read(i)
+            self.bytes_read += nbytes
+            index = list(range(len(rows)))
+            if self._shuffle:
+                rng = np.random.Generator(np.random.PCG64([self._seed, self._source, epoch, i, 0xB10C]))
+                index = rng.permutation(len(rows)).tolist()
+            self._rows_at = (p, i, [(j, rows[j]) for j in index])
+        return self._rows_at[1], self._rows_at[2]
+
+    def read(self, k: int) -> tuple[list[int], list]:
+        """Positions (of blocks) and texts of up to ``k`` next documents (fewer only when the source is exhausted)."""
+        positions, out = [], []
+        while len(out) < k:
+            if not self.partial:
+                if self._limit is not None and order.peek(self.cursor) >= self._limit:
+                    break
+                self.partial.append([order.take(self.cursor), 0])
+            p, done = self.partial[0]
+            block, rows = self._rows(p)
+            if done >= len(rows):
+                self.partial.pop(0)
+                continue
+            self.partial[0][1] = done + 1
+            row, text = rows[done]
+            if self._blocks.keep(text, block=block, row=row):
+                positions.append(p)
+                out.append(text)
+        return positions, out
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor, "partial": [list(x) for x in self.partial]}
 
 
 class StreamReader:

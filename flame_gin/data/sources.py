@@ -132,7 +132,7 @@ def _check_local_files(files, *, what: str) -> None:
             raise FileNotFoundError(f"{what}: file {f!r} does not exist")
 
 
-def _load_arguments(src: Source, split: str) -> dict:
+def load_arguments(src: Source, split: str) -> dict:
     """Translates a ``Source`` into ``load_dataset`` keyword arguments, checking local paths first."""
     path, data_files, data_dir = str(src.path), src.data_files, src.data_dir
     looks_local = path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in _BUILDER_BY_SUFFIX
@@ -222,7 +222,7 @@ def open_split(src: Source, *, split: str, cache_dir: str | None = None, bad_row
     """
     import datasets
 
-    kwargs = _load_arguments(src, split_name(src, split))
+    kwargs = load_arguments(src, split_name(src, split))
     if cache_dir is not None:
         kwargs["cache_dir"] = str(cache_dir)
     try:

@@ -186,6 +186,11 @@ class DocStream:
         return batch
 
     @property
+    def readers(self) -> list:
+        """The source readers, in source order (their ``bytes_read`` tells what a stream fetched)."""
+        return list(self._readers)
+
+    @property
     def tokens_per_source(self) -> list[int]:
         return list(self._packer.tokens_per_source)
 
