@@ -14,6 +14,15 @@ Builds (cached) the ~100 MB source-code corpus and 32K byte-level BPE of ``data_
 - resume: one rank reads half an epoch, saves its loader state, and a new loader restored from it gives its
   first batch: the seconds that takes (goal < 5 s), and that this batch is the one the first loader gives next.
 
+``--paths=streaming`` (or ``store,streaming``, the default) measures the same source read as a stream by
+blocks (4 MiB byte ranges of the jsonl shards, ``shards.Blocks``), with no store:
+
+- bytes read: ``--streams`` streams each read their blocks of one epoch (documents parsed, not tokenized);
+  the bytes they fetched together over the corpus bytes (goal <= 1.1), and the largest stream's share;
+- resume: a stream restored at 50% of the epoch (its reader's state after half of the documents, as a saved
+  loader state holds it) gives its first batch: the seconds that takes from building the plan (goal < 5 s),
+  and the bytes it read first. (``tests/test_shards.py`` checks that such a batch is the one the stream gives.)
+
 The last line printed is one JSON object with every figure.
 """
 
@@ -75,12 +84,72 @@ def _loader(*, tokenizer: str, files: list[str], cache: str, rank: int, world_si
     )
 
 
+def _streaming_plan(*, tokenizer: str, files: list[str], num_epochs: int | None):
+    from flame_gin.data import plan as plan_lib
+
+    return plan_lib.make_plan(
+        tokenizer=tokenizer,
+        seq_len=SEQ_LEN,
+        batch_size=BATCH,
+        seed=0,
+        split="train",
+        sources=[{"path": "json", "data_files": files, "streaming": True}],
+        probabilities=None,
+        context_len=None,
+        add_bos=None,
+        add_eos=True,
+        varlen=False,
+        shuffle=None,
+        buffer_size=0,
+        num_epochs=num_epochs,
+        offline=False,
+        cache_dir=None,
+        audit_every=0,
+    )
+
+
+def measure_streaming(*, tokenizer: str, files: list[str], streams: int, corpus_bytes: int) -> dict:
+    """Bytes read by ``streams`` block readers over one epoch, and a resume from the middle of the epoch."""
+    plan = _streaming_plan(tokenizer=tokenizer, files=files, num_epochs=1)
+    started, per_stream, docs = time.perf_counter(), [], 0
+    for g in range(streams):
+        reader = plan.make_stream(stream=g, num_streams=streams, generation=0, state=None).readers[0]
+        while texts := reader.read(4096)[1]:
+            docs += len(texts)
+        per_stream.append(reader.bytes_read)
+    out = {
+        "streams": streams,
+        "blocks": len(plan.datasets[0]),
+        "documents": docs,
+        "bytes_read_over_corpus": round(sum(per_stream) / corpus_bytes, 4),
+        "largest_stream_share": round(max(per_stream) / corpus_bytes, 4),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    reader = plan.make_stream(stream=0, num_streams=1, generation=0, state=None).readers[0]
+    half = 0
+    while half < docs // 2:
+        half += len(reader.read(256)[1])
+    saved = json.dumps({"readers": [reader.state_dict()]})  # a stream's state with nothing queued
+    started = time.perf_counter()
+    plan = _streaming_plan(tokenizer=tokenizer, files=files, num_epochs=None)
+    resumed = plan.make_stream(stream=0, num_streams=1, generation=0, state=json.loads(saved))
+    batch = resumed.next_batch()
+    out["resume"] = {
+        "at_documents": half,
+        "first_batch_s": round(time.perf_counter() - started, 2),
+        "tokens": int(batch["input_ids"].size),
+        "bytes_read_first": resumed.readers[0].bytes_read,
+    }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--shards", type=int, default=64)
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--paths", default="store,streaming", help="store, streaming, or both (comma-separated)")
     parser.add_argument("--cache_dir", default=str(pathlib.Path(tempfile.gettempdir()) / "flame_gin_data_bench"))
     args = parser.parse_args()
     from flame_gin.data import store
@@ -94,6 +163,14 @@ def main() -> None:
     corpus_bytes = sum(os.path.getsize(f) for f in files)
     out = {"benchmark": "data_scale", "corpus_bytes": corpus_bytes, "shards": len(files), "cpus": os.cpu_count()}
 
+    paths = set(args.paths.split(","))
+    if "streaming" in paths:
+        out["streaming"] = measure_streaming(
+            tokenizer=tokenizer, files=files, streams=args.streams, corpus_bytes=corpus_bytes
+        )
+    if "store" not in paths:
+        print(json.dumps(out))
+        return
     with tempfile.TemporaryDirectory(prefix="stores_", dir=cache) as stores:
         started = time.perf_counter()
         built = _loader(tokenizer=tokenizer, files=files, cache=stores, rank=0, world_size=1, processes=args.processes)
