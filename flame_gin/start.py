@@ -71,7 +71,10 @@ def resume_or_initialise(
             logging.warning(
                 "restored step %d although step %d exists: later steps are not overwritten", restore_step, latest
             )
-        loader.load_state_dict(data_states(ckpt.restored_extras or [own]))
+        try:
+            loader.load_state_dict(data_states(ckpt.restored_extras or [own]))
+        except ValueError as e:  # a state this loader cannot continue: said before any step, nothing written
+            raise checkpoint.CheckpointError(f"step {own['train_state']['step']}: data loader state: {e}") from e
         process.set_rng_state(own["rng"])
         logging.info(
             "resumed from step %d (%s tokens seen)",

@@ -37,19 +37,14 @@ def env(tmp_path_factory):
     return {"tok": make_tokenizer(d / "tok"), "jsonl": str(jsonl), "parquet": str(parquet), "text": str(text)}
 
 
-def plan_of(env, corpus, **kw):
-    kw = {"seq_len": 16, "batch_size": 2, "seed": 5, "split": "train", "num_epochs": 1, **kw}
+def plan_of(env, corpus=None, **kw):
+    """The plan of one streaming source: ``env[corpus]``, or ``sources`` given in ``kw``."""
+    kw = {"seq_len": 16, "batch_size": 2, "seed": 5, "split": "train", "num_epochs": 1, "block_bytes": 700, **kw}
     defaults = dict(
         probabilities=None, context_len=None, add_bos=None, add_eos=True, varlen=False, shuffle=None, buffer_size=8
     )
-    return make_plan(
-        tokenizer=env["tok"],
-        sources=[source(path=env[corpus], streaming=True)],
-        offline=False,
-        cache_dir=None,
-        block_bytes=700,
-        **{**defaults, **kw},
-    )
+    sources = kw.pop("sources", None) or [source(path=env[corpus], streaming=True)]
+    return make_plan(tokenizer=env["tok"], sources=sources, offline=False, cache_dir=None, **{**defaults, **kw})
 
 
 def ids_of(batch):
@@ -158,3 +153,47 @@ def test_other_formats_are_streamed_whole_and_a_bad_row_names_its_file(env, tmp_
     with pytest.raises(ValueError, match=r"a\.jsonl bytes .*no text in field 'text'"):
         drain(plan.make_stream(stream=0, num_streams=1, generation=0, state=None))
     os.remove(bad / "a.jsonl")
+
+
+def test_a_state_saved_under_another_reading_is_refused_by_name(env):
+    kw = dict(tokenizer=env["tok"], seq_len=16, batch_size=2, seed=3)
+    by_blocks = build_loader(sources=[source(path=env["parquet"], streaming=True)], **kw)
+    next(by_blocks)
+    whole = build_loader(sources=[source(path=env["parquet"])], **kw)
+    with pytest.raises(ValueError, match="reads it as 'blocks', this loader as 'map'"):
+        whole.load_state_dict(by_blocks.state_dict())
+
+
+def test_resuming_a_run_whose_source_is_read_another_way_is_a_checkpoint_error(tmp_path, train_tiny):
+    from flame_gin.checkpoint import CheckpointError
+
+    corpus = write_corpus(str(tmp_path), "c.jsonl", range(N_DOCS))
+
+    def sources(streaming):
+        return f"flame_gin.build_loader.sources = [{{'path': {corpus!r}, 'holdout': 0.1, 'streaming': {streaming}}}]"
+
+    train_tiny(tmp_path / "run", steps=2, bindings=(sources(True),))
+    with pytest.raises(
+        CheckpointError, match=r"step 2: data loader state: .*reads it as 'blocks', this loader as 'map'"
+    ):
+        train_tiny(tmp_path / "run", steps=4, bindings=(sources(False),))
+
+
+def test_remote_files_are_read_by_blocks_through_fsspec(env):
+    """A URL (here fsspec's in-memory file system; ``hf://`` for the hub) is listed, sized and read by blocks."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for k in range(2):
+        with fs.open(f"/shards_test/train-{k}.jsonl", "wb") as f:
+            f.write("".join(json.dumps({"text": doc_text(i)}) + "\n" for i in range(k * 120, (k + 1) * 120)).encode())
+    try:
+        memory = source(path="json", data_files={"train": "memory://shards_test/*.jsonl"}, streaming=True)
+        plan = plan_of(env, sources=[memory], seed=1, block_bytes=900)
+        assert plan.kinds == ["blocks"] and plan.datasets[0].files[0].startswith("memory://")
+        streams = [plan.make_stream(stream=g, num_streams=2, generation=0, state=None) for g in range(2)]
+        seen = collections.Counter(i for s in streams for b in drain(s) for i in ids_of(b))
+        assert sorted(seen) == list(range(N_DOCS)) and set(seen.values()) == {1}
+        assert sum(s.readers[0].bytes_read for s in streams) == plan.datasets[0].total_bytes
+    finally:
+        fs.rm("/shards_test", recursive=True)

@@ -238,6 +238,8 @@ class Loader:
                     raise ValueError(
                         f"the saved state has {len(st_['readers'])} sources, the loader has {len(self._plan.sources)}"
                     )
+                for s, reader_state in enumerate(st_["readers"] if st_ is not None else []):
+                    self._plan.check_reader_state(source=s, state=reader_state)
         self._reset()
         same = [
             st

@@ -92,6 +92,18 @@ class Plan:
             st["partial"] = []
         return st
 
+    def check_reader_state(self, *, source: int, state: dict) -> None:
+        """Raises when a saved reader state is not of the kind this source is read with now (a run saved while
+        a streaming source was replayed, resumed where it is read by blocks, or the other way round)."""
+        kind, saved = self.kinds[source], "blocks" if "partial" in state else "stream" if "shuffle" in state else "map"
+        if (kind == "store" and saved == "map") or kind == saved:
+            return
+        raise ValueError(
+            f"data source {self.sources[source].display_name!r}: the saved loader state reads it as {saved!r}, "
+            f"this loader as {kind!r} (a checkpoint from another version or another source setting); resume with "
+            "the settings it was saved with, or start the data afresh with a new run directory"
+        )
+
     def _reader(self, s: int, state: dict):
         ds, kind = self.datasets[s], self.kinds[s]
         if kind == "blocks":
