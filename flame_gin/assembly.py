@@ -126,6 +126,7 @@ def plan(
     evaluation,
     checkpointer,
     kernel_mode: str,
+    downstream: Any | None = None,
     fused_loss: Any,
     init_timeout_seconds: float,
     train_timeout_seconds: float | None,
@@ -145,6 +146,9 @@ def plan(
     if checkpointer is not None:
         with as_config_error():
             checkpointer.validate()
+    if downstream is not None:
+        with as_config_error():
+            downstream.validate(world_size=proc.world_size)
     checks.kernel_mode(mode=kernel_mode, cuda=proc.device.type == "cuda")
     checks.workdir(workdir)
     with as_config_error():

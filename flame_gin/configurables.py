@@ -11,6 +11,7 @@ import gin
 from flame_gin import (
     checkpoint,
     data,
+    downstream,
     loop,
     mesh,
     metrics,
@@ -37,6 +38,7 @@ _register(models.build_config, "model_config")
 _register(schedules.make_schedule, "lr_schedule", denylist=["total_steps"])
 _register(optim.AdamW, "adamw")
 _register(loop.Evaluation, "evaluation")
+_register(downstream.Downstream, "downstream", denylist=["output_dir"])
 _register(start.Start, "start")
 _register(metrics.create_writers, "metric_writers", denylist=["workdir", "is_primary"])
 _register(profiling.Profiler, "profiler", denylist=["workdir", "rank"])

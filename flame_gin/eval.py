@@ -8,9 +8,9 @@ Why a command of our own rather than the stock ``lm_eval --model hf``: FLA's mod
 ``delta_net``, ...) are known to transformers only after ``import fla``, and on a machine without a GPU FLA's
 Triton kernels cannot run; this command imports FLA, selects the kernels (Triton on a GPU, flame_gin's
 reference kernels on a CPU) before the model is built, and hands the built model to lm-evaluation-harness's
-own ``HFLM``, so the harness does all of the task work. Results go to a JSON file (default:
-``<run>/eval/step_<N>.json`` beside the checkpoints) and, for a checkpoint, to the run's metric writers at
-the checkpoint's step (``downstream/<task>/<metric>``), next to its training curves in TensorBoard.
+own ``HFLM`` (``downstream.evaluate``), so the harness does all of the task work. Results go to a JSON file
+(default: ``<run>/eval/step_<N>.json`` beside the checkpoints) and, for a checkpoint, to the run's metric
+writers at the checkpoint's step (``downstream/<task>/<metric>``), next to its training curves in TensorBoard.
 Needs the ``eval`` extra: ``pip install -e '.[eval]'``.
 """
 
@@ -24,6 +24,7 @@ from absl import app, flags, logging
 
 from flame_gin import kernels, metrics
 from flame_gin.checkpoint import hf
+from flame_gin.downstream import evaluate, scalars
 
 _CHECKPOINT_DIR = flags.DEFINE_string("checkpoint_dir", None, "A run's checkpoint root (one folder per step).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest committed).")
@@ -65,47 +66,6 @@ def load_model(
         model, step = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32), None
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return model.to(device=device, dtype=dtype).eval(), step
-
-
-def evaluate(
-    *,
-    model: torch.nn.Module,
-    tokenizer: str,
-    tasks: list[str],
-    batch_size: int = 8,
-    include_path: str | None = None,
-    limit: int | None = None,
-    num_fewshot: int | None = None,
-    device: torch.device,
-) -> dict:
-    """lm-evaluation-harness's ``simple_evaluate`` on an already built model; its results, ``task -> metrics``."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-    from transformers import AutoTokenizer
-
-    lm = HFLM(
-        pretrained=model, tokenizer=AutoTokenizer.from_pretrained(tokenizer), batch_size=batch_size, device=str(device)
-    )
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=TaskManager(include_path=include_path),
-        log_samples=False,
-    )
-    return out["results"]
-
-
-def scalars(results: dict) -> dict[str, float]:
-    """``downstream/<task>/<metric>`` -> value, for the numeric scores (the harness's ``metric,filter`` keys)."""
-    out = {}
-    for task, values in results.items():
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "alias":
-                out[f"downstream/{task}/{key.split(',')[0]}"] = float(value)
-    return out
 
 
 def main(argv):

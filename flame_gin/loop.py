@@ -73,6 +73,7 @@ class Loop:
     log_interval: int
     eval_interval: int
     eval_batches: int
+    downstream: Any | None  # ``downstream.Downstream``: harness tasks on the model being trained
     gc_interval: int
     flops_per_token: float | None
     peak_tflops: float | None
@@ -99,6 +100,7 @@ class Loop:
                 after_first_step()
             self.log(lr_now=lr_now, step_start=step_start, data_wait=data_wait)
             self.evaluate()
+            self.evaluate_downstream()
             if self.checkpoint_or_stop():
                 status = REQUEUE_EXIT_CODE
                 break
@@ -206,6 +208,12 @@ class Loop:
             group=self.group,
         )
         self.writer.write_scalars(step, results)
+
+    def evaluate_downstream(self) -> None:
+        """Phase: every ``downstream.interval`` steps and at the last, the downstream tasks (``Downstream``)."""
+        step = self.state.step
+        if self.downstream is not None and self.downstream.due(step=step, last_step=self.train_steps):
+            self.writer.write_scalars(step, self.downstream.run(model=self.model, step=step, device=self.device))
 
     def checkpoint_or_stop(self) -> bool:
         """Phase: save when due (or when a stop was requested); True when the loop must stop for a requeue."""

@@ -18,12 +18,14 @@ restored, and the LR comes from the step through a pure schedule.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 from typing import Any, Callable
 
 from flame_gin import assembly, checkpoint, flops, kernels, metrics, optim, process
 from flame_gin import config as config_lib
+from flame_gin import downstream as downstream_lib
 from flame_gin import loop as loop_lib
 from flame_gin import start as start_lib
 from flame_gin.parallel import compile as compile_lib
@@ -61,6 +63,7 @@ def run(
     optimizer: optim.AdamW,
     lr_schedule: Callable[..., Callable[[int], float]],
     evaluation: loop_lib.Evaluation | None = None,
+    downstream: downstream_lib.Downstream | None = None,
     start: start_lib.Start | None = None,
     grad_accum_steps: int = 1,
     max_grad_norm: float = 1.0,
@@ -102,6 +105,8 @@ def run(
       optimizer: the optimizer's settings, learning rate included (``@flame_gin.adamw()``, ``optim.AdamW``).
       lr_schedule: ``total_steps -> (step -> multiplier of the peak lr)`` (``@flame_gin.lr_schedule``).
       evaluation: held-out loss settings (``@flame_gin.evaluation()``, ``loop.Evaluation``); None: none.
+      downstream: lm-evaluation-harness tasks during training (``@flame_gin.downstream()``,
+        ``downstream.Downstream``; one process only); None: none.
       start: resume/warm-start/seed-checkpoint settings (``@flame_gin.start()``, ``start.Start``); None: resume
         the latest checkpoint when there is one, else the seeded initialisation.
       grad_accum_steps: micro-batches per optimizer step (the global batch is split over them).
@@ -134,6 +139,10 @@ def run(
     """
     start = start or start_lib.Start()
     evaluation = evaluation if evaluation is not None and evaluation.interval else None
+    if downstream is not None and downstream.interval:
+        downstream = dataclasses.replace(downstream, output_dir=str(pathlib.Path(workdir) / "eval"))
+    else:
+        downstream = None
     # 1. Set up the process, then validate everything cheap before building anything big.
     plan = assembly.plan(
         model_config=model_config,
@@ -152,6 +161,7 @@ def run(
         evaluation=evaluation,
         checkpointer=checkpointer,
         kernel_mode=kernel_mode,
+        downstream=downstream,
         fused_loss=fused_loss,
         init_timeout_seconds=init_timeout_seconds,
         train_timeout_seconds=train_timeout_seconds,
@@ -228,6 +238,7 @@ def run(
         log_interval=log_interval,
         eval_interval=evaluation.interval if evaluation else 0,
         eval_batches=evaluation.batches if evaluation else 0,
+        downstream=downstream,
         gc_interval=gc_interval,
         flops_per_token=flops.training_flops_or_none(config=plan.model_config, seq_len=seq_len),
         peak_tflops=flops.device_peak_tflops(device=proc.device, configured=peak_tflops),

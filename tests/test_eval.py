@@ -1,7 +1,9 @@
-"""Downstream evaluation: ``python -m flame_gin.eval`` runs lm-evaluation-harness offline on a local task
-(a YAML file over a local jsonl) against the tiny run's checkpoint; its word perplexity equals a hand
-computation with the same model (each document scored from the BOS token, natural log, words split on white
-space), and the score lands in the run's TensorBoard events at the checkpoint's step."""
+"""Downstream evaluation with lm-evaluation-harness, offline, on a local task (a YAML file over a local jsonl):
+during training (``flame_gin.downstream``, every 2 steps of a 4-step tiny run) and by the
+``python -m flame_gin.eval`` command on the run's last checkpoint. Both word perplexities equal a hand
+computation with the step-4 model (each document scored from the BOS token, natural log, words split on white
+space), the scores land in the run's TensorBoard events at their steps, and training is unchanged by the
+evaluations in it (the same final weights as a run without them)."""
 
 import json
 import math
@@ -41,16 +43,30 @@ metric_list:
 
 
 @pytest.mark.slow
-def test_eval_command_scores_a_local_task_as_computed_by_hand(tmp_path, train_tiny):
+def test_downstream_during_training_and_the_eval_command_score_as_computed_by_hand(tmp_path, train_tiny, monkeypatch):
     pytest.importorskip("lm_eval")
-    run = tmp_path / "run"
-    train_tiny(run)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     data = tasks / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
     (tasks / "tiny_code_ppl.yaml").write_text(TASK.format(data=data))
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    run = train_tiny(
+        tmp_path / "run",
+        steps=4,
+        bindings=(
+            "flame_gin.run.downstream = @flame_gin.downstream()",
+            "flame_gin.downstream.tasks = ['tiny_code_ppl']",
+            f"flame_gin.downstream.include_path = {str(tasks)!r}",
+            "flame_gin.downstream.tokenizer = 'embedded'",
+            "flame_gin.downstream.interval = 2",
+            "flame_gin.downstream.batch_size = 2",
+        ),
+    )
+    during = {s: json.loads((run / "eval" / f"step_{s}.json").read_text()) for s in (2, 4)}
+    without = train_tiny(tmp_path / "without", steps=4)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
         [
             sys.executable,
@@ -61,6 +77,7 @@ def test_eval_command_scores_a_local_task_as_computed_by_hand(tmp_path, train_ti
             "--tasks=tiny_code_ppl",
             f"--include_path={tasks}",
             "--batch_size=2",
+            f"--output={tmp_path / 'command.json'}",
         ],
         cwd=ROOT,
         env=env,
@@ -69,8 +86,8 @@ def test_eval_command_scores_a_local_task_as_computed_by_hand(tmp_path, train_ti
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    saved = json.loads((run / "eval" / "step_3.json").read_text())
-    got = saved["results"]["tiny_code_ppl"]["word_perplexity,none"]
+    command = json.loads((tmp_path / "command.json").read_text())
+    assert command["step"] == 4
 
     from transformers import AutoTokenizer
 
@@ -80,6 +97,7 @@ def test_eval_command_scores_a_local_task_as_computed_by_hand(tmp_path, train_ti
     kernels.select(mode="reference")
     try:
         model, step = hf.load_checkpoint_model(checkpoint_dir=run / "checkpoints")
+        other, _ = hf.load_checkpoint_model(checkpoint_dir=without / "checkpoints")
         total, words = 0.0, 0
         with torch.no_grad():
             for doc in DOCS:
@@ -90,9 +108,30 @@ def test_eval_command_scores_a_local_task_as_computed_by_hand(tmp_path, train_ti
                 words += len(re.split(r"\s+", doc))
     finally:
         kernels.restore()
-    assert step == 3
-    assert got == pytest.approx(math.exp(-total / words), rel=1e-4)
+    by_hand = math.exp(-total / words)
+    assert step == 4
+    assert command["results"]["tiny_code_ppl"]["word_perplexity,none"] == pytest.approx(by_hand, rel=1e-4)
+    assert during[4]["results"]["tiny_code_ppl"]["word_perplexity,none"] == pytest.approx(by_hand, rel=1e-4)
     acc = event_accumulator.EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
-    (event,) = acc.Scalars("downstream/tiny_code_ppl/word_perplexity")
-    assert event.step == 3 and event.value == pytest.approx(got, rel=1e-6)
+    logged = [(e.step, e.value) for e in acc.Scalars("downstream/tiny_code_ppl/word_perplexity")]
+    assert [s for s, _ in logged] == [2, 4, 4]  # during training at 2 and 4, then the command's
+    assert logged[0][1] == pytest.approx(during[2]["results"]["tiny_code_ppl"]["word_perplexity,none"], rel=1e-6)
+    assert logged[0][1] != pytest.approx(by_hand, rel=1e-3)  # the step-2 model scored, not the last one
+    assert all(v == pytest.approx(by_hand, rel=1e-4) for _, v in logged[1:])
+    theirs = other.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in model.state_dict().items())
+
+
+def test_downstream_settings_are_checked_before_anything_is_built(tmp_path):
+    from flame_gin import downstream
+
+    ok = downstream.Downstream(tasks=["x"], tokenizer="embedded", include_path=str(tmp_path))
+    with pytest.raises(ValueError, match="runs on one process, this run has 2"):
+        ok.validate(world_size=2)
+    with pytest.raises(ValueError, match="interval=-1"):
+        downstream.Downstream(tasks=["x"], tokenizer="embedded", interval=-1).validate(world_size=1)
+    with pytest.raises(ValueError, match="tasks is empty"):
+        downstream.Downstream(tasks=[], tokenizer="embedded").validate(world_size=1)
+    with pytest.raises(ValueError, match="include_path='/nonexistent'"):
+        downstream.Downstream(tasks=["x"], tokenizer="embedded", include_path="/nonexistent").validate(world_size=1)
