@@ -170,8 +170,9 @@ def test_resume_with_other_rank_count_reads_every_document_once(env, old_ws, new
     assert _doc_counts(before) and _doc_counts(after)
 
 
-def test_resume_with_other_worker_count_reads_every_document_once(env):
-    kw = dict(sources=[{"path": env["a"]}], num_epochs=1)
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resume_with_other_worker_count_reads_every_document_once(env, streaming):
+    kw = dict(sources=[{"path": env["a"], "streaming": streaming}], num_epochs=1)
     ld = loader(env, num_workers=2, **kw)
     before = [next(ld) for _ in range(5)]
     state = ld.state_dict()
