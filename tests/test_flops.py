@@ -154,8 +154,10 @@ def test_gla_340m_at_2048():
 
 
 def test_unknown_family_is_a_clear_error():
-    config = models.build_config(family="hgrn", overrides=dict(hidden_size=32, num_hidden_layers=1, vocab_size=64))
-    with pytest.raises(ValueError, match="No FLOP count for model family 'hgrn'.*gla"):
+    config = models.build_config(
+        family="mesa_net", overrides=dict(hidden_size=32, num_hidden_layers=1, num_heads=2, vocab_size=64)
+    )
+    with pytest.raises(ValueError, match="No FLOP count for model family 'mesa_net'.*gla"):
         flops.flops_per_token(config=config, seq_len=16)
     with pytest.raises(ValueError, match="seq_len"):
         flops.flops_per_token(
@@ -164,3 +166,45 @@ def test_unknown_family_is_a_clear_error():
             ),
             seq_len=0,
         )
+
+
+def _delta_rule(h, dk, dv, c):
+    return h * (6 * c * dk + 4 * c * dv + 2 * c * c / 3 + 6 * dk * dv)
+
+
+def _linear_attention(h, dk, dv, c):
+    return h * (2 * c * (dk + dv) + 4 * dk * dv)
+
+
+# family, overrides, (kind, the mixer's forward FLOPs per token and layer at T=128 from the config's own numbers)
+NEW_FAMILIES = [
+    ("kda", dict(num_heads=2, head_dim=16), ("linear_attention", _delta_rule(2, 16, 16, 64))),
+    ("comba", dict(num_heads=2, head_dim=16), ("linear_attention", _delta_rule(2, 16, 32, 64))),  # expand_v 2
+    (
+        "gated_deltaproduct",
+        dict(num_heads=2, head_dim=16, num_householder=2),
+        ("linear_attention", 2 * _delta_rule(2, 16, 32, 64)),
+    ),
+    ("rwkv6", dict(num_heads=2), ("linear_attention", _linear_attention(2, 16, 32, 64))),  # expand_k 0.5
+    ("lightnet", dict(num_heads=2), ("linear_attention", _linear_attention(2, 128, 32, 64))),
+    ("hgrn", dict(), ("linear_attention", 0.0)),
+    ("forgetting_transformer", dict(num_heads=2), ("softmax_attention", 4 * T * 2 * 32)),
+    ("path_attn", dict(num_heads=2), ("softmax_attention", 4 * T * 2 * 32)),
+]
+
+
+@pytest.mark.parametrize("family,overrides,expected", NEW_FAMILIES, ids=[f for f, _, _ in NEW_FAMILIES])
+def test_gpu_only_families_are_counted_from_their_config(family, overrides, expected):
+    """FLA's newer families run only on a GPU, so ``FlopCounterMode`` cannot run them here: their count is
+    checked against the formula applied by hand to the config's numbers (heads, head sizes, expansions), and
+    the projections against the parameter count of the model's linear layers (2 FLOPs per weight)."""
+    config = models.build_config(
+        family=family, overrides=dict(hidden_size=64, num_hidden_layers=2, vocab_size=256, **overrides)
+    )
+    parts = flops.flops_breakdown(config=config, seq_len=T)
+    kind, per_layer = expected
+    other = "softmax_attention" if kind == "linear_attention" else "linear_attention"
+    assert parts[kind] == pytest.approx(2 * per_layer) and parts[other] == 0
+    model = models.build_meta_model(config=config)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert parts["linear"] == 2 * weights
