@@ -197,3 +197,29 @@ def test_remote_files_are_read_by_blocks_through_fsspec(env):
         assert sum(s.readers[0].bytes_read for s in streams) == plan.datasets[0].total_bytes
     finally:
         fs.rm("/shards_test", recursive=True)
+
+
+def test_the_block_index_of_pinned_hub_files_is_listed_once_and_kept(tmp_path):
+    pinned = [f"hf://datasets/org/corpus@{'a' * 40}/data/train-{k}.parquet" for k in range(3)]
+    assert (
+        shards.index_cache(pinned[:1] + ["/local/file.parquet"], field="text", kind=0, block_bytes=1, cache_dir=None)
+        is None
+    )
+    assert (
+        shards.index_cache(
+            ["hf://datasets/org/corpus/data/x.parquet"], field="text", kind=0, block_bytes=1, cache_dir=None
+        )
+        is None
+    )
+    where = shards.index_cache(pinned, field="text", kind=0, block_bytes=1, cache_dir=str(tmp_path))
+    assert where is not None and where.parent.parent == tmp_path
+    assert where != shards.index_cache(pinned, field="body", kind=0, block_bytes=1, cache_dir=str(tmp_path))
+    calls = []
+
+    def listing():
+        calls.append(1)
+        return np.arange(9, dtype=np.int64).reshape(3, 3)
+
+    first = shards.cached(where, listing)
+    again = shards.cached(where, listing)
+    assert len(calls) == 1 and np.array_equal(first, again) and np.array_equal(first, listing())

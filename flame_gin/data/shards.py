@@ -11,6 +11,9 @@ through ``fsspec``, e.g. ``hf://``), and their blocks: parquet footers give the 
 the byte ranges. Other formats (plain text, csv, compressed JSON, loading scripts) return a reason instead, and
 the caller replays the stream (``readers.StreamReader``).
 
+The block index of hub files named at a commit is kept in the datasets cache (``index_cache``, ``cached``), so
+a requeued job's ranks do not read thousands of parquet footers again (one process per machine lists them).
+
 ``Blocks.read(i)`` returns the raw rows of block ``i`` in storage order (None for a row without text) and
 the bytes it read; ``Blocks.keep`` applies the source's hold-out and bad-row rules to one row.
 """
@@ -19,9 +22,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import fcntl
+import hashlib
 import json
 import logging
 import os
+import pathlib
+import re
 
 import numpy as np
 
@@ -29,6 +36,7 @@ from flame_gin.data import rows as rows_lib
 from flame_gin.data import sources as sources_lib
 
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4", ".zip")
+_PINNED = re.compile(r"^hf://datasets/[^@]+@[0-9a-f]{40}/")  # a hub file at a commit: it never changes
 _PARQUET, _JSONL = 0, 1
 
 log = logging.getLogger(__name__)
@@ -148,6 +156,53 @@ class Blocks:
         return not self.holdout or sources_lib.held_out(text, share=self.holdout) == self.evaluation
 
 
+def index_cache(files: list[str], *, field: str, kind: int, block_bytes: int, cache_dir: str | None):
+    """Where the block index of ``files`` is kept between runs, or None when it must be listed afresh. Only hub
+    files named at a commit qualify (``datasets`` resolves hub patterns to such URLs): listing a corpus of
+    thousands of parquet files reads thousands of footers, which every rank of a requeued job would repeat."""
+    if not files or not all(_PINNED.match(f) for f in files):
+        return None
+    if cache_dir is None:
+        import datasets
+
+        cache_dir = datasets.config.HF_DATASETS_CACHE
+    key = hashlib.sha256(json.dumps([files, field, kind, block_bytes]).encode()).hexdigest()[:32]
+    return pathlib.Path(cache_dir) / "flame_gin_block_index" / f"{key}.npy"
+
+
+def cached(path: pathlib.Path | None, compute) -> np.ndarray:
+    """``compute()`` (an int64 array), kept at ``path``: one process per machine computes it under a file lock,
+    the others wait and read it; a later run reads it at once. ``path`` None: computed every time."""
+    if path is None:
+        return compute()
+    if path.exists():
+        return np.load(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(compute(), dtype=np.int64))
+            os.replace(tmp, path)
+    return np.load(path)
+
+
+def _spans(files: list[str], *, kind: int, field: str, block_bytes: int) -> np.ndarray:
+    """(file, a, b) of every block, as an int64 array of shape (blocks, 3)."""
+    if kind == _PARQUET:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:  # footers of remote files: one request each
+            per_file = list(pool.map(lambda f: _parquet_blocks(f, field), files))
+        spans = [(k, a, b) for k, groups in enumerate(per_file) for a, b in groups]
+    else:
+        spans = [
+            (k, a, min(a + block_bytes, size))
+            for k, size in enumerate(map(_size, files))
+            for a in range(0, size, block_bytes)
+        ]
+    return np.asarray(spans, dtype=np.int64).reshape(-1, 3)
+
+
 def resolve(
     src: sources_lib.Source, *, split: str, block_bytes: int, bad_rows: str, cache_dir: str | None = None
 ) -> tuple[Blocks | None, str]:
@@ -167,25 +222,19 @@ def resolve(
     files = [str(f) for f in files]
     if any(f.endswith(_COMPRESSED) for f in files):
         return None, "its files are compressed as a whole"
+    if block_bytes < 1:
+        raise ValueError(f"block_bytes={block_bytes} (flame_gin.build_loader.block_bytes) must be positive")
     if builder.name == "parquet":
         kind = _PARQUET
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:  # footers of remote files: one request each
-            per_file = list(pool.map(lambda f: _parquet_blocks(f, src.text_field), files))
-        spans = [(k, a, b) for k, groups in enumerate(per_file) for a, b in groups]
     elif builder.name == "json" and all(_is_json_lines(f) for f in files):
         kind = _JSONL
-        if block_bytes < 1:
-            raise ValueError(f"block_bytes={block_bytes} (flame_gin.build_loader.block_bytes) must be positive")
-        spans = [
-            (k, a, min(a + block_bytes, size))
-            for k, size in enumerate(map(_size, files))
-            for a in range(0, size, block_bytes)
-        ]
     else:
         return None, f"{builder.name} files are read whole (blocks need parquet or JSON lines)"
-    if not spans:
+    where = index_cache(files, field=src.text_field, kind=kind, block_bytes=block_bytes, cache_dir=cache_dir)
+    spans = cached(where, lambda: _spans(files, kind=kind, field=src.text_field, block_bytes=block_bytes))
+    if not len(spans):
         return None, "its files hold no data"
-    file, a, b = (np.asarray(x, dtype=np.int64) for x in zip(*spans))
+    file, a, b = spans[:, 0].copy(), spans[:, 1].copy(), spans[:, 2].copy()
     rows_lib.check_mode(bad_rows)
     blocks = Blocks(
         files=tuple(files),
