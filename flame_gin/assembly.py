@@ -240,6 +240,18 @@ class Built:
     group: Any | None
     loss_fn: Callable[..., Any]
     prepare: Callable[[dict], dict] | None
+    pp_group: Any | None  # the pipeline stages' group (None without pipeline parallelism)
+
+
+def optimizer(*, built: Built, settings) -> torch.optim.Optimizer:
+    """Phase 5, last: the optimizer (``optim.AdamW`` settings) over the built model; on a pipeline, each stage
+    keeps the state of its own parameters."""
+    opt = settings.build(model=built.model)
+    if built.runtime is not None:
+        from flame_gin.parallel import pipeline as pipeline_lib
+
+        pipeline_lib.stage_local_optimizer_state(opt, mesh=built.mesh["dp_replicate", "dp_shard", "cp", "tp"])
+    return opt
 
 
 def build(
@@ -288,6 +300,7 @@ def build(
         group=group,
         loss_fn=loss_fn,
         prepare=prepare,
+        pp_group=mesh["pp"].get_group() if dims.pp > 1 else None,
     )
 
 

@@ -128,3 +128,10 @@ class Downstream:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"step": step, "tasks": list(self.tasks), "results": results}, default=str))
         return scalars(results)
+
+
+def for_run(downstream: Downstream | None, *, workdir: str) -> Downstream | None:
+    """The run's downstream settings with its output folder (``<workdir>/eval``); None when off."""
+    if downstream is None or not downstream.interval:
+        return None
+    return dataclasses.replace(downstream, output_dir=str(pathlib.Path(workdir) / "eval"))

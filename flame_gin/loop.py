@@ -48,7 +48,7 @@ class Loop:
     """The run's parts and settings, as the loop's phases use them."""
 
     state: TrainState
-    model: torch.nn.Module
+    built: Any  # ``assembly.Built``: the model, its loss, its pipeline runtime (or None) and its process groups
     optimizer: torch.optim.Optimizer
     loader: Any
     eval_loader: Any | None
@@ -59,11 +59,6 @@ class Loop:
     is_primary: bool
     world_size: int
     dp_rank: int
-    loss_fn: Callable[..., Any]
-    prepare: Callable[[dict], dict] | None  # context parallel: keep this rank's slice of each batch
-    group: Any | None  # the data x context parallel group that sums tokens and losses
-    pp_group: Any | None
-    runtime: Any | None  # the pipeline schedule (None: the whole model on every rank)
     train_steps: int
     lr: float
     lr_schedule: Callable[[int], float]
@@ -71,8 +66,7 @@ class Loop:
     max_grad_norm: float
     skip_nonfinite: bool
     log_interval: int
-    eval_interval: int
-    eval_batches: int
+    evaluation: Evaluation | None  # its ``interval`` and ``batches`` (the loader is ``eval_loader``)
     downstream: Any | None  # ``downstream.Downstream``: harness tasks on the model being trained
     gc_interval: int
     flops_per_token: float | None
@@ -115,24 +109,26 @@ class Loop:
         """Phase: fetch micro-batches -> forward/backward -> clip -> optimizer step; nothing read back."""
         step_start = time.perf_counter()
         batches, local_tokens, data_wait = steps.fetch(self._iterator, count=self.grad_accum_steps, device=self.device)
-        if self.prepare is not None:  # each context rank keeps its slice of the sequence: count what it kept
-            batches = [self.prepare(b) for b in batches]
+        if self.built.prepare is not None:  # each context rank keeps its slice of the sequence: count what it kept
+            batches = [self.built.prepare(b) for b in batches]
             local_tokens = steps.valid_tokens(batches)
-        tokens = steps.global_tokens(local=local_tokens, device=self.device, group=self.group)
-        if self.runtime is None:
+        tokens = steps.global_tokens(local=local_tokens, device=self.device, group=self.built.group)
+        if self.built.runtime is None:
             loss = steps.forward_backward(
-                model=self.model,
+                model=self.built.model,
                 batches=batches,
                 tokens=tokens,
                 device=self.device,
-                loss_fn=self.loss_fn,
-                group=self.group,
+                loss_fn=self.built.loss_fn,
+                group=self.built.group,
             )
         else:
             loss = steps.pipeline_forward_backward(
-                runtime=self.runtime, batches=batches, tokens=tokens, device=self.device, group=self.group
+                runtime=self.built.runtime, batches=batches, tokens=tokens, device=self.device, group=self.built.group
             )
-        grad_norm = steps.clip_grad_norm(model=self.model, max_grad_norm=self.max_grad_norm, pp_group=self.pp_group)
+        grad_norm = steps.clip_grad_norm(
+            model=self.built.model, max_grad_norm=self.max_grad_norm, pp_group=self.built.pp_group
+        )
         lr_now = self.lr * self.lr_schedule(self.state.step)
         skipped = steps.apply(
             optimizer=self.optimizer, lr_now=lr_now, loss=loss, grad_norm=grad_norm, skip_nonfinite=self.skip_nonfinite
@@ -194,18 +190,18 @@ class Loop:
         self._window_tokens, self._window_start = self.state.tokens_seen, time.perf_counter()
 
     def evaluate(self) -> None:
-        """Phase: every ``eval_interval`` steps and at the last, the held-out loss (``Evaluation``)."""
+        """Phase: every ``evaluation.interval`` steps and at the last, the held-out loss (``Evaluation``)."""
         step = self.state.step
-        if self.eval_loader is None or (step % self.eval_interval and step != self.train_steps):
+        if self.eval_loader is None or (step % self.evaluation.interval and step != self.train_steps):
             return
         results = steps.evaluate(
-            model=self.model,
+            model=self.built.model,
             loader=self.eval_loader,
             device=self.device,
-            max_batches=self.eval_batches,
-            loss_fn=self.loss_fn,
-            prepare=self.prepare or (lambda batch: batch),
-            group=self.group,
+            max_batches=self.evaluation.batches,
+            loss_fn=self.built.loss_fn,
+            prepare=self.built.prepare or (lambda batch: batch),
+            group=self.built.group,
         )
         self.writer.write_scalars(step, results)
 
@@ -213,7 +209,7 @@ class Loop:
         """Phase: every ``downstream.interval`` steps and at the last, the downstream tasks (``Downstream``)."""
         step = self.state.step
         if self.downstream is not None and self.downstream.due(step=step, last_step=self.train_steps):
-            self.writer.write_scalars(step, self.downstream.run(model=self.model, step=step, device=self.device))
+            self.writer.write_scalars(step, self.downstream.run(model=self.built.model, step=step, device=self.device))
 
     def checkpoint_or_stop(self) -> bool:
         """Phase: save when due (or when a stop was requested); True when the loop must stop for a requeue."""
@@ -249,7 +245,7 @@ class Loop:
         return bool(
             self.ckpt.save(
                 step=self.state.step,
-                model=self.model,
+                model=self.built.model,
                 optimizer=self.optimizer,
                 extra=extra,
                 config_text=self.config_text,

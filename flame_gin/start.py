@@ -35,6 +35,18 @@ class Start:
     init_from_hf: str | None = None
     seed_checkpoint_only: bool = False
 
+    def resume_or_initialise(self, *, ckpt, model, optimizer, loader) -> dict | None:
+        """``resume_or_initialise`` with these settings."""
+        return resume_or_initialise(
+            ckpt=ckpt,
+            model=model,
+            optimizer=optimizer,
+            loader=loader,
+            restore_step=self.restore_step,
+            init_from=self.init_from,
+            init_from_hf=self.init_from_hf,
+        )
+
 
 def data_states(extras: list[dict]) -> list[dict]:
     """One data-iterator state per data stream, in stream order.

@@ -18,7 +18,6 @@ restored, and the LR comes from the step through a pure schedule.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import pathlib
 from typing import Any, Callable
@@ -29,7 +28,6 @@ from flame_gin import downstream as downstream_lib
 from flame_gin import loop as loop_lib
 from flame_gin import start as start_lib
 from flame_gin.parallel import compile as compile_lib
-from flame_gin.parallel import pipeline as pipeline_lib
 
 
 def _after_first_step(
@@ -139,10 +137,7 @@ def run(
     """
     start = start or start_lib.Start()
     evaluation = evaluation if evaluation is not None and evaluation.interval else None
-    if downstream is not None and downstream.interval:
-        downstream = dataclasses.replace(downstream, output_dir=str(pathlib.Path(workdir) / "eval"))
-    else:
-        downstream = None
+    downstream = downstream_lib.for_run(downstream, workdir=workdir)
     # 1. Set up the process, then validate everything cheap before building anything big.
     plan = assembly.plan(
         model_config=model_config,
@@ -192,28 +187,18 @@ def run(
         pipeline=pipeline,
         init_timeout_seconds=init_timeout_seconds,
     )
-    opt = optimizer.build(model=built.model)
-    if built.runtime is not None:
-        pipeline_lib.stage_local_optimizer_state(opt, mesh=built.mesh["dp_replicate", "dp_shard", "cp", "tp"])
+    opt = assembly.optimizer(built=built, settings=optimizer)
     assembly.describe(plan=plan, model=built.model, n_params=n_params, writer=writer, config_text=config_text)
     # 6. Start: resume the run's own checkpoint, or warm-start weights, or keep the seeded initialisation.
     if start.seed_checkpoint_only:
         start_lib.save_seed(workdir=workdir_path, model=built.model, config_text=config_text)
         return _finish(ckpt=ckpt, prof=None, writer=writer, status=0)
-    restored = start_lib.resume_or_initialise(
-        ckpt=ckpt,
-        model=built.model,
-        optimizer=opt,
-        loader=loaders[0],
-        restore_step=start.restore_step,
-        init_from=start.init_from,
-        init_from_hf=start.init_from_hf,
-    )
+    restored = start.resume_or_initialise(ckpt=ckpt, model=built.model, optimizer=opt, loader=loaders[0])
     prof = profiler(workdir=str(workdir_path), rank=proc.rank) if profiler is not None else None
     # 7. The loop; 8. the final save, flush, shut down.
     loop = loop_lib.Loop(
         state=loop_lib.TrainState(**restored) if restored else loop_lib.TrainState(),
-        model=built.model,
+        built=built,
         optimizer=opt,
         loader=loaders[0],
         eval_loader=loaders[1],
@@ -224,11 +209,6 @@ def run(
         is_primary=proc.is_primary,
         world_size=proc.world_size,
         dp_rank=dims.dp_rank(rank=proc.rank),
-        loss_fn=built.loss_fn,
-        prepare=built.prepare,
-        group=built.group,
-        pp_group=built.mesh["pp"].get_group() if dims.pp > 1 else None,
-        runtime=built.runtime,
         train_steps=train_steps,
         lr=optimizer.lr,
         lr_schedule=plan.lr_schedule,
@@ -236,8 +216,7 @@ def run(
         max_grad_norm=max_grad_norm,
         skip_nonfinite=skip_nonfinite,
         log_interval=log_interval,
-        eval_interval=evaluation.interval if evaluation else 0,
-        eval_batches=evaluation.batches if evaluation else 0,
+        evaluation=evaluation,
         downstream=downstream,
         gc_interval=gc_interval,
         flops_per_token=flops.training_flops_or_none(config=plan.model_config, seq_len=seq_len),
