@@ -32,9 +32,10 @@ def _model(step: int) -> torch.nn.Module:
 def _child(mode: str, root: str) -> None:
     from flame_gin.checkpoint import Checkpointer, CheckpointSaveError
 
-    ckpt = Checkpointer(directory=root, keep=2, async_save=(mode == "loop"))
     if mode == "loop":  # save forever; the parent kills us at some moment
         print("ready", flush=True)
+        sys.stdin.readline()  # started ahead (imports done); go once the previous child is dead and checked
+        ckpt = Checkpointer(directory=root, keep=2, async_save=True)
         for step in range(1, 10_000):
             model = _model(step)
             opt = torch.optim.AdamW(model.parameters())
@@ -42,6 +43,7 @@ def _child(mode: str, root: str) -> None:
         return
     import resource
 
+    ckpt = Checkpointer(directory=root, keep=2, async_save=False)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of a kill
     ckpt.save(step=1, model=_model(1), optimizer=None, extra={"s": 1}, config_text="")
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
@@ -74,24 +76,37 @@ def test_kill_9_during_save_keeps_previous(tmp_path):
     """KILLS kill -9 at random moments of a stream of asynchronous saves: each restart finds a latest
     committed checkpoint that loads intact (a partial save is never taken, a damaged one never committed)."""
     rng = random.Random(0)
-    for attempt in range(KILLS):
-        proc = subprocess.Popen(
+
+    def spawn():  # each child imports while its predecessor saves, and starts saving when told
+        return subprocess.Popen(
             [sys.executable, __file__, "loop", str(tmp_path)],
             env=ENV,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        assert proc.stdout.readline().strip() == b"ready"
-        # Wait for a first commit, then kill at a random moment mid-stream.
-        deadline = time.monotonic() + 60
-        while not any(p.name.isdigit() for p in tmp_path.iterdir()):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.5))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        step = _check_latest_loads(tmp_path)
-        assert step >= 1, attempt
+
+    ahead = spawn()
+    try:
+        for attempt in range(KILLS):
+            proc, ahead = ahead, spawn() if attempt + 1 < KILLS else None
+            assert proc.stdout.readline().strip() == b"ready"
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+            # Wait for a first commit, then kill at a random moment mid-stream.
+            deadline = time.monotonic() + 60
+            while not any(p.name.isdigit() for p in tmp_path.iterdir()):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.5))
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            step = _check_latest_loads(tmp_path)
+            assert step >= 1, attempt
+    finally:
+        if ahead is not None:
+            ahead.kill()
+            ahead.wait()
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ def test_compare_renders_two_runs_and_tabulates_them(tmp_path):
                 "-m",
                 "flame_gin.train",
                 "--gin_file=gin/tiny.gin",
-                "--gin.TRAIN_STEPS=30",
+                "--gin.TRAIN_STEPS=20",
                 f"--gin.LR={lr}",
                 "--gin.WARMUP_STEPS=2",
                 "--gin.flame_gin.run.log_interval=2",
@@ -62,7 +62,7 @@ def test_compare_renders_two_runs_and_tabulates_them(tmp_path):
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:3]}
     for name in ("a", "b"):
         row = rows[str(tmp_path / name)]
-        assert row[1] == "30"
+        assert row[1] == "20"
         assert float(row[2]) == pytest.approx(sum(logs[name][-10:]) / 10, abs=1e-3)
     assert float(rows[str(tmp_path / "a")][2]) < float(rows[str(tmp_path / "b")][2])  # the higher LR learns faster here
     bad = subprocess.run(
