@@ -64,7 +64,18 @@ def shard_corpus(*, corpus: pathlib.Path, out: pathlib.Path, shards: int, repeat
     return [str(f) for f in files]
 
 
-def _loader(*, tokenizer: str, files: list[str], cache: str, rank: int, world_size: int, processes: int = 1):
+def _loader(
+    *,
+    tokenizer: str,
+    files: list[str],
+    cache: str | None,
+    streaming: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    processes: int = 1,
+    num_epochs: int | None = 1,
+):
+    """The benchmark's loader over ``files``: through the token store (built with ``processes``), or streamed."""
     from flame_gin.data import loader as loader_lib
 
     return loader_lib.build_loader(
@@ -75,42 +86,18 @@ def _loader(*, tokenizer: str, files: list[str], cache: str, rank: int, world_si
         world_size=world_size,
         seed=0,
         split="train",
-        sources=[{"path": "json", "data_files": files}],
-        num_epochs=1,
-        offline=True,
+        sources=[{"path": "json", "data_files": files, "streaming": streaming}],
+        num_epochs=num_epochs,
+        offline=not streaming,
         cache_dir=cache,
         store_processes=processes,
         tokenizer_audit_every=0,
     )
 
 
-def _streaming_plan(*, tokenizer: str, files: list[str], num_epochs: int | None):
-    from flame_gin.data import plan as plan_lib
-
-    return plan_lib.make_plan(
-        tokenizer=tokenizer,
-        seq_len=SEQ_LEN,
-        batch_size=BATCH,
-        seed=0,
-        split="train",
-        sources=[{"path": "json", "data_files": files, "streaming": True}],
-        probabilities=None,
-        context_len=None,
-        add_bos=None,
-        add_eos=True,
-        varlen=False,
-        shuffle=None,
-        buffer_size=0,
-        num_epochs=num_epochs,
-        offline=False,
-        cache_dir=None,
-        audit_every=0,
-    )
-
-
 def measure_streaming(*, tokenizer: str, files: list[str], streams: int, corpus_bytes: int) -> dict:
     """Bytes read by ``streams`` block readers over one epoch, and a resume from the middle of the epoch."""
-    plan = _streaming_plan(tokenizer=tokenizer, files=files, num_epochs=1)
+    plan = _loader(tokenizer=tokenizer, files=files, cache=None, streaming=True).plan
     started, per_stream, docs = time.perf_counter(), [], 0
     for g in range(streams):
         reader = plan.make_stream(stream=g, num_streams=streams, generation=0, state=None).readers[0]
@@ -131,7 +118,7 @@ def measure_streaming(*, tokenizer: str, files: list[str], streams: int, corpus_
         half += len(reader.read(256)[1])
     saved = json.dumps({"readers": [reader.state_dict()]})  # a stream's state with nothing queued
     started = time.perf_counter()
-    plan = _streaming_plan(tokenizer=tokenizer, files=files, num_epochs=None)
+    plan = _loader(tokenizer=tokenizer, files=files, cache=None, streaming=True, num_epochs=None).plan
     resumed = plan.make_stream(stream=0, num_streams=1, generation=0, state=json.loads(saved))
     batch = resumed.next_batch()
     out["resume"] = {

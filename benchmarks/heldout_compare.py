@@ -9,7 +9,7 @@ its original (path-sorted) order and neither trains on a held-out document.
 
 ``eval``: every model reads the same held-out tokens (each document as BOS + tokens + EOS, concatenated, cut
 into rows of ``seq_len``; the last partial row dropped) and gets its mean token cross-entropy, in float32 over
-bf16 logits. ``MODEL`` is a Hugging Face folder (flame_gin's export) or, with ``--config``, a
+its logits (bf16 on a GPU). ``MODEL`` is a Hugging Face folder (flame_gin's export) or, with ``--config``, a
 ``torch.distributed.checkpoint`` folder of another trainer (its ``model`` entry, or the whole state when it
 holds weights only). Names ``<group>_s<seed>`` are summarised per group: mean, standard deviation, count.
 
@@ -19,7 +19,6 @@ The last line printed is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import pathlib
@@ -30,6 +29,8 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from flame_gin.data import sources  # noqa: E402
+
 
 def split(*, corpus: str, out: str, share: float, seed: int = 0) -> dict:
     train, held = [], []
@@ -38,8 +39,7 @@ def split(*, corpus: str, out: str, share: float, seed: int = 0) -> dict:
             if not line.strip():
                 continue
             text = json.loads(line)["text"]
-            digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-            (held if int.from_bytes(digest, "little") < share * 2.0**64 else train).append(line.rstrip("\n"))
+            (held if sources.held_out(text, share=share) else train).append(line.rstrip("\n"))
     random.Random(seed).shuffle(train)
     folder = pathlib.Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -63,34 +63,35 @@ def heldout_rows(*, path: str, tokenizer: str, seq_len: int):
     return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
 
 
-def load_model(path: str, *, config: str | None):
-    import fla  # noqa: F401  (registers FLA's model types with transformers)
+def load_model(path: str, *, config: str | None, device):
+    """The model in eval mode on ``device`` (bf16 on a GPU), with the kernels of ``device``: an HF folder as
+    ``python -m flame_gin.eval`` loads one, or a DCP folder's weights into ``config``'s model."""
     import torch
+
+    from flame_gin import eval as eval_lib
+
+    if config is None:
+        return eval_lib.load_model(checkpoint_dir=None, step=None, hf_dir=path, device=device)[0]
+    import fla  # noqa: F401  (registers FLA's model types with transformers)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from flame_gin import kernels
 
     kernels.select(mode="auto")  # FLA's Triton kernels on a GPU, the reference kernels on a CPU
-
-    if config is None:
-        return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16)
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(path, os.path.join(tmp, "state.pt"))
         state = torch.load(os.path.join(tmp, "state.pt"), map_location="cpu", weights_only=False)
-    state = state.get("model", state)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config))
-    model.load_state_dict(state, strict=True)
-    return model.to(torch.bfloat16)
+    model.load_state_dict(state.get("model", state), strict=True)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return model.to(device=device, dtype=dtype).eval()
 
 
-def heldout_loss(model, rows, *, batch: int) -> float:
+def heldout_loss(model, rows, *, batch: int, device) -> float:
     import torch
     import torch.nn.functional as F
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device).eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(rows), batch):
@@ -133,13 +134,16 @@ def main() -> None:
     if args.command == "split":
         print(json.dumps({"benchmark": "heldout_compare", **split(corpus=args.corpus, out=args.out, share=args.share)}))
         return
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = heldout_rows(path=args.heldout, tokenizer=args.tokenizer, seq_len=args.seq_len)
     losses = {}
     for spec in args.models:
         name, path = spec.split("=", 1)
         is_dcp = (pathlib.Path(path) / ".metadata").exists()
-        model = load_model(path, config=args.config if is_dcp else None)
-        losses[name] = round(heldout_loss(model, rows, batch=args.batch), 4)
+        model = load_model(path, config=args.config if is_dcp else None, device=device)
+        losses[name] = round(heldout_loss(model, rows, batch=args.batch, device=device), 4)
         print(name, losses[name], flush=True)
         del model
     out = {"benchmark": "heldout_compare", "tokens": int(rows[:, 1:].numel()), "losses": losses}

@@ -43,12 +43,16 @@ def batch(*, batch_size: int, grad_accum_steps: int, dp_size: int | None = None)
     return batch_size // per_step
 
 
+def whole_number(value, *, name: str, minimum: int, what: str = "a whole number") -> None:
+    """``value`` (the setting ``name``) is an int, not a bool, and at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be {what} >= {minimum}")
+
+
 def evaluation(*, interval, batches) -> None:
     """The held-out evaluation's settings (``flame_gin.evaluation``)."""
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
-        raise ConfigError(f"flame_gin.evaluation.interval={interval!r} must be a whole number of steps >= 0")
-    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-        raise ConfigError(f"flame_gin.evaluation.batches={batches!r} must be a whole number >= 1")
+    whole_number(interval, name="flame_gin.evaluation.interval", minimum=0, what="a whole number of steps")
+    whole_number(batches, name="flame_gin.evaluation.batches", minimum=1)
 
 
 def run_numbers(

@@ -22,6 +22,8 @@ import pathlib
 
 import torch
 
+from flame_gin import checks
+
 
 def evaluate(
     *,
@@ -84,8 +86,9 @@ class Downstream:
 
     def validate(self, *, world_size: int) -> None:
         """Raises ``ValueError`` naming the setting at fault (the plan phase reports it as a config error)."""
-        if not isinstance(self.interval, int) or self.interval < 0:
-            raise ValueError(f"flame_gin.downstream.interval={self.interval!r} must be an integer >= 0")
+        checks.whole_number(
+            self.interval, name="flame_gin.downstream.interval", minimum=0, what="a whole number of steps"
+        )
         if not self.tasks:
             raise ValueError("flame_gin.downstream.tasks is empty: name at least one lm-evaluation-harness task")
         if self.include_path is not None and not pathlib.Path(self.include_path).is_dir():

@@ -16,7 +16,6 @@ import pytest
 from test_data_resume import ID_BASE, N_DOCS, doc_text, make_tokenizer, write_corpus
 
 from flame_gin.data import build_loader, shards, source
-from flame_gin.data.plan import make_plan
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +37,10 @@ def env(tmp_path_factory):
 
 
 def plan_of(env, corpus=None, **kw):
-    """The plan of one streaming source: ``env[corpus]``, or ``sources`` given in ``kw``."""
-    kw = {"seq_len": 16, "batch_size": 2, "seed": 5, "split": "train", "num_epochs": 1, "block_bytes": 700, **kw}
-    defaults = dict(
-        probabilities=None, context_len=None, add_bos=None, add_eos=True, varlen=False, shuffle=None, buffer_size=8
-    )
+    """The plan of one streaming source (``env[corpus]``, or ``sources`` given in ``kw``), as the loader makes it."""
+    kw = {"seq_len": 16, "batch_size": 2, "seed": 5, "num_epochs": 1, "block_bytes": 700, **kw}
     sources = kw.pop("sources", None) or [source(path=env[corpus], streaming=True)]
-    return make_plan(tokenizer=env["tok"], sources=sources, offline=False, cache_dir=None, **{**defaults, **kw})
+    return build_loader(tokenizer=env["tok"], sources=sources, **kw).plan
 
 
 def ids_of(batch):

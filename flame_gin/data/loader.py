@@ -194,6 +194,11 @@ class Loader:
             self._p.states[0] = self._p.live.state_dict()
             self._p.live = None
 
+    @property
+    def plan(self):
+        """The checked plan the loader's streams are made from (``plan.Plan``)."""
+        return self._plan
+
     def stores(self) -> list:
         """The token stores this loader reads (offline mode or prepared corpora)."""
         return [ds for ds, kind in zip(self._plan.datasets, self._plan.kinds) if kind == "store"]

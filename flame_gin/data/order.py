@@ -64,3 +64,21 @@ def permutation(*, n: int, seed: int, source: int, epoch: int) -> np.ndarray:
     """The exact (map-style) shuffle of epoch ``epoch``: a seeded permutation of ``range(n)``."""
     rng = np.random.Generator(np.random.PCG64([seed, source, epoch, 0x5EED]))
     return rng.permutation(n)
+
+
+class EpochOrder:
+    """Position -> (epoch, item) of a source of ``n`` items: ``permutation`` of each epoch when ``shuffle``, the
+    stored order otherwise; the current epoch's permutation is kept, since positions are read in order."""
+
+    def __init__(self, *, n: int, seed: int, source: int, shuffle: bool):
+        self._n, self._seed, self._source, self._shuffle = n, seed, source, shuffle
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, p: int) -> tuple[int, int]:
+        epoch, i = divmod(p, self._n)
+        if not self._shuffle:
+            return epoch, i
+        if epoch != self._epoch:
+            self._perm = permutation(n=self._n, seed=self._seed, source=self._source, epoch=epoch)
+            self._epoch = epoch
+        return epoch, int(self._perm[i])

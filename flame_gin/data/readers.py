@@ -29,20 +29,10 @@ class MapReader:
     def __init__(
         self, *, fetch, size: int, seed: int, source: int, shuffle: bool, num_epochs: int | None, cursor: dict
     ):
-        self._fetch, self._n, self._seed, self._source = fetch, size, seed, source
-        self._shuffle = shuffle
+        self._fetch = fetch
         self._limit = None if num_epochs is None else num_epochs * size
         self.cursor = cursor
-        self._perm_epoch, self._perm = -1, None
-
-    def _index(self, p: int) -> int:
-        epoch, i = divmod(p, self._n)
-        if not self._shuffle:
-            return i
-        if epoch != self._perm_epoch:
-            self._perm = order.permutation(n=self._n, seed=self._seed, source=self._source, epoch=epoch)
-            self._perm_epoch = epoch
-        return int(self._perm[i])
+        self._order = order.EpochOrder(n=size, seed=seed, source=source, shuffle=shuffle)
 
     refetchable = True
 
@@ -57,7 +47,7 @@ class MapReader:
 
     def fetch_at(self, positions: list[int]) -> list:
         """Payloads of the documents at global ``positions`` (any stream's), without moving the cursor."""
-        return self._fetch([self._index(p) for p in positions]) if positions else []
+        return self._fetch([self._order(p)[1] for p in positions]) if positions else []
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor}
@@ -72,26 +62,16 @@ class BlockReader:
         self, *, blocks, seed: int, source: int, shuffle: bool, num_epochs: int | None, cursor: dict, partial: list
     ):
         self._blocks, self._seed, self._source, self._shuffle = blocks, seed, source, shuffle
-        self._n = len(blocks)
-        self._limit = None if num_epochs is None else num_epochs * self._n
+        self._limit = None if num_epochs is None else num_epochs * len(blocks)
         self.cursor = cursor
         self.partial = partial  # [[position, rows done], ...]: blocks taken and not finished, finished in order
-        self._perm_epoch, self._perm = -1, None
+        self._order = order.EpochOrder(n=len(blocks), seed=seed, source=source, shuffle=shuffle)
         self._rows_at = (None, None, [])  # (position, block, rows in this epoch's order) of partial[0]
         self.bytes_read = 0  # not state: what this object fetched (for measurements)
 
-    def _block(self, p: int) -> tuple[int, int]:
-        epoch, i = divmod(p, self._n)
-        if self._shuffle:
-            if epoch != self._perm_epoch:
-                self._perm = order.permutation(n=self._n, seed=self._seed, source=self._source, epoch=epoch)
-                self._perm_epoch = epoch
-            i = int(self._perm[i])
-        return epoch, i
-
     def _rows(self, p: int) -> tuple[int, list]:
         if self._rows_at[0] != p:
-            epoch, i = self._block(p)
+            epoch, i = self._order(p)
             rows, nbytes = self._blocks.read(i)
             self.bytes_read += nbytes
             index = list(range(len(rows)))

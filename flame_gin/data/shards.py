@@ -32,7 +32,6 @@ import re
 
 import numpy as np
 
-from flame_gin.data import rows as rows_lib
 from flame_gin.data import sources as sources_lib
 
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4", ".zip")
@@ -206,7 +205,8 @@ def _spans(files: list[str], *, kind: int, field: str, block_bytes: int) -> np.n
 def resolve(
     src: sources_lib.Source, *, split: str, block_bytes: int, bad_rows: str, cache_dir: str | None = None
 ) -> tuple[Blocks | None, str]:
-    """The blocks of ``split`` of ``src``, or None and why it cannot be read by blocks."""
+    """The blocks of ``split`` of ``src``, or None and why it cannot be read by blocks. ``bad_rows`` ('stop' or
+    'skip') is checked by ``plan.make_plan`` before any source is opened."""
     import datasets
 
     kwargs = sources_lib.load_arguments(src, sources_lib.split_name(src, split))
@@ -235,7 +235,6 @@ def resolve(
     if not len(spans):
         return None, "its files hold no data"
     file, a, b = spans[:, 0].copy(), spans[:, 1].copy(), spans[:, 2].copy()
-    rows_lib.check_mode(bad_rows)
     blocks = Blocks(
         files=tuple(files),
         kind=kind,
