@@ -28,7 +28,14 @@ class Traits:
     ``chunk_bwd_dqkwg``, which FLA 0.6 itself refuses on Hopper with Triton 3.4-3.7.0 (wrong gradients, FLA #640)
     unless its TileLang backend can take the call. ``body``: the body's attribute for a causal-LM class that does
     not name it in ``base_model_prefix`` (FLA 0.6's LightNet). ``requires``: packages its GPU layers cannot run
-    without (FLA raises only at the first forward, after the model is built).
+    without (FLA raises only at the first forward, after the model is built). ``meta_skips``: constructor
+    initialisers (``module:Class.method``) that only write values, element by element, which the meta device
+    does not hold: FLA's RWKV-7 attention fills its per-channel vectors in a Python loop, ~0.6 s a layer as
+    meta-tensor ops (15 s for the 1B model, on every meta build a run makes); the real build takes those values
+    from a construction on the CPU (``models.build_model``). ``init_in_constructor``: its layers set values in
+    their constructors that the model's ``init_weights`` does not reproduce (FLA's RWKV-6 and RWKV-7: decay
+    and LoRA biases, token-shift ramps, orthogonal and zero projections), so every value is taken from a
+    construction on the CPU under the run's seed, as FLA itself would build it.
     """
 
     varlen: bool = False
@@ -37,6 +44,8 @@ class Traits:
     gated_delta_backward: bool = False
     body: str = ""
     requires: tuple[str, ...] = ()
+    meta_skips: tuple[str, ...] = ()
+    init_in_constructor: bool = False
 
 
 _UNKNOWN = Traits(note="flame_gin has not checked this family's layers")
@@ -58,8 +67,12 @@ _TRAITS = {
     "hgrn2": Traits(varlen=True),
     "hgrn": Traits(varlen=True),
     "retnet": Traits(varlen=True),
-    "rwkv6": Traits(varlen=True),
-    "rwkv7": Traits(varlen=True),
+    "rwkv6": Traits(varlen=True, init_in_constructor=True),
+    "rwkv7": Traits(
+        varlen=True,
+        init_in_constructor=True,
+        meta_skips=("fla.layers.rwkv7:RWKV7Attention._initialize_weights",),
+    ),
     "linear_attn": Traits(varlen=True),
     "comba": Traits(varlen=True, gated_delta_backward=True),
     "kda": Traits(varlen=True),

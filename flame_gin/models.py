@@ -9,7 +9,9 @@ initialiser under a fixed seed, for training.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import importlib
 import inspect
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -120,10 +122,27 @@ def build_config(
     return config
 
 
+@contextlib.contextmanager
+def _skipped(methods: tuple[str, ...]):
+    """Replaces each ``module:Class.method`` by a no-op while the block runs (``families.Traits.meta_skips``)."""
+    saved = []
+    try:
+        for spec in methods:
+            module_name, qualname = spec.split(":")
+            class_name, method = qualname.rsplit(".", 1)
+            owner = getattr(importlib.import_module(module_name), class_name)
+            saved.append((owner, method, owner.__dict__[method]))
+            setattr(owner, method, lambda *args, **kwargs: None)
+        yield
+    finally:
+        for owner, method, original in reversed(saved):
+            setattr(owner, method, original)
+
+
 def build_meta_model(*, config: transformers.PretrainedConfig) -> nn.Module:
     """The model with every tensor on the meta device: no memory, exact shapes (for counts and estimates)."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _skipped(families.traits(config.model_type).meta_skips):
             return _transformers().AutoModelForCausalLM.from_config(config)
     except (AssertionError, ArithmeticError, ImportError, KeyError, TypeError, ValueError) as e:
         # Layer constructors check their shapes with asserts and divisions; nothing is allocated on meta, so any
@@ -141,8 +160,9 @@ def build_model(*, config: transformers.PretrainedConfig, device: torch.device |
     initialisation of linear and embedding weights, tying, rotary buffers) run under the seed. Some layers set
     values only in their constructor (Samba's Mamba mixers set ``A_log`` and ``D`` there and Samba's
     initialiser leaves them alone): whatever is still NaN afterwards comes from a copy of the model constructed
-    on the CPU under the same seed, so no uninitialised memory is ever trained. Anything still not finite is an
-    error naming the tensor.
+    on the CPU under the same seed, so no uninitialised memory is ever trained; a family whose layers initialise
+    themselves in their constructors (``families.Traits.init_in_constructor``) takes every value from there.
+    Anything still not finite is an error naming the tensor.
     """
     device = torch.device(device)
     model = build_meta_model(config=config)
@@ -151,13 +171,14 @@ def build_model(*, config: transformers.PretrainedConfig, device: torch.device |
     with torch.no_grad():
         for tensor in tensors.values():
             tensor.fill_(float("nan"))
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for module in model.modules():
-            reset = getattr(module, "reset_parameters", None)
-            if callable(reset) and module is not model:
-                reset()
-        model.init_weights()
+    if not families.traits(config.model_type).init_in_constructor:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for module in model.modules():
+                reset = getattr(module, "reset_parameters", None)
+                if callable(reset) and module is not model:
+                    reset()
+            model.init_weights()
     untouched = [name for name, tensor in tensors.items() if torch.isnan(tensor).any()]
     if untouched:
         _fill_from_constructor(model=model, config=config, names=untouched, seed=seed)
