@@ -13,9 +13,9 @@ from test_data_resume import ID_BASE, doc_text, make_tokenizer, write_corpus
 
 import gin
 from flame_gin import config as config_lib
-from flame_gin import configurables, models, steps
+from flame_gin import configurables, loop, models, steps
 from flame_gin import loss as loss_lib
-from flame_gin.data import build_loader, source, sources
+from flame_gin.data import build_loader, loader, source, sources
 from flame_gin.data.plan import _as_source
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -57,6 +57,40 @@ def test_holdout_is_disjoint_from_training_and_both_cover_the_corpus(corpus, str
     want = {i for i in range(N) if sources.held_out(doc_text(i), share=0.2)}
     assert held == want and 0.1 * N < len(held) < 0.3 * N
     assert not train & held and train | held == set(range(N))
+
+
+class _Counted:
+    """A loader that counts how often it is read from its start."""
+
+    def __init__(self, inner):
+        self.inner, self.reads = inner, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self.inner)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_the_held_out_batches_are_read_once_and_are_what_a_fresh_read_gives(corpus, streaming):
+    read = functools.partial(
+        build_loader,
+        sources=[{"path": corpus["path"], "holdout": 0.2, "streaming": streaming}],
+        seq_len=32,
+        batch_size=2,
+        seed=0,
+        tokenizer=corpus["tok"],
+        cache_dir=corpus["cache"],
+        split="validation",
+    )
+    fresh = [b["input_ids"] for b, _ in zip(read(), range(3))]
+    counted = _Counted(read())
+    kept = loop.HeldOutBatches(loader=counted, max_batches=3)
+    first, second = [b["input_ids"] for b in kept], [b["input_ids"] for b in kept]
+    assert counted.reads == 1 and len(first) == len(second) == 3
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, second, fresh))
+    counted = _Counted(read(num_epochs=1))  # fewer batches than asked for: all of them are kept
+    kept = loop.HeldOutBatches(loader=counted, max_batches=10**6)
+    assert len(list(kept)) == len(list(kept)) == len(list(read(num_epochs=1))) > 3 and counted.reads == 1
 
 
 def test_evaluating_on_training_documents_is_refused(corpus):
@@ -143,3 +177,34 @@ def test_evaluation_of_the_training_batch_gives_the_training_loss(tmp_path):
         loss_fn=functools.partial(loss_lib.loss_sum, fused=False),
     )
     assert result["eval_loss"] == pytest.approx(logged, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_reads_its_held_out_batches_at_the_first_evaluation_only(tmp_path, monkeypatch):
+    """Three evaluations of a model that changes: three different held-out losses from one read of the
+    validation data."""
+    reads = []
+    original = loader.Loader.__iter__
+
+    def counted(self):
+        reads.append(self._restart_each_iter)  # True for the validation loader
+        return original(self)
+
+    monkeypatch.setattr(loader.Loader, "__iter__", counted)
+    config_lib.parse(
+        gin_files=["gin/tiny.gin"],
+        gin_bindings=[
+            f"MODEL_DIR = {str(tmp_path)!r}",
+            "TRAIN_STEPS = 3",
+            "WARMUP_STEPS = 0",
+            "flame_gin.evaluation.interval = 1",
+            "flame_gin.evaluation.batches = 2",
+            "flame_gin.run.checkpointer = None",
+        ],
+        search_paths=config_lib.default_search_paths(),
+    )
+    assert configurables.run(config_text="", on_first_step=None) == 0
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("eval_loss")]
+    assert len(set(losses)) == 3 and reads.count(True) == 1
