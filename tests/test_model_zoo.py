@@ -8,6 +8,7 @@ header must match the built model, so headers cannot rot.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import re
 
@@ -206,3 +207,19 @@ def test_the_trained_model_starts_from_flas_own_initialisation(family, flash_att
             assert 0.8 < ratio < 1.25, f"{family}: {name} has {ratio:.2f}x the spread of FLA's"
         checked += 1
     assert checked == len(first)
+
+
+def test_meta_skips_are_undone_after_the_build_and_a_missing_one_is_ignored(monkeypatch):
+    """RWKV-7's constructor initialiser is skipped only while a meta build runs; a name another FLA version
+    lacks leaves the build as it was."""
+    import fla.layers.rwkv7
+
+    from flame_gin import families
+
+    original = fla.layers.rwkv7.RWKV7Attention.__dict__["_initialize_weights"]
+    skips = (*families.traits("rwkv7").meta_skips, "fla.layers.rwkv7:RWKV7Attention._gone", "fla.layers.rwkv7:Gone.x")
+    monkeypatch.setitem(families._TRAITS, "rwkv7", dataclasses.replace(families.traits("rwkv7"), meta_skips=skips))
+    config = _parse(f"include 'model/rwkv7.gin'\n{TINY}")
+    assert models.count_parameters(models.build_meta_model(config=config)) > 0
+    assert fla.layers.rwkv7.RWKV7Attention.__dict__["_initialize_weights"] is original
+    assert not hasattr(fla.layers.rwkv7.RWKV7Attention, "_gone")
