@@ -37,9 +37,10 @@ def _no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def parameter_groups(*, model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups, ``decay`` and ``no_decay``, each with its parameter names kept for logging and tests."""
-    no_decay = _no_decay_names(model)
+def parameter_groups(*, model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
+    """Two groups, ``decay`` and ``no_decay``, each with its parameter names kept for logging and tests;
+    ``decay_all`` puts every parameter in ``decay``."""
+    no_decay = set() if decay_all else _no_decay_names(model)
     groups = {"decay": ([], []), "no_decay": ([], [])}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -73,8 +74,10 @@ class AdamW:
     """The optimizer's settings (gin: ``flame_gin.adamw``; the run takes ``@flame_gin.adamw()``).
 
     ``lr`` is the peak learning rate (the schedule multiplies it), ``weight_decay`` applies to the ``decay``
-    group only (see ``parameter_groups``), ``fused`` None picks the fused CUDA kernel when every parameter is
-    on a GPU. Another optimizer fits the run when it has ``lr`` and ``build(model=)``.
+    group only (see ``parameter_groups``), ``decay_all`` decays every parameter, norms, biases and embeddings
+    too (flame's choice: an ablation to reproduce its optimizer, `gin/ablations/decay_all.gin`), ``fused`` None
+    picks the fused CUDA kernel when every parameter is on a GPU. Another optimizer fits the run when it has
+    ``lr`` and ``build(model=)``.
     """
 
     lr: float
@@ -82,7 +85,12 @@ class AdamW:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     fused: bool | None = None
+    decay_all: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.decay_all, bool):
+            raise ValueError(f"flame_gin.adamw.decay_all={self.decay_all!r} must be True or False")
 
     def build(self, *, model: nn.Module) -> torch.optim.Optimizer:
-        groups = parameter_groups(model=model, weight_decay=self.weight_decay)
+        groups = parameter_groups(model=model, weight_decay=self.weight_decay, decay_all=self.decay_all)
         return adamw(params=groups, lr=self.lr, betas=self.betas, eps=self.eps, fused=self.fused)

@@ -19,11 +19,17 @@ def test_trainer_matches_a_plain_loop_on_the_same_tokens():
     assert record["within_tolerance"], record
     assert record["max_abs_diff"] <= 1e-4 and len(record["flame_gin"]) == 20
     assert record["flame_gin"][-1] < record["flame_gin"][0] - 0.2  # it learns, so agreement is not trivial
-    # The comparison sees a one-line difference: decaying norms and embeddings too (flame's choice).
+    # The comparison sees a one-line difference: decaying norms and embeddings too (flame's choice)...
     with tempfile.TemporaryDirectory() as workdir:
         convergence.parse(gin_files=["gin/tiny.gin"], bindings=[*bindings, "TRAIN_STEPS = 20"], workdir=workdir)
         other = convergence.reference_losses(steps=20, decay_all=True)
     assert max(abs(a - b) for a, b in zip(other, record["reference"])) > 10 * record["tolerance"]
+    # flame's choice as an ablation (gin/ablations/decay_all.gin): the trainer with it is that loop.
+    with tempfile.TemporaryDirectory() as workdir:
+        gin_files = ["gin/tiny.gin", "gin/ablations/decay_all.gin"]
+        convergence.parse(gin_files=gin_files, bindings=[*bindings, "TRAIN_STEPS = 20"], workdir=workdir)
+        ablated = convergence.trainer_losses(workdir=workdir)
+    assert max(abs(a - b) for a, b in zip(ablated, other)) <= 1e-4 and len(ablated) == 20
 
 
 def _record(offset: float, second: float) -> dict:

@@ -1,5 +1,6 @@
 """AdamW parameter groups: no decay for norms, biases, embeddings and FLA's _no_weight_decay parameters."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -25,6 +26,17 @@ def test_gla_groups_cover_every_parameter_once():
     assert all(n in no_decay for n in names if n.endswith(".bias"))
     assert "model.layers.0.attn.q_proj.weight" in decay
     assert "model.layers.0.mlp.gate_proj.weight" in decay
+
+
+def test_decay_all_decays_every_parameter_and_takes_only_a_bool():
+    config = models.build_config(
+        family="gla", overrides=dict(hidden_size=32, num_hidden_layers=2, num_heads=2, vocab_size=64)
+    )
+    model = models.build_meta_model(config=config)
+    groups = optim.parameter_groups(model=model, weight_decay=0.1, decay_all=True)
+    assert groups[0]["names"] == [n for n, _ in model.named_parameters()] and groups[1]["names"] == []
+    with pytest.raises(ValueError, match=r"flame_gin.adamw.decay_all='yes' must be True or False"):
+        optim.AdamW(lr=1e-3, decay_all="yes")
 
 
 def test_no_weight_decay_attribute_is_honoured():
