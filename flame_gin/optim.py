@@ -16,6 +16,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from flame_gin.config import ConfigError
+
 
 def _no_decay_names(model: nn.Module) -> set[str]:
     names = set()
@@ -89,7 +91,7 @@ class AdamW:
 
     def __post_init__(self) -> None:
         if not isinstance(self.decay_all, bool):
-            raise ValueError(f"flame_gin.adamw.decay_all={self.decay_all!r} must be True or False")
+            raise ConfigError(f"flame_gin.adamw.decay_all={self.decay_all!r} must be True or False")
 
     def build(self, *, model: nn.Module) -> torch.optim.Optimizer:
         groups = parameter_groups(model=model, weight_decay=self.weight_decay, decay_all=self.decay_all)

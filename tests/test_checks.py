@@ -132,6 +132,7 @@ _HEAVY = (
     [
         (["--gin.LR='abc'"], 2, "LR='abc' (flame_gin.adamw.lr) must be a positive number"),
         (["--gin.TRAIN_STEPS=-1"], 2, "TRAIN_STEPS=-1 must be >= 0"),
+        (["--gin.flame_gin.adamw.decay_all='yes'"], 2, "flame_gin.adamw.decay_all='yes' must be True or False"),
         (["--gin.flame_gin.run.trian_steps=3"], 2, "trian_steps"),
         (["--gin.BATCH_SIZE=3", "--gin.flame_gin.run.grad_accum_steps=2"], 2, "BATCH_SIZE=3 (global, in sequences)"),
         (

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from flame_gin import models, optim
+from flame_gin.config import ConfigError
 
 
 def _groups(model):
@@ -35,7 +36,7 @@ def test_decay_all_decays_every_parameter_and_takes_only_a_bool():
     model = models.build_meta_model(config=config)
     groups = optim.parameter_groups(model=model, weight_decay=0.1, decay_all=True)
     assert groups[0]["names"] == [n for n, _ in model.named_parameters()] and groups[1]["names"] == []
-    with pytest.raises(ValueError, match=r"flame_gin.adamw.decay_all='yes' must be True or False"):
+    with pytest.raises(ConfigError, match=r"flame_gin.adamw.decay_all='yes' must be True or False"):
         optim.AdamW(lr=1e-3, decay_all="yes")
 
 
