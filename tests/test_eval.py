@@ -1,6 +1,7 @@
 """Downstream evaluation with lm-evaluation-harness, offline, on a local task (a YAML file over a local jsonl):
 during training (``flame_gin.downstream``, every 2 steps of a 4-step tiny run) and by the
-``python -m flame_gin.eval`` command on the run's last checkpoint. Both word perplexities equal a hand
+``python -m flame_gin.eval`` command on the run's last checkpoint, and the stock ``lm_eval --model hf`` command
+on its export (``trust_remote_code=True``: the export carries its loader module). All word perplexities equal a hand
 computation with the step-4 model (each document scored from the BOS token, natural log, words split on white
 space), the scores land in the run's TensorBoard events at their steps, and training is unchanged by the
 evaluations in it (the same final weights as a run without them)."""
@@ -109,6 +110,31 @@ def test_downstream_during_training_and_the_eval_command_score_as_computed_by_ha
     finally:
         kernels.restore()
     by_hand = math.exp(-total / words)
+    # The stock harness command on the step-4 model's export: it never imports FLA or flame_gin itself.
+    hf.export_model(model=model, output=tmp_path / "hf", dtype="float32", tokenizer=embedded.tokenizer_path())
+    stock = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model=hf",
+            f"--model_args=pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32",
+            "--tasks=tiny_code_ppl",
+            f"--include_path={tasks}",
+            "--batch_size=2",
+            "--device=cpu",
+            f"--output_path={tmp_path / 'stock'}",
+        ],
+        cwd=tmp_path,
+        env=dict(env, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert stock.returncode == 0, stock.stderr[-4000:]
+    (stock_file,) = (tmp_path / "stock").rglob("results_*.json")
+    stock_ppl = json.loads(stock_file.read_text())["results"]["tiny_code_ppl"]["word_perplexity,none"]
+    assert stock_ppl == pytest.approx(by_hand, rel=1e-4)
     assert step == 4
     assert command["results"]["tiny_code_ppl"]["word_perplexity,none"] == pytest.approx(by_hand, rel=1e-4)
     assert during[4]["results"]["tiny_code_ppl"]["word_perplexity,none"] == pytest.approx(by_hand, rel=1e-4)

@@ -15,7 +15,7 @@ import pathlib
 
 import torch
 
-from flame_gin.checkpoint import layout, reader, shards
+from flame_gin.checkpoint import layout, reader, remote_code, shards
 from flame_gin.checkpoint.seed import load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,7 +46,9 @@ def export_model(
 
     With a tokenizer, the export's special-token ids (config and generation config) are the tokenizer's:
     the family's defaults (FLA's configs say bos=1, eos=2) need not match the tokenizer a run trained with,
-    and `generate()` stops on the generation config's eos id.
+    and `generate()` stops on the generation config's eos id. An FLA model's export also carries a loader
+    module and its `auto_map` (`remote_code`), so tools that never import FLA load it with
+    `trust_remote_code=True` (`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`).
     """
     torch_dtype = _dtype(dtype)
     output = pathlib.Path(output)
@@ -62,7 +64,11 @@ def export_model(
             setattr(model.config, key, value)
             if getattr(model, "generation_config", None) is not None:
                 setattr(model.generation_config, key, value)
+    if remote_code.applies(model):
+        remote_code.prepare(model)
     model.save_pretrained(output, safe_serialization=True)
+    if remote_code.applies(model):
+        remote_code.write(model=model, output=output)
     if tok is not None:
         tok.save_pretrained(output)
     return output
