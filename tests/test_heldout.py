@@ -13,7 +13,7 @@ from test_data_resume import ID_BASE, doc_text, make_tokenizer, write_corpus
 
 import gin
 from flame_gin import config as config_lib
-from flame_gin import configurables, loop, models, steps
+from flame_gin import loop, models, steps
 from flame_gin import loss as loss_lib
 from flame_gin.data import build_loader, loader, source, sources
 from flame_gin.data.plan import _as_source
@@ -135,23 +135,11 @@ def test_every_shipped_data_config_evaluates_on_held_out_documents(path):
 
 
 @pytest.mark.slow
-def test_evaluation_of_the_training_batch_gives_the_training_loss(tmp_path):
+def test_evaluation_of_the_training_batch_gives_the_training_loss(tmp_path, train_tiny):
     """The step-1 training loss (logged by the trainer) equals flame_gin's evaluation of the initial model on the
     first training batch: the evaluation path computes the same loss as training, so a held-out figure is
     comparable to the training curve."""
-    config_lib.parse(
-        gin_files=["gin/tiny.gin"],
-        gin_bindings=[
-            f"MODEL_DIR = {str(tmp_path)!r}",
-            "TRAIN_STEPS = 1",
-            "WARMUP_STEPS = 0",
-            "flame_gin.run.log_interval = 1",
-            "flame_gin.evaluation.interval = 0",
-            "flame_gin.run.checkpointer = None",
-        ],
-        search_paths=config_lib.default_search_paths(),
-    )
-    assert configurables.run(config_text="", on_first_step=None) == 0
+    train_tiny(tmp_path, steps=1, bindings=("flame_gin.run.log_interval = 1", "flame_gin.run.checkpointer = None"))
     acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     (logged,) = [e.value for e in acc.Scalars("loss")]
@@ -180,7 +168,7 @@ def test_evaluation_of_the_training_batch_gives_the_training_loss(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_reads_its_held_out_batches_at_the_first_evaluation_only(tmp_path, monkeypatch):
+def test_a_run_reads_its_held_out_batches_at_the_first_evaluation_only(tmp_path, monkeypatch, train_tiny):
     """Three evaluations of a model that changes: three different held-out losses from one read of the
     validation data."""
     reads = []
@@ -191,19 +179,8 @@ def test_a_run_reads_its_held_out_batches_at_the_first_evaluation_only(tmp_path,
         return original(self)
 
     monkeypatch.setattr(loader.Loader, "__iter__", counted)
-    config_lib.parse(
-        gin_files=["gin/tiny.gin"],
-        gin_bindings=[
-            f"MODEL_DIR = {str(tmp_path)!r}",
-            "TRAIN_STEPS = 3",
-            "WARMUP_STEPS = 0",
-            "flame_gin.evaluation.interval = 1",
-            "flame_gin.evaluation.batches = 2",
-            "flame_gin.run.checkpointer = None",
-        ],
-        search_paths=config_lib.default_search_paths(),
-    )
-    assert configurables.run(config_text="", on_first_step=None) == 0
+    bindings = ("flame_gin.evaluation.interval = 1", "flame_gin.evaluation.batches = 2")
+    train_tiny(tmp_path, steps=3, bindings=(*bindings, "flame_gin.run.checkpointer = None"))
     acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     losses = [e.value for e in acc.Scalars("eval_loss")]

@@ -64,10 +64,11 @@ def export_model(
             setattr(model.config, key, value)
             if getattr(model, "generation_config", None) is not None:
                 setattr(model.generation_config, key, value)
-    if remote_code.applies(model):
+    loader_module = remote_code.applies(model)
+    if loader_module:
         remote_code.prepare(model)
     model.save_pretrained(output, safe_serialization=True)
-    if remote_code.applies(model):
+    if loader_module:
         remote_code.write(model=model, output=output)
     if tok is not None:
         tok.save_pretrained(output)
