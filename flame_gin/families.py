@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import os
 
+import torch
 from torch import nn
 
 
@@ -34,8 +35,13 @@ class Traits:
     meta-tensor ops (15 s for the 1B model, on every meta build a run makes); the real build takes those values
     from a construction on the CPU (``models.build_model``). ``init_in_constructor``: its layers set values in
     their constructors that the model's ``init_weights`` does not reproduce (FLA's RWKV-6 and RWKV-7: decay
-    and LoRA biases, token-shift ramps, orthogonal and zero projections), so every value is taken from a
-    construction on the CPU under the run's seed, as FLA itself would build it.
+    and LoRA biases, token-shift ramps, orthogonal and zero projections; MoM: Xavier projections with gain
+    2^-2.5, about a tenth of the generic spread), so every value is taken from a
+    construction on the CPU under the run's seed, as FLA itself would build it. ``router_loss``: the family's
+    blocks route tokens among memories and FLA's own forward adds the router's load-balancing loss
+    (``config.aux_loss_scale`` times FLA's balance loss over every block's router logits) to the language-model
+    loss (MoM): the trainer, which calls the body itself, adds the same term (``router_loss``); a pipeline split
+    cannot collect every block's router logits, so those runs are refused.
     """
 
     varlen: bool = False
@@ -46,6 +52,7 @@ class Traits:
     requires: tuple[str, ...] = ()
     meta_skips: tuple[str, ...] = ()
     init_in_constructor: bool = False
+    router_loss: bool = False
 
 
 _UNKNOWN = Traits(note="flame_gin has not checked this family's layers")
@@ -88,7 +95,7 @@ _TRAITS = {
     "abc": Traits(note="FLA's ABC layer raises on cu_seqlens"),
     "mamba3": Traits(note="Mamba3 layers ignore cu_seqlens", requires=("mamba_ssm",)),
     "log_linear_mamba2": Traits(note="log-linear Mamba2 has no PyTorch fallback in FLA 0.6"),
-    "mom": Traits(gated_delta_backward=True),
+    "mom": Traits(cpu=True, gated_delta_backward=True, router_loss=True, body="model", init_in_constructor=True),
     "yoco": Traits(gated_delta_backward=True),
     "precond_gated_deltanet": Traits(gated_delta_backward=True),
 }
@@ -102,6 +109,22 @@ def register(*, name: str, traits: Traits) -> None:
 def traits(family: str) -> Traits:
     """The traits of ``family`` (a config's ``model_type``); unchecked families get none (no varlen, no CPU)."""
     return _TRAITS.get(family, _UNKNOWN)
+
+
+def router_loss(*, model: nn.Module, outputs) -> torch.Tensor | None:
+    """The load-balancing term FLA's forward adds to the loss of a routing family (MoM), from the body's or the
+    whole model's ``outputs`` (their ``router_logits``, one tensor per block), already scaled by the config's
+    ``aux_loss_scale``; None for other families. FLA's own function computes it, so the term is FLA's."""
+    config = model.config
+    if not traits(config.model_type).router_loss:
+        return None
+    from fla.models.mom.modeling_mom import load_balancing_loss_func
+
+    logits = getattr(outputs, "router_logits", None)
+    if not logits:
+        raise ValueError(f"model family {config.model_type!r} returned no router_logits for its balance loss")
+    balance = load_balancing_loss_func(tuple(logits), config.num_memories, config.topk, None)
+    return balance * config.aux_loss_scale
 
 
 def supports_varlen(config) -> bool:

@@ -180,13 +180,23 @@ def loss_sum(*, model: nn.Module, batch: dict, fused: bool | str) -> tuple[torch
     loss in fp32 on the logits.
     """
     labels = batch["labels"]
-    hidden = families.body(model)(**backbone_kwargs(batch), use_cache=False).last_hidden_state
-    head = model.get_output_embeddings()
+    outputs = families.body(model)(**backbone_kwargs(batch), use_cache=False)
+    hidden, head = outputs.last_hidden_state, model.get_output_embeddings()
     count = (labels != IGNORE_INDEX).sum()
     if fused:
         mode = DEFAULT_FUSED if fused is True else fused
-        return fla_token_loss_sum(hidden=hidden, head=head, labels=labels, mode=mode), count
-    return token_loss_sum(logits=head(hidden), labels=labels, fused=False), count
+        total = fla_token_loss_sum(hidden=hidden, head=head, labels=labels, mode=mode)
+    else:
+        total = token_loss_sum(logits=head(hidden), labels=labels, fused=False)
+    return _with_router_loss(total, model=model, outputs=outputs, count=count), count
+
+
+def _with_router_loss(total: torch.Tensor, *, model: nn.Module, outputs, count: torch.Tensor) -> torch.Tensor:
+    """``total`` plus a routing family's balance term weighted by this micro-batch's valid tokens, so that
+    after division by the global token count it is FLA's ``loss + aux_loss_scale * balance`` (averaged over
+    micro-batches and ranks by their tokens)."""
+    extra = families.router_loss(model=model, outputs=outputs)
+    return total if extra is None else total + extra.float() * count
 
 
 def shard_for_context(*, batch: dict, cp_mesh) -> dict:
@@ -211,5 +221,7 @@ def parallel_loss_sum(*, model: nn.Module, batch: dict, fused: str | bool) -> tu
     labels = batch["labels"]
     scope = context_parallel(batch["cp"]) if batch.get("cp") is not None else contextlib.nullcontext()
     with scope:
-        logits = model(**backbone_kwargs(batch), use_cache=False).logits
-    return token_loss_sum(logits=logits, labels=labels, fused=fused), (labels != IGNORE_INDEX).sum()
+        outputs = model(**backbone_kwargs(batch), use_cache=False)
+    count = (labels != IGNORE_INDEX).sum()
+    total = token_loss_sum(logits=outputs.logits, labels=labels, fused=fused)
+    return _with_router_loss(total, model=model, outputs=outputs, count=count), count

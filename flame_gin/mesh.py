@@ -23,6 +23,8 @@ import sys
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from flame_gin import families
+
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
@@ -124,6 +126,11 @@ class ParallelDims:
                 raise ValueError(f"ParallelDims: pp={self.pp} but {name} has no num_hidden_layers")
             if self.pp > layers:
                 raise ValueError(f"ParallelDims: pp={self.pp} is larger than num_hidden_layers={layers} of {name}")
+            if families.traits(getattr(config, "model_type", "")).router_loss:
+                raise ValueError(
+                    f"ParallelDims: pp={self.pp} with {name}: its loss adds the routers' balance term over every "
+                    f"block, which no pipeline stage sees whole; train it with data parallelism (FSDP/HSDP)"
+                )
         if (self.tp > 1 or self.cp > 1) and getattr(config, "attn", None):
             raise ValueError(
                 f"ParallelDims: tp={self.tp}, cp={self.cp} with softmax attention layers "

@@ -82,3 +82,12 @@ def test_hybrids_are_refused_for_tensor_and_context_parallel():
             dims.validate_for_model(config=hybrid)
     ParallelDims(world_size=2, pp=2).validate_for_model(config=hybrid)
     ParallelDims(world_size=2, tp=2).validate_for_model(config=models.build_config(family="gla", overrides={}))
+
+
+def test_a_routing_family_is_refused_for_pipeline_stages():
+    from flame_gin import models
+
+    mom = models.build_config(family="mom", overrides={"num_hidden_layers": 4})
+    with pytest.raises(ValueError, match=r"pp=2 with MomConfig: .*balance term"):
+        ParallelDims(world_size=2, pp=2).validate_for_model(config=mom)
+    ParallelDims(world_size=2, dp_shard=2).validate_for_model(config=mom)

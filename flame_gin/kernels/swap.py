@@ -47,6 +47,8 @@ def _table() -> tuple[Swap, ...]:
             "fused_recurrent_gated_delta_rule",
             gated_delta.fused_recurrent_gated_delta_rule,
         ),
+        Swap("fla.layers.mom", "chunk_gated_delta_rule", gated_delta.chunk_gated_delta_rule),
+        Swap("fla.layers.mom", "fused_recurrent_gated_delta_rule", gated_delta.fused_recurrent_gated_delta_rule),
         # short convolution (ShortConvolution.forward/step, and Gated DeltaNet's fused q/k/v conv)
         Swap("fla.modules.causal_conv1d.ops", "causal_conv1d", conv.causal_conv1d),
         Swap("fla.modules.causal_conv1d.ops", "causal_conv1d_update", conv.causal_conv1d_update),
