@@ -75,12 +75,30 @@ def run_numbers(
             f"the tokenizer has {vocab_size} tokens but the model's vocab_size is {model_config.vocab_size}; "
             f"set VOCAB_SIZE >= {vocab_size}"
         )
+    head_groups(model_config)
     if varlen and not families.supports_varlen(model_config):
         raise ConfigError(
             f"varlen packing needs layers that honour cu_seqlens; model family {model_config.model_type!r} would "
             f"let documents see each other. Turn varlen off for this family."
         )
     return micro_batch
+
+
+def head_groups(model_config) -> None:
+    """Grouped-query attention: the query heads split evenly over the key/value heads. A model built otherwise
+    constructs fine and fails only at its first forward, deep in SDPA ("size of tensor a (2) must match ...")."""
+    pairs = [
+        ("NUM_HEADS", "num_attention_heads", "NUM_KV_HEADS", "num_key_value_heads", vars(model_config)),
+        ("NUM_HEADS", "num_heads", "NUM_KV_HEADS", "num_kv_heads", vars(model_config)),
+        ("ATTN_HEADS", "num_heads", "ATTN_KV_HEADS", "num_kv_heads", getattr(model_config, "attn", None) or {}),
+    ]
+    for macro, heads_key, kv_macro, kv_key, values in pairs:
+        heads, kv = values.get(heads_key), values.get(kv_key)
+        if isinstance(heads, int) and isinstance(kv, int) and (kv < 1 or heads % kv):
+            raise ConfigError(
+                f"{kv_key}={kv} ({kv_macro}) must divide {heads_key}={heads} ({macro}) of model family "
+                f"{model_config.model_type!r}: each key/value head serves a whole group of query heads"
+            )
 
 
 def kernel_mode(*, mode: str, cuda: bool) -> None:

@@ -33,6 +33,14 @@ def _run(workdir, *bindings):
         (["flame_gin.run.kernel_mode = 'fastest'"], r"kernel_mode='fastest': expected one of"),
         (["flame_gin.run.kernel_mode = 'triton'"], r"kernel_mode='triton' needs a CUDA GPU"),
         (["NUM_HEADS = 3"], r"model family 'gla' cannot be built from its config"),
+        (
+            ["include 'model/llama.gin'", "NUM_HEADS = 2", "HIDDEN_SIZE = 64"],
+            r"num_key_value_heads=16 \(NUM_KV_HEADS\) must divide num_attention_heads=2 \(NUM_HEADS\) .*'llama'",
+        ),
+        (
+            ["include 'model/gla_hybrid.gin'", "ATTN_HEADS = 4", "ATTN_KV_HEADS = 3"],
+            r"num_kv_heads=3 \(ATTN_KV_HEADS\) must divide num_heads=4 \(ATTN_HEADS\) .*'gla'",
+        ),
         (["KEEP_CHECKPOINTS = 0"], r"keep=0: must be >= 1"),
         (["flame_gin.build_loader.bad_rows = 'ignore'"], r"bad_rows='ignore' \(flame_gin.build_loader.bad_rows\)"),
     ],
