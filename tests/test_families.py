@@ -322,7 +322,7 @@ def test_mamba_style_families_warn_when_their_gpu_kernels_are_missing(monkeypatc
 
 
 @pytest.mark.parametrize(
-    "family", ["gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "samba", "transformer", "gla_hybrid"]
+    "family", ["gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "samba", "transformer", "gla_hybrid", "mom"]
 )
 def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
     """Every family that trains on a CPU exports to a folder that `AutoModelForCausalLM.from_pretrained` loads
@@ -334,7 +334,7 @@ def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
     overrides = {"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 512}
     if family in ("gla", "gla_hybrid", "delta_net", "transformer"):
         overrides["num_heads"] = 2
-    if family == "gated_deltanet":
+    if family in ("gated_deltanet", "mom"):
         overrides.update(num_heads=2, head_dim=16)
     if family == "samba":
         overrides["attn"] = {"layers": [1], "num_heads": 2}
