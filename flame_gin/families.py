@@ -71,7 +71,7 @@ _TRAITS = {
     "samba": Traits(cpu=True, note="Samba's Mamba layers ignore cu_seqlens"),
     # Triton-only families whose layers honour cu_seqlens.
     "gsa": Traits(varlen=True),
-    "hgrn2": Traits(varlen=True),
+    "hgrn2": Traits(varlen=True, cpu=True),
     "hgrn": Traits(varlen=True),
     "retnet": Traits(varlen=True),
     "rwkv6": Traits(varlen=True, init_in_constructor=True),

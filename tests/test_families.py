@@ -36,6 +36,7 @@ CPU_FAMILIES = {
     # Each memory sees only its routed tokens, so MoM learns more slowly per step at tiny.gin's LR (-0.02 in 4
     # steps at 3e-3; FLA's own forward and loss on the same model fall as slowly).
     "mom": ["NUM_HEADS = 2", "HEAD_DIM = 16", "LR = 1e-2"],
+    "hgrn2": ["NUM_HEADS = 2", "flame_gin.model_config.extra_overrides = {'expand_ratio': 16}"],
 }
 GPU_ONLY = [
     "comba",
@@ -43,7 +44,6 @@ GPU_ONLY = [
     "gated_deltaproduct",
     "gsa",
     "hgrn",
-    "hgrn2",
     "kda",
     "lightnet",
     "log_linear_mamba2",
@@ -223,6 +223,7 @@ VARLEN_CONFIGS = {
         attn=dict(layers=[0], num_heads=2, num_kv_heads=2, window_size=5),
     ),
     "transformer": dict(family="transformer", overrides=dict(num_heads=2, num_kv_heads=1)),
+    "hgrn2": dict(family="hgrn2", overrides=dict(num_heads=2, expand_ratio=16)),
 }
 
 
@@ -322,7 +323,8 @@ def test_mamba_style_families_warn_when_their_gpu_kernels_are_missing(monkeypatc
 
 
 @pytest.mark.parametrize(
-    "family", ["gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "samba", "transformer", "gla_hybrid", "mom"]
+    "family",
+    ["gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "samba", "transformer", "gla_hybrid", "mom", "hgrn2"],
 )
 def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
     """Every family that trains on a CPU exports to a folder that `AutoModelForCausalLM.from_pretrained` loads
@@ -336,6 +338,8 @@ def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
         overrides["num_heads"] = 2
     if family in ("gated_deltanet", "mom"):
         overrides.update(num_heads=2, head_dim=16)
+    if family == "hgrn2":
+        overrides.update(num_heads=2, expand_ratio=16)
     if family == "samba":
         overrides["attn"] = {"layers": [1], "num_heads": 2}
     kernels.select(mode="reference")
@@ -399,3 +403,34 @@ def test_a_routing_family_trains_on_flas_own_loss_with_its_balance_term():
     assert float(cross_entropy + balance) == pytest.approx(float(fla_out.loss), abs=1e-5)
     plain_sum.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "gate" in n)
+
+
+def test_hgrn2_on_a_cpu_is_hgrn2_with_flas_own_naive_recurrence():
+    """HGRN2's layer calls FLA's chunked GLA, which the CPU path replaces by flame_gin's reference; FLA's own
+    token-by-token recurrence (``fla.ops.gla.naive``) in its place gives the same logits."""
+    import fla.layers.hgrn2
+    from fla.ops.gla.naive import naive_recurrent_gla
+
+    kernels.select(mode="reference")
+    try:
+        config = models.build_config(
+            family="hgrn2",
+            overrides=dict(hidden_size=32, num_hidden_layers=2, vocab_size=64, num_heads=2, expand_ratio=16),
+        )
+        model = models.build_model(config=config, device="cpu", seed=0).eval()
+        ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ours = model(input_ids=ids).logits
+
+            def naive(q, k, v, g, initial_state=None, output_final_state=False, **unused):
+                return naive_recurrent_gla(q, k, v, g, initial_state, output_final_state)
+
+            swapped, fla.layers.hgrn2.chunk_gla = fla.layers.hgrn2.chunk_gla, naive
+            try:
+                theirs = model(input_ids=ids).logits
+            finally:
+                fla.layers.hgrn2.chunk_gla = swapped
+    finally:
+        kernels.restore()
+    assert ours.abs().max() > 0.1
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

@@ -70,6 +70,26 @@ def rms_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_i
     )
 
 
+def rms_norm_linear(
+    x,
+    norm_weight,
+    norm_bias,
+    linear_weight,
+    linear_bias,
+    residual=None,
+    eps=1e-5,
+    prenorm=False,
+    residual_in_fp32=False,
+):
+    """Reference for `fla.modules.norm.layernorm.rms_norm_linear`: RMSNorm, then the linear layer."""
+    out = rms_norm(
+        x, norm_weight, norm_bias, residual=residual, eps=eps, prenorm=prenorm, residual_in_fp32=residual_in_fp32
+    )
+    normed, rest = (out[0], out[1:]) if prenorm else (out, ())
+    y = torch.nn.functional.linear(normed.to(linear_weight.dtype), linear_weight, linear_bias)
+    return (y, *rest) if prenorm else y
+
+
 def group_norm(
     x,
     weight,

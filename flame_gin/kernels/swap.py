@@ -47,6 +47,11 @@ def _table() -> tuple[Swap, ...]:
             "fused_recurrent_gated_delta_rule",
             gated_delta.fused_recurrent_gated_delta_rule,
         ),
+        Swap("fla.layers.hgrn2", "chunk_gla", attention.chunk_gla),
+        Swap("fla.layers.hgrn2", "fused_chunk_gla", attention.chunk_gla),
+        Swap("fla.layers.hgrn2", "fused_recurrent_gla", attention.fused_recurrent_gla),
+        Swap("fla.layers.hgrn2", "swish", activation.swish),
+        Swap("fla.layers.hgrn2", "rms_norm_linear", norm.rms_norm_linear),
         Swap("fla.layers.mom", "chunk_gated_delta_rule", gated_delta.chunk_gated_delta_rule),
         Swap("fla.layers.mom", "fused_recurrent_gated_delta_rule", gated_delta.fused_recurrent_gated_delta_rule),
         # short convolution (ShortConvolution.forward/step, and Gated DeltaNet's fused q/k/v conv)
