@@ -73,7 +73,7 @@ _TRAITS = {
     "gsa": Traits(varlen=True),
     "hgrn2": Traits(varlen=True, cpu=True),
     "hgrn": Traits(varlen=True),
-    "retnet": Traits(varlen=True),
+    "retnet": Traits(varlen=True, cpu=True),
     "rwkv6": Traits(varlen=True, init_in_constructor=True),
     "rwkv7": Traits(
         varlen=True,

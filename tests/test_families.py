@@ -37,6 +37,7 @@ CPU_FAMILIES = {
     # steps at 3e-3; FLA's own forward and loss on the same model fall as slowly).
     "mom": ["NUM_HEADS = 2", "HEAD_DIM = 16", "LR = 1e-2"],
     "hgrn2": ["NUM_HEADS = 2", "flame_gin.model_config.extra_overrides = {'expand_ratio': 16}"],
+    "retnet": ["NUM_HEADS = 2"],
 }
 GPU_ONLY = [
     "comba",
@@ -50,7 +51,6 @@ GPU_ONLY = [
     "mamba3",
     "mesa_net",
     "path_attn",
-    "retnet",
     "rwkv6",
     "rwkv7",
 ]
@@ -224,6 +224,7 @@ VARLEN_CONFIGS = {
     ),
     "transformer": dict(family="transformer", overrides=dict(num_heads=2, num_kv_heads=1)),
     "hgrn2": dict(family="hgrn2", overrides=dict(num_heads=2, expand_ratio=16)),
+    "retnet": dict(family="retnet", overrides=dict(num_heads=2)),
 }
 
 
@@ -324,7 +325,10 @@ def test_mamba_style_families_warn_when_their_gpu_kernels_are_missing(monkeypatc
 
 @pytest.mark.parametrize(
     "family",
-    ["gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "samba", "transformer", "gla_hybrid", "mom", "hgrn2"],
+    [
+        *("gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "samba", "transformer", "gla_hybrid"),
+        *("mom", "hgrn2", "retnet"),
+    ],
 )
 def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
     """Every family that trains on a CPU exports to a folder that `AutoModelForCausalLM.from_pretrained` loads
@@ -334,7 +338,7 @@ def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
 
     spec = {"gla_hybrid": dict(family="gla", attn={"layers": [1], "num_heads": 2})}.get(family, dict(family=family))
     overrides = {"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 512}
-    if family in ("gla", "gla_hybrid", "delta_net", "transformer"):
+    if family in ("gla", "gla_hybrid", "delta_net", "transformer", "retnet"):
         overrides["num_heads"] = 2
     if family in ("gated_deltanet", "mom"):
         overrides.update(num_heads=2, head_dim=16)
@@ -405,32 +409,57 @@ def test_a_routing_family_trains_on_flas_own_loss_with_its_balance_term():
     assert all(p.grad is not None for n, p in model.named_parameters() if "gate" in n)
 
 
-def test_hgrn2_on_a_cpu_is_hgrn2_with_flas_own_naive_recurrence():
-    """HGRN2's layer calls FLA's chunked GLA, which the CPU path replaces by flame_gin's reference; FLA's own
-    token-by-token recurrence (``fla.ops.gla.naive``) in its place gives the same logits."""
-    import fla.layers.hgrn2
+def _naive_gla(q, k, v, g, initial_state=None, output_final_state=False, **unused):
     from fla.ops.gla.naive import naive_recurrent_gla
 
+    return naive_recurrent_gla(q, k, v, g, initial_state, output_final_state)
+
+
+def _naive_retention(q, k, v, initial_state=None, output_final_state=False, **unused):
+    from fla.ops.retention.naive import naive_retention
+
+    assert initial_state is None and not output_final_state
+    return naive_retention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2), None
+
+
+# family -> (tiny overrides, the layer module and the chunked op the CPU path replaces, FLA's naive version)
+NAIVE = {
+    "hgrn2": (dict(num_heads=2, expand_ratio=16), "fla.layers.hgrn2", "chunk_gla", _naive_gla),
+    "retnet": (dict(num_heads=2), "fla.layers.multiscale_retention", "chunk_retention", _naive_retention),
+}
+
+
+@pytest.mark.parametrize("family", sorted(NAIVE))
+def test_cpu_path_equals_flas_own_naive_recurrence(family):
+    """The layer's chunked op, which the CPU path replaces by flame_gin's reference, replaced instead by FLA's own
+    naive version (token by token for HGRN2's GLA; the quadratic form for RetNet): the same logits."""
+    import importlib
+
+    overrides, module_name, op, naive = NAIVE[family]
+    module = importlib.import_module(module_name)
     kernels.select(mode="reference")
     try:
         config = models.build_config(
-            family="hgrn2",
-            overrides=dict(hidden_size=32, num_hidden_layers=2, vocab_size=64, num_heads=2, expand_ratio=16),
+            family=family, overrides=dict(hidden_size=32, num_hidden_layers=2, vocab_size=64, **overrides)
         )
         model = models.build_model(config=config, device="cpu", seed=0).eval()
-        ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+        # longer than 64 tokens: in eval mode the layers take their recurrent op for shorter inputs
+        ids = torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0))
+        calls = []
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return naive(*args, **kwargs)
+
         with torch.no_grad():
-            ours = model(input_ids=ids).logits
-
-            def naive(q, k, v, g, initial_state=None, output_final_state=False, **unused):
-                return naive_recurrent_gla(q, k, v, g, initial_state, output_final_state)
-
-            swapped, fla.layers.hgrn2.chunk_gla = fla.layers.hgrn2.chunk_gla, naive
+            ours = model(input_ids=ids, use_cache=False).logits
+            swapped = getattr(module, op)
+            setattr(module, op, counted)
             try:
-                theirs = model(input_ids=ids).logits
+                theirs = model(input_ids=ids, use_cache=False).logits
             finally:
-                fla.layers.hgrn2.chunk_gla = swapped
+                setattr(module, op, swapped)
     finally:
         kernels.restore()
-    assert ours.abs().max() > 0.1
+    assert len(calls) == 2 and ours.abs().max() > 0.1  # once per layer
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

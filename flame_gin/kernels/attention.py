@@ -298,3 +298,22 @@ def fused_recurrent_delta_rule(
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
         cu_seqlens=cu_seqlens,
     )
+
+
+def chunk_retention(q, k, v, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kwargs):
+    """Reference for `fla.ops.retention.chunk_retention` (RetNet): GLA with head h's fixed decay
+    ``1 - 2^(-5-h)`` on every key channel, as FLA computes it through its simple-GLA kernel."""
+    heads = q.shape[2]
+    gamma = (1 - 2.0 ** (-5.0 - torch.arange(heads, dtype=torch.float32, device=q.device))).log()
+    g = gamma.view(1, 1, heads, 1).expand(*q.shape[:3], q.shape[-1])
+    return chunk_gla(
+        q,
+        k,
+        v,
+        g,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        chunk_size=kwargs.get("chunk_size") or DEFAULT_CHUNK_SIZE,
+    )

@@ -52,6 +52,10 @@ def _table() -> tuple[Swap, ...]:
         Swap("fla.layers.hgrn2", "fused_recurrent_gla", attention.fused_recurrent_gla),
         Swap("fla.layers.hgrn2", "swish", activation.swish),
         Swap("fla.layers.hgrn2", "rms_norm_linear", norm.rms_norm_linear),
+        Swap("fla.layers.multiscale_retention", "chunk_retention", attention.chunk_retention),
+        Swap("fla.layers.multiscale_retention", "fused_chunk_retention", attention.chunk_retention),
+        Swap("fla.layers.multiscale_retention", "fused_recurrent_retention", attention.chunk_retention),
+        Swap("fla.layers.multiscale_retention", "parallel_retention", attention.chunk_retention),
         Swap("fla.layers.mom", "chunk_gated_delta_rule", gated_delta.chunk_gated_delta_rule),
         Swap("fla.layers.mom", "fused_recurrent_gated_delta_rule", gated_delta.fused_recurrent_gated_delta_rule),
         # short convolution (ShortConvolution.forward/step, and Gated DeltaNet's fused q/k/v conv)
