@@ -111,3 +111,19 @@ def test_varlen_batches_with_different_document_counts_share_one_graph():
         out = model.model(**loss_lib.backbone_kwargs(batch), use_cache=False).last_hidden_state
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert counter.count == 1, counter.count
+
+
+def test_on_a_gpu_compiled_mode_replaces_no_attention_op_by_a_reference():
+    """On a GPU the compiled table swaps only norms, activations, convolutions and cache helpers (for inductor)
+    and the two custom ops; every other attention op stays FLA's kernel. On a CPU every reference is there."""
+    from flame_gin.kernels import swap
+
+    references = {id(getattr(attention, name)) for name in dir(attention) if not name.startswith("_")}
+    references |= {id(f) for f in vars(swap.gated_delta).values() if callable(f)}
+    on_gpu = swap.compiled_table(on_gpu=True)
+    opaque_ops = {id(opaque.chunk_gla), id(opaque.chunk_delta_rule)}
+    assert not [s.label for s in on_gpu if id(s.replacement) in references and id(s.replacement) not in opaque_ops]
+    assert sum(id(s.replacement) in opaque_ops for s in on_gpu) == 2
+    on_cpu = {(s.module, s.name) for s in swap.compiled_table(on_gpu=False)}
+    assert {("fla.layers.hgrn2", "chunk_gla"), ("fla.layers.multiscale_retention", "chunk_retention")} <= on_cpu
+    assert ("fla.layers.mom", "chunk_gated_delta_rule") in on_cpu

@@ -88,6 +88,8 @@ def _table() -> tuple[Swap, ...]:
 
 TABLE: tuple[Swap, ...] = _table()
 _ATTENTION_MODULES = ("fla.layers.gla", "fla.layers.delta_net", "fla.layers.gated_deltanet")
+# Layers whose attention ops have CPU references only: on a GPU every mode keeps FLA's kernels there.
+_CPU_ONLY_MODULES = ("fla.layers.hgrn2", "fla.layers.multiscale_retention", "fla.layers.mom")
 _OPAQUE = {
     ("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
     ("fla.layers.delta_net", "chunk_delta_rule"): opaque.chunk_delta_rule,
@@ -104,7 +106,7 @@ def compiled_table(*, on_gpu: bool) -> tuple[Swap, ...]:
         key = (swap.module, swap.name)
         if key in _OPAQUE:
             swaps.append(Swap(swap.module, swap.name, _OPAQUE[key]))
-        elif not on_gpu or (swap.module not in _ATTENTION_MODULES and "Loss" not in swap.name):
+        elif not on_gpu or (swap.module not in _ATTENTION_MODULES + _CPU_ONLY_MODULES and "Loss" not in swap.name):
             swaps.append(swap)
     for module in _ATTENTION_MODULES:
         swaps.append(Swap(module, "get_layer_cache", opaque.get_layer_cache))
