@@ -463,3 +463,15 @@ def test_cpu_path_equals_flas_own_naive_recurrence(family):
         kernels.restore()
     assert len(calls) == 2 and ours.abs().max() > 0.1  # once per layer
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_every_fla_class_without_a_body_prefix_has_its_body_named_in_the_traits():
+    """A causal-LM class that leaves ``base_model_prefix`` empty (FLA 0.6: LightNet, MoM) would make ``body``
+    fall back to the whole model; each such family names its body in its traits instead."""
+    unnamed = []
+    for family, config_class in sorted(models.config_classes().items()):
+        causal_lm = transformers.AutoModelForCausalLM._model_mapping[config_class]
+        if not getattr(causal_lm, "base_model_prefix", ""):
+            unnamed.append(family)
+            assert families.traits(family).body, f"{family}: {causal_lm.__name__} names no body"
+    assert "lightnet" in unnamed and "mom" in unnamed
