@@ -2,7 +2,7 @@
 
 - The Llama baseline runs on CPU as is: its whole forward (projections, attention, LM head) is compared, with
   HF's eager attention, since FlopCounterMode counts nothing for the CPU SDPA kernel.
-- GLA, DeltaNet and Gated DeltaNet run with the reference kernels. The reference ops may compute the mixer
+- GLA, DeltaNet, Gated DeltaNet and RetNet run with the reference kernels. The reference ops may compute the mixer
   differently from FLA's chunked Triton kernels, so the check is split: everything outside the mixer op (all
   projections, short convolutions, MLPs, LM head), measured as the forward's count minus the count inside each
   mixer module but outside its sub-modules, is compared with the linear + conv part; the mixer formulas are checked
@@ -64,6 +64,7 @@ def test_llama_whole_forward_matches_flop_counter():
         ("gla", dict(num_heads=2)),
         ("delta_net", dict(num_heads=2)),
         ("gated_deltanet", dict(num_heads=2, head_dim=16)),
+        ("retnet", dict(num_heads=2)),
     ],
 )
 def test_fla_matmul_part_matches_flop_counter(family, overrides):
@@ -79,7 +80,7 @@ def test_fla_matmul_part_matches_flop_counter(family, overrides):
     parts = flops.flops_breakdown(config=config, seq_len=T)
     assert (parts["linear"] + parts["conv"]) * B * T == pytest.approx(measured_matmul, rel=0.10)
     assert parts["softmax_attention"] == 0 and parts["linear_attention"] > 0
-    if family != "gla":
+    if family in ("delta_net", "gated_deltanet"):
         assert parts["conv"] > 0  # short convolutions are counted
 
 
