@@ -70,7 +70,7 @@ _TRAITS = {
     "mamba2": Traits(cpu=True, note="Mamba2 layers ignore cu_seqlens"),
     "samba": Traits(cpu=True, note="Samba's Mamba layers ignore cu_seqlens"),
     # Triton-only families whose layers honour cu_seqlens.
-    "gsa": Traits(varlen=True),
+    "gsa": Traits(varlen=True, cpu=True),
     "hgrn2": Traits(varlen=True, cpu=True),
     "hgrn": Traits(varlen=True),
     "retnet": Traits(varlen=True, cpu=True),

@@ -317,3 +317,22 @@ def chunk_retention(q, k, v, scale=None, initial_state=None, output_final_state=
         cu_seqlens=cu_seqlens,
         chunk_size=kwargs.get("chunk_size") or DEFAULT_CHUNK_SIZE,
     )
+
+
+def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **kwargs):
+    """Reference for `fla.ops.gsa.chunk_gsa` (GSA): FLA's own token-by-token recurrence (`fla.ops.gsa.naive`,
+    two gated passes with a softmax over the slots between them), run document by document for `cu_seqlens`."""
+    from fla.ops.gsa.naive import naive_recurrent_gsa
+
+    if cu_seqlens is None:
+        return naive_recurrent_gsa(q, k, v, s, g, scale, initial_state, output_final_state)
+    bounds = cu_seqlens.tolist()
+    outs, finals = [], []
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        h0 = None if initial_state is None else tuple(x[i : i + 1] for x in initial_state)
+        piece = [x[:, start:end] for x in (q, k, v, s)]
+        o, final = naive_recurrent_gsa(*piece, None if g is None else g[:, start:end], scale, h0, output_final_state)
+        outs.append(o)
+        finals.append(final)
+    final = tuple(torch.cat(parts, 0) for parts in zip(*finals)) if output_final_state else None
+    return torch.cat(outs, 1), final

@@ -56,6 +56,10 @@ def _table() -> tuple[Swap, ...]:
         Swap("fla.layers.multiscale_retention", "fused_chunk_retention", attention.chunk_retention),
         Swap("fla.layers.multiscale_retention", "fused_recurrent_retention", attention.chunk_retention),
         Swap("fla.layers.multiscale_retention", "parallel_retention", attention.chunk_retention),
+        Swap("fla.layers.gsa", "chunk_gsa", attention.chunk_gsa),
+        Swap("fla.layers.gsa", "fused_recurrent_gsa", attention.chunk_gsa),
+        Swap("fla.layers.gsa", "rms_norm_linear", norm.rms_norm_linear),
+        Swap("fla.modules.feature_map", "swish", activation.swish),
         Swap("fla.layers.mom", "chunk_gated_delta_rule", gated_delta.chunk_gated_delta_rule),
         Swap("fla.layers.mom", "fused_recurrent_gated_delta_rule", gated_delta.fused_recurrent_gated_delta_rule),
         # short convolution (ShortConvolution.forward/step, and Gated DeltaNet's fused q/k/v conv)
@@ -89,7 +93,7 @@ def _table() -> tuple[Swap, ...]:
 TABLE: tuple[Swap, ...] = _table()
 _ATTENTION_MODULES = ("fla.layers.gla", "fla.layers.delta_net", "fla.layers.gated_deltanet")
 # Layers whose attention ops have CPU references only: on a GPU every mode keeps FLA's kernels there.
-_CPU_ONLY_MODULES = ("fla.layers.hgrn2", "fla.layers.multiscale_retention", "fla.layers.mom")
+_CPU_ONLY_MODULES = ("fla.layers.hgrn2", "fla.layers.multiscale_retention", "fla.layers.mom", "fla.layers.gsa")
 _OPAQUE = {
     ("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
     ("fla.layers.delta_net", "chunk_delta_rule"): opaque.chunk_delta_rule,
