@@ -36,15 +36,16 @@ def _segments(*, cu_seqlens, batch: int, length: int) -> list[tuple[int, int, in
 
 
 def _run_segments(*, core, tensors, initial_state, output_final_state, state_v_first, cu_seqlens, out_dtype):
-    """Runs `core` on each sequence with its own initial state; reassembles outputs and states."""
+    """Runs `core` on each sequence with its own initial state; reassembles outputs and states. A state may be
+    one tensor or a tuple of them (GSA's two passes); each is split and joined the same way."""
     batch, length = tensors[0].shape[:2]
     segments = _segments(cu_seqlens=cu_seqlens, batch=batch, length=length)
+    several = isinstance(initial_state, tuple)
     if initial_state is not None:
-        if initial_state.shape[0] != len(segments):
-            raise ValueError(f"initial_state has {initial_state.shape[0]} states for {len(segments)} sequences")
-        initial_state = initial_state.float()
-        if state_v_first:
-            initial_state = initial_state.transpose(-1, -2)
+        parts_in = initial_state if several else (initial_state,)
+        if any(x.shape[0] != len(segments) for x in parts_in):
+            raise ValueError(f"initial_state has {parts_in[0].shape[0]} states for {len(segments)} sequences")
+        parts_in = tuple(x.float().transpose(-1, -2) if state_v_first else x.float() for x in parts_in)
     outputs, states = [], []
     # float32 throughout, also under an enclosing bf16 autocast region
     device_type = tensors[0].device.type
@@ -56,19 +57,20 @@ def _run_segments(*, core, tensors, initial_state, output_final_state, state_v_f
     with off:
         for n, (row, start, end) in enumerate(segments):
             parts = [t[row : row + 1, start:end] for t in tensors]
-            h0 = None if initial_state is None else initial_state[n : n + 1]
+            h0 = None
+            if initial_state is not None:
+                h0 = tuple(x[n : n + 1] for x in parts_in)
+                h0 = h0 if several else h0[0]
             o, ht = core(*parts, h0)
             outputs.append(o)
-            states.append(ht)
-    if cu_seqlens is None:
-        o = torch.cat(outputs, dim=0)
-    else:
-        o = torch.cat(outputs, dim=1)
+            states.append(ht if isinstance(ht, tuple) else (ht,))
+    o = torch.cat(outputs, dim=0 if cu_seqlens is None else 1)
     final_state = None
     if output_final_state:
-        final_state = torch.cat(states, dim=0)
+        joined = tuple(torch.cat(part, dim=0) for part in zip(*states))
         if state_v_first:
-            final_state = final_state.transpose(-1, -2).contiguous()
+            joined = tuple(x.transpose(-1, -2).contiguous() for x in joined)
+        final_state = joined if len(joined) > 1 or several else joined[0]
     return o.to(out_dtype), final_state
 
 
@@ -324,15 +326,17 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
     two gated passes with a softmax over the slots between them), run document by document for `cu_seqlens`."""
     from fla.ops.gsa.naive import naive_recurrent_gsa
 
-    if cu_seqlens is None:
-        return naive_recurrent_gsa(q, k, v, s, g, scale, initial_state, output_final_state)
-    bounds = cu_seqlens.tolist()
-    outs, finals = [], []
-    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        h0 = None if initial_state is None else tuple(x[i : i + 1] for x in initial_state)
-        piece = [x[:, start:end] for x in (q, k, v, s)]
-        o, final = naive_recurrent_gsa(*piece, None if g is None else g[:, start:end], scale, h0, output_final_state)
-        outs.append(o)
-        finals.append(final)
-    final = tuple(torch.cat(parts, 0) for parts in zip(*finals)) if output_final_state else None
-    return torch.cat(outs, 1), final
+    def core(*parts):
+        *inputs, h0 = parts
+        gate = inputs.pop() if g is not None else None
+        return naive_recurrent_gsa(*inputs, gate, scale, h0, output_final_state)
+
+    return _run_segments(
+        core=core,
+        tensors=[q, k, v, s] + ([] if g is None else [g]),
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        state_v_first=False,
+        cu_seqlens=cu_seqlens,
+        out_dtype=q.dtype,
+    )
