@@ -26,6 +26,13 @@ is two matmuls of the same size):
     and the PaLM MFU convention do. PaTH's Householder position transforms (about ``6c * head_dim`` per token
     and head, under 5% of the attention at 2,048 tokens) are left out.
 
+- log-linear Mamba2: Mamba2's chunked form with a Fenwick tree of states, one read-out of ``2 dk dv`` per
+  inter-chunk level (``ceil(log2(T / c))`` levels at length ``T``, as the kernel keeps them) instead of one;
+- MoM routes every token through ``topk`` of its memories (plus the shared one): its query projection, its
+  memories' key/value/gate projections, short convolutions and delta rules count once per memory the token
+  passes through, not once per memory built. FLA pads each memory's tokens to the busiest memory's count;
+  that padding is wasted work and is not charged, as MFU counts useful work.
+
 MesaNet (a conjugate-gradient solve per chunk, its step count data-dependent) and Mamba-3 have no count: their
 runs log no MFU.
 
@@ -100,6 +107,31 @@ def _mamba2(m, seq_len):
     )
 
 
+def _log_linear_mamba2(m, seq_len):
+    """Mamba2's intra-chunk work and state update, plus one state read-out per Fenwick level past the chunk."""
+    c = _chunk(seq_len, m.chunk_size)
+    levels = math.ceil(math.log2(seq_len / c)) if seq_len > c else 0
+    dk, dv = m.ssm_state_size, m.head_dim
+    return m.num_heads * (2 * c * (dk + dv) + 2 * dk * dv * (1 + levels))
+
+
+def _mom(m, seq_len) -> dict[str, float]:
+    """MoM's whole mixer (its own projections and convolutions included), per token; see the module docstring."""
+    passes = m.topk + int(m.shared_mem)
+    heads, key, value = m.num_heads, m.key_dim, m.value_dim
+    per_memory = 2 * m.hidden_size * (key + value + 2 * heads)  # one memory's k, v, beta and decay projections
+    once = 2 * m.hidden_size * m.num_memories + 2 * value * m.hidden_size  # router, output projection
+    if getattr(m, "use_output_gate", False):
+        once += 2 * m.hidden_size * value
+    convs = sum(_conv_flops(getattr(m, n)) for n in ("q_conv1d", "k_conv1d", "v_conv1d") if hasattr(m, n))
+    return {
+        "linear": once + passes * (2 * m.hidden_size * key + per_memory),
+        "conv": passes * convs,
+        "linear_attention": passes
+        * chunked_delta_rule_flops(heads=heads, dk=m.head_dim, dv=m.head_v_dim, chunk=_chunk(seq_len)),
+    }
+
+
 def _delta_product(m, seq_len):
     """Gated DeltaProduct: ``num_householder`` delta-rule steps per token, each a chunked delta rule."""
     return m.num_householder * _delta(m, seq_len)
@@ -139,9 +171,13 @@ _MIXERS: dict[str, tuple[str, Callable[[nn.Module, int], float]]] = {
     "PaTHAttention": ("softmax_attention", _fla_attention),
     "Mamba": ("linear_attention", _mamba),
     "Mamba2": ("linear_attention", _mamba2),
+    "LogLinearMamba2": ("linear_attention", _log_linear_mamba2),
     "Attention": ("softmax_attention", _fla_attention),
     "LlamaAttention": ("softmax_attention", _hf_attention),
 }
+# Mixers that count all their own work, their projections and convolutions included (by part): routed mixers,
+# whose sub-modules do not all see every token.
+_SELF_COUNTED: dict[str, Callable[[nn.Module, int], dict[str, float]]] = {"MomAttention": _mom}
 SUPPORTED_FAMILIES = (
     "gla",
     "retnet",
@@ -162,11 +198,17 @@ SUPPORTED_FAMILIES = (
     "hgrn",
     "forgetting_transformer",
     "path_attn",
+    "mom",
+    "log_linear_mamba2",
 )
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
     return families.blocks(model)
+
+
+def _conv_flops(module: nn.Conv1d) -> float:
+    return 2.0 * module.out_channels * (module.in_channels // module.groups) * module.kernel_size[0]
 
 
 def _mixer_of(layer: nn.Module) -> nn.Module:
@@ -182,13 +224,21 @@ def breakdown_from_model(*, model: nn.Module, family: str, seq_len: int) -> dict
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     parts = {"linear": 0.0, "conv": 0.0, "linear_attention": 0.0, "softmax_attention": 0.0}
+    mixers = [_mixer_of(layer) for layer in _layers(model)]
+    self_counted = {id(m) for mixer in mixers if type(mixer).__name__ in _SELF_COUNTED for m in mixer.modules()}
     for module in model.modules():
+        if id(module) in self_counted:
+            continue
         if isinstance(module, nn.Linear):
             parts["linear"] += 2.0 * module.in_features * module.out_features
         elif isinstance(module, nn.Conv1d):
-            parts["conv"] += 2.0 * module.out_channels * (module.in_channels // module.groups) * module.kernel_size[0]
-    for index, layer in enumerate(_layers(model)):
-        mixer = _mixer_of(layer)
+            parts["conv"] += _conv_flops(module)
+    for index, mixer in enumerate(mixers):
+        own = _SELF_COUNTED.get(type(mixer).__name__)
+        if own is not None:
+            for kind, value in own(mixer, seq_len).items():
+                parts[kind] += float(value)
+            continue
         kind_and_count = _MIXERS.get(type(mixer).__name__)
         if kind_and_count is None:
             raise ValueError(

@@ -31,12 +31,16 @@ def _measure(model, x):
 
 
 def _inside_mixer_ops(counts: dict[str, float]) -> float:
-    """FLOPs counted inside each layer's mixer module but not inside any of its sub-modules (the attention op)."""
+    """FLOPs counted inside each layer's mixer module but not inside any of its sub-modules (the attention op).
+
+    The sub-modules are the outermost counted ones below the mixer, so a ``ModuleList`` of projections (never
+    called itself, its members are) is subtracted through its members."""
     total = 0.0
     mixers = [n for n in counts if n.rsplit(".", 1)[-1] in ("attn", "mixer", "self_attn")]
     for name in mixers:
-        children = [n for n in counts if n.startswith(name + ".") and "." not in n[len(name) + 1 :]]
-        total += counts[name] - sum(counts[c] for c in children)
+        below = [n for n in counts if n.startswith(name + ".")]
+        outermost = [n for n in below if not any(n.startswith(o + ".") for o in below)]
+        total += counts[name] - sum(counts[c] for c in outermost)
     return total
 
 
@@ -82,6 +86,46 @@ def test_fla_matmul_part_matches_flop_counter(family, overrides):
     assert parts["softmax_attention"] == 0 and parts["linear_attention"] > 0
     if family in ("delta_net", "gated_deltanet"):
         assert parts["conv"] > 0  # short convolutions are counted
+
+
+def test_mom_routed_count_matches_flop_counter():
+    """MoM routes each token through ``topk`` memories plus the shared one; FLA pads every memory's tokens to the
+    busiest memory's count. Measured outside the delta-rule op = the formula's projections and convolutions for
+    the routed tokens + the padding's projections, the padding read off the router's own choices."""
+    from flame_gin import kernels
+
+    kernels.select(mode="reference")
+    config = models.build_config(
+        family="mom",
+        overrides=dict(hidden_size=64, num_hidden_layers=2, vocab_size=256, num_heads=2, head_dim=16),
+    )
+    model = models.build_model(config=config, device="cpu", seed=0)
+    choices = []
+    for layer in flops._layers(model):
+        layer.attn.gate.register_forward_hook(lambda mod, args, out: choices.append(out.detach()))
+    counts = _measure(model, torch.randint(0, 256, (B, T)))
+    mixer = flops._layers(model)[0].attn
+    assert mixer.topk < mixer.num_memories and mixer.shared_mem
+    padding = 0
+    for logits in choices:  # (B, T, memories) per layer
+        chosen = logits.softmax(-1).topk(mixer.topk, dim=-1).indices
+        per_memory = torch.stack([(chosen == e).sum((1, 2)) for e in range(mixer.num_memories)])  # (memories, B)
+        padding += int(per_memory.numel() * per_memory.max() - per_memory.sum())
+    key, value, hidden = mixer.key_dim, mixer.value_dim, mixer.hidden_size
+    padded_token = 2 * hidden * (key + key + value + 2 * mixer.num_heads)  # q, k, v, beta, decay projections
+    parts = flops.flops_breakdown(config=config, seq_len=T)
+    measured_matmul = counts["Global"] - _inside_mixer_ops(counts)
+    assert parts["linear"] * B * T + padding * padded_token == pytest.approx(measured_matmul, rel=1e-6)
+    # The short convolutions run here as shifted element-wise sums, which FlopCounterMode does not count: checked
+    # against the layers' shapes instead, once per memory pass.
+    convs = [mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d]
+    assert not any(n.endswith("conv1d") for n in counts)
+    assert parts["conv"] == 2 * 3 * sum(2 * c.out_channels * c.kernel_size[0] for c in convs)
+    # The delta-rule work counts once per memory a token passes through (topk routed + shared), not per memory.
+    passes = mixer.topk + 1
+    assert parts["linear_attention"] == pytest.approx(
+        2 * passes * _delta_rule(mixer.num_heads, mixer.head_dim, mixer.head_v_dim, 64)
+    )
 
 
 def _recurrent(q, k, v, beta=None):
@@ -191,7 +235,27 @@ NEW_FAMILIES = [
     ("hgrn", dict(), ("linear_attention", 0.0)),
     ("forgetting_transformer", dict(num_heads=2), ("softmax_attention", 4 * T * 2 * 32)),
     ("path_attn", dict(num_heads=2), ("softmax_attention", 4 * T * 2 * 32)),
+    # log-linear Mamba2 within one chunk: intra-chunk work and the state update, no level to read out
+    (
+        "log_linear_mamba2",
+        dict(num_heads=2, head_dim=64, state_size=16, expand=2),
+        ("linear_attention", 2 * (2 * 64 * (16 + 64) + 2 * 16 * 64)),
+    ),
 ]
+
+
+@pytest.mark.parametrize("seq_len,levels", [(64, 0), (65, 1), (128, 1), (2048, 5), (65536, 10)])
+def test_log_linear_read_outs_grow_with_the_levels(seq_len, levels):
+    """One state read-out (2 dk dv per head) for each Fenwick level past the first chunk, ceil(log2(T/64)) of them;
+    at one level the count is Mamba2's chunked linear attention."""
+    config = models.build_config(
+        family="log_linear_mamba2",
+        overrides=dict(hidden_size=64, num_hidden_layers=1, vocab_size=256, num_heads=2, head_dim=64, state_size=16),
+    )
+    parts = flops.flops_breakdown(config=config, seq_len=seq_len)
+    assert parts["linear_attention"] == 2 * (2 * 64 * (16 + 64) + 2 * 16 * 64 * (1 + levels))
+    if levels == 1:
+        assert parts["linear_attention"] == _linear_attention(2, 16, 64, 64)
 
 
 @pytest.mark.parametrize("family,overrides,expected", NEW_FAMILIES, ids=[f for f, _, _ in NEW_FAMILIES])
