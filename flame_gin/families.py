@@ -82,7 +82,7 @@ _TRAITS = {
     ),
     "linear_attn": Traits(varlen=True),
     "comba": Traits(varlen=True, gated_delta_backward=True),
-    "kda": Traits(varlen=True),
+    "kda": Traits(varlen=True, cpu=True),
     # With its forget gate on (gin/model/gated_deltaproduct.gin), its backward is the gated delta rule's.
     "gated_deltaproduct": Traits(
         varlen=True, note="FLA's chunked kernel runs in bfloat16 only", gated_delta_backward=True

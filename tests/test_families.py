@@ -39,13 +39,13 @@ CPU_FAMILIES = {
     "hgrn2": ["NUM_HEADS = 2", "flame_gin.model_config.extra_overrides = {'expand_ratio': 16}"],
     "retnet": ["NUM_HEADS = 2"],
     "gsa": ["NUM_HEADS = 2", "flame_gin.model_config.extra_overrides = {'num_slots': 16}"],
+    "kda": ["NUM_HEADS = 2", "HEAD_DIM = 16"],
 }
 GPU_ONLY = [
     "comba",
     "forgetting_transformer",
     "gated_deltaproduct",
     "hgrn",
-    "kda",
     "lightnet",
     "log_linear_mamba2",
     "mamba3",
@@ -226,6 +226,7 @@ VARLEN_CONFIGS = {
     "hgrn2": dict(family="hgrn2", overrides=dict(num_heads=2, expand_ratio=16)),
     "retnet": dict(family="retnet", overrides=dict(num_heads=2)),
     "gsa": dict(family="gsa", overrides=dict(num_heads=2, num_slots=8)),
+    "kda": dict(family="kda", overrides=dict(num_heads=2, head_dim=16)),
 }
 
 
@@ -328,7 +329,7 @@ def test_mamba_style_families_warn_when_their_gpu_kernels_are_missing(monkeypatc
     "family",
     [
         *("gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "samba", "transformer", "gla_hybrid"),
-        *("mom", "hgrn2", "retnet", "gsa"),
+        *("mom", "hgrn2", "retnet", "gsa", "kda"),
     ],
 )
 def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
@@ -341,7 +342,7 @@ def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
     overrides = {"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 512}
     if family in ("gla", "gla_hybrid", "delta_net", "transformer", "retnet", "gsa"):
         overrides["num_heads"] = 2
-    if family in ("gated_deltanet", "mom"):
+    if family in ("gated_deltanet", "mom", "kda"):
         overrides.update(num_heads=2, head_dim=16)
     if family == "hgrn2":
         overrides.update(num_heads=2, expand_ratio=16)

@@ -242,3 +242,70 @@ def test_norms_match_float64_formulas():
     gated = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-6) * w.double() * F.silu(g.double())
     torch.testing.assert_close(norm.rms_norm_gated(x, g, w, None).double(), gated, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(norm.l2norm(x).double(), F.normalize(x64, dim=-1), atol=1e-5, rtol=1e-5)
+
+
+def test_kda_reference_with_a_key_uniform_gate_equals_the_gated_delta_rule():
+    """KDA's gate is per key dimension; one that is the same across the key dimensions is Gated DeltaNet's head-wise
+    gate. The KDA reference (FLA's token loop behind the fused activations, packed documents, carried states,
+    V-first states, grouped value heads) then equals the chunked gated-delta reference, another implementation."""
+    from flame_gin.kernels import kda
+
+    gen = torch.Generator().manual_seed(3)
+    length, heads, v_heads, dk, dv = 23, 2, 4, 8, 5
+    q, k = torch.randn(1, length, heads, dk, generator=gen), torch.randn(1, length, heads, dk, generator=gen)
+    v = torch.randn(1, length, v_heads, dv, generator=gen)
+    g_raw, b_raw = torch.randn(1, length, v_heads, generator=gen), torch.randn(1, length, v_heads, generator=gen)
+    a_log = torch.randn(v_heads, generator=gen)
+    cu = torch.tensor([0, 9, 16, 23])
+    h0 = torch.randn(3, v_heads, dv, dk, generator=gen)  # V-first states, one per document
+    common = dict(
+        beta=b_raw,
+        initial_state=h0,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True,
+        allow_neg_eigval=True,
+        state_v_first=True,
+        cu_seqlens=cu,
+    )
+    # raw KDA gate: -exp(A_log) * softplus(g + dt_bias) per key dimension; a bias equal across keys keeps it uniform
+    dt_bias = torch.randn(v_heads, 1, generator=gen).expand(v_heads, dk).reshape(-1)
+    o, ht = kda.chunk_kda(
+        q,
+        k,
+        v,
+        g_raw[..., None].expand(-1, -1, -1, dk),
+        use_gate_in_kernel=True,
+        A_log=a_log,
+        dt_bias=dt_bias,
+        **common,
+    )
+    o_ref, ht_ref = gated_delta.chunk_gated_delta_rule(
+        q,
+        k,
+        v,
+        g_raw,
+        use_gate_in_kernel=True,
+        A_log=a_log,
+        dt_bias=dt_bias.view(v_heads, dk)[:, 0],
+        chunk_size=8,
+        **common,
+    )
+    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ht, ht_ref, atol=1e-5, rtol=1e-4)
+    # the lower-bounded gate: lower_bound * sigmoid(exp(A_log) * (g + dt_bias)), in log space
+    bound = -5.0 * torch.sigmoid(a_log.exp()[:, None] * (g_raw[..., None] + dt_bias.view(v_heads, dk)))
+    o_lb, _ = kda.chunk_kda(
+        q,
+        k,
+        v,
+        g_raw[..., None].expand(-1, -1, -1, dk),
+        use_gate_in_kernel=True,
+        A_log=a_log,
+        dt_bias=dt_bias,
+        lower_bound=-5.0,
+        safe_gate=True,
+        **common,
+    )
+    o_lb_ref, _ = gated_delta.chunk_gated_delta_rule(q, k, v, bound[..., 0], chunk_size=8, **common)
+    torch.testing.assert_close(o_lb, o_lb_ref, atol=1e-5, rtol=1e-4)

@@ -35,7 +35,7 @@ def _segments(*, cu_seqlens, batch: int, length: int) -> list[tuple[int, int, in
     return [(0, b, e) for b, e in zip(bounds, bounds[1:])]
 
 
-def _run_segments(*, core, tensors, initial_state, output_final_state, state_v_first, cu_seqlens, out_dtype):
+def run_segments(*, core, tensors, initial_state, output_final_state, state_v_first, cu_seqlens, out_dtype):
     """Runs `core` on each sequence with its own initial state; reassembles outputs and states. A state may be
     one tensor or a tuple of them (GSA's two passes); each is split and joined the same way."""
     batch, length = tensors[0].shape[:2]
@@ -155,7 +155,7 @@ def chunk_gla(
     def core(q_, k_, v_, g_, h0):
         return _gla_core(q_, k_, v_, g_, h0, scale=scale, chunk_size=chunk_size)
 
-    return _run_segments(
+    return run_segments(
         core=core,
         tensors=[x.float() for x in (q, k, v, g)],
         initial_state=initial_state,
@@ -234,7 +234,7 @@ def delta_common(
     def core(q_, k_, v_, b_, g_, h0):
         return _delta_core(q_, k_, v_, b_, g_, h0, scale=scale, chunk_size=chunk_size)
 
-    return _run_segments(
+    return run_segments(
         core=core,
         tensors=[q, k, v, beta, g],
         initial_state=initial_state,
@@ -331,7 +331,7 @@ def chunk_gsa(q, k, v, s, g=None, scale=None, initial_state=None, output_final_s
         gate = inputs.pop() if g is not None else None
         return naive_recurrent_gsa(*inputs, gate, scale, h0, output_final_state)
 
-    return _run_segments(
+    return run_segments(
         core=core,
         tensors=[q, k, v, s] + ([] if g is None else [g]),
         initial_state=initial_state,

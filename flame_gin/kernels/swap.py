@@ -13,7 +13,7 @@ import dataclasses
 import importlib
 from typing import Any
 
-from flame_gin.kernels import activation, attention, conv, gated_delta, loss, norm, opaque, rotary
+from flame_gin.kernels import activation, attention, conv, gated_delta, kda, loss, norm, opaque, rotary
 
 SUPPORTED_FLA = ((0, 6, 0), (0, 7, 0))  # [low, high)
 
@@ -60,6 +60,8 @@ def _table() -> tuple[Swap, ...]:
         Swap("fla.layers.gsa", "fused_recurrent_gsa", attention.chunk_gsa),
         Swap("fla.layers.gsa", "rms_norm_linear", norm.rms_norm_linear),
         Swap("fla.modules.feature_map", "swish", activation.swish),
+        Swap("fla.layers.kda", "chunk_kda", kda.chunk_kda),
+        Swap("fla.layers.kda", "fused_recurrent_kda", kda.fused_recurrent_kda),
         Swap("fla.layers.mom", "chunk_gated_delta_rule", gated_delta.chunk_gated_delta_rule),
         Swap("fla.layers.mom", "fused_recurrent_gated_delta_rule", gated_delta.fused_recurrent_gated_delta_rule),
         # short convolution (ShortConvolution.forward/step, and Gated DeltaNet's fused q/k/v conv)
@@ -93,7 +95,13 @@ def _table() -> tuple[Swap, ...]:
 TABLE: tuple[Swap, ...] = _table()
 _ATTENTION_MODULES = ("fla.layers.gla", "fla.layers.delta_net", "fla.layers.gated_deltanet")
 # Layers whose attention ops have CPU references only: on a GPU every mode keeps FLA's kernels there.
-_CPU_ONLY_MODULES = ("fla.layers.hgrn2", "fla.layers.multiscale_retention", "fla.layers.mom", "fla.layers.gsa")
+_CPU_ONLY_MODULES = (
+    "fla.layers.hgrn2",
+    "fla.layers.multiscale_retention",
+    "fla.layers.mom",
+    "fla.layers.gsa",
+    "fla.layers.kda",
+)
 _OPAQUE = {
     ("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
     ("fla.layers.delta_net", "chunk_delta_rule"): opaque.chunk_delta_rule,
