@@ -81,11 +81,11 @@ _TRAITS = {
         meta_skips=("fla.layers.rwkv7:RWKV7Attention._initialize_weights",),
     ),
     "linear_attn": Traits(varlen=True),
-    "comba": Traits(varlen=True, gated_delta_backward=True),
+    "comba": Traits(varlen=True, cpu=True, gated_delta_backward=True),
     "kda": Traits(varlen=True, cpu=True),
     # With its forget gate on (gin/model/gated_deltaproduct.gin), its backward is the gated delta rule's.
     "gated_deltaproduct": Traits(
-        varlen=True, note="FLA's chunked kernel runs in bfloat16 only", gated_delta_backward=True
+        varlen=True, cpu=True, note="FLA's chunked kernel runs in bfloat16 only", gated_delta_backward=True
     ),
     "mesa_net": Traits(varlen=True),
     "lightnet": Traits(varlen=True, body="model"),

@@ -40,11 +40,11 @@ CPU_FAMILIES = {
     "retnet": ["NUM_HEADS = 2"],
     "gsa": ["NUM_HEADS = 2", "flame_gin.model_config.extra_overrides = {'num_slots': 16}"],
     "kda": ["NUM_HEADS = 2", "HEAD_DIM = 16"],
+    "comba": ["NUM_HEADS = 2", "HEAD_DIM = 16"],
+    "gated_deltaproduct": ["NUM_HEADS = 2", "HEAD_DIM = 16"],
 }
 GPU_ONLY = [
-    "comba",
     "forgetting_transformer",
-    "gated_deltaproduct",
     "hgrn",
     "lightnet",
     "log_linear_mamba2",
@@ -227,6 +227,8 @@ VARLEN_CONFIGS = {
     "retnet": dict(family="retnet", overrides=dict(num_heads=2)),
     "gsa": dict(family="gsa", overrides=dict(num_heads=2, num_slots=8)),
     "kda": dict(family="kda", overrides=dict(num_heads=2, head_dim=16)),
+    "comba": dict(family="comba", overrides=dict(num_heads=2, head_dim=16)),
+    "gated_deltaproduct": dict(family="gated_deltaproduct", overrides=dict(num_heads=2, head_dim=16)),
 }
 
 
@@ -329,7 +331,7 @@ def test_mamba_style_families_warn_when_their_gpu_kernels_are_missing(monkeypatc
     "family",
     [
         *("gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "samba", "transformer", "gla_hybrid"),
-        *("mom", "hgrn2", "retnet", "gsa", "kda"),
+        *("mom", "hgrn2", "retnet", "gsa", "kda", "comba", "gated_deltaproduct"),
     ],
 )
 def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
@@ -342,7 +344,7 @@ def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
     overrides = {"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 512}
     if family in ("gla", "gla_hybrid", "delta_net", "transformer", "retnet", "gsa"):
         overrides["num_heads"] = 2
-    if family in ("gated_deltanet", "mom", "kda"):
+    if family in ("gated_deltanet", "mom", "kda", "comba", "gated_deltaproduct"):
         overrides.update(num_heads=2, head_dim=16)
     if family == "hgrn2":
         overrides.update(num_heads=2, expand_ratio=16)

@@ -309,3 +309,83 @@ def test_kda_reference_with_a_key_uniform_gate_equals_the_gated_delta_rule():
     )
     o_lb_ref, _ = gated_delta.chunk_gated_delta_rule(q, k, v, bound[..., 0], chunk_size=8, **common)
     torch.testing.assert_close(o_lb, o_lb_ref, atol=1e-5, rtol=1e-4)
+
+
+TOL64 = dict(atol=1e-5, rtol=1e-4)
+
+
+def _delta_inputs(*, heads=2, v_heads=2, dk=8, dv=5, length=23, steps=1, seed=4):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, length, heads, dk, generator=gen)
+    k = torch.randn(1, length * steps, heads, dk, generator=gen)
+    v = torch.randn(1, length * steps, v_heads, dv, generator=gen)
+    beta = torch.rand(1, length * steps, v_heads, generator=gen)
+    g = -torch.rand(1, length, v_heads, generator=gen)
+    return q, k, v, beta, g
+
+
+def test_comba_reference_reads_the_state_through_p():
+    """Comba corrects the value with the state read through ``p`` and writes it with ``k``: with ``p = k`` it is the
+    gated delta rule (the chunked reference, another implementation); with ``p != k`` it follows a float64 loop."""
+    from flame_gin.kernels import delta_variants
+
+    q, k, v, beta, g = _delta_inputs(heads=2, v_heads=4)
+    cu = torch.tensor([0, 9, 16, 23])
+    h0 = torch.randn(3, 4, 8, 5, generator=torch.Generator().manual_seed(5))
+    common = dict(initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu)
+    o, ht = delta_variants.chunk_comba(q, k, v, k, g, beta, **common)
+    o_ref, ht_ref = gated_delta.chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=8, **common)
+    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ht, ht_ref, atol=1e-5, rtol=1e-4)
+
+    p = torch.randn(k.shape, generator=torch.Generator().manual_seed(6))
+    o, _ = delta_variants.chunk_comba(q, k, v, p, g, beta)
+    q64, k64, p64 = (x.double().repeat_interleave(2, dim=2) for x in (q, k, p))
+    S = torch.zeros(4, 8, 5, dtype=torch.float64)
+    for t in range(q.shape[1]):
+        S = S * g[0, t].double().exp()[:, None, None]
+        new_v = (v[0, t].double() - torch.einsum("hk,hkv->hv", p64[0, t], S)) * beta[0, t, :, None].double()
+        S = S + torch.einsum("hk,hv->hkv", k64[0, t], new_v)
+        torch.testing.assert_close(o[0, t].double(), torch.einsum("hk,hkv->hv", q64[0, t] * 8**-0.5, S), **TOL64)
+
+
+def test_gated_deltaproduct_reference_is_the_delta_rule_over_its_householder_steps():
+    """Gated DeltaProduct takes ``n`` delta-rule steps per token, decays once per token and reads out after the
+    last: the gated delta rule (chunked reference) over the ``T * n`` steps with the decay on each token's first
+    step and the query on its last, documents and states included."""
+    from flame_gin.kernels import delta_variants
+
+    n, length = 2, 23
+    q, k, v, beta, g = _delta_inputs(length=length, steps=n)
+    cu = torch.tensor([0, 9, 16, 23])
+    h0 = torch.randn(3, 2, 8, 5, generator=torch.Generator().manual_seed(7))
+    o, ht = delta_variants.chunk_gated_delta_product(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        num_householder=n,
+        initial_state=h0,
+        output_final_state=True,
+        cu_seqlens=cu,
+        use_qk_l2norm_in_kernel=True,
+    )
+    q_steps = torch.zeros(1, length, n, 2, 8)
+    q_steps[:, :, -1] = F.normalize(q, dim=-1)
+    g_steps = torch.zeros(1, length, n, 2)
+    g_steps[:, :, 0] = g
+    o_steps, ht_ref = gated_delta.chunk_gated_delta_rule(
+        q_steps.flatten(1, 2),
+        F.normalize(k, dim=-1),
+        v,
+        g_steps.flatten(1, 2),
+        beta,
+        scale=8**-0.5,
+        initial_state=h0,
+        output_final_state=True,
+        cu_seqlens=cu * n,
+        chunk_size=8,
+    )
+    torch.testing.assert_close(o, o_steps.unflatten(1, (length, n))[:, :, -1], **TOL64)
+    torch.testing.assert_close(ht, ht_ref, **TOL64)

@@ -13,7 +13,18 @@ import dataclasses
 import importlib
 from typing import Any
 
-from flame_gin.kernels import activation, attention, conv, gated_delta, kda, loss, norm, opaque, rotary
+from flame_gin.kernels import (
+    activation,
+    attention,
+    conv,
+    delta_variants,
+    gated_delta,
+    kda,
+    loss,
+    norm,
+    opaque,
+    rotary,
+)
 
 SUPPORTED_FLA = ((0, 6, 0), (0, 7, 0))  # [low, high)
 
@@ -62,6 +73,14 @@ def _table() -> tuple[Swap, ...]:
         Swap("fla.modules.feature_map", "swish", activation.swish),
         Swap("fla.layers.kda", "chunk_kda", kda.chunk_kda),
         Swap("fla.layers.kda", "fused_recurrent_kda", kda.fused_recurrent_kda),
+        Swap("fla.layers.comba", "chunk_comba", delta_variants.chunk_comba),
+        Swap("fla.layers.comba", "fused_recurrent_comba", delta_variants.fused_recurrent_comba),
+        Swap("fla.layers.gated_deltaproduct", "chunk_gated_delta_product", delta_variants.chunk_gated_delta_product),
+        Swap(
+            "fla.layers.gated_deltaproduct",
+            "fused_recurrent_gated_delta_rule",
+            gated_delta.fused_recurrent_gated_delta_rule,
+        ),
         Swap("fla.layers.mom", "chunk_gated_delta_rule", gated_delta.chunk_gated_delta_rule),
         Swap("fla.layers.mom", "fused_recurrent_gated_delta_rule", gated_delta.fused_recurrent_gated_delta_rule),
         # short convolution (ShortConvolution.forward/step, and Gated DeltaNet's fused q/k/v conv)
@@ -101,6 +120,8 @@ _CPU_ONLY_MODULES = (
     "fla.layers.mom",
     "fla.layers.gsa",
     "fla.layers.kda",
+    "fla.layers.comba",
+    "fla.layers.gated_deltaproduct",
 )
 _OPAQUE = {
     ("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
