@@ -72,7 +72,7 @@ _TRAITS = {
     # Triton-only families whose layers honour cu_seqlens.
     "gsa": Traits(varlen=True, cpu=True),
     "hgrn2": Traits(varlen=True, cpu=True),
-    "hgrn": Traits(varlen=True),
+    "hgrn": Traits(varlen=True, cpu=True),
     "retnet": Traits(varlen=True, cpu=True),
     "rwkv6": Traits(varlen=True, init_in_constructor=True),
     "rwkv7": Traits(

@@ -42,10 +42,10 @@ CPU_FAMILIES = {
     "kda": ["NUM_HEADS = 2", "HEAD_DIM = 16"],
     "comba": ["NUM_HEADS = 2", "HEAD_DIM = 16"],
     "gated_deltaproduct": ["NUM_HEADS = 2", "HEAD_DIM = 16"],
+    "hgrn": [],
 }
 GPU_ONLY = [
     "forgetting_transformer",
-    "hgrn",
     "lightnet",
     "log_linear_mamba2",
     "mamba3",
@@ -229,6 +229,7 @@ VARLEN_CONFIGS = {
     "kda": dict(family="kda", overrides=dict(num_heads=2, head_dim=16)),
     "comba": dict(family="comba", overrides=dict(num_heads=2, head_dim=16)),
     "gated_deltaproduct": dict(family="gated_deltaproduct", overrides=dict(num_heads=2, head_dim=16)),
+    "hgrn": dict(family="hgrn", overrides=dict(attn_mode="fused_recurrent")),
 }
 
 
@@ -331,7 +332,7 @@ def test_mamba_style_families_warn_when_their_gpu_kernels_are_missing(monkeypatc
     "family",
     [
         *("gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "samba", "transformer", "gla_hybrid"),
-        *("mom", "hgrn2", "retnet", "gsa", "kda", "comba", "gated_deltaproduct"),
+        *("mom", "hgrn2", "retnet", "gsa", "kda", "comba", "gated_deltaproduct", "hgrn"),
     ],
 )
 def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):

@@ -389,3 +389,20 @@ def test_gated_deltaproduct_reference_is_the_delta_rule_over_its_householder_ste
     )
     torch.testing.assert_close(o, o_steps.unflatten(1, (length, n))[:, :, -1], **TOL64)
     torch.testing.assert_close(ht, ht_ref, **TOL64)
+
+
+def test_hgrn_reference_equals_the_closed_form_per_document():
+    """h_t = exp(g_t) h_{t-1} + x_t is, in closed form, h_t = sum_s exp(G_t - G_s) x_s + exp(G_t) h_0 with G the
+    running sum of g: computed in float64 per packed document, its own initial state each."""
+    from flame_gin.kernels import hgrn
+
+    gen = torch.Generator().manual_seed(8)
+    x, g = torch.randn(1, 17, 6, generator=gen), -torch.rand(1, 17, 6, generator=gen)
+    cu, h0 = torch.tensor([0, 5, 17]), torch.randn(2, 6, generator=gen)
+    o, ht = hgrn.chunk_hgrn(x, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    for n, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        G = g[0, start:end].double().cumsum(0)  # [t, D]
+        weights = (G[:, None] - G[None, :]).exp() * torch.ones(end - start, end - start).tril()[..., None].double()
+        expected = torch.einsum("tsd,sd->td", weights, x[0, start:end].double()) + G.exp() * h0[n].double()
+        torch.testing.assert_close(o[0, start:end].double(), expected, **TOL64)
+        torch.testing.assert_close(ht[n].double(), expected[-1], **TOL64)

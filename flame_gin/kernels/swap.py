@@ -19,6 +19,7 @@ from flame_gin.kernels import (
     conv,
     delta_variants,
     gated_delta,
+    hgrn,
     kda,
     loss,
     norm,
@@ -81,6 +82,9 @@ def _table() -> tuple[Swap, ...]:
             "fused_recurrent_gated_delta_rule",
             gated_delta.fused_recurrent_gated_delta_rule,
         ),
+        Swap("fla.layers.hgrn", "chunk_hgrn", hgrn.chunk_hgrn),
+        Swap("fla.layers.hgrn", "fused_recurrent_hgrn", hgrn.fused_recurrent_hgrn),
+        Swap("fla.layers.hgrn", "swiglu", activation.swiglu),
         Swap("fla.layers.mom", "chunk_gated_delta_rule", gated_delta.chunk_gated_delta_rule),
         Swap("fla.layers.mom", "fused_recurrent_gated_delta_rule", gated_delta.fused_recurrent_gated_delta_rule),
         # short convolution (ShortConvolution.forward/step, and Gated DeltaNet's fused q/k/v conv)
@@ -122,6 +126,7 @@ _CPU_ONLY_MODULES = (
     "fla.layers.kda",
     "fla.layers.comba",
     "fla.layers.gated_deltaproduct",
+    "fla.layers.hgrn",
 )
 _OPAQUE = {
     ("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
