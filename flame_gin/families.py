@@ -88,7 +88,7 @@ _TRAITS = {
         varlen=True, cpu=True, note="FLA's chunked kernel runs in bfloat16 only", gated_delta_backward=True
     ),
     "mesa_net": Traits(varlen=True),
-    "lightnet": Traits(varlen=True, body="model"),
+    "lightnet": Traits(varlen=True, cpu=True, body="model"),
     # FLA's Triton attention variants: their layers take cu_seqlens, not yet checked against documents alone.
     "path_attn": Traits(note="packed documents not yet checked"),
     "forgetting_transformer": Traits(note="packed documents not yet checked"),

@@ -43,10 +43,10 @@ CPU_FAMILIES = {
     "comba": ["NUM_HEADS = 2", "HEAD_DIM = 16"],
     "gated_deltaproduct": ["NUM_HEADS = 2", "HEAD_DIM = 16"],
     "hgrn": [],
+    "lightnet": ["flame_gin.model_config.extra_overrides = {'expand_ratio': 16, 'gate_low_rank_dim': 16}"],
 }
 GPU_ONLY = [
     "forgetting_transformer",
-    "lightnet",
     "log_linear_mamba2",
     "mamba3",
     "mesa_net",
@@ -230,6 +230,7 @@ VARLEN_CONFIGS = {
     "comba": dict(family="comba", overrides=dict(num_heads=2, head_dim=16)),
     "gated_deltaproduct": dict(family="gated_deltaproduct", overrides=dict(num_heads=2, head_dim=16)),
     "hgrn": dict(family="hgrn", overrides=dict(attn_mode="fused_recurrent")),
+    "lightnet": dict(family="lightnet", overrides=dict(expand_ratio=16)),
 }
 
 
@@ -332,7 +333,7 @@ def test_mamba_style_families_warn_when_their_gpu_kernels_are_missing(monkeypatc
     "family",
     [
         *("gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "samba", "transformer", "gla_hybrid"),
-        *("mom", "hgrn2", "retnet", "gsa", "kda", "comba", "gated_deltaproduct", "hgrn"),
+        *("mom", "hgrn2", "retnet", "gsa", "kda", "comba", "gated_deltaproduct", "hgrn", "lightnet"),
     ],
 )
 def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
@@ -349,6 +350,8 @@ def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
         overrides.update(num_heads=2, head_dim=16)
     if family == "hgrn2":
         overrides.update(num_heads=2, expand_ratio=16)
+    if family == "lightnet":
+        overrides.update(expand_ratio=16)
     if family == "samba":
         overrides["attn"] = {"layers": [1], "num_heads": 2}
     kernels.select(mode="reference")

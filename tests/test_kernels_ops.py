@@ -406,3 +406,29 @@ def test_hgrn_reference_equals_the_closed_form_per_document():
         expected = torch.einsum("tsd,sd->td", weights, x[0, start:end].double()) + G.exp() * h0[n].double()
         torch.testing.assert_close(o[0, start:end].double(), expected, **TOL64)
         torch.testing.assert_close(ht[n].double(), expected[-1], **TOL64)
+
+
+def test_lightnet_reference_is_a_running_softmax_over_time_per_key_channel():
+    """LightNet's key channel c of token s, seen from token t, is exp(x_s) / (exp(z_0) + sum_{r<=t} exp(x_r)): a
+    softmax over the document so far, the carried state decayed by exp(z_0) over the same sum. Closed form in
+    float64 per packed document, with carried states in the V-first layout the layer uses."""
+    from flame_gin.kernels import lightnet
+
+    gen = torch.Generator().manual_seed(9)
+    heads, dk, dv = 2, 4, 3
+    q, x = torch.randn(1, 15, heads, dk, generator=gen), torch.randn(1, 15, heads, dk, generator=gen)
+    v = torch.randn(1, 15, heads, dv, generator=gen)
+    cu = torch.tensor([0, 6, 15])
+    h0, z0 = torch.randn(2, heads, dv, dk, generator=gen), torch.randn(2, 1, heads, dk, generator=gen)
+    o, (ht, zt) = lightnet.chunk_lightnet(
+        q, x, v, initial_state=(h0, z0), output_final_state=True, state_v_first=True, cu_seqlens=cu
+    )
+    for n, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        qd, xd, vd = (t[0, start:end].double() for t in (q, x, v))
+        total = z0[n, 0].double().exp() + xd.exp().cumsum(0)  # [t, H, K]
+        weights = xd.exp()[None] / total[:, None] * torch.ones(end - start, end - start).tril()[..., None, None]
+        expected = torch.einsum("thk,tshk,shv->thv", qd * dk**-0.5, weights.double(), vd)
+        carried = z0[n, 0].double().exp() / total  # [t, H, K]
+        expected = expected + torch.einsum("thk,hvk->thv", qd * dk**-0.5 * carried, h0[n].double())
+        torch.testing.assert_close(o[0, start:end].double(), expected, **TOL64)
+        torch.testing.assert_close(zt[n, 0].double(), total[-1].log(), **TOL64)

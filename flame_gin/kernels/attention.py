@@ -23,7 +23,7 @@ from flame_gin.kernels import norm
 DEFAULT_CHUNK_SIZE = 64
 
 
-def _segments(*, cu_seqlens, batch: int, length: int) -> list[tuple[int, int, int]]:
+def segments(*, cu_seqlens, batch: int, length: int) -> list[tuple[int, int, int]]:
     """(row, start, end) of each independent sequence: rows of the batch, or packed documents."""
     if cu_seqlens is None:
         return [(b, 0, length) for b in range(batch)]
@@ -39,12 +39,12 @@ def run_segments(*, core, tensors, initial_state, output_final_state, state_v_fi
     """Runs `core` on each sequence with its own initial state; reassembles outputs and states. A state may be
     one tensor or a tuple of them (GSA's two passes); each is split and joined the same way."""
     batch, length = tensors[0].shape[:2]
-    segments = _segments(cu_seqlens=cu_seqlens, batch=batch, length=length)
+    spans = segments(cu_seqlens=cu_seqlens, batch=batch, length=length)
     several = isinstance(initial_state, tuple)
     if initial_state is not None:
         parts_in = initial_state if several else (initial_state,)
-        if any(x.shape[0] != len(segments) for x in parts_in):
-            raise ValueError(f"initial_state has {parts_in[0].shape[0]} states for {len(segments)} sequences")
+        if any(x.shape[0] != len(spans) for x in parts_in):
+            raise ValueError(f"initial_state has {parts_in[0].shape[0]} states for {len(spans)} sequences")
         parts_in = tuple(x.float().transpose(-1, -2) if state_v_first else x.float() for x in parts_in)
     outputs, states = [], []
     # float32 throughout, also under an enclosing bf16 autocast region
@@ -55,7 +55,7 @@ def run_segments(*, core, tensors, initial_state, output_final_state, state_v_fi
         else contextlib.nullcontext()
     )  # no autocast on meta (memory estimates run blocks there)
     with off:
-        for n, (row, start, end) in enumerate(segments):
+        for n, (row, start, end) in enumerate(spans):
             parts = [t[row : row + 1, start:end] for t in tensors]
             h0 = None
             if initial_state is not None:

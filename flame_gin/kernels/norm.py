@@ -90,6 +90,28 @@ def rms_norm_linear(
     return (y, *rest) if prenorm else y
 
 
+def rms_norm_swish_gate_linear(
+    x,
+    g,
+    norm_weight,
+    norm_bias,
+    linear_weight,
+    linear_bias,
+    residual=None,
+    prenorm=False,
+    residual_in_fp32=False,
+    eps=1e-6,
+):
+    """Reference for `fla.modules.norm.fused_norm_gate.rms_norm_swish_gate_linear`: rmsnorm(x) * swish(g), then
+    the linear layer."""
+    out = rms_norm_gated(
+        x, g, norm_weight, norm_bias, residual=residual, prenorm=prenorm, residual_in_fp32=residual_in_fp32, eps=eps
+    )
+    normed, rest = (out[0], out[1:]) if prenorm else (out, ())
+    y = torch.nn.functional.linear(normed.to(linear_weight.dtype), linear_weight, linear_bias)
+    return (y, *rest) if prenorm else y
+
+
 def group_norm(
     x,
     weight,

@@ -21,6 +21,7 @@ from flame_gin.kernels import (
     gated_delta,
     hgrn,
     kda,
+    lightnet,
     loss,
     norm,
     opaque,
@@ -85,6 +86,9 @@ def _table() -> tuple[Swap, ...]:
         Swap("fla.layers.hgrn", "chunk_hgrn", hgrn.chunk_hgrn),
         Swap("fla.layers.hgrn", "fused_recurrent_hgrn", hgrn.fused_recurrent_hgrn),
         Swap("fla.layers.hgrn", "swiglu", activation.swiglu),
+        Swap("fla.layers.lightnet", "chunk_lightnet", lightnet.chunk_lightnet),
+        Swap("fla.layers.lightnet", "fused_recurrent_lightnet", lightnet.fused_recurrent_lightnet),
+        Swap("fla.layers.lightnet", "rms_norm_swish_gate_linear", norm.rms_norm_swish_gate_linear),
         Swap("fla.layers.mom", "chunk_gated_delta_rule", gated_delta.chunk_gated_delta_rule),
         Swap("fla.layers.mom", "fused_recurrent_gated_delta_rule", gated_delta.fused_recurrent_gated_delta_rule),
         # short convolution (ShortConvolution.forward/step, and Gated DeltaNet's fused q/k/v conv)
@@ -127,6 +131,7 @@ _CPU_ONLY_MODULES = (
     "fla.layers.comba",
     "fla.layers.gated_deltaproduct",
     "fla.layers.hgrn",
+    "fla.layers.lightnet",
 )
 _OPAQUE = {
     ("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
