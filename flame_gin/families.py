@@ -74,7 +74,7 @@ _TRAITS = {
     "hgrn2": Traits(varlen=True, cpu=True),
     "hgrn": Traits(varlen=True, cpu=True),
     "retnet": Traits(varlen=True, cpu=True),
-    "rwkv6": Traits(varlen=True, init_in_constructor=True),
+    "rwkv6": Traits(varlen=True, cpu=True, init_in_constructor=True),
     "rwkv7": Traits(
         varlen=True,
         init_in_constructor=True,

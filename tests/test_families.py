@@ -43,6 +43,7 @@ CPU_FAMILIES = {
     "comba": ["NUM_HEADS = 2", "HEAD_DIM = 16"],
     "gated_deltaproduct": ["NUM_HEADS = 2", "HEAD_DIM = 16"],
     "hgrn": [],
+    "rwkv6": ["NUM_HEADS = 2"],
     "lightnet": ["flame_gin.model_config.extra_overrides = {'expand_ratio': 16, 'gate_low_rank_dim': 16}"],
 }
 GPU_ONLY = [
@@ -51,7 +52,6 @@ GPU_ONLY = [
     "mamba3",
     "mesa_net",
     "path_attn",
-    "rwkv6",
     "rwkv7",
 ]
 STEPS = 4
@@ -231,6 +231,7 @@ VARLEN_CONFIGS = {
     "gated_deltaproduct": dict(family="gated_deltaproduct", overrides=dict(num_heads=2, head_dim=16)),
     "hgrn": dict(family="hgrn", overrides=dict(attn_mode="fused_recurrent")),
     "lightnet": dict(family="lightnet", overrides=dict(expand_ratio=16)),
+    "rwkv6": dict(family="rwkv6", overrides=dict(num_heads=2)),
 }
 
 
@@ -333,7 +334,7 @@ def test_mamba_style_families_warn_when_their_gpu_kernels_are_missing(monkeypatc
     "family",
     [
         *("gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "samba", "transformer", "gla_hybrid"),
-        *("mom", "hgrn2", "retnet", "gsa", "kda", "comba", "gated_deltaproduct", "hgrn", "lightnet"),
+        *("mom", "hgrn2", "retnet", "gsa", "kda", "comba", "gated_deltaproduct", "hgrn", "lightnet", "rwkv6"),
     ],
 )
 def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
@@ -344,7 +345,7 @@ def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
 
     spec = {"gla_hybrid": dict(family="gla", attn={"layers": [1], "num_heads": 2})}.get(family, dict(family=family))
     overrides = {"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 512}
-    if family in ("gla", "gla_hybrid", "delta_net", "transformer", "retnet", "gsa"):
+    if family in ("gla", "gla_hybrid", "delta_net", "transformer", "retnet", "gsa", "rwkv6"):
         overrides["num_heads"] = 2
     if family in ("gated_deltanet", "mom", "kda", "comba", "gated_deltaproduct"):
         overrides.update(num_heads=2, head_dim=16)
@@ -383,7 +384,7 @@ def test_every_family_without_a_cpu_path_is_refused_on_cpu_by_name():
         with pytest.raises(ValueError, match=rf"model family '{family}' has no CPU kernels.*run it on a GPU"):
             families.check_device(config=config_class(), device_type="cpu")
         refused += 1
-    assert refused == 24  # FLA 0.6: 40 families, 16 of them with a CPU path
+    assert refused == 23  # FLA 0.6: 40 families, 17 of them with a CPU path
 
 
 def test_a_routing_family_trains_on_flas_own_loss_with_its_balance_term():

@@ -432,3 +432,43 @@ def test_lightnet_reference_is_a_running_softmax_over_time_per_key_channel():
         expected = expected + torch.einsum("thk,hvk->thv", qd * dk**-0.5 * carried, h0[n].double())
         torch.testing.assert_close(o[0, start:end].double(), expected, **TOL64)
         torch.testing.assert_close(zt[n, 0].double(), total[-1].log(), **TOL64)
+
+
+def test_rwkv6_reference_equals_its_closed_form_per_document():
+    """o_t = r_t (S_{t-1} + diag(u) k_t v_t^T), S_t = diag(exp(w_t)) S_{t-1} + k_t v_t^T, in closed form:
+    token s reaches t > s decayed by exp(W_{t-1} - W_s) (W the running sum of w), the carried state by exp(W_{t-1}).
+    Float64, per packed document, each with its own carried state."""
+    from flame_gin.kernels import rwkv6
+
+    gen = torch.Generator().manual_seed(10)
+    heads, dk, dv, length = 2, 4, 3, 13
+    r, k = torch.randn(1, length, heads, dk, generator=gen), torch.randn(1, length, heads, dk, generator=gen)
+    v, w = torch.randn(1, length, heads, dv, generator=gen), -torch.rand(1, length, heads, dk, generator=gen)
+    u, cu, h0 = torch.randn(heads, dk, generator=gen), torch.tensor([0, 4, 13]), torch.randn(2, heads, dk, dv)
+    o, ht = rwkv6.chunk_rwkv6(r, k, v, w, u, scale=0.5, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    for n, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        rd, kd, vd, wd = (t[0, start:end].double() for t in (r, k, v, w))
+        W = wd.cumsum(0)
+        before = torch.cat([torch.zeros_like(W[:1]), W[:-1]])  # W_{t-1}
+        strict = torch.ones(end - start, end - start).tril(-1)[..., None, None].double()
+        decay = (before[:, None] - W[None, :]).exp() * strict  # [t, s, H, K]
+        expected = torch.einsum("thk,tshk,shk,shv->thv", rd * 0.5, decay, kd, vd)
+        expected += torch.einsum("thk,hk,thk,thv->thv", rd * 0.5, u.double(), kd, vd)
+        expected += torch.einsum("thk,hkv->thv", rd * 0.5 * before.exp(), h0[n].double())
+        torch.testing.assert_close(o[0, start:end].double(), expected, **TOL64)
+        final = (W[-1] - W).exp()[..., None] * kd[..., None] * vd[:, :, None]  # [s, H, K, V]
+        torch.testing.assert_close(ht[n].double(), final.sum(0) + W[-1].exp()[..., None] * h0[n].double(), **TOL64)
+
+
+def test_token_shift_reference_matches_flas_own_and_carries_its_cache():
+    from fla.modules.token_shift import token_shift_ref
+
+    from flame_gin.kernels import rwkv6
+
+    x, cu = torch.randn(1, 11, 6, generator=torch.Generator().manual_seed(11)), torch.tensor([0, 1, 5, 11])
+    torch.testing.assert_close(rwkv6.token_shift(x, cu), token_shift_ref(x, cu))
+    torch.testing.assert_close(rwkv6.token_shift(x.view(1, 11, 6)), token_shift_ref(x))
+    # a sequence in two calls, the second carrying the first's last token, equals one call
+    first, cache = rwkv6.token_shift(x[:, :7], output_cache=True)
+    second = rwkv6.token_shift(x[:, 7:], cache=cache)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), rwkv6.token_shift(x))

@@ -26,6 +26,7 @@ from flame_gin.kernels import (
     norm,
     opaque,
     rotary,
+    rwkv6,
 )
 
 SUPPORTED_FLA = ((0, 6, 0), (0, 7, 0))  # [low, high)
@@ -89,6 +90,10 @@ def _table() -> tuple[Swap, ...]:
         Swap("fla.layers.lightnet", "chunk_lightnet", lightnet.chunk_lightnet),
         Swap("fla.layers.lightnet", "fused_recurrent_lightnet", lightnet.fused_recurrent_lightnet),
         Swap("fla.layers.lightnet", "rms_norm_swish_gate_linear", norm.rms_norm_swish_gate_linear),
+        Swap("fla.layers.rwkv6", "chunk_rwkv6", rwkv6.chunk_rwkv6),
+        Swap("fla.layers.rwkv6", "fused_recurrent_rwkv6", rwkv6.fused_recurrent_rwkv6),
+        Swap("fla.layers.rwkv6", "token_shift", rwkv6.token_shift),
+        Swap("fla.models.rwkv6.modeling_rwkv6", "token_shift", rwkv6.token_shift),
         Swap("fla.layers.mom", "chunk_gated_delta_rule", gated_delta.chunk_gated_delta_rule),
         Swap("fla.layers.mom", "fused_recurrent_gated_delta_rule", gated_delta.fused_recurrent_gated_delta_rule),
         # short convolution (ShortConvolution.forward/step, and Gated DeltaNet's fused q/k/v conv)
@@ -132,6 +137,7 @@ _CPU_ONLY_MODULES = (
     "fla.layers.gated_deltaproduct",
     "fla.layers.hgrn",
     "fla.layers.lightnet",
+    "fla.layers.rwkv6",
 )
 _OPAQUE = {
     ("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
