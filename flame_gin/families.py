@@ -91,7 +91,7 @@ _TRAITS = {
     "lightnet": Traits(varlen=True, cpu=True, body="model"),
     # FLA's Triton attention variants: their layers take cu_seqlens, not yet checked against documents alone.
     "path_attn": Traits(note="packed documents not yet checked"),
-    "forgetting_transformer": Traits(note="packed documents not yet checked"),
+    "forgetting_transformer": Traits(varlen=True, cpu=True),
     "abc": Traits(note="FLA's ABC layer raises on cu_seqlens"),
     "mamba3": Traits(note="Mamba3 layers ignore cu_seqlens", requires=("mamba_ssm",)),
     "log_linear_mamba2": Traits(note="log-linear Mamba2 has no PyTorch fallback in FLA 0.6"),

@@ -44,10 +44,10 @@ CPU_FAMILIES = {
     "gated_deltaproduct": ["NUM_HEADS = 2", "HEAD_DIM = 16"],
     "hgrn": [],
     "rwkv6": ["NUM_HEADS = 2"],
+    "forgetting_transformer": ["NUM_HEADS = 2"],
     "lightnet": ["flame_gin.model_config.extra_overrides = {'expand_ratio': 16, 'gate_low_rank_dim': 16}"],
 }
 GPU_ONLY = [
-    "forgetting_transformer",
     "log_linear_mamba2",
     "mamba3",
     "mesa_net",
@@ -232,6 +232,7 @@ VARLEN_CONFIGS = {
     "hgrn": dict(family="hgrn", overrides=dict(attn_mode="fused_recurrent")),
     "lightnet": dict(family="lightnet", overrides=dict(expand_ratio=16)),
     "rwkv6": dict(family="rwkv6", overrides=dict(num_heads=2)),
+    "forgetting_transformer": dict(family="forgetting_transformer", overrides=dict(num_heads=2, num_kv_heads=1)),
 }
 
 
@@ -335,6 +336,7 @@ def test_mamba_style_families_warn_when_their_gpu_kernels_are_missing(monkeypatc
     [
         *("gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "samba", "transformer", "gla_hybrid"),
         *("mom", "hgrn2", "retnet", "gsa", "kda", "comba", "gated_deltaproduct", "hgrn", "lightnet", "rwkv6"),
+        "forgetting_transformer",
     ],
 )
 def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
@@ -345,7 +347,7 @@ def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
 
     spec = {"gla_hybrid": dict(family="gla", attn={"layers": [1], "num_heads": 2})}.get(family, dict(family=family))
     overrides = {"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 512}
-    if family in ("gla", "gla_hybrid", "delta_net", "transformer", "retnet", "gsa", "rwkv6"):
+    if family in ("gla", "gla_hybrid", "delta_net", "transformer", "retnet", "gsa", "rwkv6", "forgetting_transformer"):
         overrides["num_heads"] = 2
     if family in ("gated_deltanet", "mom", "kda", "comba", "gated_deltaproduct"):
         overrides.update(num_heads=2, head_dim=16)
@@ -384,7 +386,7 @@ def test_every_family_without_a_cpu_path_is_refused_on_cpu_by_name():
         with pytest.raises(ValueError, match=rf"model family '{family}' has no CPU kernels.*run it on a GPU"):
             families.check_device(config=config_class(), device_type="cpu")
         refused += 1
-    assert refused == 23  # FLA 0.6: 40 families, 17 of them with a CPU path
+    assert refused == 22  # FLA 0.6: 40 families, 18 of them with a CPU path
 
 
 def test_a_routing_family_trains_on_flas_own_loss_with_its_balance_term():
@@ -484,3 +486,57 @@ def test_every_fla_class_without_a_body_prefix_has_its_body_named_in_the_traits(
             unnamed.append(family)
             assert families.traits(family).body, f"{family}: {causal_lm.__name__} names no body"
     assert "lightnet" in unnamed and "mom" in unnamed
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("gla", dict(num_heads=2)),
+        ("gated_deltanet", dict(num_heads=2, head_dim=16)),
+        ("rwkv6", dict(num_heads=2)),
+    ],
+)
+def test_cached_generation_gives_the_tokens_full_forwards_give(family, overrides):
+    """Greedy ``generate()`` decodes one token at a time against the model's cache (recurrent states, or FoX's
+    keys through the decoding reference); re-running the whole prefix each step must pick the same tokens. This
+    catches a cache that never reaches the model (transformers 5.24 renamed the argument FLA 0.6 reads)."""
+    kernels.select(mode="reference")
+    try:
+        config = models.build_config(
+            family=family, overrides={"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 64, **overrides}
+        )
+        model = models.build_model(config=config, device="cpu", seed=0).eval()
+        prompt = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            cached = model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False, use_cache=True
+            )
+            ids = prompt
+            for _ in range(5):
+                ids = torch.cat([ids, model(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    finally:
+        kernels.restore()
+    assert torch.equal(cached, ids)
+
+
+def test_forgetting_transformer_decodes_against_its_cached_keys_as_a_full_forward_would():
+    """FoX decodes a token against its cached keys and gates (the decoding reference) only when given the attention
+    mask (FLA's layer asserts otherwise, so ``generate()`` with an all-ones mask dropped fails in FLA itself): each
+    step's logits equal the full forward's at that position."""
+    kernels.select(mode="reference")
+    try:
+        config = models.build_config(
+            family="forgetting_transformer",
+            overrides={"hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 64, "num_heads": 2, "num_kv_heads": 1},
+        )
+        model = models.build_model(config=config, device="cpu", seed=0).eval()
+        ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            full = model(input_ids=ids, use_cache=False).logits
+            out = model(input_ids=ids[:, :6], use_cache=True, attention_mask=torch.ones(2, 6, dtype=torch.long))
+            for t in range(6, 9):
+                mask = torch.ones(2, t + 1, dtype=torch.long)
+                out = model(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, attention_mask=mask)
+                torch.testing.assert_close(out.logits[:, -1], full[:, t], rtol=1e-5, atol=1e-5)
+    finally:
+        kernels.restore()

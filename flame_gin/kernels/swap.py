@@ -18,6 +18,7 @@ from flame_gin.kernels import (
     attention,
     conv,
     delta_variants,
+    forgetting,
     gated_delta,
     hgrn,
     kda,
@@ -94,6 +95,8 @@ def _table() -> tuple[Swap, ...]:
         Swap("fla.layers.rwkv6", "fused_recurrent_rwkv6", rwkv6.fused_recurrent_rwkv6),
         Swap("fla.layers.rwkv6", "token_shift", rwkv6.token_shift),
         Swap("fla.models.rwkv6.modeling_rwkv6", "token_shift", rwkv6.token_shift),
+        Swap("fla.layers.forgetting_attn", "parallel_forgetting_attn", forgetting.parallel_forgetting_attn),
+        Swap("fla.layers.forgetting_attn", "attn_decoding_one_step", forgetting.attn_decoding_one_step),
         Swap("fla.layers.mom", "chunk_gated_delta_rule", gated_delta.chunk_gated_delta_rule),
         Swap("fla.layers.mom", "fused_recurrent_gated_delta_rule", gated_delta.fused_recurrent_gated_delta_rule),
         # short convolution (ShortConvolution.forward/step, and Gated DeltaNet's fused q/k/v conv)
@@ -138,6 +141,7 @@ _CPU_ONLY_MODULES = (
     "fla.layers.hgrn",
     "fla.layers.lightnet",
     "fla.layers.rwkv6",
+    "fla.layers.forgetting_attn",
 )
 _OPAQUE = {
     ("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
