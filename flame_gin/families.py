@@ -90,7 +90,7 @@ _TRAITS = {
     "mesa_net": Traits(varlen=True),
     "lightnet": Traits(varlen=True, cpu=True, body="model"),
     # FLA's Triton attention variants: their layers take cu_seqlens, not yet checked against documents alone.
-    "path_attn": Traits(note="packed documents not yet checked"),
+    "path_attn": Traits(varlen=True, cpu=True),
     "forgetting_transformer": Traits(varlen=True, cpu=True),
     "abc": Traits(note="FLA's ABC layer raises on cu_seqlens"),
     "mamba3": Traits(note="Mamba3 layers ignore cu_seqlens", requires=("mamba_ssm",)),

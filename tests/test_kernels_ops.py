@@ -472,3 +472,23 @@ def test_token_shift_reference_matches_flas_own_and_carries_its_cache():
     first, cache = rwkv6.token_shift(x[:, :7], output_cache=True)
     second = rwkv6.token_shift(x[:, 7:], cache=cache)
     torch.testing.assert_close(torch.cat([first, second], dim=1), rwkv6.token_shift(x))
+
+
+def test_path_reference_without_householder_steps_is_forgetting_attention():
+    """With beta = 0 every Householder transform is the identity, so PaTH is softmax attention with forget gates:
+    the Forgetting Transformer's reference, per packed document (PaTH scales the gate sums with the scores, FoX
+    adds them unscaled); with beta != 0 the keys are transformed and the output moves."""
+    from flame_gin.kernels import forgetting, path
+
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 19, h, 8, generator=gen) for h in (4, 2, 2))
+    w, g = F.normalize(torch.randn(1, 19, 2, 8, generator=gen), dim=-1), -torch.rand(1, 19, 4, generator=gen)
+    cu = torch.tensor([0, 7, 19])
+    o, cache = path.parallel_path_attn(q, k, v, w, torch.zeros(1, 19, 2), g, scale=0.3, cu_seqlens=cu)
+    assert cache is None
+    fox = forgetting.parallel_forgetting_attn(q, k, v, g * 0.3, scale=0.3, cu_seqlens=cu)
+    torch.testing.assert_close(o, fox, **TOL64)
+    moved, _ = path.parallel_path_attn(q, k, v, w, torch.ones(1, 19, 2), g, scale=0.3, cu_seqlens=cu)
+    assert (moved - o).abs().max() > 1e-2
+    with pytest.raises(NotImplementedError, match="decode PaTH on a GPU"):
+        path.parallel_path_attn(q, k, v, w, torch.zeros(1, 19, 2), g, use_cache=True)

@@ -26,6 +26,7 @@ from flame_gin.kernels import (
     loss,
     norm,
     opaque,
+    path,
     rotary,
     rwkv6,
 )
@@ -97,6 +98,8 @@ def _table() -> tuple[Swap, ...]:
         Swap("fla.models.rwkv6.modeling_rwkv6", "token_shift", rwkv6.token_shift),
         Swap("fla.layers.forgetting_attn", "parallel_forgetting_attn", forgetting.parallel_forgetting_attn),
         Swap("fla.layers.forgetting_attn", "attn_decoding_one_step", forgetting.attn_decoding_one_step),
+        Swap("fla.layers.path_attn", "parallel_path_attn", path.parallel_path_attn),
+        Swap("fla.layers.path_attn", "l2_norm", norm.l2norm),
         Swap("fla.layers.mom", "chunk_gated_delta_rule", gated_delta.chunk_gated_delta_rule),
         Swap("fla.layers.mom", "fused_recurrent_gated_delta_rule", gated_delta.fused_recurrent_gated_delta_rule),
         # short convolution (ShortConvolution.forward/step, and Gated DeltaNet's fused q/k/v conv)
@@ -142,6 +145,7 @@ _CPU_ONLY_MODULES = (
     "fla.layers.lightnet",
     "fla.layers.rwkv6",
     "fla.layers.forgetting_attn",
+    "fla.layers.path_attn",
 )
 _OPAQUE = {
     ("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
