@@ -77,6 +77,7 @@ _TRAITS = {
     "rwkv6": Traits(varlen=True, cpu=True, init_in_constructor=True),
     "rwkv7": Traits(
         varlen=True,
+        cpu=True,
         init_in_constructor=True,
         meta_skips=("fla.layers.rwkv7:RWKV7Attention._initialize_weights",),
     ),

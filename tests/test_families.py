@@ -46,13 +46,13 @@ CPU_FAMILIES = {
     "rwkv6": ["NUM_HEADS = 2"],
     "forgetting_transformer": ["NUM_HEADS = 2"],
     "path_attn": ["NUM_HEADS = 2"],
+    "rwkv7": ["flame_gin.model_config.extra_overrides = {'head_dim': 16}"],
     "lightnet": ["flame_gin.model_config.extra_overrides = {'expand_ratio': 16, 'gate_low_rank_dim': 16}"],
 }
 GPU_ONLY = [
     "log_linear_mamba2",
     "mamba3",
     "mesa_net",
-    "rwkv7",
 ]
 STEPS = 4
 
@@ -234,6 +234,7 @@ VARLEN_CONFIGS = {
     "rwkv6": dict(family="rwkv6", overrides=dict(num_heads=2)),
     "forgetting_transformer": dict(family="forgetting_transformer", overrides=dict(num_heads=2, num_kv_heads=1)),
     "path_attn": dict(family="path_attn", overrides=dict(num_heads=2, num_kv_heads=1, use_forget_gate=True)),
+    "rwkv7": dict(family="rwkv7", overrides=dict(head_dim=16)),
 }
 
 
@@ -341,6 +342,7 @@ SOFTMAX_VARIANTS = ("forgetting_transformer", "path_attn")
         *("gla", "delta_net", "gated_deltanet", "mamba", "mamba2", "samba", "transformer", "gla_hybrid"),
         *("mom", "hgrn2", "retnet", "gsa", "kda", "comba", "gated_deltaproduct", "hgrn", "lightnet", "rwkv6"),
         *SOFTMAX_VARIANTS,
+        "rwkv7",
     ],
 )
 def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
@@ -369,6 +371,8 @@ def test_export_reloads_in_transformers_with_identical_logits(tmp_path, family):
         overrides.update(num_heads=2, expand_ratio=16)
     if family == "lightnet":
         overrides.update(expand_ratio=16)
+    if family == "rwkv7":
+        overrides.update(head_dim=16)
     if family == "samba":
         overrides["attn"] = {"layers": [1], "num_heads": 2}
     kernels.select(mode="reference")
@@ -403,7 +407,7 @@ def test_every_family_without_a_cpu_path_is_refused_on_cpu_by_name():
         with pytest.raises(ValueError, match=rf"model family '{family}' has no CPU kernels.*run it on a GPU"):
             families.check_device(config=config_class(), device_type="cpu")
         refused += 1
-    assert refused == 21  # FLA 0.6: 40 families, 19 of them with a CPU path
+    assert refused == 20  # FLA 0.6: 40 families, 20 of them with a CPU path
 
 
 def test_a_routing_family_trains_on_flas_own_loss_with_its_balance_term():

@@ -492,3 +492,28 @@ def test_path_reference_without_householder_steps_is_forgetting_attention():
     assert (moved - o).abs().max() > 1e-2
     with pytest.raises(NotImplementedError, match="decode PaTH on a GPU"):
         path.parallel_path_attn(q, k, v, w, torch.zeros(1, 19, 2), g, use_cache=True)
+
+
+def test_rwkv7_reference_is_gla_without_its_low_rank_term_and_the_delta_rule_without_decay():
+    """RWKV-7's rule S_t = S_{t-1} diag(exp(w_t)) + (S_{t-1} a_t) b_t^T + k_t v_t^T (in FLA's [K, V] layout): with
+    a = 0 it is gated linear attention, with w = 0, a = -k, b = beta k and key beta k it is the delta rule; each
+    against the chunked references (other implementations), per packed document with carried states."""
+    from flame_gin.kernels import rwkv7
+
+    gen = torch.Generator().manual_seed(13)
+    heads, dk, dv, length = 2, 8, 5, 21
+    r, k = torch.randn(1, length, heads, dk, generator=gen), F.normalize(torch.randn(1, length, heads, dk), dim=-1)
+    v, w = torch.randn(1, length, heads, dv, generator=gen), -torch.rand(1, length, heads, dk, generator=gen)
+    beta = torch.rand(1, length, heads, generator=gen)
+    cu, h0 = torch.tensor([0, 8, 21]), torch.randn(2, heads, dk, dv, generator=gen)
+    common = dict(initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    zero = torch.zeros_like(k)
+    o, ht = rwkv7.chunk_rwkv7(r, w, k, v, zero, zero, scale=0.5, **common)
+    o_ref, ht_ref = attention.chunk_gla(r, k, v, w, scale=0.5, chunk_size=8, **common)
+    torch.testing.assert_close(o, o_ref, **TOL64)
+    torch.testing.assert_close(ht, ht_ref, **TOL64)
+    bk = beta[..., None] * k
+    o, ht = rwkv7.chunk_rwkv7(r, torch.zeros_like(w), bk, v, -k, bk, scale=0.5, **common)
+    o_ref, ht_ref = attention.chunk_delta_rule(r, k, v, beta, scale=0.5, chunk_size=8, **common)
+    torch.testing.assert_close(o, o_ref, **TOL64)
+    torch.testing.assert_close(ht, ht_ref, **TOL64)

@@ -29,6 +29,7 @@ from flame_gin.kernels import (
     path,
     rotary,
     rwkv6,
+    rwkv7,
 )
 
 SUPPORTED_FLA = ((0, 6, 0), (0, 7, 0))  # [low, high)
@@ -100,6 +101,14 @@ def _table() -> tuple[Swap, ...]:
         Swap("fla.layers.forgetting_attn", "attn_decoding_one_step", forgetting.attn_decoding_one_step),
         Swap("fla.layers.path_attn", "parallel_path_attn", path.parallel_path_attn),
         Swap("fla.layers.path_attn", "l2_norm", norm.l2norm),
+        Swap("fla.layers.rwkv7", "chunk_rwkv7", rwkv7.chunk_rwkv7),
+        Swap("fla.layers.rwkv7", "fused_mul_recurrent_rwkv7", rwkv7.fused_mul_recurrent_rwkv7),
+        Swap("fla.layers.rwkv7", "fused_addcmul_rwkv7", rwkv7.fused_addcmul_rwkv7),
+        Swap("fla.layers.rwkv7", "fused_k_rwkv7", rwkv7.fused_k_rwkv7),
+        Swap("fla.layers.rwkv7", "gate_output_correction", rwkv7.gate_output_correction),
+        Swap("fla.layers.rwkv7", "l2_norm", norm.l2norm),
+        Swap("fla.layers.rwkv7", "token_shift", rwkv6.token_shift),
+        Swap("fla.models.rwkv7.modeling_rwkv7", "token_shift", rwkv6.token_shift),
         Swap("fla.layers.mom", "chunk_gated_delta_rule", gated_delta.chunk_gated_delta_rule),
         Swap("fla.layers.mom", "fused_recurrent_gated_delta_rule", gated_delta.fused_recurrent_gated_delta_rule),
         # short convolution (ShortConvolution.forward/step, and Gated DeltaNet's fused q/k/v conv)
@@ -146,6 +155,7 @@ _CPU_ONLY_MODULES = (
     "fla.layers.rwkv6",
     "fla.layers.forgetting_attn",
     "fla.layers.path_attn",
+    "fla.layers.rwkv7",
 )
 _OPAQUE = {
     ("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
