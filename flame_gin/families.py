@@ -88,7 +88,7 @@ _TRAITS = {
     "gated_deltaproduct": Traits(
         varlen=True, cpu=True, note="FLA's chunked kernel runs in bfloat16 only", gated_delta_backward=True
     ),
-    "mesa_net": Traits(varlen=True),
+    "mesa_net": Traits(varlen=True, cpu=True),
     "lightnet": Traits(varlen=True, cpu=True, body="model"),
     # FLA's Triton attention variants: their layers take cu_seqlens, not yet checked against documents alone.
     "path_attn": Traits(varlen=True, cpu=True),

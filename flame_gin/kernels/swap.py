@@ -24,6 +24,7 @@ from flame_gin.kernels import (
     kda,
     lightnet,
     loss,
+    mesa,
     norm,
     opaque,
     path,
@@ -109,6 +110,9 @@ def _table() -> tuple[Swap, ...]:
         Swap("fla.layers.rwkv7", "l2_norm", norm.l2norm),
         Swap("fla.layers.rwkv7", "token_shift", rwkv6.token_shift),
         Swap("fla.models.rwkv7.modeling_rwkv7", "token_shift", rwkv6.token_shift),
+        Swap("fla.layers.mesa_net", "chunk_mesa_net", mesa.chunk_mesa_net),
+        Swap("fla.layers.mesa_net", "mesa_net_decoding_one_step", mesa.mesa_net_decoding_one_step),
+        Swap("fla.layers.mesa_net", "l2_norm", norm.l2norm),
         Swap("fla.layers.mom", "chunk_gated_delta_rule", gated_delta.chunk_gated_delta_rule),
         Swap("fla.layers.mom", "fused_recurrent_gated_delta_rule", gated_delta.fused_recurrent_gated_delta_rule),
         # short convolution (ShortConvolution.forward/step, and Gated DeltaNet's fused q/k/v conv)
@@ -156,6 +160,7 @@ _CPU_ONLY_MODULES = (
     "fla.layers.forgetting_attn",
     "fla.layers.path_attn",
     "fla.layers.rwkv7",
+    "fla.layers.mesa_net",
 )
 _OPAQUE = {
     ("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
