@@ -119,7 +119,11 @@ def test_on_a_gpu_compiled_mode_replaces_no_attention_op_by_a_reference():
     from flame_gin.kernels import swap
 
     references = {id(getattr(attention, name)) for name in dir(attention) if not name.startswith("_")}
-    references |= {id(f) for f in vars(swap.gated_delta).values() if callable(f)}
+    # every family's own reference module: a Python loop over documents must never reach a GPU's compiled blocks
+    family_modules = ("gated_delta", "kda", "delta_variants", "hgrn", "lightnet", "rwkv6", "rwkv7")
+    family_modules += ("forgetting", "path", "mesa")
+    for name in family_modules:
+        references |= {id(f) for f in vars(getattr(swap, name)).values() if callable(f)}
     on_gpu = swap.compiled_table(on_gpu=True)
     opaque_ops = {id(opaque.chunk_gla), id(opaque.chunk_delta_rule)}
     assert not [s.label for s in on_gpu if id(s.replacement) in references and id(s.replacement) not in opaque_ops]
@@ -127,3 +131,4 @@ def test_on_a_gpu_compiled_mode_replaces_no_attention_op_by_a_reference():
     on_cpu = {(s.module, s.name) for s in swap.compiled_table(on_gpu=False)}
     assert {("fla.layers.hgrn2", "chunk_gla"), ("fla.layers.multiscale_retention", "chunk_retention")} <= on_cpu
     assert ("fla.layers.mom", "chunk_gated_delta_rule") in on_cpu
+    assert ("fla.models.rwkv7.modeling_rwkv7", "token_shift") in on_cpu

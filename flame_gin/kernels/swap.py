@@ -145,7 +145,7 @@ def _table() -> tuple[Swap, ...]:
 
 TABLE: tuple[Swap, ...] = _table()
 _ATTENTION_MODULES = ("fla.layers.gla", "fla.layers.delta_net", "fla.layers.gated_deltanet")
-# Layers whose attention ops have CPU references only: on a GPU every mode keeps FLA's kernels there.
+# Modules whose ops have CPU references only (per-document Python loops): on a GPU every mode keeps FLA's kernels.
 _CPU_ONLY_MODULES = (
     "fla.layers.hgrn2",
     "fla.layers.multiscale_retention",
@@ -161,6 +161,8 @@ _CPU_ONLY_MODULES = (
     "fla.layers.path_attn",
     "fla.layers.rwkv7",
     "fla.layers.mesa_net",
+    "fla.models.rwkv6.modeling_rwkv6",
+    "fla.models.rwkv7.modeling_rwkv7",
 )
 _OPAQUE = {
     ("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
