@@ -1,9 +1,9 @@
 """Kernel selection: FLA's Triton kernels on GPU, or pure-PyTorch reference ops on CPU.
 
 FLA 0.6's layers call Triton kernels that cannot run without a GPU driver. `select` installs
-float32 PyTorch equivalents of every op that GLA, DeltaNet and Gated DeltaNet models (and their
-norms, short convolutions, gated MLPs and fused losses) call, so those models train on a CPU and
-serve as a numerical reference for the Triton path. Call it before building the model: some layers
+float32 PyTorch equivalents of every op that the families with a CPU path (GLA, DeltaNet, Gated DeltaNet,
+RWKV, KDA and the others `families.Traits.cpu` names, with their norms, short convolutions, gated MLPs and
+fused losses) call, so those models train on a CPU and serve as a numerical reference for the Triton path. Call it before building the model: some layers
 pick their activation functions at construction.
 """
 

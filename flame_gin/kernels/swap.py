@@ -145,7 +145,7 @@ def _table() -> tuple[Swap, ...]:
 
 TABLE: tuple[Swap, ...] = _table()
 _ATTENTION_MODULES = ("fla.layers.gla", "fla.layers.delta_net", "fla.layers.gated_deltanet")
-# Modules whose ops have CPU references only (per-document Python loops): on a GPU every mode keeps FLA's kernels.
+# Modules whose ops have CPU references only (per-document Python loops): on a GPU compiled mode keeps FLA's kernels.
 _CPU_ONLY_MODULES = (
     "fla.layers.hgrn2",
     "fla.layers.multiscale_retention",
