@@ -47,12 +47,15 @@ def build(
             GatedDeltaNetForCausalLM,
             GLAConfig,
             GLAForCausalLM,
+            KDAConfig,
+            KDAForCausalLM,
         )
 
         classes = {
             "gla": (GLAConfig, GLAForCausalLM),
             "delta_net": (DeltaNetConfig, DeltaNetForCausalLM),
             "gated_deltanet": (GatedDeltaNetConfig, GatedDeltaNetForCausalLM),
+            "kda": (KDAConfig, KDAForCausalLM),
         }
         cfg_cls, model_cls = classes[family]
         kwargs = dict(
@@ -64,7 +67,7 @@ def build(
             fuse_cross_entropy=False,
             fuse_linear_cross_entropy=False,
         )
-        if family == "gated_deltanet":
+        if family in ("gated_deltanet", "kda"):
             kwargs["head_dim"] = hidden // heads
         kwargs.update(extra)
         model = model_cls(cfg_cls(**kwargs))

@@ -209,6 +209,21 @@ def _gated_deltanet_attn(attn, prefix, *, sp):
     )
 
 
+def _kda_attn(attn, prefix, *, sp):
+    """KDA: like Gated DeltaNet, with per-channel decay (dt_bias, one per head and key channel, head-major) and
+    two low-rank projections (the decay's f_proj, the output gate's g_proj): bottleneck replicated, up-projection
+    per head."""
+    if attn.num_v_heads != attn.num_heads:
+        raise ValueError(f"tensor parallel: KDA with num_v_heads != num_heads ({prefix}) has no plan")
+    plan = _per_head_projections(
+        attn, prefix, sp=sp, head_params=("A_log", "dt_bias"), names=("q_proj", "k_proj", "v_proj", "b_proj")
+    )
+    for name in ("f_proj", "g_proj"):
+        plan[f"{prefix}.{name}.0"] = LocalCompute()
+        plan[f"{prefix}.{name}.1"] = ColwiseParallel()
+    return plan
+
+
 def _llama_attn(attn, prefix, *, sp):
     plan = {prefix: _attn_entry(sp=sp)}
     for name in ("q_proj", "k_proj", "v_proj"):
@@ -222,6 +237,7 @@ _FAMILIES = {
     "gla": ("attn", "mlp", ("attn_norm", "mlp_norm"), _gla_attn),
     "delta_net": ("attn", "mlp", ("attn_norm", "mlp_norm"), _deltanet_attn),
     "gated_deltanet": ("attn", "mlp", ("attn_norm", "mlp_norm"), _gated_deltanet_attn),
+    "kda": ("attn", "mlp", ("attn_norm", "mlp_norm"), _kda_attn),
     "llama": ("self_attn", "mlp", ("input_layernorm", "post_attention_layernorm"), _llama_attn),
 }
 
