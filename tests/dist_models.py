@@ -41,6 +41,8 @@ def build(
 
         flame_gin.kernels.select(mode=kernel_mode)
         from fla.models import (
+            CombaConfig,
+            CombaForCausalLM,
             DeltaNetConfig,
             DeltaNetForCausalLM,
             GatedDeltaNetConfig,
@@ -56,6 +58,7 @@ def build(
             "delta_net": (DeltaNetConfig, DeltaNetForCausalLM),
             "gated_deltanet": (GatedDeltaNetConfig, GatedDeltaNetForCausalLM),
             "kda": (KDAConfig, KDAForCausalLM),
+            "comba": (CombaConfig, CombaForCausalLM),
         }
         cfg_cls, model_cls = classes[family]
         kwargs = dict(
@@ -67,7 +70,7 @@ def build(
             fuse_cross_entropy=False,
             fuse_linear_cross_entropy=False,
         )
-        if family in ("gated_deltanet", "kda"):
+        if family in ("gated_deltanet", "kda", "comba"):
             kwargs["head_dim"] = hidden // heads
         kwargs.update(extra)
         model = model_cls(cfg_cls(**kwargs))

@@ -224,6 +224,19 @@ def _kda_attn(attn, prefix, *, sp):
     return plan
 
 
+def _comba_attn(attn, prefix, *, sp):
+    """Comba: Gated DeltaNet's projections, plus its per-head inner decay and output-correction factor."""
+    if attn.num_v_heads != attn.num_heads:
+        raise ValueError(f"tensor parallel: Comba with num_v_heads != num_heads ({prefix}) has no plan")
+    return _per_head_projections(
+        attn,
+        prefix,
+        sp=sp,
+        head_params=("A_log", "dt_bias", "decay", "D"),
+        names=("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj"),
+    )
+
+
 def _llama_attn(attn, prefix, *, sp):
     plan = {prefix: _attn_entry(sp=sp)}
     for name in ("q_proj", "k_proj", "v_proj"):
@@ -238,6 +251,7 @@ _FAMILIES = {
     "delta_net": ("attn", "mlp", ("attn_norm", "mlp_norm"), _deltanet_attn),
     "gated_deltanet": ("attn", "mlp", ("attn_norm", "mlp_norm"), _gated_deltanet_attn),
     "kda": ("attn", "mlp", ("attn_norm", "mlp_norm"), _kda_attn),
+    "comba": ("attn", "mlp", ("attn_norm", "mlp_norm"), _comba_attn),
     "llama": ("self_attn", "mlp", ("input_layernorm", "post_attention_layernorm"), _llama_attn),
 }
 
