@@ -313,3 +313,24 @@ def test_mesa_reference_solves_what_the_conjugate_gradient_converges_to():
     # float32 CG with its 1e-5 guards stops about 2e-4 short of the exact solve on a few entries
     torch.testing.assert_close(o, o_cg, atol=5e-4, rtol=1e-2)
     torch.testing.assert_close((h_kk, h_kv), (h_kk_cg, h_kv_cg), atol=1e-5, rtol=1e-4)
+
+
+def test_every_fla_reference_the_family_references_call_is_checked_up_front(monkeypatch):
+    """The family references import FLA's own PyTorch references when first run; the table check covers each of
+    them (read from the modules' imports, so the list cannot fall behind), and a missing one is named."""
+    import pathlib
+    import re
+
+    from flame_gin.kernels import swap
+
+    kernels_dir = pathlib.Path(swap.__file__).parent
+    imported = set()
+    for name in ("attention", "kda", "delta_variants", "hgrn", "lightnet", "rwkv6", "rwkv7", "mesa", "forgetting"):
+        text = (kernels_dir / f"{name}.py").read_text() + (kernels_dir / "path.py").read_text()
+        for module, names in re.findall(r"from (fla\.ops\.[\w.]+) import ([\w, ]+)", text):
+            imported |= {(module, n.strip()) for n in names.split(",")}
+    assert imported and imported <= set(swap.FLA_REFERENCES), imported - set(swap.FLA_REFERENCES)
+    assert swap.check_table()
+    monkeypatch.setattr(swap, "FLA_REFERENCES", (*swap.FLA_REFERENCES, ("fla.ops.kda.naive", "gone")))
+    with pytest.raises(RuntimeError, match="fla.ops.kda.naive has no attribute 'gone'"):
+        swap.check_table()

@@ -230,11 +230,36 @@ def _bind(swap: Swap, value: Any) -> None:
         getattr(module, swap.name)[swap.key] = value
 
 
+# FLA's own PyTorch references that the family references call (imported when first run): checked with the table,
+# so an FLA upgrade that moves one fails before a model is built, not at its first forward.
+FLA_REFERENCES = (
+    ("fla.ops.kda.naive", "naive_recurrent_kda"),
+    ("fla.ops.kda.gate", "naive_kda_gate"),
+    ("fla.ops.kda.gate", "naive_kda_lowerbound_gate"),
+    ("fla.ops.comba.naive", "naive_recurrent_comba"),
+    ("fla.ops.gated_delta_product.naive", "naive_recurrent_gated_delta_product"),
+    ("fla.ops.hgrn.naive", "naive_recurrent_hgrn"),
+    ("fla.ops.rwkv6.recurrent_naive", "naive_recurrent_rwkv6"),
+    ("fla.ops.generalized_delta_rule.dplr.naive", "dplr_recurrence"),
+    ("fla.ops.rwkv7.fused_addcmul", "torch_addcmul_rwkv7"),
+    ("fla.ops.rwkv7.fused_k_update", "k_update_ref"),
+    ("fla.ops.rwkv7.gate_output_correction", "gate_output_correction_ref"),
+    ("fla.ops.mesa_net.naive", "naive_mesa_net_exact"),
+    ("fla.ops.mesa_net.naive", "naive_mesa_net_decoding_one_step"),
+    ("fla.ops.forgetting_attn.naive", "naive_forgetting_attn"),
+    ("fla.ops.path_attn.naive", "naive_path_attn"),
+    ("fla.ops.gsa.naive", "naive_recurrent_gsa"),
+)
+
+
 def check_table() -> list[str]:
-    """Checks FLA's version and that every name in the table exists; returns the labels."""
+    """Checks FLA's version, that every name in the table exists and that FLA's own references the family
+    references call are there; returns the labels."""
     check_fla_version()
     for swap in TABLE:
         _current(swap)
+    for module, name in FLA_REFERENCES:
+        _current(Swap(module, name, None))
     return [swap.label for swap in TABLE]
 
 
