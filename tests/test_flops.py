@@ -2,7 +2,10 @@
 
 - The Llama baseline runs on CPU as is: its whole forward (projections, attention, LM head) is compared, with
   HF's eager attention, since FlopCounterMode counts nothing for the CPU SDPA kernel.
-- GLA, DeltaNet, Gated DeltaNet and RetNet run with the reference kernels. The reference ops may compute the mixer
+- The Forgetting Transformer's CPU reference computes its attention over the full square, as counted: its whole
+  forward is compared too.
+- GLA, DeltaNet, Gated DeltaNet, RetNet, KDA, Comba, Gated DeltaProduct, HGRN, RWKV-7, FoX and PaTH run with the
+  reference kernels. The reference ops may compute the mixer
   differently from FLA's chunked Triton kernels, so the check is split: everything outside the mixer op (all
   projections, short convolutions, MLPs, LM head), measured as the forward's count minus the count inside each
   mixer module but outside its sub-modules, is compared with the linear + conv part; the mixer formulas are checked
@@ -69,6 +72,15 @@ def test_llama_whole_forward_matches_flop_counter():
         ("delta_net", dict(num_heads=2)),
         ("gated_deltanet", dict(num_heads=2, head_dim=16)),
         ("retnet", dict(num_heads=2)),
+        ("kda", dict(num_heads=2, head_dim=16)),
+        ("comba", dict(num_heads=2, head_dim=16)),
+        ("gated_deltaproduct", dict(num_heads=2, head_dim=16)),
+        ("hgrn", dict()),
+        ("rwkv7", dict(head_dim=16)),
+        ("forgetting_transformer", dict(num_heads=2)),
+        ("path_attn", dict(num_heads=2)),
+        # Not here: RWKV-6 and LightNet apply a projection's weight inside the mixer itself (an einsum with
+        # x_proj[2].weight; the fused norm-gate-linear with o_proj.weight), which this split counts as mixer work.
     ],
 )
 def test_fla_matmul_part_matches_flop_counter(family, overrides):
@@ -83,7 +95,10 @@ def test_fla_matmul_part_matches_flop_counter(family, overrides):
     measured_matmul = counts["Global"] - _inside_mixer_ops(counts)
     parts = flops.flops_breakdown(config=config, seq_len=T)
     assert (parts["linear"] + parts["conv"]) * B * T == pytest.approx(measured_matmul, rel=0.10)
-    assert parts["softmax_attention"] == 0 and parts["linear_attention"] > 0
+    if family in ("forgetting_transformer", "path_attn"):
+        assert parts["linear_attention"] == 0 and parts["softmax_attention"] > 0
+    else:
+        assert parts["softmax_attention"] == 0 and (parts["linear_attention"] > 0 or family == "hgrn")
     if family in ("delta_net", "gated_deltanet"):
         assert parts["conv"] > 0  # short convolutions are counted
 
@@ -126,6 +141,19 @@ def test_mom_routed_count_matches_flop_counter():
     assert parts["linear_attention"] == pytest.approx(
         2 * passes * _delta_rule(mixer.num_heads, mixer.head_dim, mixer.head_v_dim, 64)
     )
+
+
+def test_forgetting_transformer_whole_forward_matches_flop_counter():
+    from flame_gin import kernels
+
+    kernels.select(mode="reference")
+    config = models.build_config(
+        family="forgetting_transformer",
+        overrides=dict(hidden_size=64, num_hidden_layers=2, vocab_size=256, num_heads=2),
+    )
+    model = models.build_model(config=config, device="cpu", seed=0)
+    measured = _measure(model, torch.randint(0, 256, (B, T)))["Global"]
+    assert flops.forward_flops_per_token(config=config, seq_len=T) * B * T == pytest.approx(measured, rel=0.02)
 
 
 def _recurrent(q, k, v, beta=None):
