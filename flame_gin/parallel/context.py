@@ -42,6 +42,9 @@ _OPS = {
         "fla.layers.gated_deltanet",
         {"chunk_gated_delta_rule": "delta", "fused_recurrent_gated_delta_rule": "delta"},
     ),
+    # KDA's per-channel decay and Comba's state read through p keep the state map linear (a K x K matrix)
+    "kda": ("fla.layers.kda", {"chunk_kda": "delta", "fused_recurrent_kda": "delta"}),
+    "comba": ("fla.layers.comba", {"chunk_comba": "delta", "fused_recurrent_comba": "delta"}),
 }
 
 
