@@ -49,6 +49,8 @@ def build(
             GatedDeltaNetForCausalLM,
             GLAConfig,
             GLAForCausalLM,
+            HGRN2Config,
+            HGRN2ForCausalLM,
             KDAConfig,
             KDAForCausalLM,
         )
@@ -59,6 +61,7 @@ def build(
             "gated_deltanet": (GatedDeltaNetConfig, GatedDeltaNetForCausalLM),
             "kda": (KDAConfig, KDAForCausalLM),
             "comba": (CombaConfig, CombaForCausalLM),
+            "hgrn2": (HGRN2Config, HGRN2ForCausalLM),
         }
         cfg_cls, model_cls = classes[family]
         kwargs = dict(
@@ -72,6 +75,8 @@ def build(
         )
         if family in ("gated_deltanet", "kda", "comba"):
             kwargs["head_dim"] = hidden // heads
+        if family == "hgrn2":
+            kwargs["expand_ratio"] = hidden // heads
         kwargs.update(extra)
         model = model_cls(cfg_cls(**kwargs))
     with torch.no_grad():  # non-trivial norm weights, so their gradients are tested too

@@ -36,6 +36,7 @@ TWO = {
     "cp_gated_deltanet_varlen": (EQ, ("gated_deltanet", dict(cp=2), dict()), dict(rows=1, varlen=True)),
     "cp_kda_varlen": (EQ, ("kda", dict(cp=2), dict()), dict(rows=1, varlen=True)),
     "cp_comba": (EQ, ("comba", dict(cp=2), dict()), dict(rows=2)),
+    "cp_hgrn2_varlen": (EQ, ("hgrn2", dict(cp=2), dict()), dict(rows=1, varlen=True)),
     "pp_gpipe_llama": (PP, ("llama", dict(pp=2), "GPipe"), {}),
     "pp_1f1b_gla": (PP, ("gla", dict(pp=2), "1F1B"), {}),
     "pp_interleaved_llama": (PP, ("llama", dict(pp=2), "Interleaved1F1B"), dict(stages_per_rank=2, microbatches=4)),

@@ -45,6 +45,10 @@ _OPS = {
     # KDA's per-channel decay and Comba's state read through p keep the state map linear (a K x K matrix)
     "kda": ("fla.layers.kda", {"chunk_kda": "delta", "fused_recurrent_kda": "delta"}),
     "comba": ("fla.layers.comba", {"chunk_comba": "delta", "fused_recurrent_comba": "delta"}),
+    "hgrn2": (
+        "fla.layers.hgrn2",
+        {"fused_recurrent_gla": "gla:gk", "chunk_gla": "gla:g", "fused_chunk_gla": "gla:g"},
+    ),
 }
 
 
