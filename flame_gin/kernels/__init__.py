@@ -3,8 +3,8 @@
 FLA 0.6's layers call Triton kernels that cannot run without a GPU driver. `select` installs
 float32 PyTorch equivalents of every op that the families with a CPU path (GLA, DeltaNet, Gated DeltaNet,
 RWKV, KDA and the others `families.Traits.cpu` names, with their norms, short convolutions, gated MLPs and
-fused losses) call, so those models train on a CPU and serve as a numerical reference for the Triton path. Call it before building the model: some layers
-pick their activation functions at construction.
+fused losses) call, so those models train on a CPU and serve as a numerical reference for the Triton path.
+Call it before building the model: some layers pick their activation functions at construction.
 """
 
 from __future__ import annotations

@@ -35,6 +35,21 @@ def segments(*, cu_seqlens, batch: int, length: int) -> list[tuple[int, int, int
     return [(0, b, e) for b, e in zip(bounds, bounds[1:])]
 
 
+def to_value_heads(x, v_heads: int):
+    """Query/key heads [B, T, H, K] repeated to the value heads (FLA's grouped value attention)."""
+    heads = x.shape[2]
+    if v_heads % heads:
+        raise ValueError(f"value heads ({v_heads}) must be a multiple of query/key heads ({heads})")
+    return x if v_heads == heads else x.repeat_interleave(v_heads // heads, dim=2)
+
+
+def per_document(*, op, tensors, cu_seqlens):
+    """`op` on each sequence's slice of `tensors` (stateless ops such as softmax attention), outputs joined back."""
+    spans = segments(cu_seqlens=cu_seqlens, batch=tensors[0].shape[0], length=tensors[0].shape[1])
+    outputs = [op(*(t[row : row + 1, start:end] for t in tensors)) for row, start, end in spans]
+    return torch.cat(outputs, dim=0 if cu_seqlens is None else 1)
+
+
 def run_segments(*, core, tensors, initial_state, output_final_state, state_v_first, cu_seqlens, out_dtype):
     """Runs `core` on each sequence with its own initial state; reassembles outputs and states. A state may be
     one tensor or a tuple of them (GSA's two passes); each is split and joined the same way."""
@@ -216,15 +231,11 @@ def delta_common(
     """Shared body of the delta-rule references: l2norm, grouped value heads, defaults, per-sequence run."""
     _check_chunk_size(chunk_size)
     out_dtype = v.dtype
-    heads, v_heads = q.shape[2], v.shape[2]
-    if v_heads % heads:
-        raise ValueError(f"value heads ({v_heads}) must be a multiple of query/key heads ({heads})")
+    v_heads = v.shape[2]
     q, k, v = q.float(), k.float(), v.float()
     if use_qk_l2norm_in_kernel:
         q, k = norm.l2norm(q), norm.l2norm(k)
-    if v_heads != heads:
-        q = q.repeat_interleave(v_heads // heads, dim=2)
-        k = k.repeat_interleave(v_heads // heads, dim=2)
+    q, k = to_value_heads(q, v_heads), to_value_heads(k, v_heads)
     beta = torch.ones_like(v[..., 0]) if beta is None else beta.float()
     if beta.dim() != 3:
         raise NotImplementedError(f"the reference delta rule needs beta of shape [B, T, H], got {tuple(beta.shape)}")

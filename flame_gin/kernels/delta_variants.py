@@ -14,14 +14,6 @@ from __future__ import annotations
 from flame_gin.kernels import attention, norm
 
 
-def _grouped(x, v_heads):
-    """Query/key heads repeated to the value heads (FLA's grouped value attention)."""
-    heads = x.shape[2]
-    if v_heads % heads:
-        raise ValueError(f"value heads ({v_heads}) must be a multiple of query/key heads ({heads})")
-    return x.repeat_interleave(v_heads // heads, dim=2)
-
-
 def chunk_comba(
     q,
     k,
@@ -44,7 +36,7 @@ def chunk_comba(
     if use_qk_l2norm_in_kernel:
         q, k, p = norm.l2norm(q), norm.l2norm(k), norm.l2norm(p)
     v_heads = v.shape[2]
-    q, k, p = (_grouped(x, v_heads) for x in (q, k, p))
+    q, k, p = (attention.to_value_heads(x, v_heads) for x in (q, k, p))
     beta = v.new_ones(v.shape[:3]) if beta is None else beta.float()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
 

@@ -19,12 +19,10 @@ def parallel_forgetting_attn(q, k, v, g, scale=None, window_size=None, cu_seqlen
     g [B, T, HQ] log forget gates; returns o [B, T, HQ, D]."""
     from fla.ops.forgetting_attn.naive import naive_forgetting_attn
 
-    spans = attention.segments(cu_seqlens=cu_seqlens, batch=q.shape[0], length=q.shape[1])
-    outputs = [
-        naive_forgetting_attn(*(t[row : row + 1, start:end] for t in (q, k, v, g)), scale, window_size)
-        for row, start, end in spans
-    ]
-    return torch.cat(outputs, dim=0 if cu_seqlens is None else 1).to(q.dtype)
+    def op(q_, k_, v_, g_):
+        return naive_forgetting_attn(q_, k_, v_, g_, scale, window_size)
+
+    return attention.per_document(op=op, tensors=[q, k, v, g], cu_seqlens=cu_seqlens).to(q.dtype)
 
 
 def attn_decoding_one_step(

@@ -24,9 +24,9 @@ def parallel_path_attn(q, k, v, w, beta, g=None, scale=None, cu_seqlens=None, us
     if g is None:
         g = q.new_zeros(q.shape[:3], dtype=torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    spans = attention.segments(cu_seqlens=cu_seqlens, batch=q.shape[0], length=q.shape[1])
-    outputs = [
-        naive_path_attn(*(t[row : row + 1, start:end] for t in (q, k, v, w, beta, g)), scale)
-        for row, start, end in spans
-    ]
-    return torch.cat(outputs, dim=0 if cu_seqlens is None else 1).to(q.dtype), None
+
+    def op(*parts):
+        return naive_path_attn(*parts, scale)
+
+    o = attention.per_document(op=op, tensors=[q, k, v, w, beta, g], cu_seqlens=cu_seqlens)
+    return o.to(q.dtype), None
