@@ -171,12 +171,21 @@ def _gla_attn(attn, prefix, *, sp):
     for name in ("q_proj", "k_proj", "v_proj", "g_proj"):
         if hasattr(attn, name):
             plan[f"{prefix}.{name}"] = ColwiseParallel()
-    # low-rank gate: the bottleneck is replicated (input is the full hidden state), the up-projection is per head
-    plan[f"{prefix}.gk_proj.0"] = LocalCompute()
-    plan[f"{prefix}.gk_proj.1"] = ColwiseParallel()
+    plan.update(_low_rank(f"{prefix}.gk_proj"))
     plan[f"{prefix}.o_proj"] = _rowwise(sp=sp)
     plan.update(_head_norms(attn, prefix))
     return plan
+
+
+def _low_rank(name: str) -> dict:
+    """A low-rank projection (Sequential: down, up): the bottleneck is replicated (its input is the full hidden
+    state), the up-projection is per head."""
+    return {f"{name}.0": LocalCompute(), f"{name}.1": ColwiseParallel()}
+
+
+def _require_one_value_head_per_head(attn, prefix, label):
+    if getattr(attn, "num_v_heads", attn.num_heads) != attn.num_heads:
+        raise ValueError(f"tensor parallel: {label} with num_v_heads != num_heads ({prefix}) has no plan")
 
 
 def _per_head_projections(attn, prefix, *, sp, names, head_params=()):
@@ -194,9 +203,10 @@ def _deltanet_attn(attn, prefix, *, sp):
     return _per_head_projections(attn, prefix, sp=sp, names=("q_proj", "k_proj", "v_proj", "g_proj", "b_proj"))
 
 
-def _gated_deltanet_attn(attn, prefix, *, sp):
-    if getattr(attn, "num_v_heads", attn.num_heads) != attn.num_heads:
-        raise ValueError(f"tensor parallel: Gated DeltaNet with num_v_heads != num_heads ({prefix}) has no plan")
+def _gated_delta_attn(attn, prefix, *, sp, label="Gated DeltaNet", head_params=("A_log", "dt_bias")):
+    """Gated DeltaNet, and Comba (the same projections; its per-head inner decay and output-correction factor
+    are head parameters too)."""
+    _require_one_value_head_per_head(attn, prefix, label)
     # fused q/k/v convolution reads the three conv weights at once; keep the separate per-projection path
     if hasattr(attn, "_use_fused_qkv_conv"):
         attn._use_fused_qkv_conv = lambda **kwargs: False
@@ -204,37 +214,25 @@ def _gated_deltanet_attn(attn, prefix, *, sp):
         attn,
         prefix,
         sp=sp,
-        head_params=("A_log", "dt_bias"),
+        head_params=head_params,
         names=("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj"),
     )
+
+
+def _comba_attn(attn, prefix, *, sp):
+    return _gated_delta_attn(attn, prefix, sp=sp, label="Comba", head_params=("A_log", "dt_bias", "decay", "D"))
 
 
 def _kda_attn(attn, prefix, *, sp):
     """KDA: like Gated DeltaNet, with per-channel decay (dt_bias, one per head and key channel, head-major) and
-    two low-rank projections (the decay's f_proj, the output gate's g_proj): bottleneck replicated, up-projection
-    per head."""
-    if attn.num_v_heads != attn.num_heads:
-        raise ValueError(f"tensor parallel: KDA with num_v_heads != num_heads ({prefix}) has no plan")
+    two low-rank projections (the decay's f_proj, the output gate's g_proj)."""
+    _require_one_value_head_per_head(attn, prefix, "KDA")
     plan = _per_head_projections(
         attn, prefix, sp=sp, head_params=("A_log", "dt_bias"), names=("q_proj", "k_proj", "v_proj", "b_proj")
     )
-    for name in ("f_proj", "g_proj"):
-        plan[f"{prefix}.{name}.0"] = LocalCompute()
-        plan[f"{prefix}.{name}.1"] = ColwiseParallel()
+    plan.update(_low_rank(f"{prefix}.f_proj"))
+    plan.update(_low_rank(f"{prefix}.g_proj"))
     return plan
-
-
-def _comba_attn(attn, prefix, *, sp):
-    """Comba: Gated DeltaNet's projections, plus its per-head inner decay and output-correction factor."""
-    if attn.num_v_heads != attn.num_heads:
-        raise ValueError(f"tensor parallel: Comba with num_v_heads != num_heads ({prefix}) has no plan")
-    return _per_head_projections(
-        attn,
-        prefix,
-        sp=sp,
-        head_params=("A_log", "dt_bias", "decay", "D"),
-        names=("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj"),
-    )
 
 
 def _llama_attn(attn, prefix, *, sp):
@@ -249,7 +247,7 @@ def _llama_attn(attn, prefix, *, sp):
 _FAMILIES = {
     "gla": ("attn", "mlp", ("attn_norm", "mlp_norm"), _gla_attn),
     "delta_net": ("attn", "mlp", ("attn_norm", "mlp_norm"), _deltanet_attn),
-    "gated_deltanet": ("attn", "mlp", ("attn_norm", "mlp_norm"), _gated_deltanet_attn),
+    "gated_deltanet": ("attn", "mlp", ("attn_norm", "mlp_norm"), _gated_delta_attn),
     "kda": ("attn", "mlp", ("attn_norm", "mlp_norm"), _kda_attn),
     "comba": ("attn", "mlp", ("attn_norm", "mlp_norm"), _comba_attn),
     "llama": ("self_attn", "mlp", ("input_layernorm", "post_attention_layernorm"), _llama_attn),
