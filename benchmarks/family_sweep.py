@@ -9,7 +9,8 @@ share one Triton cache folder, so a second sweep on the same machine starts warm
   python benchmarks/family_sweep.py --steps=30 --jobs=8 --out=sweep.jsonl
 
 One JSON line per family (status, loss at the first and last step, steady tokens/s, peak GiB, first-step
-seconds, the error's last line when it failed), then a summary JSON line last.
+seconds, the error's last line when it failed; with ``--export``, the last checkpoint exported, reloaded in
+``transformers`` and generating, from ``export_reload.py``), then a summary JSON line last.
 """
 
 from __future__ import annotations
@@ -62,7 +63,11 @@ def _command(*, family: str, workdir: str, args) -> list[str]:
         *[f"--gin.{b}" for b in bindings],
         "--gin_bindings=flame_gin.evaluation.interval = 0",
         "--gin_bindings=flame_gin.run.log_interval = 1",
-        "--gin_bindings=flame_gin.run.checkpointer = None",
+        *(
+            [f"--gin.CHECKPOINT_INTERVAL={args.steps}", "--gin_bindings=flame_gin.checkpointer.async_save = False"]
+            if args.export
+            else ["--gin_bindings=flame_gin.run.checkpointer = None"]
+        ),
         f"--workdir={workdir}",
     ]
 
@@ -78,6 +83,20 @@ def _parse(log: str) -> dict[int, dict[str, float]]:
                 k: float(v) for k, v in values.items() if re.fullmatch(r"[-+\d.eE]+|nan|inf", v)
             }
     return steps
+
+
+def _export_reload(*, workdir: str, env: dict, timeout: float) -> dict:
+    """The run's last checkpoint exported, reloaded in transformers and generating (`export_reload.py`)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "export_reload.py"), f"--checkpoint_dir={workdir}/checkpoints"]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout"}
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    last_json = next((line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")), None)
+    if proc.returncode == 0 and last_json:
+        return json.loads(last_json)
+    return {"status": f"exit {proc.returncode}", "error": (lines[-1] if lines else "")[-400:]}
 
 
 def run_family(*, family: str, args, env: dict) -> dict:
@@ -99,10 +118,13 @@ def run_family(*, family: str, args, env: dict) -> dict:
                 (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or ""),
                 None,
             )
+        exported = _export_reload(workdir=workdir, env=env, timeout=args.timeout) if args.export and code == 0 else None
     if args.log_dir:
         pathlib.Path(args.log_dir, f"{family}.log").write_text(log)
     steps = _parse(log)
     record = {"family": family, "seconds": round(time.perf_counter() - start, 1), "steps_done": len(steps)}
+    if exported is not None:
+        record["export"] = exported
     if steps:
         first, last = steps[min(steps)], steps[max(steps)]
         steady = [steps[s] for s in sorted(steps) if s > min(5, args.steps - 1)] or [last]
@@ -137,6 +159,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=540.0, help="seconds per family")
     parser.add_argument("--triton_cache", default=str(ROOT / ".triton_cache"))
     parser.add_argument("--out", default="", help="also append each JSON line to this file")
+    parser.add_argument(
+        "--export", action="store_true", help="checkpoint the last step, export it and reload it (export_reload.py)"
+    )
     parser.add_argument("--log_dir", default="", help="also keep each family's full log here")
     args = parser.parse_args()
     families = args.families or family_files()
@@ -162,6 +187,11 @@ def main() -> None:
                 "failed": sorted(r["family"] for r in records if r["status"] != "trained"),
                 "shape": f"{args.layers} layers, hidden {args.hidden}, {args.batch} x {args.seq_len}",
                 "steps": args.steps,
+                **(
+                    {"export_ok": sorted(r["family"] for r in records if r.get("export", {}).get("status") == "ok")}
+                    if args.export
+                    else {}
+                ),
             }
         )
     )
