@@ -45,6 +45,8 @@ def build(
             CombaForCausalLM,
             DeltaNetConfig,
             DeltaNetForCausalLM,
+            ForgettingTransformerConfig,
+            ForgettingTransformerForCausalLM,
             GatedDeltaNetConfig,
             GatedDeltaNetForCausalLM,
             GLAConfig,
@@ -62,6 +64,7 @@ def build(
             "kda": (KDAConfig, KDAForCausalLM),
             "comba": (CombaConfig, CombaForCausalLM),
             "hgrn2": (HGRN2Config, HGRN2ForCausalLM),
+            "forgetting_transformer": (ForgettingTransformerConfig, ForgettingTransformerForCausalLM),
         }
         cfg_cls, model_cls = classes[family]
         kwargs = dict(
@@ -77,6 +80,8 @@ def build(
             kwargs["head_dim"] = hidden // heads
         if family == "hgrn2":
             kwargs["expand_ratio"] = hidden // heads
+        if family == "forgetting_transformer":  # the family file's layer: output gate and per-head QK-norm
+            kwargs.update(use_output_gate=True, qk_norm=True, num_kv_heads=heads // 2)
         kwargs.update(extra)
         model = model_cls(cfg_cls(**kwargs))
     with torch.no_grad():  # non-trivial norm weights, so their gradients are tested too

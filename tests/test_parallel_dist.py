@@ -26,6 +26,7 @@ TWO = {
     "tp_sp_gated_deltanet": (EQ, ("gated_deltanet", dict(tp=2), dict()), {}),
     "tp_sp_kda": (EQ, ("kda", dict(tp=2), dict()), {}),
     "tp_sp_comba": (EQ, ("comba", dict(tp=2), dict()), {}),
+    "tp_sp_fox": (EQ, ("forgetting_transformer", dict(tp=2), dict()), {}),
     "cp_fsdp_gla": (EQ, ("gla", dict(cp=2), dict()), dict(rows=2)),
     "cp_gla_varlen": (EQ, ("gla", dict(cp=2), dict()), dict(rows=1, varlen=True)),
     "cp_delta_net_conv_varlen": (

@@ -235,6 +235,33 @@ def _kda_attn(attn, prefix, *, sp):
     return plan
 
 
+class _GroupedHeadNorm(LocalCompute):
+    """A norm over flat ``(h d)`` channels with one group per head (FLA's `GroupNorm`, FoX's QK-norm): each rank
+    keeps its heads' channels of the weight and normalises its own heads, so its group count is divided by the
+    mesh size (the full count on a rank's local channels would cut groups across heads)."""
+
+    def __init__(self):
+        super().__init__(shard_params=("weight", "bias"))
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        size = device_mesh.size()
+        if module.num_groups % size:
+            raise ValueError(f"tensor parallel: {module.num_groups} head groups do not split over {size} ranks")
+        module.num_groups //= size
+        module.hidden_size //= size
+        return super()._apply(module, device_mesh)
+
+
+def _forgetting_attn(attn, prefix, *, sp):
+    """FoX: the forget-gate projection (one logit per head, with bias) and the output gate are per head like
+    q/k/v; its QK-norm groups channels by head."""
+    plan = _per_head_projections(attn, prefix, sp=sp, names=("q_proj", "k_proj", "v_proj", "f_proj", "g_proj"))
+    for name in ("q_norm", "k_norm"):
+        if isinstance(getattr(attn, name, None), nn.Module):
+            plan[f"{prefix}.{name}"] = _GroupedHeadNorm()
+    return plan
+
+
 def _llama_attn(attn, prefix, *, sp):
     plan = {prefix: _attn_entry(sp=sp)}
     for name in ("q_proj", "k_proj", "v_proj"):
@@ -250,6 +277,7 @@ _FAMILIES = {
     "gated_deltanet": ("attn", "mlp", ("attn_norm", "mlp_norm"), _gated_delta_attn),
     "kda": ("attn", "mlp", ("attn_norm", "mlp_norm"), _kda_attn),
     "comba": ("attn", "mlp", ("attn_norm", "mlp_norm"), _comba_attn),
+    "forgetting_transformer": ("attn", "mlp", ("attn_norm", "mlp_norm"), _forgetting_attn),
     "llama": ("self_attn", "mlp", ("input_layernorm", "post_attention_layernorm"), _llama_attn),
 }
 
