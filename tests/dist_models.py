@@ -55,6 +55,8 @@ def build(
             HGRN2ForCausalLM,
             KDAConfig,
             KDAForCausalLM,
+            PaTHAttentionConfig,
+            PaTHAttentionForCausalLM,
         )
 
         classes = {
@@ -65,6 +67,7 @@ def build(
             "comba": (CombaConfig, CombaForCausalLM),
             "hgrn2": (HGRN2Config, HGRN2ForCausalLM),
             "forgetting_transformer": (ForgettingTransformerConfig, ForgettingTransformerForCausalLM),
+            "path_attn": (PaTHAttentionConfig, PaTHAttentionForCausalLM),
         }
         cfg_cls, model_cls = classes[family]
         kwargs = dict(

@@ -262,6 +262,23 @@ def _forgetting_attn(attn, prefix, *, sp):
     return plan
 
 
+def _path_attn(attn, prefix, *, sp):
+    """PaTH: the Householder directions (w, low-rank or not, through their short convolution), their
+    per-key-head strength (bt_proj) and the optional forget gate are per head like q/k/v. FLA 0.6's model never
+    builds the layer's QK-norm; a layer that has one is refused rather than run with unsummed gradients."""
+    if any(True for name in ("maybe_q_norm", "maybe_k_norm") for _ in getattr(attn, name).parameters()):
+        raise ValueError(f"tensor parallel: PaTH with QK-norm ({prefix}) has no plan")
+    names = ("q_proj", "k_proj", "v_proj", "bt_proj", "g_proj")
+    if not isinstance(attn.w_proj, nn.Sequential):
+        names += ("w_proj",)
+    plan = _per_head_projections(attn, prefix, sp=sp, names=names)
+    if isinstance(attn.w_proj, nn.Sequential):
+        plan.update(_low_rank(f"{prefix}.w_proj"))
+    if isinstance(getattr(attn, "w_conv1d", None), nn.Module):
+        plan[f"{prefix}.w_conv1d"] = LocalCompute(shard_params=("weight", "bias"))
+    return plan
+
+
 def _llama_attn(attn, prefix, *, sp):
     plan = {prefix: _attn_entry(sp=sp)}
     for name in ("q_proj", "k_proj", "v_proj"):
@@ -278,6 +295,7 @@ _FAMILIES = {
     "kda": ("attn", "mlp", ("attn_norm", "mlp_norm"), _kda_attn),
     "comba": ("attn", "mlp", ("attn_norm", "mlp_norm"), _comba_attn),
     "forgetting_transformer": ("attn", "mlp", ("attn_norm", "mlp_norm"), _forgetting_attn),
+    "path_attn": ("attn", "mlp", ("attn_norm", "mlp_norm"), _path_attn),
     "llama": ("self_attn", "mlp", ("input_layernorm", "post_attention_layernorm"), _llama_attn),
 }
 
