@@ -55,6 +55,8 @@ def build(
             HGRN2ForCausalLM,
             KDAConfig,
             KDAForCausalLM,
+            MesaNetConfig,
+            MesaNetForCausalLM,
             PaTHAttentionConfig,
             PaTHAttentionForCausalLM,
         )
@@ -68,6 +70,7 @@ def build(
             "hgrn2": (HGRN2Config, HGRN2ForCausalLM),
             "forgetting_transformer": (ForgettingTransformerConfig, ForgettingTransformerForCausalLM),
             "path_attn": (PaTHAttentionConfig, PaTHAttentionForCausalLM),
+            "mesa_net": (MesaNetConfig, MesaNetForCausalLM),
         }
         cfg_cls, model_cls = classes[family]
         kwargs = dict(
@@ -79,7 +82,7 @@ def build(
             fuse_cross_entropy=False,
             fuse_linear_cross_entropy=False,
         )
-        if family in ("gated_deltanet", "kda", "comba"):
+        if family in ("gated_deltanet", "kda", "comba", "mesa_net"):
             kwargs["head_dim"] = hidden // heads
         if family == "hgrn2":
             kwargs["expand_ratio"] = hidden // heads

@@ -48,7 +48,9 @@ class LocalCompute(ParallelStyle):
     `shard_params` names parameters sharded on dim 0 (per-channel or per-head); all others are replicated.
     `partial_grads`: the module sees only part of the activations (sequence or head shard), so replicated
     weight gradients are summed across ranks. `gather_sequence`: the first input (positional or
-    `hidden_states`/`x`) arrives sequence-sharded and is all-gathered on dim 1 first.
+    `hidden_states`/`x`) arrives sequence-sharded and is all-gathered on dim 1 first. `local_counts` names
+    attributes holding per-head sizes that the module uses to shape its local tensors (a head count, a channel
+    count); each is divided by the mesh size, so the module sees its rank's share.
     """
 
     def __init__(
@@ -58,14 +60,21 @@ class LocalCompute(ParallelStyle):
         partial_grads: bool = False,
         gather_sequence: bool = False,
         recurse: bool = True,
+        local_counts: tuple[str, ...] = (),
     ):
         super().__init__()
+        self.local_counts = tuple(local_counts)
         self.shard_params = tuple(shard_params)
         self.partial_grads = partial_grads
         self.gather_sequence = gather_sequence
         self.recurse = recurse
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for attr in self.local_counts:
+            count, size = getattr(module, attr), device_mesh.size()
+            if count % size:
+                raise ValueError(f"tensor parallel: {type(module).__name__}.{attr}={count} does not split over {size}")
+            setattr(module, attr, count // size)
         owners = list(module.named_modules()) if self.recurse else [("", module)]
         slots = []
         for prefix, sub in owners:
@@ -133,8 +142,8 @@ def _rowwise(*, sp: bool):
     return RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
 
 
-def _attn_entry(*, sp: bool, head_params: tuple[str, ...] = ()) -> LocalCompute:
-    return LocalCompute(shard_params=head_params, gather_sequence=sp, recurse=False)
+def _attn_entry(*, sp: bool, head_params: tuple[str, ...] = (), local_counts: tuple[str, ...] = ()) -> LocalCompute:
+    return LocalCompute(shard_params=head_params, gather_sequence=sp, recurse=False, local_counts=local_counts)
 
 
 def _mlp_plan(prefix: str, *, sp: bool, mlp: nn.Module) -> dict:
@@ -188,9 +197,9 @@ def _require_one_value_head_per_head(attn, prefix, label):
         raise ValueError(f"tensor parallel: {label} with num_v_heads != num_heads ({prefix}) has no plan")
 
 
-def _per_head_projections(attn, prefix, *, sp, names, head_params=()):
+def _per_head_projections(attn, prefix, *, sp, names, head_params=(), local_counts=()):
     """The delta-rule layers' plan: each present projection in ``names`` colwise, o_proj rowwise, head norms."""
-    plan = {prefix: _attn_entry(sp=sp, head_params=head_params)}
+    plan = {prefix: _attn_entry(sp=sp, head_params=head_params, local_counts=local_counts)}
     for name in names:
         if isinstance(getattr(attn, name, None), nn.Module):
             plan[f"{prefix}.{name}"] = ColwiseParallel()
@@ -235,30 +244,16 @@ def _kda_attn(attn, prefix, *, sp):
     return plan
 
 
-class _GroupedHeadNorm(LocalCompute):
-    """A norm over flat ``(h d)`` channels with one group per head (FLA's `GroupNorm`, FoX's QK-norm): each rank
-    keeps its heads' channels of the weight and normalises its own heads, so its group count is divided by the
-    mesh size (the full count on a rank's local channels would cut groups across heads)."""
-
-    def __init__(self):
-        super().__init__(shard_params=("weight", "bias"))
-
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        size = device_mesh.size()
-        if module.num_groups % size:
-            raise ValueError(f"tensor parallel: {module.num_groups} head groups do not split over {size} ranks")
-        module.num_groups //= size
-        module.hidden_size //= size
-        return super()._apply(module, device_mesh)
-
-
 def _forgetting_attn(attn, prefix, *, sp):
     """FoX: the forget-gate projection (one logit per head, with bias) and the output gate are per head like
     q/k/v; its QK-norm groups channels by head."""
     plan = _per_head_projections(attn, prefix, sp=sp, names=("q_proj", "k_proj", "v_proj", "f_proj", "g_proj"))
     for name in ("q_norm", "k_norm"):
         if isinstance(getattr(attn, name, None), nn.Module):
-            plan[f"{prefix}.{name}"] = _GroupedHeadNorm()
+            # one group per head over flat channels: each rank normalises its heads with their weights
+            plan[f"{prefix}.{name}"] = LocalCompute(
+                shard_params=("weight", "bias"), local_counts=("num_groups", "hidden_size")
+            )
     return plan
 
 
@@ -279,6 +274,19 @@ def _path_attn(attn, prefix, *, sp):
     return plan
 
 
+def _mesa_attn(attn, prefix, *, sp):
+    """MesaNet: per-head decay and input-strength projections (with bias) and per-channel regularisers
+    (lambda_params, head-major), which the layer reshapes by its head count: that count becomes the rank's."""
+    return _per_head_projections(
+        attn,
+        prefix,
+        sp=sp,
+        head_params=("lambda_params",),
+        local_counts=("num_heads",),
+        names=("q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "g_proj"),
+    )
+
+
 def _llama_attn(attn, prefix, *, sp):
     plan = {prefix: _attn_entry(sp=sp)}
     for name in ("q_proj", "k_proj", "v_proj"):
@@ -296,6 +304,7 @@ _FAMILIES = {
     "comba": ("attn", "mlp", ("attn_norm", "mlp_norm"), _comba_attn),
     "forgetting_transformer": ("attn", "mlp", ("attn_norm", "mlp_norm"), _forgetting_attn),
     "path_attn": ("attn", "mlp", ("attn_norm", "mlp_norm"), _path_attn),
+    "mesa_net": ("attn", "mlp", ("attn_norm", "mlp_norm"), _mesa_attn),
     "llama": ("self_attn", "mlp", ("input_layernorm", "post_attention_layernorm"), _llama_attn),
 }
 
