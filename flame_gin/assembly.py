@@ -46,6 +46,10 @@ def parallel_degrees(
         from flame_gin.parallel.context import check_context_parallel_config
 
         check_context_parallel_config(config=model_config)
+    if dims.tp > 1:
+        from flame_gin.parallel.tp_plans import check_tensor_parallel_config  # DTensor's stack: only when used
+
+        check_tensor_parallel_config(config=model_config)
     if dims.pp > 1 and dims.cp > 1:
         raise config_lib.ConfigError(
             f"pipeline stages do not hand context-parallel state across ranks: "

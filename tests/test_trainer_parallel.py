@@ -278,6 +278,25 @@ def test_pipeline_with_context_parallel_is_a_config_error():
         )
 
 
+def test_tensor_parallel_for_a_family_without_a_plan_is_refused_before_anything_is_built():
+    import fla  # noqa: F401 - registers FLA's configs
+    from transformers import AutoConfig
+
+    from flame_gin import assembly
+    from flame_gin.mesh import ParallelDims
+
+    config = AutoConfig.for_model("rwkv6", hidden_size=32, num_heads=2, num_hidden_layers=1, vocab_size=64)
+    with pytest.raises(ValueError, match="tensor parallel: no plan for model family 'rwkv6'; families with a plan: "):
+        assembly.parallel_degrees(
+            make=functools.partial(ParallelDims, tp=2),
+            world_size=2,
+            batch_size=2,
+            seq_len=64,
+            varlen=False,
+            model_config=config,
+        )
+
+
 def test_bad_split_is_a_config_error_before_anything_is_built():
     from flame_gin import assembly
 

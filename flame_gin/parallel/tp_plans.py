@@ -313,6 +313,22 @@ def supported_families() -> tuple[str, ...]:
     return tuple(sorted(_FAMILIES))
 
 
+def check_tensor_parallel_config(*, config) -> None:
+    """Raises for a family without a plan, or a config no plan shards; the trainer asks before building."""
+    model_type = getattr(config, "model_type", type(config).__name__)
+    if model_type not in _FAMILIES:
+        raise ValueError(
+            f"tensor parallel: no plan for model family {model_type!r}; families with a plan: "
+            f"{', '.join(supported_families())}"
+        )
+    if getattr(config, "attnres_block_size", None) is not None:
+        raise ValueError("tensor parallel: attnres_block_size is not supported")
+    if getattr(config, "tie_word_embeddings", False):
+        raise ValueError(
+            "tensor parallel: tie_word_embeddings=True is not supported (embedding is row-wise, lm_head column-wise)"
+        )
+
+
 def _model_parts(model: nn.Module):
     """The body, and the state-dict names of its embedding, final norm and blocks (a pipeline stage may lack
     the first two; `_exists` then leaves them out)."""
@@ -330,18 +346,8 @@ def apply_tensor_parallel(
     With `loss_parallel`, logits stay vocabulary-sharded DTensors; compute the loss with
     `flame_gin.loss.token_loss_sum`, which enters torch's `loss_parallel` context for them.
     """
-    model_type = getattr(model.config, "model_type", type(model).__name__)
-    if model_type not in _FAMILIES:
-        raise ValueError(
-            f"tensor parallel: no plan for model family {model_type!r}; families with a plan: "
-            f"{', '.join(supported_families())}"
-        )
-    if getattr(model.config, "attnres_block_size", None) is not None:
-        raise ValueError("tensor parallel: attnres_block_size is not supported")
-    if getattr(model.config, "tie_word_embeddings", False):
-        raise ValueError(
-            "tensor parallel: tie_word_embeddings=True is not supported (embedding is row-wise, lm_head column-wise)"
-        )
+    check_tensor_parallel_config(config=model.config)
+    model_type = model.config.model_type
     mixer, mlp, norms, mixer_plan = _FAMILIES[model_type]
     sp = sequence_parallel
     inner, embed, final_norm, layers = _model_parts(model)
