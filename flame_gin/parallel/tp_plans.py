@@ -52,12 +52,19 @@ def _mlp_plan(prefix: str, *, sp: bool, mlp: nn.Module) -> dict:
 
 
 def _head_norms(attn: nn.Module, prefix: str) -> dict:
-    """Per-head norms and short convolutions: replicated weight, head-sharded activations."""
+    """Per-head norms and short convolutions. A norm over one head's channels has a replicated weight and sees
+    head-sharded activations. A norm with one group per head over flat channels (FLA's `GroupNorm`, FoX's
+    QK-norm) keeps its heads' channels of the weight and normalises its own heads, with its counts the rank's."""
     plan = {}
     for name in ("g_norm", "g_norm_swish_gate", "o_norm", "q_norm", "k_norm"):
-        if isinstance(getattr(attn, name, None), nn.Module):
+        norm = getattr(attn, name, None)
+        if isinstance(norm, nn.Module) and hasattr(norm, "num_groups"):
+            plan[f"{prefix}.{name}"] = LocalCompute(
+                shard_params=("weight", "bias"), local_counts=("num_groups", "hidden_size")
+            )
+        elif isinstance(norm, nn.Module):
             plan[f"{prefix}.{name}"] = LocalCompute(partial_grads=True)
-    for name in ("q_conv1d", "k_conv1d", "v_conv1d"):
+    for name in ("q_conv1d", "k_conv1d", "v_conv1d", "w_conv1d"):
         if isinstance(getattr(attn, name, None), nn.Module):
             plan[f"{prefix}.{name}"] = LocalCompute(shard_params=("weight", "bias"))
     return plan
@@ -136,31 +143,21 @@ def _kda_attn(attn, prefix, *, sp):
 
 def _forgetting_attn(attn, prefix, *, sp):
     """FoX: the forget-gate projection (one logit per head, with bias) and the output gate are per head like
-    q/k/v; its QK-norm groups channels by head."""
-    plan = _per_head_projections(attn, prefix, sp=sp, names=("q_proj", "k_proj", "v_proj", "f_proj", "g_proj"))
-    for name in ("q_norm", "k_norm"):
-        if isinstance(getattr(attn, name, None), nn.Module):
-            # one group per head over flat channels: each rank normalises its heads with their weights
-            plan[f"{prefix}.{name}"] = LocalCompute(
-                shard_params=("weight", "bias"), local_counts=("num_groups", "hidden_size")
-            )
-    return plan
+    q/k/v; its QK-norm groups channels by head (`_head_norms`)."""
+    return _per_head_projections(attn, prefix, sp=sp, names=("q_proj", "k_proj", "v_proj", "f_proj", "g_proj"))
 
 
 def _path_attn(attn, prefix, *, sp):
     """PaTH: the Householder directions (w, low-rank or not, through their short convolution), their
     per-key-head strength (bt_proj) and the optional forget gate are per head like q/k/v. FLA 0.6's model never
     builds the layer's QK-norm; a layer that has one is refused rather than run with unsummed gradients."""
-    if any(True for name in ("maybe_q_norm", "maybe_k_norm") for _ in getattr(attn, name).parameters()):
+    if any(list(getattr(attn, name).parameters()) for name in ("maybe_q_norm", "maybe_k_norm")):
         raise ValueError(f"tensor parallel: PaTH with QK-norm ({prefix}) has no plan")
-    names = ("q_proj", "k_proj", "v_proj", "bt_proj", "g_proj")
-    if not isinstance(attn.w_proj, nn.Sequential):
-        names += ("w_proj",)
+    low_rank = isinstance(attn.w_proj, nn.Sequential)
+    names = ("q_proj", "k_proj", "v_proj", "bt_proj", "g_proj") + (() if low_rank else ("w_proj",))
     plan = _per_head_projections(attn, prefix, sp=sp, names=names)
-    if isinstance(attn.w_proj, nn.Sequential):
+    if low_rank:
         plan.update(_low_rank(f"{prefix}.w_proj"))
-    if isinstance(getattr(attn, "w_conv1d", None), nn.Module):
-        plan[f"{prefix}.w_conv1d"] = LocalCompute(shard_params=("weight", "bias"))
     return plan
 
 
