@@ -1,8 +1,8 @@
 """A trained run's checkpoint exports to Hugging Face format, reloads in `transformers` and generates.
 
 Why: an export is what leaves the trainer, so it is proven the way a user uses it. The checkpoint is read back
-into the family's FLA model (`hf.load_checkpoint_model`), exported in float32 the way `python -m
-flame_gin.export` does, and loaded with `AutoModelForCausalLM.from_pretrained`; both then run on this machine's
+into the family's FLA model (`hf.load_checkpoint_model`), exported in float32 by the code `python -m
+flame_gin.export` runs (`hf.export_model`), and loaded with `AutoModelForCausalLM.from_pretrained`; both then run on this machine's
 device (FLA's kernels on a GPU). Checked: the two give the same logits on the same tokens, and the reloaded
 model's cached greedy `generate()` picks the tokens that full forwards without a cache pick (the family's
 recurrent decoding against its chunked training form).
@@ -40,9 +40,8 @@ def check(*, checkpoint_dir: str, device: str, seq_len: int, new_tokens: int) ->
     model, step = hf.load_checkpoint_model(checkpoint_dir=checkpoint_dir)
     vocab = model.config.vocab_size
     with tempfile.TemporaryDirectory(prefix="export_") as out:
-        hf.export_checkpoint(
-            checkpoint_dir=checkpoint_dir, output=out, dtype="float32", tokenizer=embedded.resolve_tokenizer("embedded")
-        )
+        # the export step of `python -m flame_gin.export`, on the model already read from the checkpoint
+        hf.export_model(model=model, output=out, dtype="float32", tokenizer=embedded.resolve_tokenizer("embedded"))
         loaded = transformers.AutoModelForCausalLM.from_pretrained(out).to(device).eval()
     model = model.to(device).eval()
     ids = torch.randint(0, vocab, (2, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
