@@ -11,6 +11,7 @@ so a family registered from a user's module works as long as its causal-LM class
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import os
 
@@ -29,7 +30,9 @@ class Traits:
     ``chunk_bwd_dqkwg``, which FLA 0.6 itself refuses on Hopper with Triton 3.4-3.7.0 (wrong gradients, FLA #640)
     unless its TileLang backend can take the call. ``body``: the body's attribute for a causal-LM class that does
     not name it in ``base_model_prefix`` (FLA 0.6's LightNet). ``requires``: packages its GPU layers cannot run
-    without (FLA raises only at the first forward, after the model is built). ``meta_skips``: constructor
+    without (FLA raises only at the first forward, after the model is built). ``kernel``: ``module:name`` that
+    FLA's layer module sets to None when its import of those packages' kernel failed (a package installed
+    without its compiled extension still imports by name, and FLA then fails at the first forward). ``meta_skips``: constructor
     initialisers (``module:Class.method``) that only write values, element by element, which the meta device
     does not hold: FLA's RWKV-7 attention fills its per-channel vectors in a Python loop, ~0.6 s a layer as
     meta-tensor ops (15 s for the 1B model, on every meta build a run makes); the real build takes those values
@@ -50,6 +53,7 @@ class Traits:
     gated_delta_backward: bool = False
     body: str = ""
     requires: tuple[str, ...] = ()
+    kernel: str = ""
     meta_skips: tuple[str, ...] = ()
     init_in_constructor: bool = False
     router_loss: bool = False
@@ -94,7 +98,11 @@ _TRAITS = {
     "path_attn": Traits(varlen=True, cpu=True),
     "forgetting_transformer": Traits(varlen=True, cpu=True),
     "abc": Traits(note="FLA's ABC layer raises on cu_seqlens"),
-    "mamba3": Traits(note="Mamba3 layers ignore cu_seqlens", requires=("mamba_ssm",)),
+    "mamba3": Traits(
+        note="Mamba3 layers ignore cu_seqlens",
+        requires=("mamba_ssm",),
+        kernel="fla.layers.mamba3:mamba3_siso_combined",
+    ),
     "log_linear_mamba2": Traits(note="log-linear Mamba2 has no PyTorch fallback in FLA 0.6"),
     "mom": Traits(cpu=True, gated_delta_backward=True, router_loss=True, body="model", init_in_constructor=True),
     "yoco": Traits(gated_delta_backward=True),
@@ -151,6 +159,13 @@ def check_device(*, config, device_type: str) -> None:
             f"model family {family!r} needs {', '.join(missing)} for its GPU kernels (FLA has no fallback): "
             f"install it, or pick another family"
         )
+    if device_type == "cuda" and traits(family).kernel:
+        module, name = traits(family).kernel.split(":")
+        if getattr(importlib.import_module(module), name) is None:
+            raise ValueError(
+                f"model family {family!r}: {', '.join(traits(family).requires)} is installed but FLA found no "
+                f"{name} kernel in it ({module}): reinstall it with its CUDA extension built for this GPU"
+            )
     if device_type == "cuda" and traits(family).gated_delta_backward:
         reason = fla_refuses_gated_delta_backward()
         if reason:

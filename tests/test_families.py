@@ -215,6 +215,20 @@ def test_a_family_needing_a_missing_package_is_refused_before_anything_is_built(
         families.check_device(config=config, device_type="cuda")
 
 
+def test_a_package_installed_without_the_kernel_fla_imports_is_refused_before_anything_is_built(monkeypatch):
+    """mamba_ssm found by name but without its compiled extension: FLA's Mamba-3 layer then holds no SISO kernel
+    (here for real, since this machine has no mamba_ssm) and would fail at the first forward; refused first."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "mamba_ssm" else real_find_spec(name, *a)
+    )
+    config = models.build_config(family="mamba3", overrides={})
+    with pytest.raises(ValueError, match=r"'mamba3': mamba_ssm is installed but FLA found no mamba3_siso_combined"):
+        families.check_device(config=config, device_type="cuda")
+
+
 VARLEN_CONFIGS = {
     "gla_hybrid": dict(family="gla", overrides=dict(num_heads=2), attn=dict(layers=[1], num_heads=2, num_kv_heads=1)),
     "gated_deltanet_hybrid": dict(
