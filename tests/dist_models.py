@@ -59,6 +59,8 @@ def build(
             MesaNetForCausalLM,
             PaTHAttentionConfig,
             PaTHAttentionForCausalLM,
+            RWKV7Config,
+            RWKV7ForCausalLM,
         )
 
         classes = {
@@ -71,6 +73,7 @@ def build(
             "forgetting_transformer": (ForgettingTransformerConfig, ForgettingTransformerForCausalLM),
             "path_attn": (PaTHAttentionConfig, PaTHAttentionForCausalLM),
             "mesa_net": (MesaNetConfig, MesaNetForCausalLM),
+            "rwkv7": (RWKV7Config, RWKV7ForCausalLM),
         }
         cfg_cls, model_cls = classes[family]
         kwargs = dict(
@@ -82,12 +85,14 @@ def build(
             fuse_cross_entropy=False,
             fuse_linear_cross_entropy=False,
         )
-        if family in ("gated_deltanet", "kda", "comba", "mesa_net"):
+        if family in ("gated_deltanet", "kda", "comba", "mesa_net", "rwkv7"):
             kwargs["head_dim"] = hidden // heads
         if family == "hgrn2":
             kwargs["expand_ratio"] = hidden // heads
         if family == "forgetting_transformer":  # the family file's layer: output gate and per-head QK-norm
             kwargs.update(use_output_gate=True, qk_norm=True, num_kv_heads=heads // 2)
+        if family == "rwkv7":  # low ranks below the width, so the LoRAs' bottlenecks are real
+            kwargs.update(decay_low_rank_dim=8, gate_low_rank_dim=8, a_low_rank_dim=8, v_low_rank_dim=8)
         kwargs.update(extra)
         model = model_cls(cfg_cls(**kwargs))
     with torch.no_grad():  # non-trivial norm weights, so their gradients are tested too

@@ -59,8 +59,9 @@ def _head_norms(attn: nn.Module, prefix: str) -> dict:
     for name in ("g_norm", "g_norm_swish_gate", "o_norm", "q_norm", "k_norm"):
         norm = getattr(attn, name, None)
         if isinstance(norm, nn.Module) and hasattr(norm, "num_groups"):
+            channels = "hidden_size" if hasattr(norm, "hidden_size") else "num_channels"  # FLA's or torch's
             plan[f"{prefix}.{name}"] = LocalCompute(
-                shard_params=("weight", "bias"), local_counts=("num_groups", "hidden_size")
+                shard_params=("weight", "bias"), local_counts=("num_groups", channels)
             )
         elif isinstance(norm, nn.Module):
             plan[f"{prefix}.{name}"] = LocalCompute(partial_grads=True)
@@ -83,10 +84,10 @@ def _gla_attn(attn, prefix, *, sp):
     return plan
 
 
-def _low_rank(name: str) -> dict:
-    """A low-rank projection (Sequential: down, up): the bottleneck is replicated (its input is the full hidden
-    state), the up-projection is per head."""
-    return {f"{name}.0": LocalCompute(), f"{name}.1": ColwiseParallel()}
+def _low_rank(name: str, *, up: int = 1) -> dict:
+    """A low-rank projection (Sequential: down, [activation,] up at index ``up``): the bottleneck is replicated
+    (its input is the full hidden state), the up-projection is per head."""
+    return {f"{name}.0": LocalCompute(), f"{name}.{up}": ColwiseParallel()}
 
 
 def _require_one_value_head_per_head(attn, prefix, label):
@@ -174,6 +175,33 @@ def _mesa_attn(attn, prefix, *, sp):
     )
 
 
+def _rwkv7_attn(attn, prefix, *, sp):
+    """RWKV-7: r/k/v per head, the decay, in-context rate, value-residual and gate LoRAs (down, activation, up)
+    with per-head up-projections, and per-channel k_k, k_a and bonus r_k by head. Its six token-shift mixing
+    vectors stay replicated: they act on the full hidden state before the column-wise projections, whose input
+    gradient is already summed over the ranks. The first layer's values, which later layers mix in, stay each
+    rank's heads."""
+    plan = {prefix: _attn_entry(sp=sp, head_params=("k_k", "k_a", "r_k"))}
+    for name in ("r_proj", "k_proj", "v_proj"):
+        plan[f"{prefix}.{name}"] = ColwiseParallel()
+    for name in ("w_lora", "a_lora", "g_lora", "v_lora"):
+        if isinstance(getattr(attn, name, None), nn.Module):
+            plan.update(_low_rank(f"{prefix}.{name}.lora", up=2))
+    plan[f"{prefix}.o_proj"] = _rowwise(sp=sp)
+    plan.update(_head_norms(attn, prefix))
+    return plan
+
+
+def _rwkv7_ffn_plan(prefix: str, *, sp: bool, mlp: nn.Module) -> dict:
+    """RWKV-7's feed-forward: key column-wise, value row-wise; its token-shift mixing vector stays replicated
+    (it acts before the key, as the attention's do)."""
+    return {
+        prefix: LocalCompute(gather_sequence=sp, recurse=False),
+        f"{prefix}.key": ColwiseParallel(),
+        f"{prefix}.value": _rowwise(sp=sp),
+    }
+
+
 def _llama_attn(attn, prefix, *, sp):
     plan = {prefix: _attn_entry(sp=sp)}
     for name in ("q_proj", "k_proj", "v_proj"):
@@ -182,7 +210,7 @@ def _llama_attn(attn, prefix, *, sp):
     return plan
 
 
-# model_type -> (attribute of the block holding the mixer, attribute of the block's mlp, mixer plan)
+# model_type -> (the block's mixer attribute, its mlp attribute, its norms (those present), mixer plan[, mlp plan])
 _FAMILIES = {
     "gla": ("attn", "mlp", ("attn_norm", "mlp_norm"), _gla_attn),
     "delta_net": ("attn", "mlp", ("attn_norm", "mlp_norm"), _deltanet_attn),
@@ -192,6 +220,7 @@ _FAMILIES = {
     "forgetting_transformer": ("attn", "mlp", ("attn_norm", "mlp_norm"), _forgetting_attn),
     "path_attn": ("attn", "mlp", ("attn_norm", "mlp_norm"), _path_attn),
     "mesa_net": ("attn", "mlp", ("attn_norm", "mlp_norm"), _mesa_attn),
+    "rwkv7": ("attn", "ffn", ("pre_norm", "attn_norm", "ffn_norm"), _rwkv7_attn, _rwkv7_ffn_plan),
     "llama": ("self_attn", "mlp", ("input_layernorm", "post_attention_layernorm"), _llama_attn),
 }
 
@@ -235,7 +264,8 @@ def apply_tensor_parallel(
     """
     check_tensor_parallel_config(config=model.config)
     model_type = model.config.model_type
-    mixer, mlp, norms, mixer_plan = _FAMILIES[model_type]
+    mixer, mlp, norms, mixer_plan, *rest = _FAMILIES[model_type]
+    mlp_plan = rest[0] if rest else _mlp_plan
     sp = sequence_parallel
     inner, embed, final_norm, layers = _model_parts(model)
     top = {
@@ -252,9 +282,9 @@ def apply_tensor_parallel(
     blocks = inner.layers.items() if isinstance(inner.layers, nn.ModuleDict) else enumerate(inner.layers)
     for i, block in blocks:
         prefix = f"{layers}.{i}"
-        plan = {f"{prefix}.{n}": LocalCompute(partial_grads=sp) for n in norms}
+        plan = {f"{prefix}.{n}": LocalCompute(partial_grads=sp) for n in norms if hasattr(block, n)}
         plan.update(mixer_plan(getattr(block, mixer), f"{prefix}.{mixer}", sp=sp))
-        plan.update(_mlp_plan(f"{prefix}.{mlp}", sp=sp, mlp=getattr(block, mlp)))
+        plan.update(mlp_plan(f"{prefix}.{mlp}", sp=sp, mlp=getattr(block, mlp)))
         parallelize_module(model, tp_mesh, plan)
     if sp and model_type == "llama":
         inner.register_forward_pre_hook(_full_positions, with_kwargs=True)
