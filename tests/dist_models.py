@@ -59,6 +59,8 @@ def build(
             MesaNetForCausalLM,
             PaTHAttentionConfig,
             PaTHAttentionForCausalLM,
+            RWKV6Config,
+            RWKV6ForCausalLM,
             RWKV7Config,
             RWKV7ForCausalLM,
         )
@@ -73,6 +75,7 @@ def build(
             "forgetting_transformer": (ForgettingTransformerConfig, ForgettingTransformerForCausalLM),
             "path_attn": (PaTHAttentionConfig, PaTHAttentionForCausalLM),
             "mesa_net": (MesaNetConfig, MesaNetForCausalLM),
+            "rwkv6": (RWKV6Config, RWKV6ForCausalLM),
             "rwkv7": (RWKV7Config, RWKV7ForCausalLM),
         }
         cfg_cls, model_cls = classes[family]
@@ -93,6 +96,8 @@ def build(
             kwargs.update(use_output_gate=True, qk_norm=True, num_kv_heads=heads // 2)
         if family == "rwkv7":  # low ranks below the width, so the LoRAs' bottlenecks are real
             kwargs.update(decay_low_rank_dim=8, gate_low_rank_dim=8, a_low_rank_dim=8, v_low_rank_dim=8)
+        if family == "rwkv6":
+            kwargs.update(proj_low_rank_dim=4, gate_low_rank_dim=8)
         kwargs.update(extra)
         model = model_cls(cfg_cls(**kwargs))
     with torch.no_grad():  # non-trivial norm weights, so their gradients are tested too

@@ -31,6 +31,8 @@ TWO = {
     "tp_sp_mesa_net_gate": (EQ, ("mesa_net", dict(tp=2), dict()), dict(model_kwargs=dict(use_output_gate=True))),
     "tp_sp_path_full_rank": (EQ, ("path_attn", dict(tp=2), dict()), dict(model_kwargs=dict(use_low_rank_w=False))),
     "tp_sp_rwkv7": (EQ, ("rwkv7", dict(tp=2), dict()), {}),
+    "tp_sp_rwkv6": (EQ, ("rwkv6", dict(tp=2), dict()), {}),
+    "tp_no_sp_rwkv6": (EQ, ("rwkv6", dict(tp=2), dict(sequence_parallel=False, loss_parallel=False)), {}),
     "cp_fsdp_gla": (EQ, ("gla", dict(cp=2), dict()), dict(rows=2)),
     "cp_gla_varlen": (EQ, ("gla", dict(cp=2), dict()), dict(rows=1, varlen=True)),
     "cp_delta_net_conv_varlen": (

@@ -202,6 +202,35 @@ def _rwkv7_ffn_plan(prefix: str, *, sp: bool, mlp: nn.Module) -> dict:
     }
 
 
+def _rwkv6_attn(attn, prefix, *, sp):
+    """RWKV-6: the data-dependent token-shift mixing (x_proj, x_bias, on the full hidden state) stays
+    replicated; the r/k/v/g projections behind it and the decay LoRA's up-projection are per head, the bonus
+    by head. The layer reads x_proj[2]'s weight in its own einsum, so x_proj's weights go local with the
+    layer's own. Their gradients arrive summed through the column-wise projections' inputs."""
+    plan = {
+        prefix: LocalCompute(shard_params=("bonus",), gather_sequence=sp, recurse=False, include=("x_proj",)),
+    }
+    for name in ("r_proj", "k_proj", "v_proj", "g_proj"):
+        plan[f"{prefix}.{name}.linear"] = ColwiseParallel()
+    plan.update(_low_rank(f"{prefix}.w_proj.linear.lora", up=2))
+    plan[f"{prefix}.o_proj"] = _rowwise(sp=sp)
+    plan.update(_head_norms(attn, prefix))
+    return plan
+
+
+def _rwkv6_ffn_plan(prefix: str, *, sp: bool, mlp: nn.Module) -> dict:
+    """RWKV-6's feed-forward: key column-wise, value row-wise, both behind a token shift; the output is gated
+    by a full hidden-size receptance, replicated, so the value's output is summed in full and the gated
+    product handed on as the rank's sequence shard."""
+    return {
+        prefix: LocalCompute(gather_sequence=sp, recurse=False, scatter_sequence=sp),
+        f"{prefix}.key": LocalCompute(recurse=False),
+        f"{prefix}.key.linear": ColwiseParallel(),
+        f"{prefix}.value": RowwiseParallel(output_layouts=Replicate()),
+        f"{prefix}.receptance": LocalCompute(),
+    }
+
+
 def _llama_attn(attn, prefix, *, sp):
     plan = {prefix: _attn_entry(sp=sp)}
     for name in ("q_proj", "k_proj", "v_proj"):
@@ -220,6 +249,7 @@ _FAMILIES = {
     "forgetting_transformer": ("attn", "mlp", ("attn_norm", "mlp_norm"), _forgetting_attn),
     "path_attn": ("attn", "mlp", ("attn_norm", "mlp_norm"), _path_attn),
     "mesa_net": ("attn", "mlp", ("attn_norm", "mlp_norm"), _mesa_attn),
+    "rwkv6": ("attn", "ffn", ("pre_norm", "attn_norm", "ffn_norm"), _rwkv6_attn, _rwkv6_ffn_plan),
     "rwkv7": ("attn", "ffn", ("pre_norm", "attn_norm", "ffn_norm"), _rwkv7_attn, _rwkv7_ffn_plan),
     "llama": ("self_attn", "mlp", ("input_layernorm", "post_attention_layernorm"), _llama_attn),
 }

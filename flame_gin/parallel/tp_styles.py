@@ -39,7 +39,11 @@ class LocalCompute(ParallelStyle):
     weight gradients are summed across ranks. `gather_sequence`: the first input (positional or
     `hidden_states`/`x`) arrives sequence-sharded and is all-gathered on dim 1 first. `local_counts` names
     attributes holding per-head sizes that the module uses to shape its local tensors (a head count, a channel
-    count); each is divided by the mesh size, so the module sees its rank's share.
+    count); each is divided by the mesh size, so the module sees its rank's share. `include` names submodules
+    whose parameters (all of them, replicated unless in `shard_params`) the module reads directly, without
+    calling them (FLA's RWKV-6 reads `x_proj[2].weight` in its own einsum). `scatter_sequence`: the module
+    computes its output on the full sequence, identical on every rank, and the next module takes its rank's
+    sequence shard (the first output, split on dim 1; its gradient is gathered back, so nothing is partial).
     """
 
     def __init__(
@@ -50,8 +54,12 @@ class LocalCompute(ParallelStyle):
         gather_sequence: bool = False,
         recurse: bool = True,
         local_counts: tuple[str, ...] = (),
+        include: tuple[str, ...] = (),
+        scatter_sequence: bool = False,
     ):
         super().__init__()
+        self.include = tuple(include)
+        self.scatter_sequence = scatter_sequence
         self.local_counts = tuple(local_counts)
         self.shard_params = tuple(shard_params)
         self.partial_grads = partial_grads
@@ -65,6 +73,8 @@ class LocalCompute(ParallelStyle):
                 raise ValueError(f"tensor parallel: {type(module).__name__}.{attr}={count} does not split over {size}")
             setattr(module, attr, count // size)
         owners = list(module.named_modules()) if self.recurse else [("", module)]
+        for name in self.include:
+            owners += [(f"{name}.{p}" if p else name, sub) for p, sub in module.get_submodule(name).named_modules()]
         slots = []
         for prefix, sub in owners:
             for name, param in list(sub.named_parameters(recurse=False)):
@@ -84,6 +94,7 @@ class LocalCompute(ParallelStyle):
         saved: list = []
         partial = self.partial_grads
         gather = self.gather_sequence
+        scatter = self.scatter_sequence
 
         def pre_hook(mod, args, kwargs):
             saved.append([(sub, name, sub._parameters[name]) for sub, name, _ in slots])
@@ -103,11 +114,22 @@ class LocalCompute(ParallelStyle):
         def post_hook(mod, args, output):
             for sub, name, param in saved.pop():
                 sub._parameters[name] = param
+            if scatter:
+                return _scatter_first(output, device_mesh)
             return output
 
         module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         module.register_forward_hook(post_hook)
         return module
+
+
+def _scatter_first(output, mesh):
+    def scatter(x):
+        return DTensor.from_local(x, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)]).to_local()
+
+    if isinstance(output, tuple):
+        return (scatter(output[0]), *output[1:])
+    return scatter(output)
 
 
 def _gather_first(args, kwargs, mesh):
