@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
+import sys
 import tempfile
 
 import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # flame_gin without installing it
 
 
 def _greedy_without_cache(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:

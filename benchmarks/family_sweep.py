@@ -164,6 +164,8 @@ def main() -> None:
     )
     parser.add_argument("--log_dir", default="", help="also keep each family's full log here")
     args = parser.parse_args()
+    if args.log_dir:
+        pathlib.Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     families = args.families or family_files()
     env = dict(os.environ, TRITON_CACHE_DIR=args.triton_cache, PYTHONUNBUFFERED="1")
     records = []
