@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from flame_gin.kernels import cache, sdpa  # noqa: F401  (cache: re-exported as kernels.cache)
+from flame_gin.kernels import cache, level_scales, sdpa  # noqa: F401  (cache: re-exported as kernels.cache)
 
 # The swap module names FLA's classes, and importing FLA takes about 12 s on a CPU: its names are served from
 # here on first use (PEP 562), so a command line reports a config error before paying for it.
@@ -55,6 +55,7 @@ def select(*, mode: str = "auto") -> str:
     else:
         swap.restore()
     sdpa.install()  # FLA's softmax attention layer without flash-attn, in every mode
+    level_scales.install()  # log-linear attention's scales in the queries' dtype under autocast
     _current["mode"] = mode
     return mode
 
