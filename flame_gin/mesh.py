@@ -131,13 +131,18 @@ class ParallelDims:
                     f"ParallelDims: pp={self.pp} with {name}: its loss adds the routers' balance term over every "
                     f"block, which no pipeline stage sees whole; train it with data parallelism (FSDP/HSDP)"
                 )
-        if (self.tp > 1 or self.cp > 1) and getattr(config, "attn", None):
+        attn = getattr(config, "attn", None)
+        if self.cp > 1 and attn:
             raise ValueError(
-                f"ParallelDims: tp={self.tp}, cp={self.cp} with softmax attention layers "
-                f"(attn={config.attn}) in {name}: the tensor-parallel plans and the context-parallel "
-                f"state hand-over cover linear-attention layers only; train this hybrid with data "
-                f"parallelism (FSDP/HSDP) or pipeline stages"
+                f"ParallelDims: cp={self.cp} with softmax attention layers (attn={attn}) in {name}: the "
+                f"context-parallel state hand-over covers linear-attention layers only; train this hybrid with "
+                f"data, tensor or pipeline parallelism"
             )
+        if self.tp > 1 and attn:
+            for key in ("num_heads", "num_kv_heads"):
+                value = attn.get(key)
+                if isinstance(value, int) and value % self.tp:
+                    raise ValueError(f"ParallelDims: tp={self.tp} does not divide attn {key}={value} of {name}")
         if self.tp > 1:
             for attr in (
                 "num_heads",

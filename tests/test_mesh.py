@@ -73,15 +73,20 @@ def _mesh_worker(rank, world):
     assert one.item() == 4
 
 
-def test_hybrids_are_refused_for_tensor_and_context_parallel():
+def test_hybrids_are_refused_for_context_parallel_and_checked_for_tensor_parallel():
     from flame_gin import models
 
-    hybrid = models.build_config(family="gla", overrides={"num_hidden_layers": 4}, attn={"layers": [3], "num_heads": 4})
-    for dims in (ParallelDims(world_size=2, tp=2), ParallelDims(world_size=2, cp=2)):
-        with pytest.raises(ValueError, match=r"softmax attention layers .* linear-attention layers only"):
-            dims.validate_for_model(config=hybrid)
-    ParallelDims(world_size=2, pp=2).validate_for_model(config=hybrid)
-    ParallelDims(world_size=2, tp=2).validate_for_model(config=models.build_config(family="gla", overrides={}))
+    def hybrid(**attn):
+        return models.build_config(family="gla", overrides={"num_hidden_layers": 4}, attn={"layers": [3], **attn})
+
+    with pytest.raises(ValueError, match=r"cp=2 with softmax attention layers .* linear-attention layers only"):
+        ParallelDims(world_size=2, cp=2).validate_for_model(config=hybrid(num_heads=4))
+    with pytest.raises(ValueError, match=r"tp=2 does not divide attn num_kv_heads=1 of GLAConfig"):
+        ParallelDims(world_size=2, tp=2).validate_for_model(config=hybrid(num_heads=4, num_kv_heads=1))
+    with pytest.raises(ValueError, match=r"tp=2 does not divide attn num_heads=3 of GLAConfig"):
+        ParallelDims(world_size=2, tp=2).validate_for_model(config=hybrid(num_heads=3))
+    ParallelDims(world_size=2, tp=2).validate_for_model(config=hybrid(num_heads=4, num_kv_heads=2))
+    ParallelDims(world_size=2, pp=2).validate_for_model(config=hybrid(num_heads=4))
 
 
 def test_a_routing_family_is_refused_for_pipeline_stages():

@@ -30,6 +30,16 @@ TWO = {
     "tp_sp_path": (EQ, ("path_attn", dict(tp=2), dict()), dict(model_kwargs=dict(use_forget_gate=True))),
     "tp_sp_mesa_net_gate": (EQ, ("mesa_net", dict(tp=2), dict()), dict(model_kwargs=dict(use_output_gate=True))),
     "tp_sp_path_full_rank": (EQ, ("path_attn", dict(tp=2), dict()), dict(model_kwargs=dict(use_low_rank_w=False))),
+    "tp_sp_gla_hybrid": (
+        EQ,
+        ("gla", dict(tp=2), dict()),
+        dict(model_kwargs=dict(attn=dict(layers=[1], num_heads=4, num_kv_heads=2, qkv_bias=True))),
+    ),
+    "tp_no_sp_gated_deltanet_hybrid_varlen": (
+        EQ,
+        ("gated_deltanet", dict(tp=2), dict(sequence_parallel=False, loss_parallel=False)),
+        dict(rows=1, varlen=True, model_kwargs=dict(attn=dict(layers=[0], num_heads=4, window_size=5))),
+    ),
     "tp_sp_rwkv7": (EQ, ("rwkv7", dict(tp=2), dict()), {}),
     "tp_sp_rwkv6": (EQ, ("rwkv6", dict(tp=2), dict()), {}),
     "tp_no_sp_rwkv6": (EQ, ("rwkv6", dict(tp=2), dict(sequence_parallel=False, loss_parallel=False)), {}),

@@ -231,6 +231,22 @@ def _rwkv6_ffn_plan(prefix: str, *, sp: bool, mlp: nn.Module) -> dict:
     }
 
 
+def _softmax_attn(attn, prefix, *, sp):
+    """FLA's softmax attention layer (a hybrid's attention layers, through SDPA or flash-attn): query heads and
+    their key/value heads by rank (the grouping is kept when the mesh divides the key/value heads), its
+    per-head QK-norm local; with sequence parallel it sees the whole sequence, so rotary positions are whole."""
+    plan = {prefix: _attn_entry(sp=sp)}
+    for name in ("q_proj", "k_proj", "v_proj"):
+        plan[f"{prefix}.{name}"] = ColwiseParallel()
+    plan[f"{prefix}.o_proj"] = _rowwise(sp=sp)
+    plan.update(_head_norms(attn, prefix))
+    return plan
+
+
+def _is_softmax_attention(module: nn.Module) -> bool:
+    return type(module).__module__ == "fla.layers.attn" and type(module).__name__ == "Attention"
+
+
 def _llama_attn(attn, prefix, *, sp):
     plan = {prefix: _attn_entry(sp=sp)}
     for name in ("q_proj", "k_proj", "v_proj"):
@@ -313,7 +329,9 @@ def apply_tensor_parallel(
     for i, block in blocks:
         prefix = f"{layers}.{i}"
         plan = {f"{prefix}.{n}": LocalCompute(partial_grads=sp) for n in norms if hasattr(block, n)}
-        plan.update(mixer_plan(getattr(block, mixer), f"{prefix}.{mixer}", sp=sp))
+        layer = getattr(block, mixer)
+        layer_plan = _softmax_attn if _is_softmax_attention(layer) else mixer_plan  # a hybrid's attention layers
+        plan.update(layer_plan(layer, f"{prefix}.{mixer}", sp=sp))
         plan.update(mlp_plan(f"{prefix}.{mlp}", sp=sp, mlp=getattr(block, mlp)))
         parallelize_module(model, tp_mesh, plan)
     if sp and model_type == "llama":
