@@ -164,7 +164,8 @@ def check_device(*, config, device_type: str) -> None:
         if getattr(importlib.import_module(module), name) is None:
             raise ValueError(
                 f"model family {family!r}: {', '.join(traits(family).requires)} is installed but FLA found no "
-                f"{name} kernel in it ({module}): reinstall it with its CUDA extension built for this GPU"
+                f"{name} kernel in it ({module}): reinstall it with its CUDA extension built for this GPU "
+                f"(`pip install {traits(family).requires[0].replace('_', '-')} --no-build-isolation`)"
             )
     if device_type == "cuda" and traits(family).gated_delta_backward:
         reason = fla_refuses_gated_delta_backward()
