@@ -40,6 +40,8 @@ TWO = {
         ("gated_deltanet", dict(tp=2), dict(sequence_parallel=False, loss_parallel=False)),
         dict(rows=1, varlen=True, model_kwargs=dict(attn=dict(layers=[0], num_heads=4, window_size=5))),
     ),
+    "tp_sp_hgrn2_conv": (EQ, ("hgrn2", dict(tp=2), dict()), dict(model_kwargs=dict(use_short_conv=True))),
+    "tp_no_sp_hgrn2": (EQ, ("hgrn2", dict(tp=2), dict(sequence_parallel=False, loss_parallel=False)), {}),
     "tp_sp_rwkv7": (EQ, ("rwkv7", dict(tp=2), dict()), {}),
     "tp_sp_rwkv6": (EQ, ("rwkv6", dict(tp=2), dict()), {}),
     "tp_no_sp_rwkv6": (EQ, ("rwkv6", dict(tp=2), dict(sequence_parallel=False, loss_parallel=False)), {}),

@@ -20,6 +20,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from flame_gin import families
+from flame_gin.parallel import tp_norm_linear
 from flame_gin.parallel.tp_styles import LocalCompute
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def _head_norms(attn: nn.Module, prefix: str) -> dict:
             )
         elif isinstance(norm, nn.Module):
             plan[f"{prefix}.{name}"] = LocalCompute(partial_grads=True)
-    for name in ("q_conv1d", "k_conv1d", "v_conv1d", "w_conv1d"):
+    for name in ("q_conv1d", "k_conv1d", "v_conv1d", "w_conv1d", "f_conv1d", "i_conv1d"):
         if isinstance(getattr(attn, name, None), nn.Module):
             plan[f"{prefix}.{name}"] = LocalCompute(shard_params=("weight", "bias"))
     return plan
@@ -231,6 +232,20 @@ def _rwkv6_ffn_plan(prefix: str, *, sp: bool, mlp: nn.Module) -> dict:
     }
 
 
+def _hgrn2_attn(attn, prefix, *, sp):
+    """HGRN2: query, forget and input projections (and their short convolutions) by head; the layer's floor on
+    the forget gate arrives whole and is sliced to the rank's channels; its output norm spans every head and is
+    fused with o_proj (`tp_norm_linear`: the mean square summed over the ranks)."""
+    tp_norm_linear.install(module=type(attn).__module__)
+    plan = {prefix: LocalCompute(gather_sequence=sp, recurse=False, shard_kwargs=("lower_bound",))}
+    for name in ("q_proj", "f_proj", "i_proj"):
+        plan[f"{prefix}.{name}"] = ColwiseParallel()
+    plan.update(_head_norms(attn, prefix))  # the short convolutions
+    plan[f"{prefix}.g_norm"] = LocalCompute(shard_params=("weight", "bias"))  # full width: the rank's channels
+    plan[f"{prefix}.o_proj"] = RowwiseParallel()  # its weight only: the fused call reads it
+    return plan
+
+
 def _softmax_attn(attn, prefix, *, sp):
     """FLA's softmax attention layer (a hybrid's attention layers, through SDPA or flash-attn): query heads and
     their key/value heads by rank (the grouping is kept when the mesh divides the key/value heads), its
@@ -265,6 +280,7 @@ _FAMILIES = {
     "forgetting_transformer": ("attn", "mlp", ("attn_norm", "mlp_norm"), _forgetting_attn),
     "path_attn": ("attn", "mlp", ("attn_norm", "mlp_norm"), _path_attn),
     "mesa_net": ("attn", "mlp", ("attn_norm", "mlp_norm"), _mesa_attn),
+    "hgrn2": ("attn", "mlp", ("attn_norm", "mlp_norm"), _hgrn2_attn),
     "rwkv6": ("attn", "ffn", ("pre_norm", "attn_norm", "ffn_norm"), _rwkv6_attn, _rwkv6_ffn_plan),
     "rwkv7": ("attn", "ffn", ("pre_norm", "attn_norm", "ffn_norm"), _rwkv7_attn, _rwkv7_ffn_plan),
     "llama": ("self_attn", "mlp", ("input_layernorm", "post_attention_layernorm"), _llama_attn),
@@ -323,6 +339,9 @@ def apply_tensor_parallel(
             use_local_output=not loss_parallel,
         ),
     }
+    if getattr(inner, "lower_bounds", None) is not None:
+        # HGRN2's per-layer forget-gate floors: whole on every rank, each rank's gradient only for its channels
+        top[families.body_name(model)] = LocalCompute(partial_grads=True, recurse=False)
     top = {name: style for name, style in top.items() if _exists(model, name)}
     parallelize_module(model, tp_mesh, top)
     blocks = inner.layers.items() if isinstance(inner.layers, nn.ModuleDict) else enumerate(inner.layers)
@@ -334,6 +353,8 @@ def apply_tensor_parallel(
         plan.update(layer_plan(layer, f"{prefix}.{mixer}", sp=sp))
         plan.update(mlp_plan(f"{prefix}.{mlp}", sp=sp, mlp=getattr(block, mlp)))
         parallelize_module(model, tp_mesh, plan)
+        if model_type == "hgrn2" and not _is_softmax_attention(layer):
+            tp_norm_linear.tag(weight=layer.o_proj.weight, sequence_parallel=sp)
     if sp and model_type == "llama":
         inner.register_forward_pre_hook(_full_positions, with_kwargs=True)
     return model

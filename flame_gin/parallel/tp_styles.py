@@ -44,6 +44,8 @@ class LocalCompute(ParallelStyle):
     calling them (FLA's RWKV-6 reads `x_proj[2].weight` in its own einsum). `scatter_sequence`: the module
     computes its output on the full sequence, identical on every rank, and the next module takes its rank's
     sequence shard (the first output, split on dim 1; its gradient is gathered back, so nothing is partial).
+    `shard_kwargs` names keyword inputs that arrive whole over a per-head last dimension (HGRN2's per-layer
+    forget-gate floor): the module takes its rank's slice.
     """
 
     def __init__(
@@ -56,8 +58,10 @@ class LocalCompute(ParallelStyle):
         local_counts: tuple[str, ...] = (),
         include: tuple[str, ...] = (),
         scatter_sequence: bool = False,
+        shard_kwargs: tuple[str, ...] = (),
     ):
         super().__init__()
+        self.shard_kwargs = tuple(shard_kwargs)
         self.include = tuple(include)
         self.scatter_sequence = scatter_sequence
         self.local_counts = tuple(local_counts)
@@ -95,6 +99,7 @@ class LocalCompute(ParallelStyle):
         partial = self.partial_grads
         gather = self.gather_sequence
         scatter = self.scatter_sequence
+        shard_kwargs = self.shard_kwargs
 
         def pre_hook(mod, args, kwargs):
             saved.append([(sub, name, sub._parameters[name]) for sub, name, _ in slots])
@@ -109,6 +114,9 @@ class LocalCompute(ParallelStyle):
                 sub._parameters[name] = local
             if gather:
                 args, kwargs = _gather_first(args, kwargs, device_mesh)
+            for key in shard_kwargs:
+                if isinstance(kwargs.get(key), torch.Tensor):
+                    kwargs = {**kwargs, key: kwargs[key].chunk(device_mesh.size(), -1)[device_mesh.get_local_rank()]}
             return args, kwargs
 
         def post_hook(mod, args, output):
