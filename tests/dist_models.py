@@ -53,8 +53,12 @@ def build(
             GLAForCausalLM,
             HGRN2Config,
             HGRN2ForCausalLM,
+            HGRNConfig,
+            HGRNForCausalLM,
             KDAConfig,
             KDAForCausalLM,
+            LightNetConfig,
+            LightNetForCausalLM,
             MesaNetConfig,
             MesaNetForCausalLM,
             PaTHAttentionConfig,
@@ -72,6 +76,8 @@ def build(
             "kda": (KDAConfig, KDAForCausalLM),
             "comba": (CombaConfig, CombaForCausalLM),
             "hgrn2": (HGRN2Config, HGRN2ForCausalLM),
+            "hgrn": (HGRNConfig, HGRNForCausalLM),
+            "lightnet": (LightNetConfig, LightNetForCausalLM),
             "forgetting_transformer": (ForgettingTransformerConfig, ForgettingTransformerForCausalLM),
             "path_attn": (PaTHAttentionConfig, PaTHAttentionForCausalLM),
             "mesa_net": (MesaNetConfig, MesaNetForCausalLM),
@@ -90,7 +96,7 @@ def build(
         )
         if family in ("gated_deltanet", "kda", "comba", "mesa_net", "rwkv7"):
             kwargs["head_dim"] = hidden // heads
-        if family == "hgrn2":
+        if family in ("hgrn2", "lightnet"):
             kwargs["expand_ratio"] = hidden // heads
         if family == "forgetting_transformer":  # the family file's layer: output gate and per-head QK-norm
             kwargs.update(use_output_gate=True, qk_norm=True, num_kv_heads=heads // 2)

@@ -42,6 +42,13 @@ TWO = {
     ),
     "tp_sp_hgrn2_conv": (EQ, ("hgrn2", dict(tp=2), dict()), dict(model_kwargs=dict(use_short_conv=True))),
     "tp_no_sp_hgrn2": (EQ, ("hgrn2", dict(tp=2), dict(sequence_parallel=False, loss_parallel=False)), {}),
+    "tp_sp_hgrn_conv": (EQ, ("hgrn", dict(tp=2), dict()), dict(model_kwargs=dict(use_short_conv=True))),
+    "tp_sp_lightnet": (EQ, ("lightnet", dict(tp=2), dict()), dict(model_kwargs=dict(gate_low_rank_dim=8))),
+    "tp_no_sp_lightnet_conv": (
+        EQ,
+        ("lightnet", dict(tp=2), dict(sequence_parallel=False, loss_parallel=False)),
+        dict(model_kwargs=dict(use_short_conv=True, gate_low_rank_dim=8)),
+    ),
     "tp_sp_rwkv7": (EQ, ("rwkv7", dict(tp=2), dict()), {}),
     "tp_sp_rwkv6": (EQ, ("rwkv6", dict(tp=2), dict()), {}),
     "tp_no_sp_rwkv6": (EQ, ("rwkv6", dict(tp=2), dict(sequence_parallel=False, loss_parallel=False)), {}),

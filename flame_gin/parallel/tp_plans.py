@@ -20,7 +20,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from flame_gin import families
-from flame_gin.parallel import tp_norm_linear
+from flame_gin.parallel import tp_full_norms
 from flame_gin.parallel.tp_styles import LocalCompute
 
 log = logging.getLogger(__name__)
@@ -232,17 +232,39 @@ def _rwkv6_ffn_plan(prefix: str, *, sp: bool, mlp: nn.Module) -> dict:
     }
 
 
-def _hgrn2_attn(attn, prefix, *, sp):
-    """HGRN2: query, forget and input projections (and their short convolutions) by head; the layer's floor on
-    the forget gate arrives whole and is sliced to the rank's channels; its output norm spans every head and is
-    fused with o_proj (`tp_norm_linear`: the mean square summed over the ranks)."""
-    tp_norm_linear.install(module=type(attn).__module__)
-    plan = {prefix: LocalCompute(gather_sequence=sp, recurse=False, shard_kwargs=("lower_bound",))}
-    for name in ("q_proj", "f_proj", "i_proj"):
+def _hgrn_family_attn(attn, prefix, *, sp, names: tuple[str, ...], floor: bool = True) -> dict:
+    """HGRN, HGRN2 and LightNet: their projections (and short convolutions) by head or channel, their output norm
+    over the full width (`tp_full_norms`: the mean square summed over the ranks), o_proj row-wise. A layer's
+    floor on the forget gate (HGRN, HGRN2) arrives whole and is sliced to the rank's channels."""
+    entry = LocalCompute(gather_sequence=sp, recurse=False, shard_kwargs=("lower_bound",) if floor else ())
+    plan = {prefix: entry}
+    for name in names:
         plan[f"{prefix}.{name}"] = ColwiseParallel()
     plan.update(_head_norms(attn, prefix))  # the short convolutions
-    plan[f"{prefix}.g_norm"] = LocalCompute(shard_params=("weight", "bias"))  # full width: the rank's channels
-    plan[f"{prefix}.o_proj"] = RowwiseParallel()  # its weight only: the fused call reads it
+    plan[f"{prefix}.g_norm"] = LocalCompute(shard_params=("weight", "bias"))  # the rank's channels
+    plan[f"{prefix}.o_proj"] = _rowwise(sp=sp)
+    return plan
+
+
+def _hgrn_attn(attn, prefix, *, sp):
+    """HGRN: one channel-wise recurrence, so channels split freely; its gated norm is a module."""
+    plan = _hgrn_family_attn(attn, prefix, sp=sp, names=("i_proj", "f_proj", "g_proj"))
+    plan[f"{prefix}.g_norm"] = tp_full_norms.FullWidthGatedNorm()
+    return plan
+
+
+def _hgrn2_attn(attn, prefix, *, sp):
+    """HGRN2: query, forget and input projections by head; norm and o_proj in one fused call, which reads
+    o_proj's weight itself (tagged with its output layout after the plan is applied)."""
+    tp_full_norms.install(module=type(attn).__module__)
+    return _hgrn_family_attn(attn, prefix, sp=sp, names=("q_proj", "f_proj", "i_proj"))
+
+
+def _lightnet_attn(attn, prefix, *, sp):
+    """LightNet: q/k/v by head, its low-rank gate's up-projection per channel; norm, gate and o_proj fused."""
+    tp_full_norms.install(module=type(attn).__module__)
+    plan = _hgrn_family_attn(attn, prefix, sp=sp, names=("q_proj", "k_proj", "v_proj"), floor=False)
+    plan.update(_low_rank(f"{prefix}.g_proj"))
     return plan
 
 
@@ -280,7 +302,9 @@ _FAMILIES = {
     "forgetting_transformer": ("attn", "mlp", ("attn_norm", "mlp_norm"), _forgetting_attn),
     "path_attn": ("attn", "mlp", ("attn_norm", "mlp_norm"), _path_attn),
     "mesa_net": ("attn", "mlp", ("attn_norm", "mlp_norm"), _mesa_attn),
+    "hgrn": ("attn", "mlp", ("attn_norm", "mlp_norm"), _hgrn_attn),
     "hgrn2": ("attn", "mlp", ("attn_norm", "mlp_norm"), _hgrn2_attn),
+    "lightnet": ("attn", "mlp", ("attn_norm", "mlp_norm"), _lightnet_attn),
     "rwkv6": ("attn", "ffn", ("pre_norm", "attn_norm", "ffn_norm"), _rwkv6_attn, _rwkv6_ffn_plan),
     "rwkv7": ("attn", "ffn", ("pre_norm", "attn_norm", "ffn_norm"), _rwkv7_attn, _rwkv7_ffn_plan),
     "llama": ("self_attn", "mlp", ("input_layernorm", "post_attention_layernorm"), _llama_attn),
@@ -353,8 +377,8 @@ def apply_tensor_parallel(
         plan.update(layer_plan(layer, f"{prefix}.{mixer}", sp=sp))
         plan.update(mlp_plan(f"{prefix}.{mlp}", sp=sp, mlp=getattr(block, mlp)))
         parallelize_module(model, tp_mesh, plan)
-        if model_type == "hgrn2" and not _is_softmax_attention(layer):
-            tp_norm_linear.tag(weight=layer.o_proj.weight, sequence_parallel=sp)
+        if model_type in ("hgrn2", "lightnet") and not _is_softmax_attention(layer):  # o_proj read in a fused call
+            tp_full_norms.tag(weight=layer.o_proj.weight, sequence_parallel=sp)
     if sp and model_type == "llama":
         inner.register_forward_pre_hook(_full_positions, with_kwargs=True)
     return model
