@@ -63,6 +63,8 @@ def build(
             MesaNetForCausalLM,
             PaTHAttentionConfig,
             PaTHAttentionForCausalLM,
+            RetNetConfig,
+            RetNetForCausalLM,
             RWKV6Config,
             RWKV6ForCausalLM,
             RWKV7Config,
@@ -81,6 +83,7 @@ def build(
             "forgetting_transformer": (ForgettingTransformerConfig, ForgettingTransformerForCausalLM),
             "path_attn": (PaTHAttentionConfig, PaTHAttentionForCausalLM),
             "mesa_net": (MesaNetConfig, MesaNetForCausalLM),
+            "retnet": (RetNetConfig, RetNetForCausalLM),
             "rwkv6": (RWKV6Config, RWKV6ForCausalLM),
             "rwkv7": (RWKV7Config, RWKV7ForCausalLM),
         }

@@ -49,6 +49,8 @@ TWO = {
         ("lightnet", dict(tp=2), dict(sequence_parallel=False, loss_parallel=False)),
         dict(model_kwargs=dict(use_short_conv=True, gate_low_rank_dim=8)),
     ),
+    "tp_sp_retnet_gqa": (EQ, ("retnet", dict(tp=2), dict()), dict(model_kwargs=dict(num_kv_heads=2))),
+    "tp_no_sp_retnet": (EQ, ("retnet", dict(tp=2), dict(sequence_parallel=False, loss_parallel=False)), {}),
     "tp_sp_rwkv7": (EQ, ("rwkv7", dict(tp=2), dict()), {}),
     "tp_sp_rwkv6": (EQ, ("rwkv6", dict(tp=2), dict()), {}),
     "tp_no_sp_rwkv6": (EQ, ("rwkv6", dict(tp=2), dict(sequence_parallel=False, loss_parallel=False)), {}),

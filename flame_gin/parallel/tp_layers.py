@@ -264,6 +264,12 @@ def _lightnet_attn(attn, prefix, *, sp):
     return plan
 
 
+def _retention_attn(attn, prefix, *, sp):
+    """RetNet: q/k/v (grouped key/value heads kept) and the output gate by head, its per-head norm local; each
+    head's fixed decay follows its global index (`tp_retention`, marked once the plan is applied)."""
+    return _per_head_projections(attn, prefix, sp=sp, names=("q_proj", "k_proj", "v_proj", "g_proj"))
+
+
 def softmax_attention_plan(attn, prefix, *, sp):
     """FLA's softmax attention layer (a hybrid's attention layers, through SDPA or flash-attn): query heads and
     their key/value heads by rank (the grouping is kept when the mesh divides the key/value heads), its
@@ -301,6 +307,7 @@ FAMILIES = {
     "hgrn": ("attn", "mlp", ("attn_norm", "mlp_norm"), _hgrn_attn),
     "hgrn2": ("attn", "mlp", ("attn_norm", "mlp_norm"), _hgrn2_attn),
     "lightnet": ("attn", "mlp", ("attn_norm", "mlp_norm"), _lightnet_attn),
+    "retnet": ("attn", "mlp", ("attn_norm", "mlp_norm"), _retention_attn),
     "rwkv6": ("attn", "ffn", ("pre_norm", "attn_norm", "ffn_norm"), _rwkv6_attn, _rwkv6_ffn_plan),
     "rwkv7": ("attn", "ffn", ("pre_norm", "attn_norm", "ffn_norm"), _rwkv7_attn, _rwkv7_ffn_plan),
     "llama": ("self_attn", "mlp", ("input_layernorm", "post_attention_layernorm"), _llama_attn),
