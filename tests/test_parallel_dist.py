@@ -51,6 +51,7 @@ TWO = {
     ),
     "tp_sp_retnet_gqa": (EQ, ("retnet", dict(tp=2), dict()), dict(model_kwargs=dict(num_kv_heads=2))),
     "tp_no_sp_retnet": (EQ, ("retnet", dict(tp=2), dict(sequence_parallel=False, loss_parallel=False)), {}),
+    "tp_sp_gsa_gqa": (EQ, ("gsa", dict(tp=2), dict()), dict(model_kwargs=dict(num_kv_heads=2, num_slots=4))),
     "tp_sp_rwkv7": (EQ, ("rwkv7", dict(tp=2), dict()), {}),
     "tp_sp_rwkv6": (EQ, ("rwkv6", dict(tp=2), dict()), {}),
     "tp_no_sp_rwkv6": (EQ, ("rwkv6", dict(tp=2), dict(sequence_parallel=False, loss_parallel=False)), {}),

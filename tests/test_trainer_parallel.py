@@ -285,8 +285,10 @@ def test_tensor_parallel_for_a_family_without_a_plan_is_refused_before_anything_
     from flame_gin import assembly
     from flame_gin.mesh import ParallelDims
 
-    config = AutoConfig.for_model("gsa", hidden_size=32, num_heads=2, num_hidden_layers=1, vocab_size=64)
-    with pytest.raises(ValueError, match="tensor parallel: no plan for model family 'gsa'; families with a plan: "):
+    config = AutoConfig.for_model("gated_deltaproduct", hidden_size=32, num_heads=2, num_hidden_layers=1, vocab_size=64)
+    with pytest.raises(
+        ValueError, match="tensor parallel: no plan for model family 'gated_deltaproduct'; families with a plan: "
+    ):
         assembly.parallel_degrees(
             make=functools.partial(ParallelDims, tp=2),
             world_size=2,

@@ -264,6 +264,15 @@ def _lightnet_attn(attn, prefix, *, sp):
     return plan
 
 
+def _gsa_attn(attn, prefix, *, sp):
+    """GSA: q/k/v and the slot forget gate by (key/value) head; its output norm spans every head and is fused
+    with o_proj, as HGRN2's. A learned feature map (T2R) is shared by all heads and has no plan."""
+    if attn.feature_map is not None and list(attn.feature_map.parameters()):
+        raise ValueError(f"tensor parallel: GSA with a learned feature map ({prefix}) has no plan")
+    tp_full_norms.install(module=type(attn).__module__)
+    return _hgrn_family_attn(attn, prefix, sp=sp, names=("q_proj", "k_proj", "v_proj", "f_proj"), floor=False)
+
+
 def _retention_attn(attn, prefix, *, sp):
     """RetNet: q/k/v (grouped key/value heads kept) and the output gate by head, its per-head norm local; each
     head's fixed decay follows its global index (`tp_retention`, marked once the plan is applied)."""
@@ -304,6 +313,7 @@ FAMILIES = {
     "forgetting_transformer": ("attn", "mlp", ("attn_norm", "mlp_norm"), _forgetting_attn),
     "path_attn": ("attn", "mlp", ("attn_norm", "mlp_norm"), _path_attn),
     "mesa_net": ("attn", "mlp", ("attn_norm", "mlp_norm"), _mesa_attn),
+    "gsa": ("attn", "mlp", ("attn_norm", "mlp_norm"), _gsa_attn),
     "hgrn": ("attn", "mlp", ("attn_norm", "mlp_norm"), _hgrn_attn),
     "hgrn2": ("attn", "mlp", ("attn_norm", "mlp_norm"), _hgrn2_attn),
     "lightnet": ("attn", "mlp", ("attn_norm", "mlp_norm"), _lightnet_attn),

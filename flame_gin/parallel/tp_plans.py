@@ -85,7 +85,7 @@ def apply_tensor_parallel(
         plan.update(layer_plan(layer, f"{prefix}.{mixer}", sp=sp))
         plan.update(mlp_plan(f"{prefix}.{mlp}", sp=sp, mlp=getattr(block, mlp)))
         parallelize_module(model, tp_mesh, plan)
-        if model_type in ("hgrn2", "lightnet") and not hybrid_attention:  # o_proj read by a fused call
+        if model_type in ("gsa", "hgrn2", "lightnet") and not hybrid_attention:  # o_proj read by a fused call
             tp_full_norms.tag(weight=layer.o_proj.weight, sequence_parallel=sp)
         if model_type == "retnet" and not hybrid_attention:  # decays by the global head index
             tp_retention.mark(layer=layer, offset=tp_mesh.get_local_rank() * layer.num_heads // tp_mesh.size())
