@@ -65,6 +65,11 @@ TWO = {
     "cp_gated_deltanet_varlen": (EQ, ("gated_deltanet", dict(cp=2), dict()), dict(rows=1, varlen=True)),
     "cp_kda_varlen": (EQ, ("kda", dict(cp=2), dict()), dict(rows=1, varlen=True)),
     "cp_comba": (EQ, ("comba", dict(cp=2), dict()), dict(rows=2)),
+    "cp_hgrn_conv_varlen": (
+        EQ,
+        ("hgrn", dict(cp=2), dict()),
+        dict(rows=1, varlen=True, model_kwargs=dict(use_short_conv=True)),
+    ),
     "cp_hgrn2_varlen": (EQ, ("hgrn2", dict(cp=2), dict()), dict(rows=1, varlen=True)),
     "pp_gpipe_llama": (PP, ("llama", dict(pp=2), "GPipe"), {}),
     "pp_1f1b_gla": (PP, ("gla", dict(pp=2), "1F1B"), {}),

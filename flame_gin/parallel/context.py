@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-# family -> (layer module, {op name: kind}); kind: "gla" (diagonal decay, gate keyword), "delta" (matrix)
+# family -> (layer module, {op name: kind}); kind: "gla" (diagonal decay, gate keyword), "delta" (matrix),
+# "hgrn" (one state per channel, [B, D], its log forget gate under the keyword)
 _OPS = {
     "gla": ("fla.layers.gla", {"fused_recurrent_gla": "gla:gk", "chunk_gla": "gla:g", "fused_chunk_gla": "gla:g"}),
     "delta_net": ("fla.layers.delta_net", {"fused_recurrent_delta_rule": "delta", "chunk_delta_rule": "delta"}),
@@ -45,6 +46,7 @@ _OPS = {
     # KDA's per-channel decay and Comba's state read through p keep the state map linear (a K x K matrix)
     "kda": ("fla.layers.kda", {"chunk_kda": "delta", "fused_recurrent_kda": "delta"}),
     "comba": ("fla.layers.comba", {"chunk_comba": "delta", "fused_recurrent_comba": "delta"}),
+    "hgrn": ("fla.layers.hgrn", {"chunk_hgrn": "hgrn:g", "fused_recurrent_hgrn": "hgrn:g"}),
     "hgrn2": (
         "fla.layers.hgrn2",
         {"fused_recurrent_gla": "gla:gk", "chunk_gla": "gla:g", "fused_chunk_gla": "gla:g"},
@@ -125,6 +127,8 @@ def shard_batch(
 def _apply_transition(state, trans, kind, v_first):
     if kind == "gla":  # trans: [B, H, K] per-key decay
         return state * (trans[..., None, :] if v_first else trans[..., :, None])
+    if kind == "hgrn":  # state and trans: [B, D]
+        return state * trans
     return state @ trans if v_first else trans @ state  # trans: [B, H, K, K]
 
 
@@ -181,14 +185,14 @@ def _cp_op(original, kind: str):
             raise ValueError("context parallel: layers must not pass their own initial_state (no caches)")
         v_first = bool(kw.get("state_v_first", False))
         cu = kw.get("cu_seqlens")
-        q = kw["q"]
+        q = kw["q"] if "q" in kw else kw["x"]  # HGRN's ops take x (its input) and g
         base = {k: v for k, v in kw.items() if k not in ("initial_state", "output_final_state")}
         _, final = original(**base, initial_state=None, output_final_state=True)
         last = final[-1:] if cu is not None else final  # chain: the last document, or every row
         passes = info.carry_in and (cu is None or len(cu) == 2)
-        if family == "gla":
+        if family in ("gla", "hgrn"):
             gate = kw[gate_key]
-            trans = torch.exp(gate.float().sum(dim=1))  # [B, H, K]; varlen: B == 1 and one document
+            trans = torch.exp(gate.float().sum(dim=1))  # [B, H, K] or [B, D]; varlen: B == 1 and one document
             if not passes:
                 trans = torch.zeros_like(trans)
         else:
