@@ -10,8 +10,9 @@ layout the block expects (the rank's sequence shard under sequence parallel, els
 
 `install(module=)` wraps the fused names in a layer's module; a wrapper calls the function it wrapped (FLA's
 kernel or the CPU reference) whenever the projection weight is not a DTensor, so an unsharded model is
-untouched. `tag(weight=, sequence_parallel=)` records the output layout on the sharded projection weight.
-`FullWidthGatedNorm` is the style for the gated norm module (HGRN's `g_norm`).
+untouched. `FusedOutputProjection` is the style for the projection those calls read: row-wise, with its
+output layout recorded on its weight. `FullWidthGatedNorm` is the style for the gated norm module (HGRN's
+`g_norm`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ParallelStyle
+from torch.distributed.tensor.parallel import ParallelStyle, RowwiseParallel
 
 _LAYOUT = "tp_output_layouts"
 _FUSED = ("rms_norm_linear", "rms_norm_swish_gate_linear")
@@ -66,9 +67,19 @@ def _normalized(*, x, weight, bias, eps: float, mesh: DeviceMesh, gate=None, act
     return y
 
 
-def tag(*, weight: DTensor, sequence_parallel: bool) -> None:
-    """Records where the projection's output goes: sequence-sharded, or whole on every rank."""
-    setattr(weight, _LAYOUT, (Shard(1),) if sequence_parallel else (Replicate(),))
+class FusedOutputProjection(ParallelStyle):
+    """The output projection a fused norm call reads itself: its weight row-wise (as `RowwiseParallel` holds
+    it), with the layout of the call's output recorded on it (the rank's sequence shard under sequence
+    parallel, else the whole output)."""
+
+    def __init__(self, *, sequence_parallel: bool):
+        super().__init__()
+        self.layouts = (Shard(1),) if sequence_parallel else (Replicate(),)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        RowwiseParallel(output_layouts=self.layouts[0])._apply(module, device_mesh)
+        setattr(module.weight, _LAYOUT, self.layouts)
+        return module
 
 
 def _project(y, linear_weight, linear_bias):

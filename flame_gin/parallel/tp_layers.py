@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-from flame_gin.parallel import tp_full_norms
+from flame_gin.parallel import tp_full_norms, tp_retention
 from flame_gin.parallel.tp_styles import LocalCompute
 
 log = logging.getLogger(__name__)
@@ -229,9 +229,9 @@ def _rwkv6_ffn_plan(prefix: str, *, sp: bool, mlp: nn.Module) -> dict:
 
 
 def _hgrn_family_attn(attn, prefix, *, sp, names: tuple[str, ...], floor: bool = True) -> dict:
-    """HGRN, HGRN2 and LightNet: their projections (and short convolutions) by head or channel, their output norm
-    over the full width (`tp_full_norms`: the mean square summed over the ranks), o_proj row-wise. A layer's
-    floor on the forget gate (HGRN, HGRN2) arrives whole and is sliced to the rank's channels."""
+    """HGRN, HGRN2, LightNet and GSA: their projections (and short convolutions) by head or channel, their output
+    norm over the full width (`tp_full_norms`: the mean square summed over the ranks), o_proj row-wise. A
+    layer's floor on the forget gate (HGRN, HGRN2) arrives whole and is sliced to the rank's channels."""
     entry = LocalCompute(gather_sequence=sp, recurse=False, shard_kwargs=("lower_bound",) if floor else ())
     plan = {prefix: entry}
     for name in names:
@@ -249,17 +249,23 @@ def _hgrn_attn(attn, prefix, *, sp):
     return plan
 
 
-def _hgrn2_attn(attn, prefix, *, sp):
-    """HGRN2: query, forget and input projections by head; norm and o_proj in one fused call, which reads
-    o_proj's weight itself (tagged with its output layout after the plan is applied)."""
+def _fused_norm_attn(attn, prefix, *, sp, **family) -> dict:
+    """A layer whose norm and o_proj run as one fused call that reads o_proj's weight itself: the call is
+    wrapped, and o_proj's weight carries the layout of its output."""
     tp_full_norms.install(module=type(attn).__module__)
-    return _hgrn_family_attn(attn, prefix, sp=sp, names=("q_proj", "f_proj", "i_proj"))
+    plan = _hgrn_family_attn(attn, prefix, sp=sp, **family)
+    plan[f"{prefix}.o_proj"] = tp_full_norms.FusedOutputProjection(sequence_parallel=sp)
+    return plan
+
+
+def _hgrn2_attn(attn, prefix, *, sp):
+    """HGRN2: query, forget and input projections by head; norm and o_proj in one fused call."""
+    return _fused_norm_attn(attn, prefix, sp=sp, names=("q_proj", "f_proj", "i_proj"))
 
 
 def _lightnet_attn(attn, prefix, *, sp):
     """LightNet: q/k/v by head, its low-rank gate's up-projection per channel; norm, gate and o_proj fused."""
-    tp_full_norms.install(module=type(attn).__module__)
-    plan = _hgrn_family_attn(attn, prefix, sp=sp, names=("q_proj", "k_proj", "v_proj"), floor=False)
+    plan = _fused_norm_attn(attn, prefix, sp=sp, names=("q_proj", "k_proj", "v_proj"), floor=False)
     plan.update(_low_rank(f"{prefix}.g_proj"))
     return plan
 
@@ -269,14 +275,15 @@ def _gsa_attn(attn, prefix, *, sp):
     with o_proj, as HGRN2's. A learned feature map (T2R) is shared by all heads and has no plan."""
     if attn.feature_map is not None and list(attn.feature_map.parameters()):
         raise ValueError(f"tensor parallel: GSA with a learned feature map ({prefix}) has no plan")
-    tp_full_norms.install(module=type(attn).__module__)
-    return _hgrn_family_attn(attn, prefix, sp=sp, names=("q_proj", "k_proj", "v_proj", "f_proj"), floor=False)
+    return _fused_norm_attn(attn, prefix, sp=sp, names=("q_proj", "k_proj", "v_proj", "f_proj"), floor=False)
 
 
 def _retention_attn(attn, prefix, *, sp):
     """RetNet: q/k/v (grouped key/value heads kept) and the output gate by head, its per-head norm local; each
-    head's fixed decay follows its global index (`tp_retention`, marked once the plan is applied)."""
-    return _per_head_projections(attn, prefix, sp=sp, names=("q_proj", "k_proj", "v_proj", "g_proj"))
+    head's fixed decay follows its global index (`tp_retention`)."""
+    plan = _per_head_projections(attn, prefix, sp=sp, names=("q_proj", "k_proj", "v_proj", "g_proj"))
+    plan[prefix] = tp_retention.GlobalHeadDecays(plan[prefix])
+    return plan
 
 
 def softmax_attention_plan(attn, prefix, *, sp):
@@ -304,21 +311,23 @@ def _llama_attn(attn, prefix, *, sp):
 
 
 # model_type -> (the block's mixer attribute, its mlp attribute, its norms (those present), mixer plan[, mlp plan])
+_FLA_BLOCK = ("attn", "mlp", ("attn_norm", "mlp_norm"))  # most FLA families' blocks
+_RWKV_BLOCK = ("attn", "ffn", ("pre_norm", "attn_norm", "ffn_norm"))
 FAMILIES = {
-    "gla": ("attn", "mlp", ("attn_norm", "mlp_norm"), _gla_attn),
-    "delta_net": ("attn", "mlp", ("attn_norm", "mlp_norm"), _deltanet_attn),
-    "gated_deltanet": ("attn", "mlp", ("attn_norm", "mlp_norm"), _gated_delta_attn),
-    "kda": ("attn", "mlp", ("attn_norm", "mlp_norm"), _kda_attn),
-    "comba": ("attn", "mlp", ("attn_norm", "mlp_norm"), _comba_attn),
-    "forgetting_transformer": ("attn", "mlp", ("attn_norm", "mlp_norm"), _forgetting_attn),
-    "path_attn": ("attn", "mlp", ("attn_norm", "mlp_norm"), _path_attn),
-    "mesa_net": ("attn", "mlp", ("attn_norm", "mlp_norm"), _mesa_attn),
-    "gsa": ("attn", "mlp", ("attn_norm", "mlp_norm"), _gsa_attn),
-    "hgrn": ("attn", "mlp", ("attn_norm", "mlp_norm"), _hgrn_attn),
-    "hgrn2": ("attn", "mlp", ("attn_norm", "mlp_norm"), _hgrn2_attn),
-    "lightnet": ("attn", "mlp", ("attn_norm", "mlp_norm"), _lightnet_attn),
-    "retnet": ("attn", "mlp", ("attn_norm", "mlp_norm"), _retention_attn),
-    "rwkv6": ("attn", "ffn", ("pre_norm", "attn_norm", "ffn_norm"), _rwkv6_attn, _rwkv6_ffn_plan),
-    "rwkv7": ("attn", "ffn", ("pre_norm", "attn_norm", "ffn_norm"), _rwkv7_attn, _rwkv7_ffn_plan),
+    "gla": (*_FLA_BLOCK, _gla_attn),
+    "delta_net": (*_FLA_BLOCK, _deltanet_attn),
+    "gated_deltanet": (*_FLA_BLOCK, _gated_delta_attn),
+    "kda": (*_FLA_BLOCK, _kda_attn),
+    "comba": (*_FLA_BLOCK, _comba_attn),
+    "forgetting_transformer": (*_FLA_BLOCK, _forgetting_attn),
+    "path_attn": (*_FLA_BLOCK, _path_attn),
+    "mesa_net": (*_FLA_BLOCK, _mesa_attn),
+    "gsa": (*_FLA_BLOCK, _gsa_attn),
+    "hgrn": (*_FLA_BLOCK, _hgrn_attn),
+    "hgrn2": (*_FLA_BLOCK, _hgrn2_attn),
+    "lightnet": (*_FLA_BLOCK, _lightnet_attn),
+    "retnet": (*_FLA_BLOCK, _retention_attn),
+    "rwkv6": (*_RWKV_BLOCK, _rwkv6_attn, _rwkv6_ffn_plan),
+    "rwkv7": (*_RWKV_BLOCK, _rwkv7_attn, _rwkv7_ffn_plan),
     "llama": ("self_attn", "mlp", ("input_layernorm", "post_attention_layernorm"), _llama_attn),
 }

@@ -14,7 +14,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from flame_gin import families
-from flame_gin.parallel import tp_full_norms, tp_layers, tp_retention
+from flame_gin.parallel import tp_layers
 from flame_gin.parallel.tp_styles import LocalCompute
 
 
@@ -80,15 +80,10 @@ def apply_tensor_parallel(
         prefix = f"{layers}.{i}"
         plan = {f"{prefix}.{n}": LocalCompute(partial_grads=sp) for n in norms if hasattr(block, n)}
         layer = getattr(block, mixer)
-        hybrid_attention = tp_layers.is_softmax_attention(layer)
-        layer_plan = tp_layers.softmax_attention_plan if hybrid_attention else mixer_plan
+        layer_plan = tp_layers.softmax_attention_plan if tp_layers.is_softmax_attention(layer) else mixer_plan
         plan.update(layer_plan(layer, f"{prefix}.{mixer}", sp=sp))
         plan.update(mlp_plan(f"{prefix}.{mlp}", sp=sp, mlp=getattr(block, mlp)))
         parallelize_module(model, tp_mesh, plan)
-        if model_type in ("gsa", "hgrn2", "lightnet") and not hybrid_attention:  # o_proj read by a fused call
-            tp_full_norms.tag(weight=layer.o_proj.weight, sequence_parallel=sp)
-        if model_type == "retnet" and not hybrid_attention:  # decays by the global head index
-            tp_retention.mark(layer=layer, offset=tp_mesh.get_local_rank() * layer.num_heads // tp_mesh.size())
     if sp and model_type == "llama":
         inner.register_forward_pre_hook(_full_positions, with_kwargs=True)
     return model

@@ -17,6 +17,8 @@ import importlib
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import ParallelStyle
 
 _MODULE = "fla.layers.multiscale_retention"
 NAMES = ("chunk_retention", "fused_chunk_retention", "fused_recurrent_retention", "parallel_retention")
@@ -92,3 +94,17 @@ def mark(*, layer: nn.Module, offset: int) -> None:
     tokens = []
     layer.register_forward_pre_hook(lambda mod, args: tokens.append(_OFFSET.set(offset)))
     layer.register_forward_hook(lambda mod, args, out: _OFFSET.reset(tokens.pop()))
+
+
+class GlobalHeadDecays(ParallelStyle):
+    """Applies ``style`` to a retention layer, then marks the layer with its rank's first head (the rank's
+    share of ``num_heads`` times its index on the mesh)."""
+
+    def __init__(self, style: ParallelStyle):
+        super().__init__()
+        self.style = style
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        module = self.style._apply(module, device_mesh)
+        mark(layer=module, offset=device_mesh.get_local_rank() * module.num_heads // device_mesh.size())
+        return module
