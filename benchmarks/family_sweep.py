@@ -85,13 +85,16 @@ def _parse(log: str) -> dict[int, dict[str, float]]:
     return steps
 
 
-def _export_reload(*, workdir: str, env: dict, timeout: float) -> dict:
-    """The run's last checkpoint exported, reloaded in transformers and generating (`export_reload.py`)."""
+def _export_reload(*, workdir: str, env: dict, timeout: float, log: pathlib.Path | None) -> dict:
+    """The run's last checkpoint exported, reloaded in transformers and generating (`export_reload.py`); its
+    output kept in `log` when given."""
     cmd = [sys.executable, str(ROOT / "benchmarks" / "export_reload.py"), f"--checkpoint_dir={workdir}/checkpoints"]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"status": "timeout"}
+    if log is not None:
+        log.write_text(proc.stdout + proc.stderr)
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     last_json = next((line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")), None)
     if proc.returncode == 0 and last_json:
@@ -118,7 +121,12 @@ def run_family(*, family: str, args, env: dict) -> dict:
                 (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or ""),
                 None,
             )
-        exported = _export_reload(workdir=workdir, env=env, timeout=args.timeout) if args.export and code == 0 else None
+        export_log = pathlib.Path(args.log_dir, f"{family}.export.log") if args.log_dir else None
+        exported = (
+            _export_reload(workdir=workdir, env=env, timeout=args.timeout, log=export_log)
+            if args.export and code == 0
+            else None
+        )
     if args.log_dir:
         pathlib.Path(args.log_dir, f"{family}.log").write_text(log)
     steps = _parse(log)

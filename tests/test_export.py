@@ -163,3 +163,30 @@ def test_tiny_run_export_generates_and_stops_at_the_tokenizers_eos(tmp_path):
         kernels.restore()
     new = out[0, prompt["input_ids"].shape[1] :].tolist()
     assert new == [tok.eos_token_id], new
+
+
+def test_checkpoint_export_keeps_an_infinite_config_value(tmp_path):
+    """Mamba2's `dt_limit` holds an infinity, which the checkpoint's config file encodes as transformers does
+    ({"__float__": "Infinity"}). The model read from the checkpoint (what export and evaluation run) gets it
+    back as a float, and so does its export: both give the trained model's logits (a dict there made the
+    restored Mamba2 fail at its first forward)."""
+    from transformers import AutoModelForCausalLM
+
+    from flame_gin import kernels, models
+
+    kernels.select(mode="reference")
+    try:
+        config = models.build_config(family="mamba2", overrides={"hidden_size": 32, "num_hidden_layers": 1})
+        model = models.build_model(config=config, device="cpu", seed=0).eval()
+        assert model.config.dt_limit[1] == float("inf")
+        Checkpointer(directory=tmp_path / "ckpt").save(step=1, model=model, optimizer=None, extra={}, config_text="")
+        restored, _ = hf.load_checkpoint_model(checkpoint_dir=tmp_path / "ckpt")
+        hf.export_model(model=restored, output=tmp_path / "hf", dtype="float32")
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        ids = torch.randint(0, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+        for reloaded in (restored.eval(), loaded):
+            assert list(reloaded.config.dt_limit) == [0.0, float("inf")]
+            with torch.no_grad():
+                assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    finally:
+        kernels.restore()

@@ -81,7 +81,7 @@ def load_checkpoint_model(*, checkpoint_dir: str | os.PathLike, step: int | None
     The checkpoint must hold the model's HF config (saved automatically when the model has a `config`).
     Select kernels (`flame_gin.kernels.select`) before calling: some FLA layers pick their ops when built.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     _register_fla()
     root = pathlib.Path(checkpoint_dir)
@@ -95,9 +95,10 @@ def load_checkpoint_model(*, checkpoint_dir: str | os.PathLike, step: int | None
             f"{config_file} is missing: the checkpoint was saved from a model "
             "without an HF config; use export_model() on a built model instead"
         )
-    values = json.loads(config_file.read_text())
-    model_type = values.pop("model_type")
-    config = AutoConfig.for_model(model_type, **values)
+    # the config class's own reader: it decodes what `to_json_string` encodes (an infinite float, as Mamba2's
+    # `dt_limit` holds, is written as {"__float__": "Infinity"}), which plain `json.loads` leaves a dict
+    model_type = json.loads(config_file.read_text())["model_type"]
+    config = CONFIG_MAPPING[model_type].from_json_file(config_file)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     load_weights(directory=root, model=model, step=step)
     return model, step
