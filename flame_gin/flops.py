@@ -33,8 +33,10 @@ is two matmuls of the same size):
   passes through, not once per memory built. FLA pads each memory's tokens to the busiest memory's count;
   that padding is wasted work and is not charged, as MFU counts useful work.
 
-MesaNet (a conjugate-gradient solve per chunk, its step count data-dependent) and Mamba-3 have no count: their
-runs log no MFU.
+- Mamba-3 (SISO) as Mamba2's chunked form: its trapezoidal rule and rotary angles are element-wise work.
+
+MesaNet (a conjugate-gradient solve per chunk, its step count data-dependent) and Mamba-3 with MIMO have no
+count: their runs log no MFU.
 
 Element-wise work (norms, gates, activations, rotary) is not counted: it is small and memory-bound.
 """
@@ -107,6 +109,15 @@ def _mamba2(m, seq_len):
     )
 
 
+def _mamba3(m, seq_len):
+    """Mamba-3 (SISO): Mamba2's chunked form, C and B as queries and keys of the state size, x as values. Its
+    trapezoidal rule and rotary angles change the decay mask and rotate B and C (element-wise), adding no
+    product. The MIMO variant is not counted."""
+    if getattr(m, "is_mimo", False):
+        raise NotImplementedError("Mamba-3 with MIMO (is_mimo=True) has no FLOP count")
+    return _mamba2(m, seq_len)
+
+
 def _log_linear_mamba2(m, seq_len):
     """Mamba2's intra-chunk work and state update, plus one state read-out per Fenwick level past the chunk."""
     c = _chunk(seq_len, m.chunk_size)
@@ -172,6 +183,7 @@ _MIXERS: dict[str, tuple[str, Callable[[nn.Module, int], float]]] = {
     "Mamba": ("linear_attention", _mamba),
     "Mamba2": ("linear_attention", _mamba2),
     "LogLinearMamba2": ("linear_attention", _log_linear_mamba2),
+    "Mamba3": ("linear_attention", _mamba3),
     "Attention": ("softmax_attention", _fla_attention),
     "LlamaAttention": ("softmax_attention", _hf_attention),
 }
@@ -200,6 +212,7 @@ SUPPORTED_FAMILIES = (
     "path_attn",
     "mom",
     "log_linear_mamba2",
+    "mamba3",
 )
 
 

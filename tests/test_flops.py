@@ -269,6 +269,12 @@ NEW_FAMILIES = [
         dict(num_heads=2, head_dim=64, state_size=16, expand=2),
         ("linear_attention", 2 * (2 * 64 * (16 + 64) + 2 * 16 * 64)),
     ),
+    # Mamba-3 SISO: hidden 64 expanded 2x into 8 heads of 16, state 16, chunk 64
+    (
+        "mamba3",
+        dict(head_dim=16, state_size=16, expand=2, chunk_size=64),
+        ("linear_attention", _linear_attention(8, 16, 16, 64)),
+    ),
 ]
 
 
@@ -301,3 +307,15 @@ def test_gpu_only_families_are_counted_from_their_config(family, overrides, expe
     model = models.build_meta_model(config=config)
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert parts["linear"] == 2 * weights
+
+
+def test_mamba3_mimo_has_no_count_and_logs_no_mfu():
+    """Mamba-3's MIMO variant mixes ranks in its kernel, which the SISO formula does not describe: no count, so a
+    run logs no MFU rather than a wrong one."""
+    config = models.build_config(
+        family="mamba3",
+        overrides=dict(hidden_size=64, num_hidden_layers=1, vocab_size=256, head_dim=16, state_size=16, is_mimo=True),
+    )
+    with pytest.raises(NotImplementedError, match="MIMO"):
+        flops.flops_per_token(config=config, seq_len=T)
+    assert flops.training_flops_or_none(config=config, seq_len=T) is None

@@ -18,7 +18,7 @@ import transformers
 from torch import nn
 
 import gin
-from flame_gin import families, models
+from flame_gin import families, flops, models
 
 GIN_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin"
 SIZE_FILES = sorted(p for p in (GIN_DIR / "model").glob("*.gin") if re.search(r"_\d+[mb]\.gin$", p.name))
@@ -97,6 +97,9 @@ def test_size_file_builds_with_named_size(path, flash_attn_stub):
     else:
         assert error <= 0.10, f"{path.name}: {without_embedding:,} vs {nominal:,.0f} ({error:.0%}); say so in the file"
     assert config.vocab_size == 32000
+    cost = re.search(r"^# Training cost at 2048 tokens: ([\d.]+) GFLOP per token", text, re.M)
+    if cost:  # a stated cost is the count MFU uses
+        assert f"{flops.flops_per_token(config=config, seq_len=2048) / 1e9:.2f}" == cost[1], path.name
 
 
 def test_family_file_rejects_typo():
