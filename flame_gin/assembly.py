@@ -100,7 +100,10 @@ def _memory_estimate(*, meta, dims: mesh_lib.ParallelDims, micro_batch: int, seq
         local_batch=micro_batch,
         seq_len=seq_len,
         param_dtype="bfloat16" if device.type == "cuda" else "float32",
-        run_blocks=not (device.type == "cuda" and kernels.current_mode() == "triton"),
+        run_blocks=kernels.runs_on_meta(
+            layer_modules={type(m).__module__ for block in families.blocks(meta) for m in block.modules()},
+            on_gpu=device.type == "cuda",
+        ),
     )
     return memory.format_estimate(estimate, compiled=kernels.current_mode() == "compiled")
 

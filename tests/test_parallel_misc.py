@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import dist_models
 import pytest
@@ -99,3 +100,37 @@ def test_async_tp_is_refused_without_tp_compile_or_cuda():
             parallelize(
                 model, dims=ParallelDims(world_size=2, tp=2, dp_shard=1), mesh=None, async_tp=True, compile=True
             )
+
+
+def test_the_activation_probe_runs_a_block_on_meta_only_where_no_triton_kernel_can_launch(monkeypatch, caplog):
+    """On a GPU the memory estimate's meta forward may only run blocks whose ops all have meta kernels: in
+    compiled mode GLA's (its chunked op a custom op, its norms PyTorch's), never Gated DeltaNet's (FLA's Triton
+    op, which faults the device on a meta pointer), and nothing in triton mode. The GLA block really runs
+    there with the GPU's compiled table installed; a Triton launch it makes anyway (its short-sequence path)
+    is stopped before it reaches a device. On a CPU every block may run."""
+    import flame_gin.kernels as kernels
+    from flame_gin.families import blocks
+
+    def modules(model):
+        return {type(m).__module__ for block in blocks(model) for m in block.modules()}
+
+    try:
+        gla = dist_models.build("gla", kernel_mode="compiled").to("meta")
+        gdn = dist_models.build("gated_deltanet", kernel_mode="compiled").to("meta")
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.cuda, "is_available", lambda: True)  # select() installs the GPU's compiled table
+            assert kernels.select(mode="compiled") == "compiled"
+        assert kernels.runs_on_meta(layer_modules=modules(gla), on_gpu=True)
+        assert not kernels.runs_on_meta(layer_modules=modules(gdn), on_gpu=True)
+        assert kernels.runs_on_meta(layer_modules=modules(gdn), on_gpu=False)
+        probed = estimate_memory(model=gla, dims=ParallelDims(world_size=1), local_batch=2, seq_len=128)
+        assert probed["activations"] is not None and probed["activations"] > 0
+        # at 64 tokens or fewer FLA's GLA takes its fused recurrent Triton kernel: the launch is stopped
+        with caplog.at_level(logging.INFO, logger="flame_gin.parallel.memory"):
+            short = estimate_memory(model=gla, dims=ParallelDims(world_size=1), local_batch=2, seq_len=32)
+        assert short["activations"] is None
+        assert "launches the Triton kernel fused_recurrent" in caplog.text, caplog.text
+        kernels.select(mode="triton")
+        assert not kernels.runs_on_meta(layer_modules=modules(gla), on_gpu=True)
+    finally:
+        kernels.select(mode="reference")

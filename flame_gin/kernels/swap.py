@@ -168,6 +168,8 @@ _OPAQUE = {
     ("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
     ("fla.layers.delta_net", "chunk_delta_rule"): opaque.chunk_delta_rule,
 }
+# Layer modules whose every GPU op is a custom op with a meta kernel in compiled mode.
+OPAQUE_MODULES = frozenset(module for module, _ in _OPAQUE)
 
 
 def compiled_table(*, on_gpu: bool) -> tuple[Swap, ...]:

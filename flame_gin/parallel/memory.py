@@ -9,6 +9,7 @@ on the full (tensor-unsharded) block, so with tp > 1 they are an upper bound.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -39,6 +40,34 @@ def _block_activation_bytes(
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(x, **extra)
     return total
+
+
+@contextlib.contextmanager
+def _no_triton_launch():
+    """While the block runs on meta, a Triton launch raises instead of reaching the device.
+
+    Why: a Triton kernel handed a meta tensor gets a null pointer and faults a GPU, an illegal memory access
+    that poisons the process; a layer may pick a Triton path the caller did not foresee (FLA's GLA takes its
+    fused recurrent kernel for sequences of at most 64 tokens). Every launch (``kernel[grid](...)``, autotuned
+    or not) goes through ``KernelInterface.__getitem__``; without Triton there is nothing to guard."""
+    try:
+        from triton.runtime.jit import KernelInterface
+    except ImportError:
+        yield
+        return
+    original = KernelInterface.__getitem__
+
+    def refuse(kernel, grid):
+        while hasattr(kernel, "fn"):  # heuristics -> autotuner -> jit function -> the Python function
+            kernel = kernel.fn
+        name = getattr(kernel, "__name__", type(kernel).__name__)
+        raise RuntimeError(f"the block launches the Triton kernel {name}, which cannot run on meta tensors")
+
+    KernelInterface.__getitem__ = refuse
+    try:
+        yield
+    finally:
+        KernelInterface.__getitem__ = original
 
 
 def estimate_memory(
@@ -80,14 +109,15 @@ def estimate_memory(
             blocks[0].to_empty(device="meta") if next(blocks[0].parameters()).device.type != "meta" else blocks[0]
         )
         rotary = getattr(families.body(model), "rotary_emb", None)
-        per_block = _block_activation_bytes(
-            meta_block.to(dtype),
-            batch=local_batch,
-            seq=seq,
-            hidden=hidden,
-            dtype=dtype,
-            rotary=rotary.to_empty(device="meta") if rotary else None,
-        )
+        with _no_triton_launch():
+            per_block = _block_activation_bytes(
+                meta_block.to(dtype),
+                batch=local_batch,
+                seq=seq,
+                hidden=hidden,
+                dtype=dtype,
+                rotary=rotary.to_empty(device="meta") if rotary else None,
+            )
     except Exception as err:  # an op without a meta kernel (e.g. a Triton kernel)
         log.info("memory estimate: activations not measurable on meta: %s", err)
         per_block = None
