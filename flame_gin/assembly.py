@@ -100,9 +100,8 @@ def _memory_estimate(*, meta, dims: mesh_lib.ParallelDims, micro_batch: int, seq
         local_batch=micro_batch,
         seq_len=seq_len,
         param_dtype="bfloat16" if device.type == "cuda" else "float32",
-        run_blocks=kernels.runs_on_meta(
-            layer_modules={type(m).__module__ for block in families.blocks(meta) for m in block.modules()},
-            on_gpu=device.type == "cuda",
+        run_blocks=kernels.traceable(
+            layer_modules={type(m).__module__ for block in families.blocks(meta) for m in block.modules()}
         ),
     )
     return memory.format_estimate(estimate, compiled=kernels.current_mode() == "compiled")

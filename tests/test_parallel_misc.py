@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 
@@ -102,6 +103,21 @@ def test_async_tp_is_refused_without_tp_compile_or_cuda():
             )
 
 
+def _gpu_compiled_table(monkeypatch):
+    """Installs compiled mode's GPU table on this CPU (FLA's Triton ops stay, but for GLA's and DeltaNet's)."""
+    import flame_gin.kernels as kernels
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        assert kernels.select(mode="compiled") == "compiled"
+
+
+def _layer_modules(model):
+    from flame_gin.families import blocks
+
+    return {type(m).__module__ for block in blocks(model) for m in block.modules()}
+
+
 def test_the_activation_probe_runs_a_block_on_meta_only_where_no_triton_kernel_can_launch(monkeypatch, caplog):
     """On a GPU the memory estimate's meta forward may only run blocks whose ops all have meta kernels: in
     compiled mode GLA's (its chunked op a custom op, its norms PyTorch's), never Gated DeltaNet's (FLA's Triton
@@ -109,20 +125,14 @@ def test_the_activation_probe_runs_a_block_on_meta_only_where_no_triton_kernel_c
     there with the GPU's compiled table installed; a Triton launch it makes anyway (its short-sequence path)
     is stopped before it reaches a device. On a CPU every block may run."""
     import flame_gin.kernels as kernels
-    from flame_gin.families import blocks
-
-    def modules(model):
-        return {type(m).__module__ for block in blocks(model) for m in block.modules()}
 
     try:
         gla = dist_models.build("gla", kernel_mode="compiled").to("meta")
         gdn = dist_models.build("gated_deltanet", kernel_mode="compiled").to("meta")
-        with monkeypatch.context() as patch:
-            patch.setattr(torch.cuda, "is_available", lambda: True)  # select() installs the GPU's compiled table
-            assert kernels.select(mode="compiled") == "compiled"
-        assert kernels.runs_on_meta(layer_modules=modules(gla), on_gpu=True)
-        assert not kernels.runs_on_meta(layer_modules=modules(gdn), on_gpu=True)
-        assert kernels.runs_on_meta(layer_modules=modules(gdn), on_gpu=False)
+        assert kernels.traceable(layer_modules=_layer_modules(gdn))  # the CPU's compiled table: references
+        _gpu_compiled_table(monkeypatch)
+        assert kernels.traceable(layer_modules=_layer_modules(gla))
+        assert not kernels.traceable(layer_modules=_layer_modules(gdn))
         probed = estimate_memory(model=gla, dims=ParallelDims(world_size=1), local_batch=2, seq_len=128)
         assert probed["activations"] is not None and probed["activations"] > 0
         # at 64 tokens or fewer FLA's GLA takes its fused recurrent Triton kernel: the launch is stopped
@@ -130,7 +140,35 @@ def test_the_activation_probe_runs_a_block_on_meta_only_where_no_triton_kernel_c
             short = estimate_memory(model=gla, dims=ParallelDims(world_size=1), local_batch=2, seq_len=32)
         assert short["activations"] is None
         assert "launches the Triton kernel fused_recurrent" in caplog.text, caplog.text
-        kernels.select(mode="triton")
-        assert not kernels.runs_on_meta(layer_modules=modules(gla), on_gpu=True)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.cuda, "is_available", lambda: True)
+            kernels.select(mode="triton")
+        assert not kernels.traceable(layer_modules=_layer_modules(gla))
+    finally:
+        kernels.select(mode="reference")
+
+
+def test_compiling_a_family_with_flas_compiler_disabled_ops_turns_fullgraph_off(monkeypatch, caplog):
+    """`gin/parallel/compile.gin` asks for one graph per block. On a GPU Gated DeltaNet's attention op is FLA's,
+    which FLA keeps out of torch.compile (Gated DeltaNet-340M stopped at its first step with dynamo's "Skip
+    inlining `torch.compiler.disable()`d function"): its blocks compile without fullgraph, with a warning
+    naming the layer module; GLA's keep fullgraph."""
+    import flame_gin.kernels as kernels
+
+    parallelize_lib = importlib.import_module("flame_gin.parallel.parallelize")  # the package exports the function
+
+    asked = {}
+    monkeypatch.setattr(parallelize_lib, "apply_compile", lambda blocks, **kw: asked.update(kw))
+    try:
+        gla = dist_models.build("gla", kernel_mode="compiled")
+        gdn = dist_models.build("gated_deltanet", kernel_mode="compiled")
+        _gpu_compiled_table(monkeypatch)
+        for model, whole in ((gla, True), (gdn, False)):
+            with caplog.at_level(logging.WARNING, logger="flame_gin.parallel.parallelize"):
+                parallelize_lib.parallelize(
+                    model, dims=ParallelDims(world_size=1), mesh=None, compile=True, compile_fullgraph=True
+                )
+            assert asked["fullgraph"] is whole
+        assert "fullgraph off: fla.layers.gated_deltanet" in caplog.text
     finally:
         kernels.select(mode="reference")

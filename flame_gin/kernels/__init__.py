@@ -29,7 +29,7 @@ def __getattr__(name: str):
 
 
 MODES = ("auto", "triton", "reference", "compiled")
-_current = {"mode": "triton"}
+_current = {"mode": "triton", "on_gpu": True}  # before any `select`: FLA's own kernels, assumed on a GPU
 
 
 def current_mode() -> str:
@@ -48,30 +48,33 @@ def select(*, mode: str = "auto") -> str:
     """
     if mode not in MODES:
         raise ValueError(f"kernel mode must be one of {MODES}, got {mode!r}")
+    on_gpu = torch.cuda.is_available()
     if mode == "auto":
-        mode = "triton" if torch.cuda.is_available() else "reference"
+        mode = "triton" if on_gpu else "reference"
     from flame_gin.kernels import swap
 
     if mode in ("reference", "compiled"):
-        swap.install(swap.TABLE if mode == "reference" else swap.compiled_table(on_gpu=torch.cuda.is_available()))
+        swap.install(swap.TABLE if mode == "reference" else swap.compiled_table(on_gpu=on_gpu))
     else:
         swap.restore()
     sdpa.install()  # FLA's softmax attention layer without flash-attn, in every mode
     level_scales.install()  # log-linear attention's scales in the queries' dtype under autocast
-    _current["mode"] = mode
+    _current.update(mode=mode, on_gpu=on_gpu)
     return mode
 
 
-def runs_on_meta(*, layer_modules: Iterable[str], on_gpu: bool) -> bool:
-    """Whether a block built from classes of `layer_modules` can run forward on meta tensors under the mode
-    now selected (the memory estimate's activation probe).
+def traceable(*, layer_modules: Iterable[str]) -> bool:
+    """Whether every op that blocks built from classes of `layer_modules` call, under the kernels now selected,
+    is PyTorch's or one of flame_gin's custom ops, never an FLA Triton kernel.
 
-    Why: FLA's Triton kernels take a meta tensor's null pointer and fault the device, an illegal memory access
-    that poisons the whole process (Gated DeltaNet-340M compiled on an H100 died building its model). On a CPU
-    nothing reaches a GPU. On a GPU only "compiled" mode has meta-safe blocks: FLA's norms, activations and
-    convolutions are PyTorch ops there and GLA's and DeltaNet's chunked ops are custom ops with meta kernels,
-    but every other FLA layer (``fla.layers.*``) keeps its Triton kernels."""
-    if not on_gpu or _current["mode"] == "reference":
+    Why it matters twice. On meta tensors (the memory estimate's activation probe) a Triton kernel gets a null
+    pointer and faults the GPU, an illegal memory access that poisons the process (Gated DeltaNet-340M
+    compiled on an H100 died building its model). Under `torch.compile`, FLA 0.6 marks its ops
+    `torch.compiler.disable`, a graph break that `fullgraph=True` refuses at the first step. Where no GPU
+    kernels were selected (a CPU, or the reference mode) nothing is FLA's Triton. On a GPU only "compiled"
+    mode qualifies, and only for layers whose ops are all custom ops (GLA's and DeltaNet's; FLA's norms,
+    activations and convolutions are PyTorch's there) or layers outside FLA (``fla.layers.*``)."""
+    if _current["mode"] == "reference" or not _current["on_gpu"]:
         return True
     if _current["mode"] != "compiled":
         return False
@@ -88,6 +91,6 @@ __all__ = [
     "check_table",
     "installed",
     "restore",
-    "runs_on_meta",
+    "traceable",
     "select",
 ]

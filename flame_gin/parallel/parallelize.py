@@ -36,6 +36,26 @@ def _enable_async_tp(*, dims: ParallelDims, compile: bool) -> None:
     log.info("async tensor parallel: inductor micro-pipelines the TP collectives of compiled blocks")
 
 
+def _one_graph_each(blocks: nn.ModuleList | nn.ModuleDict) -> bool:
+    """Whether each block can compile to one graph: no FLA op that FLA marks `torch.compiler.disable` (every
+    FLA Triton op on a GPU, except GLA's and DeltaNet's, which compiled mode makes custom ops). Where one is
+    left, `fullgraph` is turned off with a warning: the block compiles around the op (graph breaks) rather
+    than the run stopping at its first step; `gin/parallel/compile.gin` serves every family."""
+    from flame_gin import kernels
+
+    each = blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks
+    modules = {type(m).__module__ for block in each for m in block.modules()}
+    if kernels.traceable(layer_modules=modules):
+        return True
+    others = sorted(m for m in modules if m.startswith("fla.layers."))
+    log.warning(
+        "compile: fullgraph off: %s call FLA Triton ops that FLA keeps out of torch.compile (graph breaks "
+        "around them in each block)",
+        ", ".join(others),
+    )
+    return False
+
+
 def parallelize(
     model: nn.Module,
     *,
@@ -88,7 +108,8 @@ def parallelize(
         )
     apply_activation_checkpointing(families.blocks(model), mode=activation_checkpointing, every=ac_every)
     if compile:
-        apply_compile(families.blocks(model), backend=compile_backend, fullgraph=compile_fullgraph, mode=compile_mode)
+        fullgraph = compile_fullgraph and _one_graph_each(families.blocks(model))
+        apply_compile(families.blocks(model), backend=compile_backend, fullgraph=fullgraph, mode=compile_mode)
     if dims.dp_replicate > 1:
         dp_mesh = mesh["dp_replicate", "dp_shard_cp"]
     elif dims.dp_shard * dims.cp > 1 or (fsdp_on_one_rank and data_parallel == "fsdp"):
