@@ -183,9 +183,12 @@ def plan(
     kernel_used = kernels.select(mode=kernel_mode)
     with as_config_error():
         families.check_device(config=config, device_type=proc.device.type)
-    slow = families.speed_warning(config=config, device_type=proc.device.type)
-    if slow and proc.is_primary:
-        logging.warning(slow)
+    for warning in (
+        families.speed_warning(config=config, device_type=proc.device.type),
+        families.unchecked_warning(config=config),
+    ):
+        if warning and proc.is_primary:
+            logging.warning(warning)
     numbers = dict(numbers, dp_size=dims.dp_size, model_config=config)
     micro_batch = checks.run_numbers(**numbers, vocab_size=None)
     return Plan(

@@ -196,6 +196,18 @@ def speed_warning(*, config, device_type: str) -> str | None:
     )
 
 
+def unchecked_warning(*, config) -> str | None:
+    """A warning for a family flame_gin has no traits for (one of FLA's that the zoo has no file for, such as
+    BitNet, NSA or Rodimus), or None: nothing says its layers honour the trainer's assumptions (where the body
+    lives, packed documents), so a failure may come from FLA's layers mid-run rather than a check up front."""
+    if config.model_type in _TRAITS:
+        return None
+    return (
+        f"model family {config.model_type!r}: {_UNKNOWN.note} (it has no gin/model/ file and was never trained "
+        f"here); packed documents are not kept apart. Families with checked traits: {', '.join(sorted(_TRAITS))}"
+    )
+
+
 def fla_refuses_gated_delta_backward() -> str | None:
     """Why FLA 0.6 would refuse the gated delta-rule backward on this GPU (its own test, asked up front so the
     run stops before building anything rather than at the first backward), or None. Never bypassed: the fix is

@@ -348,6 +348,18 @@ def test_mamba_style_families_warn_when_their_gpu_kernels_are_missing(monkeypatc
     assert families.speed_warning(config=config, device_type="cuda") is None
 
 
+def test_a_family_flame_gin_never_checked_is_named_in_a_warning():
+    """FLA ships families the zoo has no file for (BitNet, NSA, Rodimus, ...): they are not refused on a GPU,
+    but the run says up front that nothing here checked or trained them; a zoo family gets no warning."""
+    known = models.config_classes()
+    warning = families.unchecked_warning(config=known["bitnet"]())
+    assert "model family 'bitnet': flame_gin has not checked this family's layers" in warning
+    assert "gla" in warning.split("Families with checked traits: ")[1].split(", ")
+    files = {p.stem for p in (ROOT / "gin" / "model").glob("*.gin") if not p.stem.split("_")[-1][:-1].isdigit()}
+    for family in files - {"gla_hybrid", "gated_deltanet_hybrid"}:
+        assert families.unchecked_warning(config=known[family]()) is None, family
+
+
 def test_every_family_without_a_cpu_path_is_refused_on_cpu_by_name():
     """All of FLA's families (40 in FLA 0.6), not only the zoo's: either marked as training on a CPU (and then
     trained above) or refused with the one-line error before anything is built."""
