@@ -73,7 +73,8 @@ def traceable(*, layer_modules: Iterable[str]) -> bool:
     `torch.compiler.disable`, a graph break that `fullgraph=True` refuses at the first step. Where no GPU
     kernels were selected (a CPU, or the reference mode) nothing is FLA's Triton. On a GPU only "compiled"
     mode qualifies, and only for layers whose ops are all custom ops (GLA's and DeltaNet's; FLA's norms,
-    activations and convolutions are PyTorch's there) or layers outside FLA (``fla.layers.*``)."""
+    activations and convolutions are PyTorch's there) or classes from outside FLA's layer modules
+    (``fla.layers.*``: a transformers baseline's blocks, FLA's block wrappers and norms)."""
     if _current["mode"] == "reference" or not _current["on_gpu"]:
         return True
     if _current["mode"] != "compiled":
