@@ -49,8 +49,8 @@ def _one_graph_each(blocks: nn.ModuleList | nn.ModuleDict) -> bool:
         return True
     others = sorted(m for m in modules if m.startswith("fla.layers."))
     log.warning(
-        "compile: fullgraph off: %s call FLA Triton ops that FLA keeps out of torch.compile (graph breaks "
-        "around them in each block)",
+        "compile: fullgraph off: %s call ops that are not graph nodes here (FLA's Triton ops, which FLA keeps "
+        "out of torch.compile): each block compiles around them, with graph breaks",
         ", ".join(others),
     )
     return False
