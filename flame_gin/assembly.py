@@ -100,9 +100,7 @@ def _memory_estimate(*, meta, dims: mesh_lib.ParallelDims, micro_batch: int, seq
         local_batch=micro_batch,
         seq_len=seq_len,
         param_dtype="bfloat16" if device.type == "cuda" else "float32",
-        run_blocks=kernels.traceable(
-            layer_modules={type(m).__module__ for block in families.blocks(meta) for m in block.modules()}
-        ),
+        run_blocks=kernels.traceable(model=meta),
     )
     return memory.format_estimate(estimate, compiled=kernels.current_mode() == "compiled")
 

@@ -112,12 +112,6 @@ def _gpu_compiled_table(monkeypatch):
         assert kernels.select(mode="compiled") == "compiled"
 
 
-def _layer_modules(model):
-    from flame_gin.families import blocks
-
-    return {type(m).__module__ for block in blocks(model) for m in block.modules()}
-
-
 def test_the_activation_probe_runs_a_block_on_meta_only_where_no_triton_kernel_can_launch(monkeypatch, caplog):
     """On a GPU the memory estimate's meta forward may only run blocks whose ops all have meta kernels: in
     compiled mode GLA's (its chunked op a custom op, its norms PyTorch's), never Gated DeltaNet's (FLA's Triton
@@ -129,10 +123,10 @@ def test_the_activation_probe_runs_a_block_on_meta_only_where_no_triton_kernel_c
     try:
         gla = dist_models.build("gla", kernel_mode="compiled").to("meta")
         gdn = dist_models.build("gated_deltanet", kernel_mode="compiled").to("meta")
-        assert kernels.traceable(layer_modules=_layer_modules(gdn))  # the CPU's compiled table: references
+        assert kernels.traceable(model=gdn)  # the CPU's compiled table: references
         _gpu_compiled_table(monkeypatch)
-        assert kernels.traceable(layer_modules=_layer_modules(gla))
-        assert not kernels.traceable(layer_modules=_layer_modules(gdn))
+        assert kernels.traceable(model=gla)
+        assert not kernels.traceable(model=gdn)
         probed = estimate_memory(model=gla, dims=ParallelDims(world_size=1), local_batch=2, seq_len=128)
         assert probed["activations"] is not None and probed["activations"] > 0
         # at 64 tokens or fewer FLA's GLA takes its fused recurrent Triton kernel: the launch is stopped
@@ -143,7 +137,7 @@ def test_the_activation_probe_runs_a_block_on_meta_only_where_no_triton_kernel_c
         with monkeypatch.context() as patch:
             patch.setattr(torch.cuda, "is_available", lambda: True)
             kernels.select(mode="triton")
-        assert not kernels.traceable(layer_modules=_layer_modules(gla))
+        assert not kernels.traceable(model=gla)
     finally:
         kernels.select(mode="reference")
 

@@ -9,8 +9,6 @@ Call it before building the model: some layers pick their activation functions a
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 
 from flame_gin.kernels import cache, level_scales, sdpa  # noqa: F401  (cache: re-exported as kernels.cache)
@@ -63,25 +61,33 @@ def select(*, mode: str = "auto") -> str:
     return mode
 
 
-def traceable(*, layer_modules: Iterable[str]) -> bool:
-    """Whether every op that blocks built from classes of `layer_modules` call, under the kernels now selected,
-    is PyTorch's or one of flame_gin's custom ops, never an FLA Triton kernel.
+def untraced_layers(*, model: torch.nn.Module) -> list[str]:
+    """The FLA layer modules (``fla.layers.*``) of `model`'s classes whose attention ops stay FLA's Triton
+    kernels under the kernels now selected: none where no GPU kernels were selected (a CPU, or the reference
+    mode); in compiled mode on a GPU all but GLA's and DeltaNet's (custom ops there); else all of them."""
+    if _current["mode"] == "reference" or not _current["on_gpu"]:
+        return []
+    names = sorted({type(m).__module__ for m in model.modules() if type(m).__module__.startswith("fla.layers.")})
+    if _current["mode"] != "compiled":
+        return names
+    from flame_gin.kernels import swap
+
+    return [name for name in names if name not in swap.OPAQUE_MODULES]
+
+
+def traceable(*, model: torch.nn.Module) -> bool:
+    """Whether every op `model`'s blocks call, under the kernels now selected, is PyTorch's or one of
+    flame_gin's custom ops, never an FLA Triton kernel.
 
     Why it matters twice. On meta tensors (the memory estimate's activation probe) a Triton kernel gets a null
     pointer and faults the GPU, an illegal memory access that poisons the process (Gated DeltaNet-340M
     compiled on an H100 died building its model). Under `torch.compile`, FLA 0.6 marks its ops
-    `torch.compiler.disable`, a graph break that `fullgraph=True` refuses at the first step. Where no GPU
-    kernels were selected (a CPU, or the reference mode) nothing is FLA's Triton. On a GPU only "compiled"
-    mode qualifies, and only for layers whose ops are all custom ops (GLA's and DeltaNet's; FLA's norms,
-    activations and convolutions are PyTorch's there) or classes from outside FLA's layer modules
-    (``fla.layers.*``: a transformers baseline's blocks, FLA's block wrappers and norms)."""
-    if _current["mode"] == "reference" or not _current["on_gpu"]:
-        return True
-    if _current["mode"] != "compiled":
+    `torch.compiler.disable`, a graph break that `fullgraph=True` refuses at the first step. On a GPU only
+    "compiled" mode qualifies (FLA's norms, activations and convolutions are PyTorch's there; in triton mode
+    they are FLA's kernels), and only with no `untraced_layers`."""
+    if _current["on_gpu"] and _current["mode"] not in ("reference", "compiled"):
         return False
-    from flame_gin.kernels import swap
-
-    return all(m in swap.OPAQUE_MODULES or not m.startswith("fla.layers.") for m in layer_modules)
+    return not untraced_layers(model=model)
 
 
 __all__ = [
@@ -93,5 +99,6 @@ __all__ = [
     "installed",
     "restore",
     "traceable",
+    "untraced_layers",
     "select",
 ]

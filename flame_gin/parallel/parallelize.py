@@ -36,22 +36,19 @@ def _enable_async_tp(*, dims: ParallelDims, compile: bool) -> None:
     log.info("async tensor parallel: inductor micro-pipelines the TP collectives of compiled blocks")
 
 
-def _one_graph_each(blocks: nn.ModuleList | nn.ModuleDict) -> bool:
+def _one_graph_each(model: nn.Module) -> bool:
     """Whether each block can compile to one graph: no FLA op that FLA marks `torch.compiler.disable` (every
     FLA Triton op on a GPU, except GLA's and DeltaNet's, which compiled mode makes custom ops). Where one is
     left, `fullgraph` is turned off with a warning: the block compiles around the op (graph breaks) rather
     than the run stopping at its first step; `gin/parallel/compile.gin` serves every family."""
     from flame_gin import kernels
 
-    each = blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks
-    modules = {type(m).__module__ for block in each for m in block.modules()}
-    if kernels.traceable(layer_modules=modules):
+    if kernels.traceable(model=model):
         return True
-    others = sorted(m for m in modules if m.startswith("fla.layers."))
     log.warning(
         "compile: fullgraph off: %s call ops that are not graph nodes here (FLA's Triton ops, which FLA keeps "
         "out of torch.compile): each block compiles around them, with graph breaks",
-        ", ".join(others),
+        ", ".join(kernels.untraced_layers(model=model)) or "FLA's kernels",
     )
     return False
 
@@ -108,7 +105,7 @@ def parallelize(
         )
     apply_activation_checkpointing(families.blocks(model), mode=activation_checkpointing, every=ac_every)
     if compile:
-        fullgraph = compile_fullgraph and _one_graph_each(families.blocks(model))
+        fullgraph = compile_fullgraph and _one_graph_each(model)
         apply_compile(families.blocks(model), backend=compile_backend, fullgraph=fullgraph, mode=compile_mode)
     if dims.dp_replicate > 1:
         dp_mesh = mesh["dp_replicate", "dp_shard_cp"]
