@@ -93,9 +93,10 @@ def _export_reload(*, workdir: str, env: dict, timeout: float, log: pathlib.Path
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"status": "timeout"}
+    text = proc.stdout + proc.stderr
     if log is not None:
-        log.write_text(proc.stdout + proc.stderr)
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+        log.write_text(text)
+    lines = [line for line in text.splitlines() if line.strip()]
     last_json = next((line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")), None)
     if proc.returncode == 0 and last_json:
         return json.loads(last_json)
