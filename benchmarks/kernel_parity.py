@@ -1,12 +1,17 @@
 """GPU parity of FLA's Triton kernels and flame_gin's PyTorch reference kernels.
 
     python benchmarks/kernel_parity.py --families=gla,delta_net,gated_deltanet --dtypes=float32,bfloat16
+    python benchmarks/kernel_parity.py --against=compiled --dtypes=bfloat16   # FLA's ops against compiled mode's
 
 For each model family a small model (hidden 256, 2 layers, T 256, batch 2 by default) is built once
 with a fixed seed; the same weights and batch are run through forward loss (FLA's own causal-LM loss,
 so the fused cross-entropy is compared too) and backward, first with the Triton kernels and then with
 the reference kernels. Printed per family and dtype: the relative loss difference and the largest
-relative gradient difference over parameters, max_p ||g_ref - g_tri|| / ||g_tri||. The last line is
+relative gradient difference over parameters, max_p ||g_ref - g_tri|| / ||g_tri||. With
+``--against=compiled`` the second run uses compiled mode's kernels instead (without `torch.compile`): FLA's
+chunked ops as flame_gin's custom ops, with the options FLA fuses into them (L2 norms, gate and beta
+activations) applied in PyTorch, and PyTorch norms and convolutions: the check that compiled blocks train the
+model FLA's own ops train. The last line is
 one JSON object with every result. A Triton path that raises is reported with the error, never worked
 around: FLA 0.6 refuses Gated DeltaNet's backward on Hopper with Triton 3.4-3.7.0 (then only the forward
 loss is compared, status "forward_only"), and its chunked DeltaNet kernel refuses float32 inputs.
@@ -40,6 +45,10 @@ def _config(*, family: str, hidden: int, layers: int, vocab: int):
     raise ValueError(f"unknown family {family!r} (gla, delta_net, gated_deltanet)")
 
 
+def _cuts(text: str) -> torch.Tensor:
+    return torch.tensor([int(x) for x in text.split(",")], dtype=torch.int32, device="cuda")
+
+
 def _step(*, mode: str, family: str, state: dict, ids: torch.Tensor, dtype: torch.dtype, args) -> dict:
     """Builds the model under `mode` (some layers bind activations at construction), loads `state`,
     runs loss + backward; returns the loss and per-parameter gradients in float32."""
@@ -54,7 +63,8 @@ def _step(*, mode: str, family: str, state: dict, ids: torch.Tensor, dtype: torc
     autocast = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     start = time.perf_counter()
     with autocast:
-        loss = model(input_ids=ids, labels=ids).loss
+        extra = {} if args.cu_seqlens is None else {"cu_seqlens": _cuts(args.cu_seqlens)}
+        loss = model(input_ids=ids, labels=ids, **extra).loss
     try:
         loss.backward()
     except Exception as err:  # reported, not bypassed (e.g. FLA's Hopper/Triton refusal for Gated DeltaNet)
@@ -115,14 +125,14 @@ def _one(*, family: str, dtype: torch.dtype, args) -> dict:
     ids = torch.randint(
         0, args.vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(args.seed)
     ).cuda()
-    result = dict(family=family, dtype=str(dtype).removeprefix("torch."))
+    result = dict(family=family, dtype=str(dtype).removeprefix("torch."), against=args.against)
     try:
         triton = _step(mode="triton", family=family, state=state, ids=ids, dtype=dtype, args=args)
     except Exception as err:  # reported, not bypassed (e.g. FLA's Hopper/Triton refusal for Gated DeltaNet)
         result.update(status="triton_failed", error=f"{type(err).__name__}: {err}"[:600])
         traceback.print_exc()
         return result
-    reference = _step(mode="reference", family=family, state=state, ids=ids, dtype=dtype, args=args)
+    reference = _step(mode=args.against, family=family, state=state, ids=ids, dtype=dtype, args=args)
     status = "ok" if triton["grads"] is not None else "forward_only"
     result.update(status=status, **_compare(triton=triton, reference=reference))
     return result
@@ -138,8 +148,16 @@ def main(argv=None) -> int:
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--against", choices=("reference", "compiled"), default="reference")
+    parser.add_argument(
+        "--cu_seqlens", default=None, help="packed documents, e.g. 0,100,300,512 (batch 1 of the last length)"
+    )
     parser.add_argument("--out", default=None, help="also append each result as a JSON line to this file")
     args = parser.parse_args(argv)
+    if args.cu_seqlens is not None:
+        cuts = [int(x) for x in args.cu_seqlens.split(",")]
+        if args.batch != 1 or cuts[0] != 0 or cuts[-1] != args.seq_len or cuts != sorted(cuts):
+            parser.error(f"--cu_seqlens={args.cu_seqlens}: needs --batch=1 and rising cuts from 0 to --seq_len")
     if not torch.cuda.is_available():
         print("kernel_parity needs a CUDA device", file=sys.stderr)
         return 2
