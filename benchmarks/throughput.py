@@ -17,7 +17,6 @@ the vendor peak and the bf16 matrix-product peak measured on this device.
 from __future__ import annotations
 
 import contextlib
-import gc
 import glob
 import json
 import math
@@ -26,6 +25,7 @@ import sys
 import tempfile
 import time
 
+import hand_loop
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -49,6 +49,12 @@ def _define_flags() -> None:
         False,
         "Also run the hand-written loop with the trainer's per-step host "
         "syncs (token count, loss and grad norm read back), to price them.",
+    )
+    flags.DEFINE_bool(
+        "baseline_ac",
+        False,
+        "Checkpoint every block of the hand-written loop (transformers' gradient_checkpointing_enable), the "
+        "counterpart of gin/parallel/memory_saving.gin where the plain loop does not fit.",
     )
     flags.DEFINE_bool("measure_peak", True, "Time a large bf16 matrix product for a measured-peak MFU (GPU only).")
     flags.DEFINE_enum(
@@ -77,64 +83,6 @@ def _define_flags() -> None:
 FUSE_KEYS = ("fuse_norm", "fuse_swiglu", "fuse_cross_entropy", "fuse_linear_cross_entropy")
 
 
-class SyntheticLoader:
-    """Endless random-token batches in the data loader's interface (iterator, state, vocabulary).
-
-    ``varlen``: one row of ``batch_size * seq_len`` tokens cut into documents of random length, with
-    ``cu_seqlens`` and the label at each document's end masked. Lengths are uniform in [seq_len / 8, seq_len], or,
-    with ``doc_tokens`` > 0, uniform in [doc_tokens / 2, 3 doc_tokens / 2] and cut at ``seq_len``: a packed
-    corpus's documents do not grow with the context, so comparing context lengths needs the second form. A few
-    distinct batches are made once (pinned on GPU hosts) and cycled, so the loader costs nothing measurable.
-    """
-
-    def __init__(
-        self,
-        *,
-        vocab_size: int,
-        seq_len: int,
-        batch_size: int,
-        seed: int,
-        varlen: bool,
-        distinct: int = 4,
-        doc_tokens: int = 0,
-    ):
-        import torch
-
-        self.vocab_size, self.tokens_per_source, self._i = vocab_size, {}, 0
-        gen = torch.Generator().manual_seed(seed)
-        pin = torch.cuda.is_available()
-        self._batches = []
-        for _ in range(distinct):
-            rows, width = (1, batch_size * seq_len) if varlen else (batch_size, seq_len)
-            ids = torch.randint(0, vocab_size, (rows, width + 1), generator=gen)
-            batch = {"input_ids": ids[:, :-1].clone(), "labels": ids[:, 1:].clone()}
-            if varlen:
-                lengths, total = [], 0
-                while total < width:
-                    low, high = (doc_tokens // 2, doc_tokens * 3 // 2) if doc_tokens > 0 else (seq_len // 8, seq_len)
-                    n = min(int(torch.randint(max(low, 1), high + 1, (1,), generator=gen)), seq_len, width - total)
-                    lengths.append(n)
-                    total += n
-                cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32)
-                batch["labels"][0, cu[1:] - 1] = -100
-                batch["cu_seqlens"] = cu
-            self._batches.append({k: (v.pin_memory() if pin else v) for k, v in batch.items()})
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        batch = self._batches[self._i % len(self._batches)]
-        self._i += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"i": self._i}
-
-    def load_state_dict(self, state) -> None:
-        self._i = int((state[0] if isinstance(state, list) else state)["i"])
-
-
 class CaptureWriter:
     """A metric writer that keeps every scalar row with the wall-clock time it arrived."""
 
@@ -157,115 +105,6 @@ class CaptureWriter:
         pass
 
 
-def steady_rate(*, times: dict[int, float], warmup: int, steps: int, tokens_per_step: int) -> float:
-    """Tokens/s between the end of step ``warmup`` and the end of step ``steps`` (``times``: step -> time)."""
-    if steps <= warmup or warmup not in times or steps not in times:
-        raise ValueError(f"need step times at warmup={warmup} and steps={steps} (have {sorted(times)[:3]}...)")
-    return (steps - warmup) * tokens_per_step / max(times[steps] - times[warmup], 1e-9)
-
-
-def measured_peak_tflops(device) -> float | None:
-    """bf16 matrix-product TFLOP/s measured here (8192^3, best of a few), the honest ceiling for MFU."""
-    import torch
-
-    if device.type != "cuda":
-        return None
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            a @ b
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 10 / 1e3)
-    del a, b
-    return 2 * 8192**3 / best / 1e12
-
-
-def _free(device) -> None:
-    import torch
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_gib(device) -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def run_baseline(
-    *,
-    config,
-    loader,
-    device,
-    steps: int,
-    warmup: int,
-    lr: float,
-    weight_decay: float,
-    max_grad_norm: float,
-    syncs: bool,
-) -> dict:
-    """The hand-written loop: FLA model, autocast bf16, fused AdamW (on GPU), no compile, FLA's own loss.
-
-    FLA's causal-LM head shifts ``labels`` itself, so the loop passes the (unshifted) inputs as labels, with
-    ``cu_seqlens`` in varlen mode. ``syncs`` adds the trainer's three host read-backs per step.
-    """
-    import torch
-    import transformers
-
-    _free(device)
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    model.train()
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=device.type == "cuda"
-    )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    times, first_step, loss = {}, None, None
-    tokens_per_step = 0
-    for step in range(1, steps + 1):
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(loader).items()}
-        tokens_per_step = batch["input_ids"].numel()
-        kwargs = {"cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else {}
-        if syncs:
-            int((batch["labels"] != -100).sum())
-        with autocast:
-            loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False, **kwargs).loss
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        if syncs:
-            float(loss), float(norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step == 1 or step == warmup or step == steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[step] = time.perf_counter()
-            if step == 1:
-                first_step = times[1] - t0
-    result = {
-        "tokens_per_second": steady_rate(times=times, warmup=warmup, steps=steps, tokens_per_step=tokens_per_step),
-        "peak_memory_gib": _peak_gib(device),
-        "time_to_first_step_s": first_step,
-        "final_loss": float(loss),
-    }
-    del model, opt, loss
-    _free(device)
-    return result
-
-
 def run_trainer(
     *, run_fn, loader_factory, device, steps: int, warmup: int, tokens_per_step: int, profiler=None, workdir: str = ""
 ) -> dict:
@@ -275,7 +114,7 @@ def run_trainer(
     the trainer otherwise never waits for, so per-step logging would price in a host synchronisation per step.
     The end of the first step is taken (after a device synchronisation) by the trainer's first-step callback.
     """
-    _free(device)
+    hand_loop.free_memory(device)
     writer = CaptureWriter()
     first = {}
 
@@ -307,13 +146,15 @@ def run_trainer(
     last = writer.rows[-1][2]
     peak = max(row[2].get("peak_memory_gib", 0.0) for row in writer.rows)
     result = {
-        "tokens_per_second": steady_rate(times=times, warmup=warmup, steps=steps, tokens_per_step=tokens_per_step),
+        "tokens_per_second": hand_loop.steady_rate(
+            times=times, warmup=warmup, steps=steps, tokens_per_step=tokens_per_step
+        ),
         "peak_memory_gib": peak if device.type == "cuda" else None,
         "time_to_first_step_s": first["t"] - t0,
         "final_loss": float(last["loss"]),
         "trainer_mfu_last": last.get("mfu"),
     }
-    _free(device)
+    hand_loop.free_memory(device)
     return result
 
 
@@ -349,7 +190,7 @@ def main(argv):
     tokens_per_step = batch_size * seq_len
 
     def synthetic(**kw):
-        return SyntheticLoader(
+        return hand_loop.SyntheticLoader(
             vocab_size=model_config.vocab_size,
             seq_len=kw["seq_len"],
             batch_size=kw["batch_size"],
@@ -381,6 +222,7 @@ def main(argv):
         "varlen": varlen,
         "steps": FLAGS.steps,
         "warmup": FLAGS.warmup,
+        "baseline_ac": FLAGS.baseline_ac,
         "doc_tokens": FLAGS.doc_tokens if varlen else None,
         "gin_files": FLAGS.gin_file,
         "gin_bindings": FLAGS.gin_bindings,
@@ -400,7 +242,7 @@ def main(argv):
     vendor_peak = {"H100": 989.0, "H200": 989.0}.get(
         next((k for k in ("H100", "H200") if k in out["device"]), ""), None
     )
-    measured = measured_peak_tflops(device) if FLAGS.measure_peak else None
+    measured = hand_loop.measured_peak_tflops(device) if FLAGS.measure_peak else None
     out.update(vendor_peak_tflops=vendor_peak, measured_peak_tflops=_round(measured, 1))
 
     def mfu(tps, peak):
@@ -411,19 +253,20 @@ def main(argv):
 
     kernels.select(mode="auto")  # the trainer does the same; on CPU the baseline needs the reference ops too
     if FLAGS.baseline:  # first: on a cold machine it pays FLA's Triton compilation and autotuning
-        base = run_baseline(
+        base = hand_loop.run_baseline(
             config=model_config,
             loader=baseline_loader(),
             lr=lr,
             weight_decay=0.1,
             max_grad_norm=1.0,
             syncs=False,
+            checkpointing=FLAGS.baseline_ac,
             **training,
         )
         out["baseline"] = {k: _round(v) for k, v in base.items()}
         print("baseline:", json.dumps(out["baseline"]), flush=True)
     if FLAGS.baseline_syncs:
-        synced = run_baseline(
+        synced = hand_loop.run_baseline(
             config=model_config,
             loader=baseline_loader(),
             lr=lr,
