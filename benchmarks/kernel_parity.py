@@ -9,9 +9,8 @@ so the fused cross-entropy is compared too) and backward, first with the Triton 
 the reference kernels. Printed per family and dtype: the relative loss difference and the largest
 relative gradient difference over parameters, max_p ||g_ref - g_tri|| / ||g_tri||. With
 ``--against=compiled`` the second run uses compiled mode's kernels instead (without `torch.compile`): FLA's
-chunked ops as flame_gin's custom ops, with the options FLA fuses into them (L2 norms, gate and beta
-activations) applied in PyTorch, and PyTorch norms and convolutions: the check that compiled blocks train the
-model FLA's own ops train. The last line is
+chunked GLA and DeltaNet ops as flame_gin's custom ops (DeltaNet's q/k L2 norms in PyTorch), and PyTorch
+norms, activations and short convolutions: the check that compiled blocks train the model FLA's own ops train. The last line is
 one JSON object with every result. A Triton path that raises is reported with the error, never worked
 around: FLA 0.6 refuses Gated DeltaNet's backward on Hopper with Triton 3.4-3.7.0 (then only the forward
 loss is compared, status "forward_only"), and its chunked DeltaNet kernel refuses float32 inputs.
@@ -32,16 +31,16 @@ import torch
 from flame_gin import kernels
 
 
-def _config(*, family: str, hidden: int, layers: int, vocab: int):
+def _config(*, family: str, hidden: int, layers: int, vocab: int, heads: int = 4, head_dim: int = 64):
     from fla.models import DeltaNetConfig, GatedDeltaNetConfig, GLAConfig
 
     common = dict(hidden_size=hidden, num_hidden_layers=layers, vocab_size=vocab)
     if family == "gla":
-        return GLAConfig(**common, num_heads=4)
+        return GLAConfig(**common, num_heads=heads)
     if family == "delta_net":
-        return DeltaNetConfig(**common, num_heads=4)
+        return DeltaNetConfig(**common, num_heads=heads)
     if family == "gated_deltanet":
-        return GatedDeltaNetConfig(**common, num_heads=4, head_dim=64)
+        return GatedDeltaNetConfig(**common, num_heads=heads, head_dim=head_dim)
     raise ValueError(f"unknown family {family!r} (gla, delta_net, gated_deltanet)")
 
 
@@ -56,7 +55,14 @@ def _step(*, mode: str, family: str, state: dict, ids: torch.Tensor, dtype: torc
 
     kernels.select(mode=mode)
     model = AutoModelForCausalLM.from_config(
-        _config(family=family, hidden=args.hidden, layers=args.layers, vocab=args.vocab)
+        _config(
+            family=family,
+            hidden=args.hidden,
+            layers=args.layers,
+            vocab=args.vocab,
+            heads=args.num_heads,
+            head_dim=args.head_dim,
+        )
     )
     model.load_state_dict(state)
     model = model.cuda().train()
@@ -118,7 +124,14 @@ def _one(*, family: str, dtype: torch.dtype, args) -> dict:
     torch.manual_seed(args.seed)
     kernels.select(mode="triton")
     model = AutoModelForCausalLM.from_config(
-        _config(family=family, hidden=args.hidden, layers=args.layers, vocab=args.vocab)
+        _config(
+            family=family,
+            hidden=args.hidden,
+            layers=args.layers,
+            vocab=args.vocab,
+            heads=args.num_heads,
+            head_dim=args.head_dim,
+        )
     )
     state = {k: v.clone() for k, v in model.state_dict().items()}
     del model
@@ -144,6 +157,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--num_heads", type=int, default=4)
+    parser.add_argument("--head_dim", type=int, default=64, help="Gated DeltaNet's (the others: hidden / heads)")
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)

@@ -1,8 +1,6 @@
-"""Compile-opaque attention ops: FLA's chunked GLA/DeltaNet/Gated DeltaNet ops as custom ops, one graph for
-every block.
+"""Compile-opaque attention ops: FLA's chunked GLA/DeltaNet ops as custom ops, one graph for every block.
 
-FLA 0.6 wraps `chunk_gla`/`chunk_delta_rule`/`chunk_gated_delta_rule` in `torch.compiler.disable` (a graph
-break in every block); the
+FLA 0.6 wraps `chunk_gla`/`chunk_delta_rule` in `torch.compiler.disable` (a graph break in every block); the
 custom ops must keep one graph for any depth under `fullgraph=True`, pass torch's op checks, and give the
 reference model's logits and gradients.
 """
@@ -15,7 +13,7 @@ import torch
 from graph_count import GraphCounter
 
 import flame_gin.kernels
-from flame_gin.kernels import attention, gated_delta, opaque, opaque_gdn
+from flame_gin.kernels import attention, opaque
 from flame_gin.parallel.compile import apply_compile
 
 
@@ -36,7 +34,7 @@ def _reset():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gla", "delta_net", "gated_deltanet"])
+@pytest.mark.parametrize("family", ["gla", "delta_net"])
 def test_compiled_mode_one_graph_for_all_blocks_and_reference_values(family):
     ids = torch.randint(0, dist_models.VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     reference = dist_models.build(family, layers=3)
@@ -67,8 +65,6 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(opaque.gla_fwd, (q, k, v, g, 0.5, True, None))
     beta = torch.rand(2, 40, 2, requires_grad=True)
     torch.library.opcheck(opaque.delta_fwd, (q, k, v, beta, 0.5, None))
-    gate = torch.nn.functional.logsigmoid(torch.randn(2, 40, 2)).requires_grad_()
-    torch.library.opcheck(opaque_gdn.gated_delta_fwd, (q, k, v, gate, beta, 0.5, True, None))
 
 
 @pytest.mark.parametrize("varlen", [False, True])
@@ -86,63 +82,6 @@ def test_gla_op_gradients_match_reference_autograd(varlen):
     torch.testing.assert_close(out, ref)
     for x, y in zip(a, b):
         torch.testing.assert_close(x.grad, y.grad)
-
-
-def _gdn_inputs(*, batch, length, heads=2, value_heads=4, dk=8, dv=16, seed=0):
-    """Raw Gated DeltaNet inputs as the layer passes them: unnormalised q/k, beta and gate logits, A_log and
-    dt_bias per value head (grouped value heads: 4 over 2 key heads)."""
-    g = torch.Generator().manual_seed(seed)
-    q, k = (torch.randn(batch, length, heads, dk, generator=g) for _ in range(2))
-    v = torch.randn(batch, length, value_heads, dv, generator=g)
-    beta, gate = (torch.randn(batch, length, value_heads, generator=g) for _ in range(2))
-    a_log, dt_bias = torch.rand(value_heads, generator=g).add(0.5).log(), torch.randn(value_heads, generator=g)
-    return q, k, v, gate, beta, a_log, dt_bias
-
-
-@pytest.mark.parametrize(("varlen", "neg_eigval"), [(False, False), (True, True)])
-def test_gated_delta_op_gradients_match_reference_autograd(varlen, neg_eigval):
-    """The wrapper applies FLA's in-kernel options (q/k L2 norms, beta's sigmoid, the A_log/dt_bias decay)
-    outside the custom op; output and every gradient, A_log's and dt_bias's included, equal the reference
-    op's own autograd in float64, with packed documents and without."""
-    inputs = _gdn_inputs(batch=1 if varlen else 2, length=80)
-    cu = torch.tensor([0, 5, 70, 80]) if varlen else None
-    a = [x.clone().double().requires_grad_() for x in inputs]
-    b = [x.clone().double().requires_grad_() for x in inputs]
-    options = dict(
-        use_qk_l2norm_in_kernel=True,
-        use_beta_sigmoid_in_kernel=True,
-        allow_neg_eigval=neg_eigval,
-        use_gate_in_kernel=True,
-        state_v_first=True,
-        cu_seqlens=cu,
-    )
-    out, state = opaque_gdn.chunk_gated_delta_rule(*a[:5], A_log=a[5], dt_bias=a[6], **options)
-    ref, _ = gated_delta.chunk_gated_delta_rule(*b[:5], A_log=b[5], dt_bias=b[6], **options)
-    assert state is None
-    weights = torch.randn_like(ref)
-    (out * weights).sum().backward()
-    (ref * weights).sum().backward()
-    torch.testing.assert_close(out, ref)
-    for name, x, y in zip(("q", "k", "v", "g", "beta", "A_log", "dt_bias"), a, b):
-        torch.testing.assert_close(x.grad, y.grad, msg=name)
-
-
-def test_gated_delta_falls_back_where_the_op_does_not_apply():
-    """A recurrent state, a chunk size other than 64 or arguments FLA rejects go to the unwrapped op: the
-    same values, and FLA's own error."""
-    q, k, v, gate, beta, a_log, dt_bias = _gdn_inputs(batch=1, length=12)
-    h0 = torch.randn(1, 4, 8, 16)
-    kw = dict(use_gate_in_kernel=True, A_log=a_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
-    out, state = opaque_gdn.chunk_gated_delta_rule(q, k, v, gate, beta, initial_state=h0, output_final_state=True, **kw)
-    ref, ref_state = gated_delta.chunk_gated_delta_rule(
-        q, k, v, gate, beta, initial_state=h0, output_final_state=True, **kw
-    )
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(state, ref_state)
-    out, _ = opaque_gdn.chunk_gated_delta_rule(q, k, v, gate, beta, chunk_size=16, **kw)
-    torch.testing.assert_close(out, gated_delta.chunk_gated_delta_rule(q, k, v, gate, beta, **kw)[0])
-    with pytest.raises(ValueError, match="needs A_log"):
-        opaque_gdn.chunk_gated_delta_rule(q, k, v, gate, beta, use_gate_in_kernel=True)
 
 
 def test_states_fall_back_to_the_unwrapped_op():
@@ -186,12 +125,9 @@ def test_on_a_gpu_compiled_mode_replaces_no_attention_op_by_a_reference():
     for name in family_modules:
         references |= {id(f) for f in vars(getattr(swap, name)).values() if callable(f)}
     on_gpu = swap.compiled_table(on_gpu=True)
-    opaque_ops = {id(opaque.chunk_gla), id(opaque.chunk_delta_rule), id(opaque_gdn.chunk_gated_delta_rule)}
+    opaque_ops = {id(opaque.chunk_gla), id(opaque.chunk_delta_rule)}
     assert not [s.label for s in on_gpu if id(s.replacement) in references and id(s.replacement) not in opaque_ops]
-    assert sum(id(s.replacement) in opaque_ops for s in on_gpu) == 3
-    # Gated DeltaNet's fused q/k/v convolution is PyTorch's there, its recurrent (generation) op stays FLA's
-    assert ("fla.layers.gated_deltanet", "causal_conv1d") in {(s.module, s.name) for s in on_gpu}
-    assert ("fla.layers.gated_deltanet", "fused_recurrent_gated_delta_rule") not in {(s.module, s.name) for s in on_gpu}
+    assert sum(id(s.replacement) in opaque_ops for s in on_gpu) == 2
     on_cpu = {(s.module, s.name) for s in swap.compiled_table(on_gpu=False)}
     assert {("fla.layers.hgrn2", "chunk_gla"), ("fla.layers.multiscale_retention", "chunk_retention")} <= on_cpu
     assert ("fla.layers.mom", "chunk_gated_delta_rule") in on_cpu

@@ -114,9 +114,8 @@ def _gpu_compiled_table(monkeypatch):
 
 def test_the_activation_probe_runs_a_block_on_meta_only_where_no_triton_kernel_can_launch(monkeypatch, caplog):
     """On a GPU the memory estimate's meta forward may only run blocks whose ops all have meta kernels: in
-    compiled mode GLA's and Gated DeltaNet's (their chunked ops custom ops, their norms and convolutions
-    PyTorch's), never KDA's (FLA's Triton op, which faults the device on a meta pointer: Gated DeltaNet-340M died
-    so before its op was wrapped), and nothing in triton mode. The GLA block really runs
+    compiled mode GLA's (its chunked op a custom op, its norms PyTorch's), never Gated DeltaNet's (FLA's Triton
+    op, which faults the device on a meta pointer), and nothing in triton mode. The GLA block really runs
     there with the GPU's compiled table installed; a Triton launch it makes anyway (its short-sequence path)
     is stopped before it reaches a device. On a CPU every block may run."""
     import flame_gin.kernels as kernels
@@ -124,13 +123,10 @@ def test_the_activation_probe_runs_a_block_on_meta_only_where_no_triton_kernel_c
     try:
         gla = dist_models.build("gla", kernel_mode="compiled").to("meta")
         gdn = dist_models.build("gated_deltanet", kernel_mode="compiled").to("meta")
-        kda = dist_models.build("kda", kernel_mode="compiled").to("meta")
-        assert kernels.traceable(model=kda)  # the CPU's compiled table: references
+        assert kernels.traceable(model=gdn)  # the CPU's compiled table: references
         _gpu_compiled_table(monkeypatch)
-        assert kernels.traceable(model=gla) and kernels.traceable(model=gdn)
-        assert not kernels.traceable(model=kda)
-        probed = estimate_memory(model=gdn, dims=ParallelDims(world_size=1), local_batch=2, seq_len=128)
-        assert probed["activations"] is not None and probed["activations"] > 0
+        assert kernels.traceable(model=gla)
+        assert not kernels.traceable(model=gdn)
         probed = estimate_memory(model=gla, dims=ParallelDims(world_size=1), local_batch=2, seq_len=128)
         assert probed["activations"] is not None and probed["activations"] > 0
         # at 64 tokens or fewer FLA's GLA takes its fused recurrent Triton kernel: the launch is stopped
@@ -147,10 +143,10 @@ def test_the_activation_probe_runs_a_block_on_meta_only_where_no_triton_kernel_c
 
 
 def test_compiling_a_family_with_flas_compiler_disabled_ops_turns_fullgraph_off(monkeypatch, caplog):
-    """`gin/parallel/compile.gin` asks for one graph per block. On a GPU KDA's attention op is FLA's, which FLA
-    keeps out of torch.compile (Gated DeltaNet-340M stopped so at its first step, with dynamo's "Skip inlining
-    `torch.compiler.disable()`d function", before its op was wrapped): its blocks compile without fullgraph,
-    with a warning naming the layer module; GLA's and Gated DeltaNet's keep fullgraph."""
+    """`gin/parallel/compile.gin` asks for one graph per block. On a GPU Gated DeltaNet's attention op is FLA's,
+    which FLA keeps out of torch.compile (Gated DeltaNet-340M stopped at its first step with dynamo's "Skip
+    inlining `torch.compiler.disable()`d function"): its blocks compile without fullgraph, with a warning
+    naming the layer module; GLA's keep fullgraph."""
     import flame_gin.kernels as kernels
 
     parallelize_lib = importlib.import_module("flame_gin.parallel.parallelize")  # the package exports the function
@@ -160,14 +156,13 @@ def test_compiling_a_family_with_flas_compiler_disabled_ops_turns_fullgraph_off(
     try:
         gla = dist_models.build("gla", kernel_mode="compiled")
         gdn = dist_models.build("gated_deltanet", kernel_mode="compiled")
-        kda = dist_models.build("kda", kernel_mode="compiled")
         _gpu_compiled_table(monkeypatch)
-        for model, whole in ((gla, True), (gdn, True), (kda, False)):
+        for model, whole in ((gla, True), (gdn, False)):
             with caplog.at_level(logging.WARNING, logger="flame_gin.parallel.parallelize"):
                 parallelize_lib.parallelize(
                     model, dims=ParallelDims(world_size=1), mesh=None, compile=True, compile_fullgraph=True
                 )
             assert asked["fullgraph"] is whole
-        assert "fullgraph off: fla.layers.kda" in caplog.text and "gated_deltanet" not in caplog.text
+        assert "fullgraph off: fla.layers.gated_deltanet" in caplog.text
     finally:
         kernels.select(mode="reference")

@@ -41,8 +41,8 @@ def select(*, mode: str = "auto") -> str:
     "auto" is "reference" when no CUDA device is available, else "triton". "reference" installs the
     PyTorch ops (idempotent; raises naming the FLA module and attribute if a name to swap is gone, or
     if the FLA version is unsupported); "triton" puts FLA's own ops back if they were swapped.
-    "compiled" is for `torch.compile`d blocks: FLA's chunked GLA/DeltaNet/Gated DeltaNet kernels as custom ops
-    (the references on CPU) and PyTorch norms, activations and convolutions that the compiler fuses.
+    "compiled" is for `torch.compile`d blocks: FLA's chunked GLA/DeltaNet kernels as custom ops (the
+    references on CPU) and PyTorch norms, activations and convolutions that the compiler fuses.
     """
     if mode not in MODES:
         raise ValueError(f"kernel mode must be one of {MODES}, got {mode!r}")
@@ -64,7 +64,7 @@ def select(*, mode: str = "auto") -> str:
 def untraced_layers(*, model: torch.nn.Module) -> list[str]:
     """The FLA layer modules (``fla.layers.*``) of `model`'s classes whose attention ops stay FLA's Triton
     kernels under the kernels now selected: none where no GPU kernels were selected (a CPU, or the reference
-    mode); in compiled mode on a GPU all but GLA's, DeltaNet's and Gated DeltaNet's (custom ops there); else all of them."""
+    mode); in compiled mode on a GPU all but GLA's and DeltaNet's (custom ops there); else all of them."""
     if _current["mode"] == "reference" or not _current["on_gpu"]:
         return []
     names = sorted({type(m).__module__ for m in model.modules() if type(m).__module__.startswith("fla.layers.")})

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from flame_gin.kernels import attention
 
 
-def gate_and_beta(*, g, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval):
+def _gdn_gate_and_beta(*, g, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval):
     """Applies the gate and beta activations that FLA's gated-delta-rule kernels can fuse."""
     if use_gate_in_kernel:
         if A_log is None:
@@ -53,7 +53,7 @@ def chunk_gated_delta_rule(
     log space, or raw with `use_gate_in_kernel` (g = -exp(A_log) * softplus(g + dt_bias))."""
     if cp_context is not None:
         raise NotImplementedError("the reference chunk_gated_delta_rule has no context-parallel path")
-    g, beta = gate_and_beta(
+    g, beta = _gdn_gate_and_beta(
         g=g,
         beta=beta,
         use_gate_in_kernel=use_gate_in_kernel,

@@ -36,7 +36,7 @@ def _gla_chunk(length: int) -> int:
     return min(high, max(low, 1 << max(0, (length - 1).bit_length())))
 
 
-def check_returned(*, op: str, name: str, got: Tensor, shape, dtype: torch.dtype) -> None:
+def _check(*, op: str, name: str, got: Tensor, shape, dtype: torch.dtype) -> None:
     if got.shape != shape or got.dtype != dtype:
         raise RuntimeError(
             f"{op}: FLA returned {name} {tuple(got.shape)} {got.dtype}, flame_gin.kernels.opaque expects "
@@ -44,7 +44,7 @@ def check_returned(*, op: str, name: str, got: Tensor, shape, dtype: torch.dtype
         )
 
 
-def chunk_indices_for(cu_seqlens: Tensor | None, chunk: int) -> Tensor | None:
+def _chunk_indices(cu_seqlens: Tensor | None, chunk: int) -> Tensor | None:
     if cu_seqlens is None:
         return None
     from fla.ops.utils import prepare_chunk_indices
@@ -52,7 +52,7 @@ def chunk_indices_for(cu_seqlens: Tensor | None, chunk: int) -> Tensor | None:
     return prepare_chunk_indices(cu_seqlens, chunk)
 
 
-def recompute_grads(fn, inputs: list[Tensor], grad_out: Tensor) -> tuple[Tensor, ...]:
+def _recompute_grads(fn, inputs: list[Tensor], grad_out: Tensor) -> tuple[Tensor, ...]:
     """CPU backward: the vector-Jacobian product of the reference forward (`torch.func.vjp`, which works
     below the autograd key where custom-op implementations run)."""
     _, vjp = torch.func.vjp(fn, *inputs)
@@ -91,10 +91,10 @@ def gla_fwd(
         state_v_first=state_v_first,
         cu_seqlens=cu_seqlens,
         chunk_size=chunk,
-        chunk_indices=chunk_indices_for(cu_seqlens, chunk),
+        chunk_indices=_chunk_indices(cu_seqlens, chunk),
     )
-    check_returned(op="gla_fwd", name="o", got=o, shape=v.shape, dtype=v.dtype)
-    check_returned(op="gla_fwd", name="A", got=a, shape=want_a.shape, dtype=want_a.dtype)
+    _check(op="gla_fwd", name="o", got=o, shape=v.shape, dtype=v.dtype)
+    _check(op="gla_fwd", name="A", got=a, shape=want_a.shape, dtype=want_a.dtype)
     return o, a
 
 
@@ -118,7 +118,7 @@ def gla_bwd(
     """Chunked GLA backward from the forward's A: returns (dq, dk, dv, dg) in the inputs' dtypes."""
     if not q.is_cuda:
         fn = lambda q_, k_, v_, g_: attention.chunk_gla(q=q_, k=k_, v=v_, g=g_, scale=scale, cu_seqlens=cu_seqlens)[0]
-        return recompute_grads(fn, [q, k, v, g], do)
+        return _recompute_grads(fn, [q, k, v, g], do)
     from fla.ops.gla.chunk import chunk_gla_bwd
 
     chunk = a.shape[-1]
@@ -137,7 +137,7 @@ def gla_bwd(
         state_v_first=state_v_first,
         cu_seqlens=cu_seqlens,
         chunk_size=chunk,
-        chunk_indices=chunk_indices_for(cu_seqlens, chunk),
+        chunk_indices=_chunk_indices(cu_seqlens, chunk),
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype)
 
@@ -233,12 +233,12 @@ def delta_fwd(
         initial_state=None,
         output_final_state=False,
         cu_seqlens=cu_seqlens,
-        chunk_indices=chunk_indices_for(cu_seqlens, DELTA_CHUNK),
+        chunk_indices=_chunk_indices(cu_seqlens, DELTA_CHUNK),
         chunk_size=DELTA_CHUNK,
     )
     o = o.to(q.dtype)
-    check_returned(op="delta_fwd", name="o", got=o, shape=v.shape, dtype=q.dtype)
-    check_returned(op="delta_fwd", name="A", got=a, shape=want_a.shape, dtype=want_a.dtype)
+    _check(op="delta_fwd", name="o", got=o, shape=v.shape, dtype=q.dtype)
+    _check(op="delta_fwd", name="A", got=a, shape=want_a.shape, dtype=want_a.dtype)
     return o, a
 
 
@@ -256,7 +256,7 @@ def delta_bwd(
         fn = lambda q_, k_, v_, b_: attention.chunk_delta_rule(
             q=q_, k=k_, v=v_, beta=b_, scale=scale, cu_seqlens=cu_seqlens
         )[0]
-        return recompute_grads(fn, [q, k, v, beta], do)
+        return _recompute_grads(fn, [q, k, v, beta], do)
     from fla.ops.delta_rule.chunk import chunk_delta_rule_bwd
 
     dq, dk, dv, db, _ = chunk_delta_rule_bwd(
@@ -270,7 +270,7 @@ def delta_bwd(
         do=do.contiguous(),
         dht=None,
         cu_seqlens=cu_seqlens,
-        chunk_indices=chunk_indices_for(cu_seqlens, DELTA_CHUNK),
+        chunk_indices=_chunk_indices(cu_seqlens, DELTA_CHUNK),
         chunk_size=DELTA_CHUNK,
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), db.to(beta.dtype)

@@ -27,7 +27,6 @@ from flame_gin.kernels import (
     mesa,
     norm,
     opaque,
-    opaque_gdn,
     path,
     rotary,
     rwkv6,
@@ -168,18 +167,14 @@ _CPU_ONLY_MODULES = (
 _OPAQUE = {
     ("fla.layers.gla", "chunk_gla"): opaque.chunk_gla,
     ("fla.layers.delta_net", "chunk_delta_rule"): opaque.chunk_delta_rule,
-    ("fla.layers.gated_deltanet", "chunk_gated_delta_rule"): opaque_gdn.chunk_gated_delta_rule,
 }
-# Ops bound in those layer modules that compiled mode replaces on a GPU too: Gated DeltaNet's fused q/k/v
-# convolution (its packed-document path goes through ShortConvolution, swapped with the modules below).
-_GPU_LAYER_SWAPS = frozenset({("fla.layers.gated_deltanet", "causal_conv1d")})
 # Layer modules whose every GPU op is a custom op with a meta kernel in compiled mode.
 OPAQUE_MODULES = frozenset(module for module, _ in _OPAQUE)
 
 
 def compiled_table(*, on_gpu: bool) -> tuple[Swap, ...]:
-    """The swaps for compiled blocks: the chunked GLA, DeltaNet and Gated DeltaNet ops become custom ops (one graph
-    node each), norms, activations and short convolutions become PyTorch ops that inductor fuses with their neighbours,
+    """The swaps for compiled blocks: the chunked GLA/DeltaNet ops become custom ops (one graph node each),
+    norms, activations and short convolutions become PyTorch ops that inductor fuses with their neighbours,
     and the layers' cache helpers stop reading `layer_idx` without a cache. On GPU the other attention ops
     and the losses stay FLA's; on CPU everything else is the reference table."""
     swaps = []
@@ -187,11 +182,7 @@ def compiled_table(*, on_gpu: bool) -> tuple[Swap, ...]:
         key = (swap.module, swap.name)
         if key in _OPAQUE:
             swaps.append(Swap(swap.module, swap.name, _OPAQUE[key]))
-        elif (
-            not on_gpu
-            or key in _GPU_LAYER_SWAPS
-            or (swap.module not in _ATTENTION_MODULES + _CPU_ONLY_MODULES and "Loss" not in swap.name)
-        ):
+        elif not on_gpu or (swap.module not in _ATTENTION_MODULES + _CPU_ONLY_MODULES and "Loss" not in swap.name):
             swaps.append(swap)
     for module in _ATTENTION_MODULES:
         swaps.append(Swap(module, "get_layer_cache", opaque.get_layer_cache))

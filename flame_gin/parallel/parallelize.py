@@ -38,7 +38,7 @@ def _enable_async_tp(*, dims: ParallelDims, compile: bool) -> None:
 
 def _one_graph_each(model: nn.Module) -> bool:
     """Whether each block can compile to one graph: no FLA op that FLA marks `torch.compiler.disable` (every
-    FLA Triton op on a GPU, except GLA's, DeltaNet's and Gated DeltaNet's, which compiled mode makes custom ops). Where one is
+    FLA Triton op on a GPU, except GLA's and DeltaNet's, which compiled mode makes custom ops). Where one is
     left, `fullgraph` is turned off with a warning: the block compiles around the op (graph breaks) rather
     than the run stopping at its first step; `gin/parallel/compile.gin` serves every family."""
     from flame_gin import kernels
