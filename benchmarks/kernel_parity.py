@@ -44,6 +44,20 @@ def _config(*, family: str, hidden: int, layers: int, vocab: int, heads: int = 4
     raise ValueError(f"unknown family {family!r} (gla, delta_net, gated_deltanet)")
 
 
+def _model(*, family: str, args):
+    from transformers import AutoModelForCausalLM
+
+    config = _config(
+        family=family,
+        hidden=args.hidden,
+        layers=args.layers,
+        vocab=args.vocab,
+        heads=args.num_heads,
+        head_dim=args.head_dim,
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
 def _cuts(text: str) -> torch.Tensor:
     return torch.tensor([int(x) for x in text.split(",")], dtype=torch.int32, device="cuda")
 
@@ -51,19 +65,8 @@ def _cuts(text: str) -> torch.Tensor:
 def _step(*, mode: str, family: str, state: dict, ids: torch.Tensor, dtype: torch.dtype, args) -> dict:
     """Builds the model under `mode` (some layers bind activations at construction), loads `state`,
     runs loss + backward; returns the loss and per-parameter gradients in float32."""
-    from transformers import AutoModelForCausalLM
-
     kernels.select(mode=mode)
-    model = AutoModelForCausalLM.from_config(
-        _config(
-            family=family,
-            hidden=args.hidden,
-            layers=args.layers,
-            vocab=args.vocab,
-            heads=args.num_heads,
-            head_dim=args.head_dim,
-        )
-    )
+    model = _model(family=family, args=args)
     model.load_state_dict(state)
     model = model.cuda().train()
     autocast = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -119,20 +122,9 @@ def _compare(*, triton: dict, reference: dict) -> dict:
 
 
 def _one(*, family: str, dtype: torch.dtype, args) -> dict:
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(args.seed)
     kernels.select(mode="triton")
-    model = AutoModelForCausalLM.from_config(
-        _config(
-            family=family,
-            hidden=args.hidden,
-            layers=args.layers,
-            vocab=args.vocab,
-            heads=args.num_heads,
-            head_dim=args.head_dim,
-        )
-    )
+    model = _model(family=family, args=args)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     del model
     ids = torch.randint(
