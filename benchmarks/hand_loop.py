@@ -132,7 +132,7 @@ def run_baseline(
 
     FLA's causal-LM head shifts ``labels`` itself, so the loop passes the (unshifted) inputs as labels, with
     ``cu_seqlens`` in varlen mode. ``syncs`` adds the trainer's three host read-backs per step;
-    ``checkpointing`` recomputes every block in the backward.
+    ``checkpointing`` recomputes every block in the backward (torch's non-reentrant checkpoint wrapper).
     """
     import torch
     import transformers
@@ -142,8 +142,12 @@ def run_baseline(
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:  # FLA 0.6 declares HF gradient checkpointing, but its models never read the flag
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        layers = model.model.layers
+        for i, block in enumerate(layers):
+            layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
     model.train()
     opt = torch.optim.AdamW(
         model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=device.type == "cuda"

@@ -53,7 +53,7 @@ def _define_flags() -> None:
     flags.DEFINE_bool(
         "baseline_ac",
         False,
-        "Checkpoint every block of the hand-written loop (transformers' gradient_checkpointing_enable), the "
+        "Checkpoint every block of the hand-written loop (torch's checkpoint wrapper), the "
         "counterpart of gin/parallel/memory_saving.gin where the plain loop does not fit.",
     )
     flags.DEFINE_bool("measure_peak", True, "Time a large bf16 matrix product for a measured-peak MFU (GPU only).")

@@ -121,3 +121,46 @@ def test_compiled_short_conv_saves_one_input_copy_for_backward():
     rows = saved_activations.saved_tensors(Conv(), tokens=256, hidden=64)
     input_sized = [r for r in rows if r[2][-1] == 64 and r[2][-2] >= 256]  # [.., T (+ padding), D] tensors
     assert len(input_sized) <= 2, rows  # the block's output and one padded input copy
+
+
+def test_the_hand_loop_recomputes_every_block_with_baseline_ac(monkeypatch):
+    """`--baseline_ac` must make the reference loop checkpoint its blocks (else its figure at GLA-1B 16 x 2048
+    would be an out-of-memory, or a loop other than the one compared): each block then runs its forward twice
+    per step, once more in the backward; the losses are the same."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import hand_loop
+    import transformers
+    from fla.models import GLAConfig
+
+    import flame_gin.kernels
+
+    flame_gin.kernels.select(mode="reference")
+    config = GLAConfig(hidden_size=32, num_hidden_layers=2, num_heads=2, vocab_size=50, intermediate_size=64)
+    build, calls = transformers.AutoModelForCausalLM.from_config, []
+
+    def counted(cfg):
+        model = build(cfg)
+        for block in model.model.layers:
+            block.register_forward_pre_hook(lambda *_: calls.append(1))  # recomputation stops early: no post hook
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", counted)
+    losses = []
+    for checkpointing, forwards in ((False, 2 * 3), (True, 2 * 2 * 3)):
+        calls.clear()
+        loader = hand_loop.SyntheticLoader(vocab_size=50, seq_len=16, batch_size=2, seed=0, varlen=False)
+        result = hand_loop.run_baseline(
+            config=config,
+            loader=loader,
+            device=torch.device("cpu"),
+            steps=3,
+            warmup=1,
+            lr=1e-3,
+            weight_decay=0.1,
+            max_grad_norm=1.0,
+            syncs=False,
+            checkpointing=checkpointing,
+        )
+        assert len(calls) == forwards, (checkpointing, len(calls))
+        losses.append(result["final_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
