@@ -246,3 +246,15 @@ def test_preemption_flag(sig):
         assert flag.requested() and flag.signal_name == signal.Signals(sig).name
     assert signal.getsignal(sig) is before
     assert REQUEUE_EXIT_CODE == 42
+
+
+def test_a_step_damaged_twice_keeps_both_copies_aside(tmp_path):
+    """Step 3 damaged, saved again and damaged again: the second copy gets the next free name, the first stays."""
+    first = layout.damaged_dir(root=tmp_path, step=3)
+    assert first == tmp_path / f"3{layout.DAMAGED_SUFFIX}"
+    first.mkdir()
+    second = layout.damaged_dir(root=tmp_path, step=3)
+    assert second == tmp_path / f"3{layout.DAMAGED_SUFFIX}2"
+    second.mkdir()
+    assert layout.damaged_dir(root=tmp_path, step=3).name == f"3{layout.DAMAGED_SUFFIX}3"
+    assert layout.committed_steps(tmp_path) == []

@@ -357,11 +357,7 @@ class Checkpointer:
         says why.
         """
         src = layout.step_dir(root=self._root, step=step)
-        dst = src.with_name(f"{step}{layout.DAMAGED_SUFFIX}")
-        n = 1
-        while dst.exists():
-            n += 1
-            dst = src.with_name(f"{step}{layout.DAMAGED_SUFFIX}{n}")
+        dst = layout.damaged_dir(root=self._root, step=step)
         if self._primary:
             os.rename(src, dst)
             (dst / "DAMAGED.txt").write_text(f"{reason}\n")
@@ -371,25 +367,6 @@ class Checkpointer:
 
     def _restore_step(self, *, step, model, optimizer) -> dict:
         path = layout.step_dir(root=self._root, step=step)
-        try:
-            side = pickle.loads((path / layout.EXTRA_FILE).read_bytes())
-        except Exception as e:  # noqa: BLE001
-            raise reader.CheckpointCorruptError(
-                f"checkpoint step {step}: {layout.EXTRA_FILE} is unreadable: {e}"
-            ) from e
-        from torch.distributed.checkpoint import state_dict as dcp_state  # ~1 s: imported at the first restore
-
-        reader.read_item(item_dir=path / layout.MODEL_ITEM, tensors=dcp_state.get_model_state_dict(model), step=step)
-        if optimizer is not None:
-            if side.get("optimizer") is None:
-                raise reader.CheckpointError(f"checkpoint step {step} in {self._root} holds no optimizer state")
-            state = dcp_state.get_optimizer_state_dict(model, optimizer)
-            tensors, _ = shards.flatten_optimizer(state)
-            reader.read_item(item_dir=path / layout.OPTIMIZER_ITEM, tensors=tensors, step=step)
-            for fqn, values in side["optimizer"]["state"].items():
-                state["state"].setdefault(fqn, {}).update(values)
-            state["param_groups"] = side["optimizer"]["param_groups"]
-            dcp_state.set_optimizer_state_dict(model, optimizer, state)
-        self.restored_extras = side["extras"]
+        self.restored_extras = reader.read_step(path=path, step=step, model=model, optimizer=optimizer)
         same = len(self.restored_extras) == self._world
         return self.restored_extras[self._rank if same else 0]

@@ -64,6 +64,15 @@ def tmp_step_dir(*, root: pathlib.Path, step: int) -> pathlib.Path:
     return pathlib.Path(root) / f"{int(step)}{TMP_SUFFIX}"
 
 
+def damaged_dir(*, root: pathlib.Path, step: int) -> pathlib.Path:
+    """A free name for step `step` moved aside as damaged: not an integer, so never resumed or pruned."""
+    path, n = root / f"{step}{DAMAGED_SUFFIX}", 1
+    while path.exists():
+        n += 1
+        path = root / f"{step}{DAMAGED_SUFFIX}{n}"
+    return path
+
+
 def is_committed(path: pathlib.Path) -> bool:
     """True for a finished checkpoint: integer name and commit marker."""
     path = pathlib.Path(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import pickle
 
 import torch
 
@@ -119,3 +120,26 @@ def assign_box(*, tensor: torch.Tensor, value: torch.Tensor, box: shards.Box) ->
         target = tensor
     with torch.no_grad():
         target.copy_(value.reshape(target.shape))
+
+
+def read_step(*, path: pathlib.Path, step: int, model: torch.nn.Module, optimizer) -> list:
+    """Loads committed step directory `path` into `model` (and `optimizer`, unless None); returns every rank's
+    saved `extra`, in rank order. Raises CheckpointCorruptError for an unreadable side file or array."""
+    try:
+        side = pickle.loads((path / layout.EXTRA_FILE).read_bytes())
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointCorruptError(f"checkpoint step {step}: {layout.EXTRA_FILE} is unreadable: {e}") from e
+    from torch.distributed.checkpoint import state_dict as dcp_state  # ~1 s: imported at the first restore
+
+    read_item(item_dir=path / layout.MODEL_ITEM, tensors=dcp_state.get_model_state_dict(model), step=step)
+    if optimizer is not None:
+        if side.get("optimizer") is None:
+            raise CheckpointError(f"checkpoint step {step} in {path.parent} holds no optimizer state")
+        state = dcp_state.get_optimizer_state_dict(model, optimizer)
+        tensors, _ = shards.flatten_optimizer(state)
+        read_item(item_dir=path / layout.OPTIMIZER_ITEM, tensors=tensors, step=step)
+        for fqn, values in side["optimizer"]["state"].items():
+            state["state"].setdefault(fqn, {}).update(values)
+        state["param_groups"] = side["optimizer"]["param_groups"]
+        dcp_state.set_optimizer_state_dict(model, optimizer, state)
+    return side["extras"]
