@@ -91,10 +91,12 @@ def _parallel_model(
 
 def _memory_estimate(*, meta, dims: mesh_lib.ParallelDims, micro_batch: int, seq_len: int, device: torch.device) -> str:
     """Phase: the per-rank memory estimate of this mesh and micro-batch, from the meta model (nothing
-    allocated); bf16 activations on GPU, fp32 on CPU, no activation checkpointing (an upper bound)."""
+    allocated); bf16 activations on GPU, fp32 on CPU; without activation checkpointing (an upper bound) and
+    with every block checkpointed, since the checkpointing asked for is inside the injected `parallelize`."""
     from flame_gin.parallel import memory
 
-    estimate = memory.estimate_memory(
+    estimate = functools.partial(
+        memory.estimate_memory,
         model=meta,
         dims=dims,
         local_batch=micro_batch,
@@ -102,7 +104,11 @@ def _memory_estimate(*, meta, dims: mesh_lib.ParallelDims, micro_batch: int, seq
         param_dtype="bfloat16" if device.type == "cuda" else "float32",
         run_blocks=kernels.traceable(model=meta),
     )
-    return memory.format_estimate(estimate, compiled=kernels.current_mode() == "compiled")
+    return memory.format_estimate(
+        estimate(),
+        compiled=kernels.current_mode() == "compiled",
+        checkpointed=estimate(activation_checkpointing="full"),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,6 +86,25 @@ def test_memory_estimate_can_skip_running_blocks():
     assert skipped["params"] == ran["params"]
     assert "upper bound" in format_estimate(ran, compiled=True) and "upper bound" not in format_estimate(ran)
     assert "upper bound" not in format_estimate(skipped, compiled=True)  # nothing measured, nothing to qualify
+    assert "checkpointed" not in format_estimate(skipped, checkpointed=skipped)
+
+
+def test_memory_estimate_with_every_block_checkpointed_keeps_one_hidden_state_per_block():
+    """Full checkpointing keeps each block's input (batch x seq x hidden) and one block's saved tensors while it
+    recomputes, instead of every block's; the log line gives both estimates."""
+    model = dist_models.build("gla", layers=4).to("meta")
+    kw = dict(model=model, dims=ParallelDims(world_size=1), local_batch=2, seq_len=64, param_dtype="float32")
+    plain = estimate_memory(**kw)
+    full = estimate_memory(**kw, activation_checkpointing="full")
+    logits = 2 * 64 * model.config.vocab_size * 4 * 2 / 1024**3
+    per_block = (plain["activations"] - logits) / 4
+    inputs = 4 * 2 * 64 * model.config.hidden_size * 4 / 1024**3
+    assert full["activations"] == pytest.approx(inputs + per_block + logits)
+    assert full["activations"] < plain["activations"] and full["params"] == plain["params"]
+    line = format_estimate(plain, checkpointed=full)
+    assert line.endswith(
+        f"; with every block checkpointed: activations={full['activations']:.3f}, total={full['total']:.3f}"
+    )
 
 
 def test_async_tp_is_refused_without_tp_compile_or_cuda():
