@@ -66,10 +66,11 @@ def tmp_step_dir(*, root: pathlib.Path, step: int) -> pathlib.Path:
 
 def damaged_dir(*, root: pathlib.Path, step: int) -> pathlib.Path:
     """A free name for step `step` moved aside as damaged: not an integer, so never resumed or pruned."""
-    path, n = root / f"{step}{DAMAGED_SUFFIX}", 1
+    root, n = pathlib.Path(root), 1
+    path = root / f"{int(step)}{DAMAGED_SUFFIX}"
     while path.exists():
         n += 1
-        path = root / f"{step}{DAMAGED_SUFFIX}{n}"
+        path = root / f"{int(step)}{DAMAGED_SUFFIX}{n}"
     return path
 
 
