@@ -95,19 +95,17 @@ def _memory_estimate(*, meta, dims: mesh_lib.ParallelDims, micro_batch: int, seq
     with every block checkpointed, since the checkpointing asked for is inside the injected `parallelize`."""
     from flame_gin.parallel import memory
 
-    estimate = functools.partial(
-        memory.estimate_memory,
+    estimates = memory.estimate_memory_modes(
         model=meta,
         dims=dims,
         local_batch=micro_batch,
         seq_len=seq_len,
+        modes=("none", "full"),
         param_dtype="bfloat16" if device.type == "cuda" else "float32",
         run_blocks=kernels.traceable(model=meta),
     )
     return memory.format_estimate(
-        estimate(),
-        compiled=kernels.current_mode() == "compiled",
-        checkpointed=estimate(activation_checkpointing="full"),
+        estimates["none"], compiled=kernels.current_mode() == "compiled", checkpointed=estimates["full"]
     )
 
 

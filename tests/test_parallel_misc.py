@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flame_gin.mesh import ParallelDims
-from flame_gin.parallel.memory import estimate_memory, format_estimate
+from flame_gin.parallel.memory import estimate_memory, estimate_memory_modes, format_estimate
 from flame_gin.parallel.tp_plans import apply_tensor_parallel
 
 
@@ -101,6 +101,8 @@ def test_memory_estimate_with_every_block_checkpointed_keeps_one_hidden_state_pe
     inputs = 4 * 2 * 64 * model.config.hidden_size * 4 / 1024**3
     assert full["activations"] == pytest.approx(inputs + per_block + logits)
     assert full["activations"] < plain["activations"] and full["params"] == plain["params"]
+    both = estimate_memory_modes(**kw, modes=("none", "full"))  # the trainer's start: one probe for both
+    assert both == {"none": plain, "full": full}
     line = format_estimate(plain, checkpointed=full)
     assert line.endswith(
         f"; with every block checkpointed: activations={full['activations']:.3f}, total={full['total']:.3f}"

@@ -82,7 +82,33 @@ def estimate_memory(
     run_blocks: bool = True,
 ) -> dict:
     """GiB per rank: `params` (fp32 shards), `grads`, `optimizer`, `gathered` (one block unsharded in
-    `param_dtype`), `activations` (None when unmeasurable) and `total`. `model` may live on `meta`.
+    `param_dtype`), `activations` (None when unmeasurable) and `total`, under `activation_checkpointing`
+    ("none" or "full"); `estimate_memory_modes` says how activations are measured."""
+    return estimate_memory_modes(
+        model=model,
+        dims=dims,
+        local_batch=local_batch,
+        seq_len=seq_len,
+        modes=(activation_checkpointing,),
+        param_dtype=param_dtype,
+        optimizer_states=optimizer_states,
+        run_blocks=run_blocks,
+    )[activation_checkpointing]
+
+
+def estimate_memory_modes(
+    *,
+    model: nn.Module,
+    dims: ParallelDims,
+    local_batch: int,
+    seq_len: int,
+    modes: tuple[str, ...] = ("none", "full"),
+    param_dtype: str = "bfloat16",
+    optimizer_states: int = 2,
+    run_blocks: bool = True,
+) -> dict[str, dict]:
+    """`estimate_memory`'s figures for each activation checkpointing mode of `modes`, from one probe of the
+    block (seconds on a CPU for a 1B model). `model` may live on `meta`.
 
     Activations are measured by running one block on meta tensors; `run_blocks=False` skips that, which the
     caller must do when the block would launch GPU kernels (FLA's Triton kernels take a meta tensor's null
@@ -93,7 +119,7 @@ def estimate_memory(
     shard = dims.dp_shard * dims.cp * dims.tp * dims.pp
     per_rank = n_params / shard
     block_params = max(sum(p.numel() for p in b.parameters()) for b in blocks) / dims.tp
-    out = {
+    base = {
         "params": per_rank * 4 / GIB,
         "grads": per_rank * 4 / GIB,
         "optimizer": per_rank * 4 * optimizer_states / GIB,
@@ -121,18 +147,20 @@ def estimate_memory(
     except Exception as err:  # an op without a meta kernel (e.g. a Triton kernel)
         log.info("memory estimate: activations not measurable on meta: %s", err)
         per_block = None
-    if per_block is not None:
-        layers_here = -(-len(blocks) // dims.pp)
-        if activation_checkpointing == "full":
-            kept = layers_here * local_batch * seq * hidden * _BYTES[param_dtype] + per_block
-        else:
-            kept = layers_here * per_block
-        logits = local_batch * seq * model.config.vocab_size / dims.tp * 4 * 2
-        out["activations"] = (kept + logits) / GIB
-    else:
-        out["activations"] = None
-    out["total"] = sum(v for v in out.values() if v is not None)
-    return out
+    layers_here = -(-len(blocks) // dims.pp)
+    logits = local_batch * seq * model.config.vocab_size / dims.tp * 4 * 2
+    estimates = {}
+    for mode in modes:
+        out = dict(base, activations=None)
+        if per_block is not None:
+            if mode == "full":
+                kept = layers_here * local_batch * seq * hidden * _BYTES[param_dtype] + per_block
+            else:
+                kept = layers_here * per_block
+            out["activations"] = (kept + logits) / GIB
+        out["total"] = sum(v for v in out.values() if v is not None)
+        estimates[mode] = out
+    return estimates
 
 
 def format_estimate(estimate: dict, *, compiled: bool = False, checkpointed: dict | None = None) -> str:
