@@ -10,8 +10,8 @@ the reference kernels. Printed per family and dtype: the relative loss differenc
 relative gradient difference over parameters, max_p ||g_ref - g_tri|| / ||g_tri||. With
 ``--against=compiled`` the second run uses compiled mode's kernels instead (without `torch.compile`): FLA's
 chunked GLA and DeltaNet ops as flame_gin's custom ops (DeltaNet's q/k L2 norms in PyTorch), and PyTorch
-norms, activations and short convolutions: the check that compiled blocks train the model FLA's own ops train. The last line is
-one JSON object with every result. A Triton path that raises is reported with the error, never worked
+norms, activations and short convolutions: the check that compiled blocks train the model FLA's own ops
+train. The last line is one JSON object with every result. A Triton path that raises is reported with the error, never worked
 around: FLA 0.6 refuses Gated DeltaNet's backward on Hopper with Triton 3.4-3.7.0 (then only the forward
 loss is compared, status "forward_only"), and its chunked DeltaNet kernel refuses float32 inputs.
 Expected: fp32 differences around 1e-6..1e-4; bf16 around 1e-3..1e-2.
@@ -58,8 +58,8 @@ def _model(*, family: str, args):
     return AutoModelForCausalLM.from_config(config)
 
 
-def _cuts(text: str) -> torch.Tensor:
-    return torch.tensor([int(x) for x in text.split(",")], dtype=torch.int32, device="cuda")
+def comma_separated_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
 
 
 def _step(*, mode: str, family: str, state: dict, ids: torch.Tensor, dtype: torch.dtype, args) -> dict:
@@ -72,7 +72,7 @@ def _step(*, mode: str, family: str, state: dict, ids: torch.Tensor, dtype: torc
     autocast = torch.autocast("cuda", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     start = time.perf_counter()
     with autocast:
-        extra = {} if args.cu_seqlens is None else {"cu_seqlens": _cuts(args.cu_seqlens)}
+        extra = {} if args.cu_seqlens is None else {"cu_seqlens": torch.tensor(args.cu_seqlens).int().cuda()}
         loss = model(input_ids=ids, labels=ids, **extra).loss
     try:
         loss.backward()
@@ -157,14 +157,16 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--against", choices=("reference", "compiled"), default="reference")
     parser.add_argument(
-        "--cu_seqlens", default=None, help="packed documents, e.g. 0,100,300,512 (batch 1 of the last length)"
+        "--cu_seqlens",
+        default=None,
+        type=comma_separated_ints,
+        help="packed documents, e.g. 0,100,300,512 (batch 1 of the last length)",
     )
     parser.add_argument("--out", default=None, help="also append each result as a JSON line to this file")
     args = parser.parse_args(argv)
-    if args.cu_seqlens is not None:
-        cuts = [int(x) for x in args.cu_seqlens.split(",")]
-        if args.batch != 1 or cuts[0] != 0 or cuts[-1] != args.seq_len or cuts != sorted(cuts):
-            parser.error(f"--cu_seqlens={args.cu_seqlens}: needs --batch=1 and rising cuts from 0 to --seq_len")
+    cuts = args.cu_seqlens
+    if cuts is not None and (args.batch != 1 or cuts[0] != 0 or cuts[-1] != args.seq_len or cuts != sorted(cuts)):
+        parser.error(f"--cu_seqlens={','.join(map(str, cuts))}: needs --batch=1 and rising cuts from 0 to --seq_len")
     if not torch.cuda.is_available():
         print("kernel_parity needs a CUDA device", file=sys.stderr)
         return 2

@@ -273,6 +273,7 @@ def main(argv):
             weight_decay=0.1,
             max_grad_norm=1.0,
             syncs=True,
+            checkpointing=FLAGS.baseline_ac,
             **training,
         )
         out["baseline_with_syncs"] = {k: _round(v) for k, v in synced.items()}
