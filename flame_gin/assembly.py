@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from absl import logging
 
-from flame_gin import checks, families, kernels, models, process
+from flame_gin import checks, families, kernels, models, optim, process
 from flame_gin import config as config_lib
 from flame_gin import loss as loss_lib
 from flame_gin import mesh as mesh_lib
@@ -254,15 +254,34 @@ class Built:
     pp_group: Any | None  # the pipeline stages' group (None without pipeline parallelism)
 
 
-def optimizer(*, built: Built, settings) -> torch.optim.Optimizer:
+def optimizer(*, built: Built, settings, device: torch.device, steps_follow: bool = True) -> torch.optim.Optimizer:
     """Phase 5, last: the optimizer (``optim.AdamW`` settings) over the built model; on a pipeline, each stage
-    keeps the state of its own parameters."""
+    keeps the state of its own parameters. When training steps follow on a GPU, a model whose parameters,
+    gradients and optimizer states cannot fit the device is refused first (`memory.check_states_fit`; another
+    optimizer's states are not known here, so only its parameters and gradients count). A seed checkpoint
+    (``steps_follow=False``) allocates no state and is made for a larger mesh, so it is never refused."""
+    capacity = _device_capacity(device) if steps_follow else None
+    if capacity is not None:
+        from flame_gin.parallel import memory
+
+        with as_config_error():
+            memory.check_states_fit(
+                model=built.model,
+                device=device,
+                capacity_bytes=capacity,
+                optimizer_states=2 if isinstance(settings, optim.AdamW) else 0,
+            )
     opt = settings.build(model=built.model)
     if built.runtime is not None:
         from flame_gin.parallel import pipeline as pipeline_lib
 
         pipeline_lib.stage_local_optimizer_state(opt, mesh=built.mesh["dp_replicate", "dp_shard", "cp", "tp"])
     return opt
+
+
+def _device_capacity(device: torch.device) -> int | None:
+    """The GPU's total memory in bytes; None on the host, whose memory can swap, so it is no hard bound."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
 def build(

@@ -187,7 +187,9 @@ def run(
         pipeline=pipeline,
         init_timeout_seconds=init_timeout_seconds,
     )
-    opt = assembly.optimizer(built=built, settings=optimizer)
+    opt = assembly.optimizer(
+        built=built, settings=optimizer, device=proc.device, steps_follow=not start.seed_checkpoint_only
+    )
     assembly.describe(plan=plan, model=built.model, n_params=n_params, writer=writer, config_text=config_text)
     # 6. Start: resume the run's own checkpoint, or warm-start weights, or keep the seeded initialisation.
     if start.seed_checkpoint_only:

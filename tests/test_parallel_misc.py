@@ -187,3 +187,72 @@ def test_compiling_a_family_with_flas_compiler_disabled_ops_turns_fullgraph_off(
         assert "fullgraph off: fla.layers.gated_deltanet" in caplog.text
     finally:
         kernels.select(mode="reference")
+
+
+def test_states_that_cannot_fit_the_device_are_refused_before_the_optimizer():
+    """Parameters + gradients + AdamW's two states, 16 bytes per fp32 parameter, against the device's capacity;
+    a parameter kept elsewhere (FSDP's CPU offload on a GPU rank) counts nothing."""
+    from flame_gin.parallel.memory import check_states_fit, device_state_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.Linear(1000, 10, bias=False))
+    n = 1000 * 1000 + 1000 + 1000 * 10
+    assert device_state_bytes(model=model, device_type="cpu", optimizer_states=2) == (n, n * 4 * 4)
+    assert device_state_bytes(model=model, device_type="cpu", optimizer_states=0) == (n, n * 4 * 2)
+    cpu = torch.device("cpu")
+    check_states_fit(model=model, device=cpu, capacity_bytes=n * 16, optimizer_states=2)  # exactly fits
+    with pytest.raises(ValueError) as err:
+        check_states_fit(model=model, device=cpu, capacity_bytes=n * 16 - 1, optimizer_states=2)
+    text = str(err.value)
+    assert f"{n:,} parameters" in text and "2 optimizer states" in text and "need 0.0 GiB on cpu" in text
+    assert "gin/parallel/fsdp.gin" in text and "cpu_offload=True" in text
+    # On a GPU rank whose parameters FSDP offloaded to the host, nothing is counted against the GPU.
+    assert device_state_bytes(model=model, device_type="cuda", optimizer_states=2) == (0, 0)
+    check_states_fit(model=model, device=torch.device("cuda", 0), capacity_bytes=0, optimizer_states=2)
+
+
+def test_a_sharded_parameter_counts_its_local_shard():
+    """FSDP's parameters are DTensors whose numel() is the whole tensor; the rank holds only its shard."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from flame_gin.parallel.memory import device_state_bytes
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        mesh = init_device_mesh("cpu", (4,))
+        shard = DTensor.from_local(torch.zeros(25, 8), mesh, [Shard(0)])
+        module = torch.nn.Module()
+        module.weight = torch.nn.Parameter(shard)
+        assert module.weight.numel() == 800
+        assert device_state_bytes(model=module, device_type="cpu", optimizer_states=2) == (200, 200 * 16)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_optimizer_phase_refuses_states_beyond_the_device_as_a_config_error(monkeypatch):
+    """The trainer's phase 5 with the device's capacity stubbed (a CPU machine has no GPU to ask): the shipped
+    AdamW counts its two states and the refusal comes as a ConfigError (one line, exit 2), before any state."""
+    from flame_gin import assembly, optim
+    from flame_gin.config import ConfigError
+
+    model = torch.nn.Linear(100, 100)
+    built = assembly.Built(
+        model=model, runtime=None, mesh=None, mesh_groups=[], group=None, loss_fn=None, prepare=None, pp_group=None
+    )
+    need = 10_100 * 4 * 4
+    monkeypatch.setattr(assembly, "_device_capacity", lambda device: need - 1)
+    with pytest.raises(ConfigError, match="10,100 parameters on this rank with their gradients and 2 optimizer"):
+        assembly.optimizer(built=built, settings=optim.AdamW(lr=1e-3), device=torch.device("cpu"))
+    seed_only = assembly.optimizer(  # a seed checkpoint for a larger mesh: no step, no state, no refusal
+        built=built, settings=optim.AdamW(lr=1e-3), device=torch.device("cpu"), steps_follow=False
+    )
+    assert isinstance(seed_only, torch.optim.AdamW)
+    monkeypatch.setattr(assembly, "_device_capacity", lambda device: need)
+    opt = assembly.optimizer(built=built, settings=optim.AdamW(lr=1e-3), device=torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW)
+    monkeypatch.setattr(assembly, "_device_capacity", lambda device: None)  # the host: nothing checked
+    assert isinstance(
+        assembly.optimizer(built=built, settings=optim.AdamW(lr=1e-3), device=torch.device("cpu")), torch.optim.AdamW
+    )

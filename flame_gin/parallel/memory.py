@@ -181,3 +181,35 @@ def format_estimate(estimate: dict, *, compiled: bool = False, checkpointed: dic
             "save more than inductor's compiled graph does)"
         )
     return line
+
+
+def device_state_bytes(*, model: nn.Module, device_type: str, optimizer_states: int) -> tuple[int, int]:
+    """(parameters, bytes) that this rank's parameters, their gradients and ``optimizer_states`` optimizer
+    tensors per parameter (AdamW: 2) will hold on devices of ``device_type``, before any activation.
+
+    Counted from the parameters as placed, so it is exact where the estimate above is arithmetic: a sharded
+    parameter (FSDP's DTensor) counts its local shard, and one that FSDP's CPU offload keeps on the host counts
+    nothing on the GPU. Gradients and optimizer states take the parameter's dtype (torch's AdamW does)."""
+    count = nbytes = 0
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        if local.device.type == device_type:
+            count += local.numel()
+            nbytes += local.numel() * local.element_size() * (2 + optimizer_states)
+    return count, nbytes
+
+
+def check_states_fit(*, model: nn.Module, device: torch.device, capacity_bytes: int, optimizer_states: int) -> None:
+    """Raises ValueError when the parameters, gradients and optimizer states alone exceed the device.
+
+    Why: such a run builds, spends minutes autotuning FLA's kernels on its first forward, and only runs out of
+    memory at the first optimizer step, when the states are allocated; no activation checkpointing can save it.
+    Called once the model is placed and before the optimizer exists."""
+    count, need = device_state_bytes(model=model, device_type=device.type, optimizer_states=optimizer_states)
+    if need > capacity_bytes:
+        raise ValueError(
+            f"{count:,} parameters on this rank with their gradients and {optimizer_states} optimizer states each "
+            f"need {need / GIB:.1f} GiB on {device}, which has {capacity_bytes / GIB:.1f} GiB in all, before any "
+            "activation: shard them over more GPUs (gin/parallel/fsdp.gin), keep them on the host "
+            "(--gin.flame_gin.parallelize.cpu_offload=True), or train a smaller model"
+        )
