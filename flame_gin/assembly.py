@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from absl import logging
 
-from flame_gin import checks, families, kernels, models, optim, process
+from flame_gin import checks, families, kernels, models, process
 from flame_gin import config as config_lib
 from flame_gin import loss as loss_lib
 from flame_gin import mesh as mesh_lib
@@ -257,8 +257,8 @@ class Built:
 def optimizer(*, built: Built, settings, device: torch.device, steps_follow: bool = True) -> torch.optim.Optimizer:
     """Phase 5, last: the optimizer (``optim.AdamW`` settings) over the built model; on a pipeline, each stage
     keeps the state of its own parameters. When training steps follow on a GPU, a model whose parameters,
-    gradients and optimizer states cannot fit the device is refused first (`memory.check_states_fit`; another
-    optimizer's states are not known here, so only its parameters and gradients count). A seed checkpoint
+    gradients and optimizer states cannot fit the device is refused first (`memory.check_states_fit`; the
+    settings' ``states_per_parameter``, 0 for an optimizer that does not declare it). A seed checkpoint
     (``steps_follow=False``) allocates no state and is made for a larger mesh, so it is never refused."""
     capacity = _device_capacity(device) if steps_follow else None
     if capacity is not None:
@@ -269,7 +269,7 @@ def optimizer(*, built: Built, settings, device: torch.device, steps_follow: boo
                 model=built.model,
                 device=device,
                 capacity_bytes=capacity,
-                optimizer_states=2 if isinstance(settings, optim.AdamW) else 0,
+                optimizer_states=getattr(settings, "states_per_parameter", 0),
             )
     opt = settings.build(model=built.model)
     if built.runtime is not None:

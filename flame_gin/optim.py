@@ -11,7 +11,7 @@ decay (decaying them hurts and is what researchers expect to be off); every othe
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -79,9 +79,11 @@ class AdamW:
     group only (see ``parameter_groups``), ``decay_all`` decays every parameter, norms, biases and embeddings
     too (flame's choice: an ablation to reproduce its optimizer, `gin/ablations/decay_all.gin`), ``fused`` None
     picks the fused CUDA kernel when every parameter is on a GPU. Another optimizer fits the run when it has
-    ``lr`` and ``build(model=)``.
+    ``lr`` and ``build(model=)``; its ``states_per_parameter`` (0 when absent) is what the trainer's memory
+    check counts besides parameters and gradients.
     """
 
+    states_per_parameter: ClassVar[int] = 2  # exp_avg and exp_avg_sq, each the parameter's shape and dtype
     lr: float
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
