@@ -8,6 +8,7 @@ autocast bf16, fused AdamW, no compile, FLA's own loss) reads as what it is: the
 from __future__ import annotations
 
 import gc
+import sys
 import time
 
 
@@ -115,6 +116,12 @@ def peak_gib(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def _progress(message: str) -> None:
+    """One line to stderr as the loop goes: a measurement stopped by a time limit (FLA's first-use autotuning
+    can take 10 minutes for a 1B model) still tells how far it got."""
+    print(f"hand loop: {message}", file=sys.stderr, flush=True)
+
+
 def run_baseline(
     *,
     config,
@@ -149,6 +156,7 @@ def run_baseline(
         for i, block in enumerate(layers):
             layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
     model.train()
+    _progress(f"model built on {device} in {time.perf_counter() - t0:.1f} s; first step (cold kernels autotune)")
     opt = torch.optim.AdamW(
         model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=device.type == "cuda"
     )
@@ -175,6 +183,7 @@ def run_baseline(
             times[step] = time.perf_counter()
             if step == 1:
                 first_step = times[1] - t0
+            _progress(f"step {step}/{steps} done at {times[step] - t0:.1f} s")
     result = {
         "tokens_per_second": steady_rate(times=times, warmup=warmup, steps=steps, tokens_per_step=tokens_per_step),
         "peak_memory_gib": peak_gib(device),

@@ -51,6 +51,8 @@ def test_benchmark_varlen_json_line(tmp_path):
         line["flame_gin"]["tokens_per_second"] / line["baseline"]["tokens_per_second"], rel=1e-2
     )
     assert line["flops_per_token"] > 0
+    progress = [ln for ln in proc.stderr.splitlines() if ln.startswith("hand loop: ")]
+    assert progress[0].startswith("hand loop: model built on cpu") and progress[-1].startswith("hand loop: step 3/3")
     # Both loops learn something real from the same synthetic data (vocabulary 256: ln 256 ~ 5.55 at the start).
     for loop in ("flame_gin", "baseline"):
         assert 4.0 < line[loop]["final_loss"] < 6.5
