@@ -22,7 +22,7 @@ import functools
 import pathlib
 from typing import Any, Callable
 
-from flame_gin import assembly, checkpoint, flops, kernels, metrics, optim, process
+from flame_gin import assembly, checkpoint, first_step, flops, kernels, metrics, optim, process
 from flame_gin import config as config_lib
 from flame_gin import downstream as downstream_lib
 from flame_gin import loop as loop_lib
@@ -38,10 +38,12 @@ def _after_first_step(
     save_compiled: bool,
     train_timeout_seconds: float | None,
     groups: list,
+    watch: first_step.Watch,
 ) -> None:
-    """Phase, once after this process's first step: collectives get the training-time timeout (the first step's
-    compilation and autotuning are over), the operative config (what gin really used) is written, and the
-    compiled blocks' artifacts are kept for a resume."""
+    """Phase, once after this process's first step: its duration is logged, collectives get the training-time
+    timeout (the first step's compilation and autotuning are over), the operative config (what gin really used)
+    is written, and the compiled blocks' artifacts are kept for a resume."""
+    watch.stop(completed=True)
     if train_timeout_seconds is not None:
         process.set_timeout(seconds=train_timeout_seconds, groups=groups)
     if on_first_step is not None and is_primary:
@@ -226,6 +228,8 @@ def run(
         config_text=config_text,
         stop_requested=stop_requested,
     )
+    # The primary logs while the first step compiles and autotunes, then its duration (flame_gin.first_step).
+    watch = first_step.Watch(enabled=proc.is_primary)
     after_first_step = functools.partial(
         _after_first_step,
         is_primary=proc.is_primary,
@@ -234,8 +238,14 @@ def run(
         save_compiled=save_compiled,
         train_timeout_seconds=train_timeout_seconds,
         groups=built.mesh_groups,
+        watch=watch,
     )
-    return _finish(ckpt=ckpt, prof=prof, writer=writer, status=loop.run(after_first_step=after_first_step))
+    watch.start()
+    try:
+        status = loop.run(after_first_step=after_first_step)
+    finally:
+        watch.stop(completed=False)  # the loop failed before its first step ended, or nothing is left to stop
+    return _finish(ckpt=ckpt, prof=prof, writer=writer, status=status)
 
 
 def _finish(*, ckpt, prof, writer, status: int) -> int:
