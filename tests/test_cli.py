@@ -118,6 +118,7 @@ def test_tiny_default_trains_and_loss_falls(tiny_run):
     losses = _losses(result.stderr)
     assert sorted(losses) == list(range(5, 41, 5)), result.stderr[-2000:]
     assert losses[40] < losses[5] - 0.5, losses
+    assert len(re.findall(r"first step done in [\d.]+ s", result.stderr)) == 1  # flame_gin.first_step
 
 
 def test_console_holds_no_known_noise(tiny_run):
