@@ -124,6 +124,19 @@ def test_async_tp_is_refused_without_tp_compile_or_cuda():
             )
 
 
+def test_cpu_offload_without_fsdp_is_refused_not_ignored():
+    """FSDP's offload policy is the only offload: one rank without FSDP (or a pipeline stage with no data-parallel
+    shard) would keep every parameter on the GPU while the user believes them on the host."""
+    from flame_gin.parallel.parallelize import parallelize
+
+    model = dist_models.build("gla")
+    with pytest.raises(ValueError, match=r"cpu_offload=True .* does not apply \(world=1 .*fsdp_one_gpu.gin"):
+        parallelize(model, dims=ParallelDims(world_size=1), mesh=None, cpu_offload=True)
+    with pytest.raises(ValueError, match=r"cpu_offload=True .* does not apply \(world=2 pp=2"):
+        parallelize(model, dims=ParallelDims(world_size=2, pp=2, dp_shard=1), mesh=None, cpu_offload=True)
+    assert parallelize(model, dims=ParallelDims(world_size=1), mesh=None) is model  # without offload: as before
+
+
 def _gpu_compiled_table(monkeypatch):
     """Installs compiled mode's GPU table on this CPU (FLA's Triton ops stay, but for GLA's and DeltaNet's)."""
     import flame_gin.kernels as kernels
@@ -204,7 +217,7 @@ def test_states_that_cannot_fit_the_device_are_refused_before_the_optimizer():
         check_states_fit(model=model, device=cpu, capacity_bytes=n * 16 - 1, optimizer_states=2)
     text = str(err.value)
     assert f"{n:,} parameters" in text and "2 optimizer states" in text and "need 0.0 GiB on cpu" in text
-    assert "gin/parallel/fsdp.gin" in text and "cpu_offload=True" in text
+    assert "gin/parallel/fsdp.gin" in text and "cpu_offload=True" in text and "fsdp_one_gpu.gin under torchrun" in text
     # On a GPU rank whose parameters FSDP offloaded to the host, nothing is counted against the GPU.
     assert device_state_bytes(model=model, device_type="cuda", optimizer_states=2) == (0, 0)
     check_states_fit(model=model, device=torch.device("cuda", 0), capacity_bytes=0, optimizer_states=2)

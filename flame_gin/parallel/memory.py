@@ -210,6 +210,7 @@ def check_states_fit(*, model: nn.Module, device: torch.device, capacity_bytes: 
         raise ValueError(
             f"{count:,} parameters on this rank with their gradients and {optimizer_states} optimizer states each "
             f"need {need / GIB:.1f} GiB on {device}, which has {capacity_bytes / GIB:.1f} GiB in all, before any "
-            "activation: shard them over more GPUs (gin/parallel/fsdp.gin), keep them on the host "
-            "(--gin.flame_gin.parallelize.cpu_offload=True), or train a smaller model"
+            "activation: shard them over more GPUs (gin/parallel/fsdp.gin), keep them on the host with FSDP's "
+            "offload (gin/parallel/fsdp.gin, or gin/parallel/fsdp_one_gpu.gin under torchrun --nproc_per_node=1 on "
+            "one GPU, plus --gin.flame_gin.parallelize.cpu_offload=True), or train a smaller model"
         )

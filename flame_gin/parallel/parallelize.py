@@ -90,6 +90,13 @@ def parallelize(
         raise ValueError(
             "parallelize.fsdp_on_one_rank needs a process group: launch one process with torchrun --nproc_per_node=1"
         )
+    sharded = dims.dp_replicate > 1 or dims.dp_shard * dims.cp > 1 or (fsdp_on_one_rank and data_parallel == "fsdp")
+    if cpu_offload and not sharded:  # FSDP's offload policy is the only offload: without FSDP it would do nothing
+        raise ValueError(
+            f"parallelize.cpu_offload=True keeps parameters on the host through FSDP, which this run does not "
+            f"apply ({dims.describe()}): on one GPU add gin/parallel/fsdp_one_gpu.gin and launch with torchrun "
+            "--nproc_per_node=1"
+        )
     if async_tp:
         _enable_async_tp(dims=dims, compile=compile)
     if float8:
@@ -109,7 +116,7 @@ def parallelize(
         apply_compile(families.blocks(model), backend=compile_backend, fullgraph=fullgraph, mode=compile_mode)
     if dims.dp_replicate > 1:
         dp_mesh = mesh["dp_replicate", "dp_shard_cp"]
-    elif dims.dp_shard * dims.cp > 1 or (fsdp_on_one_rank and data_parallel == "fsdp"):
+    elif sharded:
         dp_mesh = mesh["dp_shard_cp"]
     else:
         dp_mesh = None
