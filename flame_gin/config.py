@@ -141,3 +141,63 @@ def write_config(*, workdir: str | os.PathLike, text: str, name: str = CONFIG_FI
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def unreached_bindings(*, root: str) -> list[str]:
+    """The bound parameters (``selector.param``) of configurables that no call reachable from ``root`` refers to.
+
+    Why: gin applies a binding only when gin calls its configurable, i.e. when a parameter of a configurable it
+    calls refers to it (``@name`` or ``@name()``, directly, inside a list or dict, or through a macro). A binding
+    no such chain reaches, like ``flame_gin.parallelize.activation_checkpointing = 'full'`` in a run that binds no
+    ``flame_gin.run.parallelize``, parses without a word and changes nothing: the run trains without what the user
+    asked for. Macros themselves are not reported (a file may define one that its includes never use). Reads
+    gin's parsed bindings (``gin.config._CONFIG``): gin 0.5 has no public reader for them.
+    """
+    bindings = gin.config._CONFIG
+    params_of: dict[str, list[dict]] = {}
+    for (scope, selector), params in bindings.items():
+        params_of.setdefault(selector if selector != "gin.macro" else f"%{scope}", []).append(params)
+    reached, todo = set(), [root]
+    while todo:
+        key = todo.pop()
+        if key in reached:
+            continue
+        reached.add(key)
+        for params in params_of.get(key, []):
+            todo.extend(_references(list(params.values())))
+    return sorted(
+        f"{selector}.{param}" if not scope else f"{scope}/{selector}.{param}"
+        for (scope, selector), params in bindings.items()
+        if selector != "gin.macro" and selector not in reached
+        for param in params
+    )
+
+
+def _references(value) -> list[str]:
+    """The configurables (``%NAME`` for a macro) that ``value`` refers to, inside lists, tuples and dicts too."""
+    if isinstance(value, gin.config.ConfigurableReference):
+        selector = value.configurable.selector
+        return [f"%{'/'.join(value.scopes)}" if selector == "gin.macro" else selector]
+    if isinstance(value, dict):
+        return _references([*value.keys(), *value.values()])
+    if isinstance(value, (list, tuple, set)):
+        return [ref for item in value for ref in _references(item)]
+    return []
+
+
+def check_bindings_reached(*, root: str) -> None:
+    """Raises a ``ConfigError`` naming every binding that ``unreached_bindings`` finds, and the references that
+    would apply them."""
+    unreached = unreached_bindings(root=root)
+    if unreached:
+        configurables = sorted({name.rsplit(".", 1)[0].split("/")[-1] for name in unreached})
+        example = (
+            " (flame_gin.run.parallelize = @flame_gin.parallelize, as the files in gin/parallel/ do)"
+            if "flame_gin.parallelize" in configurables
+            else ""
+        )
+        raise ConfigError(
+            f"gin binding(s) that this run never applies: {', '.join(unreached)}. gin applies a binding only when it "
+            f"calls the configurable, and nothing {root} calls refers to {', '.join('@' + c for c in configurables)}: "
+            f"refer to it from a parameter that the run uses{example}, or drop the binding"
+        )

@@ -34,6 +34,10 @@ _BAD_CONFIGS = [
     ),
     (["--gin.BATCH_SIZE=3", "--gin.flame_gin.run.grad_accum_steps=2"], r"BATCH_SIZE=3"),
     (["--gin_file=gin/model/mamba2.gin", "--gin_file=gin/data/varlen.gin"], r"varlen.*'mamba2' would let documents"),
+    (
+        ["--gin.flame_gin.parallelize.activation_checkpointing='full'"],  # no gin/parallel/ file: nothing calls it
+        r"never applies: flame_gin.parallelize.activation_checkpointing.*flame_gin.run.parallelize = @flame_gin",
+    ),
 ]
 _SAME = [*TINY, "--gin.TRAIN_STEPS=6", "--gin.WARMUP_STEPS=2", "--gin.flame_gin.run.log_interval=1"]
 

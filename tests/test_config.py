@@ -101,3 +101,44 @@ def test_includes_found_on_a_later_search_path_log_no_error(caplog, tmp_path):
         config_lib.parse(
             gin_files=[str(tmp_path / "broken.gin")], gin_bindings=[], search_paths=config_lib.default_search_paths()
         )
+
+
+def _parse_text(tmp_path, text: str) -> None:
+    (tmp_path / "x.gin").write_text(text)
+    config_lib.parse(gin_files=[str(tmp_path / "x.gin")], gin_bindings=[], search_paths=[])
+
+
+def test_bindings_no_call_from_the_run_reaches_are_named(tmp_path):
+    """A binding applies only when gin calls its configurable; one that nothing the run calls refers to (directly,
+    in a list or dict, or through a macro) would change nothing, and is named with the reference it lacks."""
+    _parse_text(
+        tmp_path,
+        "OPT = @flame_gin.adamw()\n"
+        "flame_gin.run.optimizer = %OPT\n"
+        "flame_gin.adamw.lr = 1e-3\n"  # reached through a macro
+        "flame_gin.run.writers = @flame_gin.metric_writers\n"
+        "flame_gin.metric_writers.extra = [@flame_gin.wandb_writer]\n"  # reached through a list
+        "flame_gin.wandb_writer.project = 'p'\n"
+        "flame_gin.run.model_config = {'a': @flame_gin.model_config}\n"  # reached through a dict
+        "flame_gin.model_config.family = 'gla'\n"
+        "UNUSED_MACRO = 3\n"  # macros are not reported
+        "flame_gin.parallelize.cpu_offload = True\n"  # nothing refers to @flame_gin.parallelize
+        "flame_gin.profiler.interval = 2\n",  # nor to @flame_gin.profiler
+    )
+    assert config_lib.unreached_bindings(root="flame_gin.run") == [
+        "flame_gin.parallelize.cpu_offload",
+        "flame_gin.profiler.interval",
+    ]
+    with pytest.raises(config_lib.ConfigError) as err:
+        config_lib.check_bindings_reached(root="flame_gin.run")
+    text = str(err.value)
+    assert "never applies: flame_gin.parallelize.cpu_offload, flame_gin.profiler.interval" in text
+    assert "refers to @flame_gin.parallelize, @flame_gin.profiler" in text
+    assert "flame_gin.run.parallelize = @flame_gin.parallelize" in text
+    # Referring to them applies them: nothing left to report.
+    _parse_text(
+        tmp_path,
+        "flame_gin.run.parallelize = @flame_gin.parallelize\nflame_gin.parallelize.cpu_offload = True\n"
+        "flame_gin.run.profiler = @flame_gin.profiler\nflame_gin.profiler.interval = 2\n",
+    )
+    config_lib.check_bindings_reached(root="flame_gin.run")
