@@ -185,19 +185,39 @@ def _references(value) -> list[str]:
     return []
 
 
-def check_bindings_reached(*, root: str) -> None:
-    """Raises a ``ConfigError`` naming every binding that ``unreached_bindings`` finds, and the references that
-    would apply them."""
+def check_bindings_reached(*, root: str, command_line: Sequence[str]) -> None:
+    """Refuses the bindings ``unreached_bindings`` finds that ``command_line`` (the ``--gin_bindings`` strings)
+    sets, with a ``ConfigError`` naming them and the reference that would apply them; logs a warning for those
+    set in files.
+
+    Why the split: a file's bindings become unreached when the command line turns their part off on purpose
+    (``flame_gin.run.checkpointer = None`` leaves the file's ``flame_gin.checkpointer.*`` unused), which must
+    not stop the run; a binding typed on the command line that changes nothing is a mistake."""
     unreached = unreached_bindings(root=root)
-    if unreached:
-        configurables = sorted({name.rsplit(".", 1)[0].split("/")[-1] for name in unreached})
+    keys = {m[1] for text in command_line for m in re.finditer(r"^\s*([\w./]+)\s*=", text, re.M)}
+    typed = [name for name in unreached if any(name == k or name.endswith("." + k) for k in keys)]
+    from_files = [name for name in unreached if name not in typed]
+    if from_files:
+        logging.getLogger(__name__).warning(
+            "gin binding(s) from the config files that this run never applies (nothing %s calls refers to %s): %s",
+            root,
+            ", ".join("@" + c for c in _configurables(from_files)),
+            ", ".join(from_files),
+        )
+    if typed:
+        configurables = _configurables(typed)
         example = (
             " (flame_gin.run.parallelize = @flame_gin.parallelize, as the files in gin/parallel/ do)"
             if "flame_gin.parallelize" in configurables
             else ""
         )
         raise ConfigError(
-            f"gin binding(s) that this run never applies: {', '.join(unreached)}. gin applies a binding only when it "
+            f"gin binding(s) that this run never applies: {', '.join(typed)}. gin applies a binding only when it "
             f"calls the configurable, and nothing {root} calls refers to {', '.join('@' + c for c in configurables)}: "
             f"refer to it from a parameter that the run uses{example}, or drop the binding"
         )
+
+
+def _configurables(names: list[str]) -> list[str]:
+    """The configurables (selectors) of bound parameter names like ``scope/module.name.param``."""
+    return sorted({name.rsplit(".", 1)[0].split("/")[-1] for name in names})

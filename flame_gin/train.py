@@ -55,7 +55,7 @@ def main(argv) -> int:
         print(text)
         return 0
     try:
-        config_lib.check_bindings_reached(root="flame_gin.run")
+        config_lib.check_bindings_reached(root="flame_gin.run", command_line=_bindings())
         return configurables.run(config_text=text, on_first_step=gin.operative_config_str, stop_requested=_stop_flag())
     except config_lib.ConfigError as e:
         print(f"flame_gin: {e}", file=sys.stderr)

@@ -108,7 +108,7 @@ def _parse_text(tmp_path, text: str) -> None:
     config_lib.parse(gin_files=[str(tmp_path / "x.gin")], gin_bindings=[], search_paths=[])
 
 
-def test_bindings_no_call_from_the_run_reaches_are_named(tmp_path):
+def test_bindings_no_call_from_the_run_reaches_are_named(tmp_path, caplog):
     """A binding applies only when gin calls its configurable; one that nothing the run calls refers to (directly,
     in a list or dict, or through a macro) would change nothing, and is named with the reference it lacks."""
     _parse_text(
@@ -125,20 +125,38 @@ def test_bindings_no_call_from_the_run_reaches_are_named(tmp_path):
         "flame_gin.parallelize.cpu_offload = True\n"  # nothing refers to @flame_gin.parallelize
         "flame_gin.profiler.interval = 2\n",  # nor to @flame_gin.profiler
     )
-    assert config_lib.unreached_bindings(root="flame_gin.run") == [
-        "flame_gin.parallelize.cpu_offload",
-        "flame_gin.profiler.interval",
-    ]
-    with pytest.raises(config_lib.ConfigError) as err:
-        config_lib.check_bindings_reached(root="flame_gin.run")
-    text = str(err.value)
-    assert "never applies: flame_gin.parallelize.cpu_offload, flame_gin.profiler.interval" in text
-    assert "refers to @flame_gin.parallelize, @flame_gin.profiler" in text
-    assert "flame_gin.run.parallelize = @flame_gin.parallelize" in text
+    expected = ["flame_gin.parallelize.cpu_offload", "flame_gin.profiler.interval"]
+    assert config_lib.unreached_bindings(root="flame_gin.run") == expected
+    # Typed on the command line (full or short selector): refused, naming the binding and the missing reference.
+    for typed in (["flame_gin.parallelize.cpu_offload = True"], ["x = 1\nparallelize.cpu_offload=True"]):
+        with pytest.raises(config_lib.ConfigError) as err:
+            config_lib.check_bindings_reached(root="flame_gin.run", command_line=typed)
+        text = str(err.value)
+        assert "never applies: flame_gin.parallelize.cpu_offload." in text and "profiler" not in text
+        assert "refers to @flame_gin.parallelize:" in text
+        assert "flame_gin.run.parallelize = @flame_gin.parallelize" in text
+    # Set in files only: a warning (the command line may have turned that part off on purpose), not a refusal.
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        config_lib.check_bindings_reached(root="flame_gin.run", command_line=["flame_gin.run.seed = 3"])
+    (warning,) = [r.getMessage() for r in caplog.records if "never applies" in r.getMessage()]
+    assert warning.endswith("@flame_gin.parallelize, @flame_gin.profiler): " + ", ".join(expected))
     # Referring to them applies them: nothing left to report.
+    caplog.clear()
     _parse_text(
         tmp_path,
         "flame_gin.run.parallelize = @flame_gin.parallelize\nflame_gin.parallelize.cpu_offload = True\n"
         "flame_gin.run.profiler = @flame_gin.profiler\nflame_gin.profiler.interval = 2\n",
     )
-    config_lib.check_bindings_reached(root="flame_gin.run")
+    config_lib.check_bindings_reached(root="flame_gin.run", command_line=["flame_gin.parallelize.cpu_offload=True"])
+    assert not caplog.records
+
+
+def test_a_part_turned_off_on_the_command_line_leaves_its_file_bindings_with_a_warning(caplog):
+    """The family sweep's ``flame_gin.run.checkpointer = None`` over pretrain.gin: the file's checkpointer
+    bindings are unused on purpose, so the run goes on."""
+    off = ["MODEL_DIR = '/tmp/unused'", "flame_gin.run.checkpointer = None"]
+    config_lib.parse(gin_files=["gin/gla.gin"], gin_bindings=off, search_paths=config_lib.default_search_paths())
+    with caplog.at_level("WARNING"):
+        config_lib.check_bindings_reached(root="flame_gin.run", command_line=off)
+    assert "@flame_gin.checkpointer): flame_gin.checkpointer.async_save" in caplog.text
