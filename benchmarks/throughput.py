@@ -180,6 +180,10 @@ def main(argv):
         "flame_gin.lr_schedule.warmup_steps = 0",
     ]  # the LR ramp has no bearing on speed; short runs need 0
     config_lib.parse(gin_files=FLAGS.gin_file, gin_bindings=bindings, search_paths=config_lib.default_search_paths())
+    try:  # a typed binding that changes nothing would measure another configuration than the one asked for
+        config_lib.check_bindings_reached(root="flame_gin.run", command_line=FLAGS.gin_bindings)
+    except config_lib.ConfigError as e:
+        sys.exit(f"throughput: {e}")
     model_config = gin.query_parameter("flame_gin.run.model_config").scoped_configurable_fn()
     seq_len = config_lib.bound_value("flame_gin.run.seq_len", None)
     batch_size = config_lib.bound_value("flame_gin.run.batch_size", None)

@@ -58,6 +58,27 @@ def test_benchmark_varlen_json_line(tmp_path):
         assert 4.0 < line[loop]["final_loss"] < 6.5
 
 
+def test_a_binding_that_changes_nothing_stops_the_benchmark_before_it_measures():
+    """No gin/parallel/ file binds flame_gin.run.parallelize, so this binding would leave the blocks unchecked
+    while the figure claims checkpointing."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "throughput.py"),
+            "--gin_file=gin/gla.gin",
+            "--gin_bindings=flame_gin.parallelize.activation_checkpointing = 'full'",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "throughput: gin binding(s) that this run never applies: flame_gin.parallelize.activation_checkpointing" in (
+        proc.stderr
+    )
+
+
 def test_synthetic_varlen_batches_are_sound():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import hand_loop
