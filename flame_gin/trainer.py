@@ -7,7 +7,8 @@ loop's phases are methods of ``flame_gin.loop.Loop``):
   2. data (a bad path fails here), then the vocabulary check against the model config;
   3. the model on the meta device (counted, memory estimated): a config the family cannot build fails here;
   4. only then the run directory (``config.gin``), the metric writers and the kernel cache;
-  5. the model materialised, initialised and parallelised; the optimizer with its parameter groups;
+  5. the model materialised, initialised and parallelised; the optimizer with its parameter groups (a config
+     error here removes a run directory that step 4 made, so a refused new run leaves nothing behind);
   6. start: resume the run's checkpoint, warm-start, or keep the seeded initialisation;
   7. loop: fetch micro-batches -> forward/backward -> clip -> optimizer step -> log -> eval -> checkpoint ->
      housekeeping (GC, profiler, preemption);
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import shutil
 from typing import Any, Callable
 
 from flame_gin import assembly, checkpoint, first_step, flops, kernels, metrics, optim, process
@@ -173,6 +175,7 @@ def run(
     n_params = assembly.meta_model(plan=plan)
     # 4. Run directory: only now that the config is known to be sound (the checkpoint settings were checked in 1).
     workdir_path = pathlib.Path(workdir)
+    fresh = not workdir_path.exists()
     ckpt = checkpointer.open(directory=str(workdir_path / "checkpoints")) if checkpointer is not None else None
     if proc.is_primary:
         config_lib.write_config(workdir=workdir_path, text=config_text)
@@ -182,16 +185,20 @@ def run(
     # 5. Model materialised, initialised with the seed and parallelised; the optimizer with its groups.
     # The compile cache loads before any block is compiled (at its first call); a run that loaded it keeps it.
     save_compiled = compile_cache and not compile_lib.load_compile_cache(workdir=workdir_path)
-    built = assembly.build(
-        plan=plan,
-        seed=seed,
-        parallelize=parallelize,
-        pipeline=pipeline,
-        init_timeout_seconds=init_timeout_seconds,
-    )
-    opt = assembly.optimizer(
-        built=built, settings=optimizer, device=proc.device, steps_follow=not start.seed_checkpoint_only
-    )
+    try:
+        built = assembly.build(
+            plan=plan,
+            seed=seed,
+            parallelize=parallelize,
+            pipeline=pipeline,
+            init_timeout_seconds=init_timeout_seconds,
+        )
+        opt = assembly.optimizer(
+            built=built, settings=optimizer, device=proc.device, steps_follow=not start.seed_checkpoint_only
+        )
+    except config_lib.ConfigError:
+        _clear_new_run_dir(fresh=fresh, is_primary=proc.is_primary, workdir=workdir_path, ckpt=ckpt, writer=writer)
+        raise
     assembly.describe(plan=plan, model=built.model, n_params=n_params, writer=writer, config_text=config_text)
     # 6. Start: resume the run's own checkpoint, or warm-start weights, or keep the seeded initialisation.
     if start.seed_checkpoint_only:
@@ -246,6 +253,18 @@ def run(
     finally:
         watch.stop(completed=False)  # the loop failed before its first step ended, or nothing is left to stop
     return _finish(ckpt=ckpt, prof=prof, writer=writer, status=status)
+
+
+def _clear_new_run_dir(*, fresh: bool, is_primary: bool, workdir: pathlib.Path, ckpt, writer) -> None:
+    """Phase, on a config error while building (phase 5: states beyond the GPU, a parallelism the run cannot
+    apply): a run directory that this run created in phase 4 holds only its config and empty folders, so the
+    primary removes it, as a config error in phases 1-3 leaves none. An existing run's directory (a resume) is
+    left as it was."""
+    writer.close()
+    if ckpt is not None:
+        ckpt.close()
+    if fresh and is_primary:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _finish(*, ckpt, prof, writer, status: int) -> int:

@@ -34,6 +34,13 @@ _BAD_CONFIGS = [
     ),
     (["--gin.BATCH_SIZE=3", "--gin.flame_gin.run.grad_accum_steps=2"], r"BATCH_SIZE=3"),
     (["--gin_file=gin/model/mamba2.gin", "--gin_file=gin/data/varlen.gin"], r"varlen.*'mamba2' would let documents"),
+    (  # refused while the model is parallelised (phase 5), after the run directory was made: it is removed
+        [
+            "--gin_bindings=flame_gin.run.parallelize = @flame_gin.parallelize",
+            "--gin.flame_gin.parallelize.cpu_offload=True",
+        ],
+        r"cpu_offload=True keeps parameters on the host through FSDP, which this run does not apply",
+    ),
     (
         ["--gin.flame_gin.parallelize.activation_checkpointing='full'"],  # no gin/parallel/ file: nothing calls it
         r"never applies: flame_gin.parallelize.activation_checkpointing.*flame_gin.run.parallelize = @flame_gin",

@@ -137,6 +137,23 @@ def test_cpu_offload_without_fsdp_is_refused_not_ignored():
     assert parallelize(model, dims=ParallelDims(world_size=1), mesh=None) is model  # without offload: as before
 
 
+def test_a_resume_refused_while_building_keeps_its_run_directory(tmp_path, train_tiny):
+    """A config error in phase 5 removes only a run directory the run itself made; a resumed run's stays whole."""
+    from flame_gin.config import ConfigError
+
+    workdir = train_tiny(tmp_path / "run", steps=2)
+    before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
+    offload = ("flame_gin.run.parallelize = @flame_gin.parallelize", "flame_gin.parallelize.cpu_offload = True")
+    with pytest.raises(ConfigError, match="cpu_offload=True keeps parameters on the host"):
+        train_tiny(workdir, steps=4, bindings=offload)
+    after = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
+    assert any(p.parts[0] == "checkpoints" and "2" in p.name for p in after)
+    assert set(before) <= set(after)  # nothing of the run removed (the failed start may add its event file)
+    with pytest.raises(ConfigError):
+        train_tiny(tmp_path / "new", steps=4, bindings=offload)
+    assert not (tmp_path / "new").exists()
+
+
 def _gpu_compiled_table(monkeypatch):
     """Installs compiled mode's GPU table on this CPU (FLA's Triton ops stay, but for GLA's and DeltaNet's)."""
     import flame_gin.kernels as kernels
