@@ -18,6 +18,8 @@ from typing import Callable
 
 from absl import logging
 
+from flame_gin.kernels import cache as kernel_cache
+
 INTERVAL_S = 60.0
 
 
@@ -31,7 +33,8 @@ def cache_entries(folder: os.PathLike | str | None) -> int | None:
 class Watch:
     """Started before the loop, stopped after the first step (or when the loop fails before it).
 
-    ``cache_dir`` is read at each line (Triton's ``TRITON_CACHE_DIR`` when the caller gives none);
+    ``cache_dir`` is read at each line (Triton's cache folder, as `flame_gin.kernels.cache` sets it, when the
+    caller gives none);
     ``log`` takes one formatted line (absl's INFO by default). A watch not ``enabled`` (the ranks other than
     the primary) starts no thread and logs nothing."""
 
@@ -40,7 +43,7 @@ class Watch:
         *,
         enabled: bool = True,
         interval_s: float | None = None,
-        cache_dir: Callable[[], str | None] = lambda: os.environ.get("TRITON_CACHE_DIR"),
+        cache_dir: Callable[[], str | None] = lambda: os.environ.get(kernel_cache.DIR_ENV),
         log: Callable[[str], None] = logging.info,
     ):
         self._enabled = enabled
