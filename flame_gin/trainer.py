@@ -31,6 +31,8 @@ from flame_gin import loop as loop_lib
 from flame_gin import start as start_lib
 from flame_gin.parallel import compile as compile_lib
 
+_CHOICES_KEY = "flame_gin.run.kernel_choices_from"  # named in its errors
+
 
 def _after_first_step(
     *,
@@ -89,6 +91,7 @@ def run(
     nccl_trace_buffer_size: int | None = None,
     compile_cache: bool = True,
     kernel_cache: bool = True,
+    kernel_choices_from: str | None = None,
     config_text: str = "",
     on_first_step: Callable[[], str] | None = None,
     stop_requested: Callable[[], bool] | None = None,
@@ -135,6 +138,8 @@ def run(
       compile_cache: keep compiled blocks' artifacts in the workdir after the first step; load them on resume.
       kernel_cache: keep FLA's Triton kernels and autotuning choices in ``workdir/kernel_cache``, so a resumed
         run skips autotuning and runs the same kernel configurations.
+      kernel_choices_from: an earlier run directory (or Triton cache folder) of the same shapes whose autotuning
+        choices a new run starts from: on a GPU, Triton compiles the chosen kernels instead of timing them all.
       config_text: the resolved config, written to ``workdir/config.gin`` and beside the curves.
       on_first_step: returns the operative config, written after the first step (what gin really used).
       stop_requested: polled every step; True saves and returns ``REQUEUE_EXIT_CODE``.
@@ -166,6 +171,7 @@ def run(
         train_timeout_seconds=train_timeout_seconds,
         nccl_trace_buffer_size=nccl_trace_buffer_size,
     )
+    choices = kernels.cache.choices_source(path=kernel_choices_from, key=_CHOICES_KEY) if kernel_choices_from else None
     process.seed_everything(seed=seed, deterministic=deterministic)
     proc, dims = plan.proc, plan.dims
     # 2. Data (fails early on bad paths), then the vocabulary check; 3. the model on the meta device.
@@ -180,8 +186,10 @@ def run(
     if proc.is_primary:
         config_lib.write_config(workdir=workdir_path, text=config_text)
     writer = writers(workdir=workdir_path, is_primary=proc.is_primary)
-    if kernel_cache and proc.device.type == "cuda":  # before any Triton kernel compiles
-        kernels.cache.use_run_dir(workdir=workdir_path)
+    if proc.device.type == "cuda":  # before any Triton kernel compiles
+        folder = kernels.cache.use_run_dir(workdir=workdir_path) if kernel_cache else kernels.cache.folder_in_use()
+        if choices is not None:
+            kernels.cache.seed_choices(source=choices, folder=folder)
     # 5. Model materialised, initialised with the seed and parallelised; the optimizer with its groups.
     # The compile cache loads before any block is compiled (at its first call); a run that loaded it keeps it.
     save_compiled = compile_cache and not compile_lib.load_compile_cache(workdir=workdir_path)

@@ -57,3 +57,54 @@ def test_the_trainer_makes_no_kernel_cache_where_no_triton_kernel_runs(tmp_path,
     assert configurables.run(config_text="", on_first_step=None) == 0
     assert os.environ.get(cache.DIR_ENV) is None
     assert not (workdir / cache.DIRNAME).exists() and (workdir / "checkpoints").is_dir()
+
+
+def _choice(folder, key, name, text="{}"):
+    path = folder / key / f"{name}.autotune.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_a_new_run_takes_only_the_autotuning_choices_of_an_earlier_one(tmp_path):
+    earlier = tmp_path / "earlier"  # a run directory: its kernel_cache/ holds binaries and choices
+    _choice(earlier / cache.DIRNAME, "k1", "chunk_gla_fwd_kernel_o", '{"configs_timings": [1]}')
+    _choice(earlier / cache.DIRNAME, "k2", "chunk_bwd_kernel_dh", '{"configs_timings": [2]}')
+    (earlier / cache.DIRNAME / "k1" / "chunk_gla_fwd_kernel_o.cubin").write_bytes(b"\0" * 1000)
+    source = cache.choices_source(path=earlier, key="flame_gin.run.kernel_choices_from")
+    assert source == earlier / cache.DIRNAME
+    new = tmp_path / "new" / cache.DIRNAME
+    kept = _choice(new, "k2", "chunk_bwd_kernel_dh", '{"configs_timings": ["its own"]}')
+    assert cache.seed_choices(source=source, folder=new) == 1
+    assert (new / "k1" / "chunk_gla_fwd_kernel_o.autotune.json").read_text() == '{"configs_timings": [1]}'
+    assert kept.read_text() == '{"configs_timings": ["its own"]}'  # a choice the folder has is never replaced
+    assert sorted(p.relative_to(new).as_posix() for p in new.rglob("*")) == [
+        "k1",
+        "k1/chunk_gla_fwd_kernel_o.autotune.json",
+        "k2",
+        "k2/chunk_bwd_kernel_dh.autotune.json",
+    ]  # no binaries, no temporary files
+    assert cache.seed_choices(source=source, folder=new) == 0
+    assert cache.choices_source(path=new, key="k") == new  # a Triton cache folder itself is taken as it is
+
+
+@pytest.mark.parametrize("made", [False, True])
+def test_a_source_without_choices_is_refused_before_anything_is_built(tmp_path, clean_env, made):
+    source = tmp_path / "earlier"
+    if made:  # a run directory whose kernel cache holds binaries only
+        (source / cache.DIRNAME / "k1").mkdir(parents=True)
+        (source / cache.DIRNAME / "k1" / "kernel.cubin").write_bytes(b"\0")
+    workdir = tmp_path / "run"
+    config_lib.parse(
+        gin_files=["gin/tiny.gin"],
+        gin_bindings=[
+            f"MODEL_DIR = {str(workdir)!r}",
+            "TRAIN_STEPS = 1",
+            f"flame_gin.run.kernel_choices_from = {str(source)!r}",
+        ],
+        search_paths=config_lib.default_search_paths(),
+    )
+    expected = "holds no autotuning choices" if made else "no such folder"
+    with pytest.raises(config_lib.ConfigError, match=rf"flame_gin.run.kernel_choices_from='{source}'.*{expected}"):
+        configurables.run(config_text="", on_first_step=None)
+    assert not workdir.exists()

@@ -12,6 +12,13 @@ so that a resumed job on any node of a shared file system loads the same binarie
 Triton writes cache entries under a temporary name and renames them, so ranks and nodes may share the folder.
 A cache folder the user named in the environment is left as it is.
 
+A new run starts from an empty folder. `seed_choices` copies into it only the autotuning choices of an earlier
+run of the same shapes (Triton's ``*.autotune.json`` files, a few KB each, against hundreds of MB of binaries):
+Triton then compiles the chosen configuration of each kernel instead of timing every candidate, and the runs
+of an ablation series run the same kernel configurations. Triton keys each choice by its own version, the GPU
+target, the kernel's source, the tuning key (shapes, dtypes) and the candidate list, so a choice made on
+another GPU architecture, Triton or FLA version is never used: that kernel autotunes as before.
+
 Inductor's own compiled graphs are kept separately (`flame_gin.parallel.compile`).
 """
 
@@ -20,13 +27,17 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import shutil
 import sys
+
+from flame_gin import config as config_lib
 
 log = logging.getLogger(__name__)
 
 AUTOTUNE_ENV = "FLA_CACHE_RESULTS"
 DIR_ENV = "TRITON_CACHE_DIR"
 DIRNAME = "kernel_cache"
+CHOICES = "*.autotune.json"
 _set_by_us: dict[str, str | None] = {"dir": None}
 
 
@@ -83,3 +94,46 @@ def use_run_dir(*, workdir: os.PathLike | str) -> pathlib.Path:
             os.environ.get(AUTOTUNE_ENV),
         )
     return folder
+
+
+def folder_in_use() -> pathlib.Path:
+    """The folder Triton caches kernels in for this process: ``TRITON_CACHE_DIR``, else Triton's default."""
+    if os.environ.get(DIR_ENV):
+        return pathlib.Path(os.environ[DIR_ENV])
+    from triton.runtime.cache import default_cache_dir
+
+    return pathlib.Path(default_cache_dir())
+
+
+def choices_source(*, path: os.PathLike | str, key: str) -> pathlib.Path:
+    """The folder holding the autotuning choices named by ``path``: a run directory (its ``kernel_cache/``) or
+    a Triton cache folder. A ``ConfigError`` naming ``key`` when it holds none, before anything is built."""
+    folder = pathlib.Path(path).expanduser()
+    if (folder / DIRNAME).is_dir():
+        folder = folder / DIRNAME
+    if not folder.is_dir():
+        raise config_lib.ConfigError(f"{key}={str(path)!r}: no such folder (a run directory or a Triton cache folder)")
+    if next(folder.rglob(CHOICES), None) is None:
+        raise config_lib.ConfigError(
+            f"{key}={str(path)!r}: {folder} holds no autotuning choices ({CHOICES}); a run writes them to its "
+            f"{DIRNAME}/ on a GPU once its first step is done"
+        )
+    return folder
+
+
+def seed_choices(*, source: pathlib.Path, folder: pathlib.Path) -> int:
+    """Copies the autotuning choices under ``source`` that ``folder`` lacks, in Triton's layout (one folder per
+    cache key); returns how many. Each file is written under a temporary name and renamed, as Triton writes
+    its own, so ranks that share ``folder`` may all call this."""
+    copied = 0
+    for choice in sorted(source.rglob(CHOICES)):
+        target = folder / choice.relative_to(source)
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.tmp.{os.getpid()}")
+        shutil.copyfile(choice, partial)
+        os.replace(partial, target)
+        copied += 1
+    log.info("Triton kernel cache: %d autotuning choices copied from %s into %s", copied, source, folder)
+    return copied
