@@ -171,7 +171,12 @@ def run(
         train_timeout_seconds=train_timeout_seconds,
         nccl_trace_buffer_size=nccl_trace_buffer_size,
     )
-    choices = kernels.cache.choices_source(path=kernel_choices_from, key=_CHOICES_KEY) if kernel_choices_from else None
+    try:
+        choices = (
+            kernels.cache.choices_source(path=kernel_choices_from, key=_CHOICES_KEY) if kernel_choices_from else None
+        )
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
     process.seed_everything(seed=seed, deterministic=deterministic)
     proc, dims = plan.proc, plan.dims
     # 2. Data (fails early on bad paths), then the vocabulary check; 3. the model on the meta device.

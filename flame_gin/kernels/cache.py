@@ -30,8 +30,6 @@ import pathlib
 import shutil
 import sys
 
-from flame_gin import config as config_lib
-
 log = logging.getLogger(__name__)
 
 AUTOTUNE_ENV = "FLA_CACHE_RESULTS"
@@ -107,14 +105,15 @@ def folder_in_use() -> pathlib.Path:
 
 def choices_source(*, path: os.PathLike | str, key: str) -> pathlib.Path:
     """The folder holding the autotuning choices named by ``path``: a run directory (its ``kernel_cache/``) or
-    a Triton cache folder. A ``ConfigError`` naming ``key`` when it holds none, before anything is built."""
+    a Triton cache folder. A ``ValueError`` naming ``key`` when it holds none (the trainer reports it as a
+    config error, before anything is built)."""
     folder = pathlib.Path(path).expanduser()
     if (folder / DIRNAME).is_dir():
         folder = folder / DIRNAME
     if not folder.is_dir():
-        raise config_lib.ConfigError(f"{key}={str(path)!r}: no such folder (a run directory or a Triton cache folder)")
+        raise ValueError(f"{key}={str(path)!r}: no such folder (a run directory or a Triton cache folder)")
     if next(folder.rglob(CHOICES), None) is None:
-        raise config_lib.ConfigError(
+        raise ValueError(
             f"{key}={str(path)!r}: {folder} holds no autotuning choices ({CHOICES}); a run writes them to its "
             f"{DIRNAME}/ on a GPU once its first step is done"
         )
