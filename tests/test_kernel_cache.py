@@ -38,21 +38,22 @@ def test_the_cache_follows_the_run_directory_unless_the_user_named_one(tmp_path,
     assert os.environ[cache.DIR_ENV] == str(tmp_path / "mine") and not (tmp_path / "c").exists()
 
 
+def _parse_tiny(workdir, *bindings):
+    """Binds the tiny default for a one-step run in ``workdir`` with the given extra bindings."""
+    config_lib.parse(
+        gin_files=["gin/tiny.gin"],
+        gin_bindings=[f"MODEL_DIR = {str(workdir)!r}", "TRAIN_STEPS = 1", *bindings],
+        search_paths=config_lib.default_search_paths(),
+    )
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_the_trainer_makes_no_kernel_cache_where_no_triton_kernel_runs(tmp_path, clean_env, enabled):
     """On a CUDA device the trainer points the cache at the run directory (``use_run_dir``, above) before the
     model is built; on a CPU no Triton kernel is compiled, so it makes no folder and sets nothing."""
     workdir = tmp_path / "run"
-    config_lib.parse(
-        gin_files=["gin/tiny.gin"],
-        gin_bindings=[
-            f"MODEL_DIR = {str(workdir)!r}",
-            "TRAIN_STEPS = 1",
-            "WARMUP_STEPS = 0",
-            "flame_gin.evaluation.interval = 0",
-            f"flame_gin.run.kernel_cache = {enabled}",
-        ],
-        search_paths=config_lib.default_search_paths(),
+    _parse_tiny(
+        workdir, "WARMUP_STEPS = 0", "flame_gin.evaluation.interval = 0", f"flame_gin.run.kernel_cache = {enabled}"
     )
     assert configurables.run(config_text="", on_first_step=None) == 0
     assert os.environ.get(cache.DIR_ENV) is None
@@ -95,15 +96,7 @@ def test_a_source_without_choices_is_refused_before_anything_is_built(tmp_path, 
         (source / cache.DIRNAME / "k1").mkdir(parents=True)
         (source / cache.DIRNAME / "k1" / "kernel.cubin").write_bytes(b"\0")
     workdir = tmp_path / "run"
-    config_lib.parse(
-        gin_files=["gin/tiny.gin"],
-        gin_bindings=[
-            f"MODEL_DIR = {str(workdir)!r}",
-            "TRAIN_STEPS = 1",
-            f"flame_gin.run.kernel_choices_from = {str(source)!r}",
-        ],
-        search_paths=config_lib.default_search_paths(),
-    )
+    _parse_tiny(workdir, f"flame_gin.run.kernel_choices_from = {str(source)!r}")
     expected = "holds no autotuning choices" if made else "no such folder"
     with pytest.raises(config_lib.ConfigError, match=rf"flame_gin.run.kernel_choices_from='{source}'.*{expected}"):
         configurables.run(config_text="", on_first_step=None)
