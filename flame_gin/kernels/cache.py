@@ -16,8 +16,8 @@ A new run starts from an empty folder. `seed_choices` copies into it only the au
 run of the same shapes (Triton's ``*.autotune.json`` files, a few KB each, against hundreds of MB of binaries):
 Triton then compiles the chosen configuration of each kernel instead of timing every candidate, and the runs
 of an ablation series run the same kernel configurations. Triton keys each choice by its own version, the GPU
-target, the kernel's source, the tuning key (shapes, dtypes) and the candidate list, so a choice made on
-another GPU architecture, Triton or FLA version is never used: that kernel autotunes as before.
+target, the kernel's source, the tuning key (shapes, dtypes) and the candidate list, so a choice made for
+another GPU architecture, Triton version or kernel source is never used: that kernel autotunes as before.
 
 Inductor's own compiled graphs are kept separately (`flame_gin.parallel.compile`).
 """
