@@ -101,3 +101,48 @@ def test_a_source_without_choices_is_refused_before_anything_is_built(tmp_path, 
     with pytest.raises(config_lib.ConfigError, match=rf"flame_gin.run.kernel_choices_from='{source}'.*{expected}"):
         configurables.run(config_text="", on_first_step=None)
     assert not workdir.exists()
+
+
+def test_triton_takes_a_seeded_choice_without_timing_any_candidate(tmp_path, monkeypatch):
+    """Triton's own autotuner, reading the disk cache as it does before the first launch of an autotuned kernel
+    (`Autotuner.check_disk_cache`): a cold folder times the candidates and writes the choice; a new folder
+    seeded by `seed_choices` yields the same choice without timing; an unseeded folder or another GPU
+    architecture times again. No GPU here: the driver only names the target (a Hopper card, as on the GPUs the
+    choices come from)."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import autotuner, driver
+
+    @triton.jit
+    def _double(x_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=offsets < n) * 2, mask=offsets < n)
+
+    configs = [triton.Config({"BLOCK": 64}, num_warps=4), triton.Config({"BLOCK": 128}, num_warps=8)]
+    key = (4096, "torch.float32")
+    timed = []
+
+    def lookup(folder, *, arch=90):
+        monkeypatch.setenv(cache.DIR_ENV, str(folder))
+        monkeypatch.setattr(
+            driver, "_active", type("Hopper", (), {"get_current_target": lambda self: GPUTarget("cuda", arch, 32)})()
+        )
+        tuner = autotuner.Autotuner(_double, _double.arg_names, configs, ["n"], None, None, cache_results=True)
+
+        def bench():  # what timing the candidates leaves behind: the second is faster
+            timed.append(str(folder))
+            tuner.configs_timings = {configs[0]: [2.0], configs[1]: [1.0]}
+
+        used_disk = tuner.check_disk_cache(key, configs, bench)
+        return used_disk, tuner.cache[key] if used_disk else None
+
+    earlier = tmp_path / "earlier"
+    assert lookup(earlier / cache.DIRNAME) == (False, None) and len(timed) == 1  # a cold run times them all
+    new = tmp_path / "new" / cache.DIRNAME
+    assert cache.seed_choices(source=cache.choices_source(path=earlier, key="k"), folder=new) == 1
+    used_disk, choice = lookup(new)
+    assert used_disk and len(timed) == 1  # nothing timed
+    assert (choice.kwargs, choice.num_warps) == ({"BLOCK": 128}, 8)
+    assert lookup(tmp_path / "unseeded")[0] is False and len(timed) == 2
+    assert lookup(new, arch=80)[0] is False and len(timed) == 3  # an Ampere card does not take Hopper's choice
