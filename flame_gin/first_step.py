@@ -5,7 +5,9 @@ compiled mode). On a cold kernel cache that takes minutes (GLA-340M: 473 s on an
 after 9.5 minutes on an H100), during which the run prints nothing after its model line and looks hung.
 `Watch` logs, every `interval_s` seconds until the first step ends, how long it has been running and how many
 entries the kernel cache holds (a growing count shows the autotuning at work); then it logs the first step's
-duration, which also shows what a warm cache saved on a resumed run.
+duration, which also shows what a warm cache saved on a resumed run. A first step that ran past one line and
+left autotuning choices in the cache ends with the binding that lets a new run of the same shapes start from
+them (`flame_gin.kernels.cache.seed_choices`).
 """
 
 from __future__ import annotations
@@ -79,4 +81,10 @@ class Watch:
             return None
         seconds = time.perf_counter() - self._start
         self._log(f"first step done in {seconds:.1f} s")
+        folder = self._cache_dir()
+        if seconds >= self._interval and folder and pathlib.Path(folder).is_dir() and kernel_cache.has_choices(folder):
+            self._log(
+                "a new run of the same shapes can start from these autotuning choices instead of timing every "
+                f"candidate again: --gin.{kernel_cache.CHOICES_KEY}={folder}"
+            )
         return seconds

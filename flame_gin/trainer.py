@@ -31,8 +31,6 @@ from flame_gin import loop as loop_lib
 from flame_gin import start as start_lib
 from flame_gin.parallel import compile as compile_lib
 
-_CHOICES_KEY = "flame_gin.run.kernel_choices_from"  # named in its errors
-
 
 def _after_first_step(
     *,
@@ -173,7 +171,9 @@ def run(
     )
     try:
         choices = (
-            kernels.cache.choices_source(path=kernel_choices_from, key=_CHOICES_KEY) if kernel_choices_from else None
+            kernels.cache.choices_source(path=kernel_choices_from, key=kernels.cache.CHOICES_KEY)
+            if kernel_choices_from
+            else None
         )
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
@@ -192,9 +192,7 @@ def run(
         config_lib.write_config(workdir=workdir_path, text=config_text)
     writer = writers(workdir=workdir_path, is_primary=proc.is_primary)
     if proc.device.type == "cuda":  # before any Triton kernel compiles
-        folder = kernels.cache.use_run_dir(workdir=workdir_path) if kernel_cache else kernels.cache.folder_in_use()
-        if choices is not None:
-            kernels.cache.seed_choices(source=choices, folder=folder)
+        kernels.cache.prepare(workdir=workdir_path, in_run_dir=kernel_cache, choices=choices)
     # 5. Model materialised, initialised with the seed and parallelised; the optimizer with its groups.
     # The compile cache loads before any block is compiled (at its first call); a run that loaded it keeps it.
     save_compiled = compile_cache and not compile_lib.load_compile_cache(workdir=workdir_path)

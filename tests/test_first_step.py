@@ -23,7 +23,7 @@ def test_lines_while_running_then_the_duration_then_silence(tmp_path):
     time.sleep(0.2)
     seconds = watch.stop(completed=True)
     assert seconds is not None and seconds >= 0.2
-    beats, last = lines[:-1], lines[-1]
+    beats, last = lines[:-1], lines[-1]  # no choices in the folder: no hint after the duration
     assert len(beats) >= 3, lines
     assert all(b.startswith("first step still running after ") for b in beats)
     assert all(b.endswith("the kernel cache holds 3 entries") for b in beats)
@@ -31,6 +31,20 @@ def test_lines_while_running_then_the_duration_then_silence(tmp_path):
     time.sleep(0.1)
     assert len(lines) == len(beats) + 1 and not _watch_threads()  # stopped for good
     assert watch.stop(completed=True) is None and len(lines) == len(beats) + 1  # a second stop logs nothing
+
+
+@pytest.mark.parametrize("slow", [True, False])
+def test_a_slow_first_step_names_the_binding_that_reuses_its_choices(tmp_path, slow):
+    (tmp_path / "k1").mkdir()
+    (tmp_path / "k1" / "chunk_gla_fwd_kernel_o.autotune.json").write_text("{}")
+    lines = []
+    watch = first_step.Watch(interval_s=0.05 if slow else 60.0, cache_dir=lambda: str(tmp_path), log=lines.append)
+    watch.start()
+    time.sleep(0.1)
+    watch.stop(completed=True)
+    hint = f"--gin.flame_gin.run.kernel_choices_from={tmp_path}"
+    assert lines[-1].endswith(hint) == slow, lines  # a quick first step (a warm cache) has nothing to save
+    assert sum(hint in line for line in lines) == int(slow)
 
 
 def test_no_cache_folder_is_not_mentioned_and_a_disabled_watch_is_silent(tmp_path):

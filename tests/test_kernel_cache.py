@@ -146,3 +146,19 @@ def test_triton_takes_a_seeded_choice_without_timing_any_candidate(tmp_path, mon
     assert (choice.kwargs, choice.num_warps) == ({"BLOCK": 128}, 8)
     assert lookup(tmp_path / "unseeded")[0] is False and len(timed) == 2
     assert lookup(new, arch=80)[0] is False and len(timed) == 3  # an Ampere card does not take Hopper's choice
+
+
+@pytest.mark.parametrize("in_run_dir", [True, False])
+def test_the_trainers_step_seeds_whichever_folder_triton_uses(tmp_path, clean_env, in_run_dir):
+    """`prepare` is what the trainer calls on a GPU before building the model: the choices land in the run
+    directory's cache, or, with ``flame_gin.run.kernel_cache = False``, in the folder Triton uses anyway."""
+    _choice(tmp_path / "earlier" / cache.DIRNAME, "k1", "chunk_gla_fwd_kernel_o")
+    if not in_run_dir:  # Triton's own folder, under TRITON_HOME
+        clean_env.setenv("TRITON_HOME", str(tmp_path / "home"))
+    choices = cache.choices_source(path=tmp_path / "earlier", key="k")
+    folder = cache.prepare(workdir=tmp_path / "run", in_run_dir=in_run_dir, choices=choices)
+    assert folder == (tmp_path / "run" / cache.DIRNAME if in_run_dir else tmp_path / "home" / ".triton" / "cache")
+    assert [p.relative_to(folder).as_posix() for p in folder.rglob("*.json")] == [
+        "k1/chunk_gla_fwd_kernel_o.autotune.json"
+    ]
+    assert cache.prepare(workdir=tmp_path / "run", in_run_dir=in_run_dir, choices=None) == folder

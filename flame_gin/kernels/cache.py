@@ -36,6 +36,14 @@ AUTOTUNE_ENV = "FLA_CACHE_RESULTS"
 DIR_ENV = "TRITON_CACHE_DIR"
 DIRNAME = "kernel_cache"
 CHOICES = "*.autotune.json"
+CHOICES_KEY = "flame_gin.run.kernel_choices_from"  # the gin key that names a source of choices
+
+
+def has_choices(folder: os.PathLike | str) -> bool:
+    """Whether a Triton cache folder holds autotuning choices (a run writes them during its first step)."""
+    return next(pathlib.Path(folder).rglob(CHOICES), None) is not None
+
+
 _set_by_us: dict[str, str | None] = {"dir": None}
 
 
@@ -94,13 +102,28 @@ def use_run_dir(*, workdir: os.PathLike | str) -> pathlib.Path:
     return folder
 
 
+def prepare(*, workdir: pathlib.Path, in_run_dir: bool, choices: pathlib.Path | None) -> pathlib.Path:
+    """The trainer's kernel-cache step, before any Triton kernel compiles on a GPU: Triton's folder is the run
+    directory's (``in_run_dir``, `use_run_dir`) or the one it uses anyway, seeded with ``choices`` when given
+    (`choices_source`). Returns the folder."""
+    folder = use_run_dir(workdir=workdir) if in_run_dir else folder_in_use()
+    if choices is not None:
+        seed_choices(source=choices, folder=folder)
+    return folder
+
+
 def folder_in_use() -> pathlib.Path:
     """The folder Triton caches kernels in for this process: ``TRITON_CACHE_DIR``, else Triton's default."""
     if os.environ.get(DIR_ENV):
         return pathlib.Path(os.environ[DIR_ENV])
-    from triton.runtime.cache import default_cache_dir
+    try:  # Triton >= 3.4 reads its settings through knobs (TRITON_HOME/.triton/cache by default)
+        from triton import knobs
 
-    return pathlib.Path(default_cache_dir())
+        return pathlib.Path(knobs.cache.dir)
+    except ImportError:
+        from triton.runtime.cache import default_cache_dir
+
+        return pathlib.Path(default_cache_dir())
 
 
 def choices_source(*, path: os.PathLike | str, key: str) -> pathlib.Path:
@@ -112,7 +135,7 @@ def choices_source(*, path: os.PathLike | str, key: str) -> pathlib.Path:
         folder = folder / DIRNAME
     if not folder.is_dir():
         raise ValueError(f"{key}={str(path)!r}: no such folder (a run directory or a Triton cache folder)")
-    if next(folder.rglob(CHOICES), None) is None:
+    if not has_choices(folder):
         raise ValueError(
             f"{key}={str(path)!r}: {folder} holds no autotuning choices ({CHOICES}); a run writes them to its "
             f"{DIRNAME}/ on a GPU once its first step is done"
