@@ -75,7 +75,7 @@ def test_every_family_has_340m_and_1b():
 @pytest.mark.parametrize("path", SIZE_FILES, ids=[p.stem for p in SIZE_FILES])
 def test_size_file_builds_with_named_size(path, flash_attn_stub):
     text = path.read_text()
-    assert text.startswith("# ") and "python -m flame_gin.train" in text.split("\n\n")[0], "header: command"
+    assert text.startswith("# ") and "-m flame_gin.train" in text.split("\n\n")[0], "header: command"  # or torchrun
     config = _parse(text)
     family, size = path.stem.rsplit("_", 1)
     if family.endswith("_hybrid"):  # a linear-attention family with softmax attention at chosen layers
