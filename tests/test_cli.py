@@ -34,7 +34,6 @@ _BAD_CONFIGS = [
     ),
     (["--gin.BATCH_SIZE=3", "--gin.flame_gin.run.grad_accum_steps=2"], r"BATCH_SIZE=3"),
     (["--gin_file=gin/model/mamba2.gin", "--gin_file=gin/data/varlen.gin"], r"varlen.*'mamba2' would let documents"),
-    (["--gin.flame_gin.run.kernel_choices_from='/no/such/run'"], r"kernel_choices_from='/no/such/run': no such folder"),
     (  # refused while the model is parallelised (phase 5), after the run directory was made: it is removed
         [
             "--gin_bindings=flame_gin.run.parallelize = @flame_gin.parallelize",

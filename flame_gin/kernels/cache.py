@@ -29,6 +29,7 @@ import os
 import pathlib
 import shutil
 import sys
+import tempfile
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,12 @@ DIR_ENV = "TRITON_CACHE_DIR"
 DIRNAME = "kernel_cache"
 CHOICES = "*.autotune.json"
 CHOICES_KEY = "flame_gin.run.kernel_choices_from"  # the gin key that names a source of choices
+_set_by_us: dict[str, str | None] = {"dir": None}
 
 
 def has_choices(folder: os.PathLike | str) -> bool:
     """Whether a Triton cache folder holds autotuning choices (a run writes them during its first step)."""
     return next(pathlib.Path(folder).rglob(CHOICES), None) is not None
-
-
-_set_by_us: dict[str, str | None] = {"dir": None}
 
 
 def autotuning_persisted() -> bool | None:
@@ -153,7 +152,8 @@ def seed_choices(*, source: pathlib.Path, folder: pathlib.Path) -> int:
         if target.exists():
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f"{target.name}.tmp.{os.getpid()}")
+        handle, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")  # unique per host
+        os.close(handle)
         shutil.copyfile(choice, partial)
         os.replace(partial, target)
         copied += 1
