@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import pathlib
 from typing import Any, Callable
 
 import torch
@@ -121,6 +122,7 @@ class Plan:
     numbers: dict  # the batch arithmetic checks.run_numbers validates
     use_fused: bool | str
     kernel_used: str
+    kernel_choices: pathlib.Path | None = None  # the folder of autotuning choices a new run starts from
 
 
 def plan(
@@ -139,9 +141,11 @@ def plan(
     init_timeout_seconds: float,
     train_timeout_seconds: float | None,
     nccl_trace_buffer_size: int | None,
+    kernel_choices_from: str | None = None,
 ) -> Plan:
     """Phase 1: the process group, then every cheap check (schedule, parallel degrees, batch arithmetic,
-    whether the family runs on this device, the kernel and loss modes, the run directory)."""
+    whether the family runs on this device, the kernel and loss modes, the run directory, the folder of
+    autotuning choices named to start from)."""
     with as_config_error():
         proc = process.init(timeout_seconds=init_timeout_seconds, nccl_trace_buffer_size=nccl_trace_buffer_size)
         if train_timeout_seconds is not None and train_timeout_seconds <= 0:
@@ -159,6 +163,10 @@ def plan(
             downstream.validate(world_size=proc.world_size)
     checks.kernel_mode(mode=kernel_mode, cuda=proc.device.type == "cuda")
     checks.workdir(workdir)
+    choices = None
+    if kernel_choices_from:
+        with as_config_error():
+            choices = kernels.cache.choices_source(path=kernel_choices_from, key=kernels.cache.CHOICES_KEY)
     with as_config_error():
         use_fused = loss_lib.fused_mode(fused_loss=fused_loss, device_type=proc.device.type)
         schedule = lr_schedule(total_steps=numbers["train_steps"])
@@ -202,6 +210,7 @@ def plan(
         numbers=numbers,
         use_fused=use_fused,
         kernel_used=kernel_used,
+        kernel_choices=choices,
     )
 
 

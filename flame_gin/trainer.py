@@ -168,15 +168,8 @@ def run(
         init_timeout_seconds=init_timeout_seconds,
         train_timeout_seconds=train_timeout_seconds,
         nccl_trace_buffer_size=nccl_trace_buffer_size,
+        kernel_choices_from=kernel_choices_from,
     )
-    try:
-        choices = (
-            kernels.cache.choices_source(path=kernel_choices_from, key=kernels.cache.CHOICES_KEY)
-            if kernel_choices_from
-            else None
-        )
-    except ValueError as e:
-        raise config_lib.ConfigError(str(e)) from None
     process.seed_everything(seed=seed, deterministic=deterministic)
     proc, dims = plan.proc, plan.dims
     # 2. Data (fails early on bad paths), then the vocabulary check; 3. the model on the meta device.
@@ -192,7 +185,7 @@ def run(
         config_lib.write_config(workdir=workdir_path, text=config_text)
     writer = writers(workdir=workdir_path, is_primary=proc.is_primary)
     if proc.device.type == "cuda":  # before any Triton kernel compiles
-        kernels.cache.prepare(workdir=workdir_path, in_run_dir=kernel_cache, choices=choices)
+        kernels.cache.prepare(workdir=workdir_path, in_run_dir=kernel_cache, choices=plan.kernel_choices)
     # 5. Model materialised, initialised with the seed and parallelised; the optimizer with its groups.
     # The compile cache loads before any block is compiled (at its first call); a run that loaded it keeps it.
     save_compiled = compile_cache and not compile_lib.load_compile_cache(workdir=workdir_path)
