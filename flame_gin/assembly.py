@@ -163,11 +163,8 @@ def plan(
             downstream.validate(world_size=proc.world_size)
     checks.kernel_mode(mode=kernel_mode, cuda=proc.device.type == "cuda")
     checks.workdir(workdir)
-    choices = None
-    if kernel_choices_from:
-        with as_config_error():
-            choices = kernels.cache.choices_source(path=kernel_choices_from, key=kernels.cache.CHOICES_KEY)
     with as_config_error():
+        choices = kernels.cache.choices_source(path=kernel_choices_from) if kernel_choices_from else None
         use_fused = loss_lib.fused_mode(fused_loss=fused_loss, device_type=proc.device.type)
         schedule = lr_schedule(total_steps=numbers["train_steps"])
     with as_config_error():

@@ -72,7 +72,7 @@ def test_a_new_run_takes_only_the_autotuning_choices_of_an_earlier_one(tmp_path)
     _choice(earlier / cache.DIRNAME, "k1", "chunk_gla_fwd_kernel_o", '{"configs_timings": [1]}')
     _choice(earlier / cache.DIRNAME, "k2", "chunk_bwd_kernel_dh", '{"configs_timings": [2]}')
     (earlier / cache.DIRNAME / "k1" / "chunk_gla_fwd_kernel_o.cubin").write_bytes(b"\0" * 1000)
-    source = cache.choices_source(path=earlier, key="flame_gin.run.kernel_choices_from")
+    source = cache.choices_source(path=earlier)
     assert source == earlier / cache.DIRNAME
     new = tmp_path / "new" / cache.DIRNAME
     kept = _choice(new, "k2", "chunk_bwd_kernel_dh", '{"configs_timings": ["its own"]}')
@@ -86,7 +86,7 @@ def test_a_new_run_takes_only_the_autotuning_choices_of_an_earlier_one(tmp_path)
         "k2/chunk_bwd_kernel_dh.autotune.json",
     ]  # no binaries, no temporary files
     assert cache.seed_choices(source=source, folder=new) == 0
-    assert cache.choices_source(path=new, key="k") == new  # a Triton cache folder itself is taken as it is
+    assert cache.choices_source(path=new) == new  # a Triton cache folder itself is taken as it is
 
 
 @pytest.mark.parametrize("made", [False, True])
@@ -140,7 +140,7 @@ def test_triton_takes_a_seeded_choice_without_timing_any_candidate(tmp_path, mon
     earlier = tmp_path / "earlier"
     assert lookup(earlier / cache.DIRNAME) == (False, None) and len(timed) == 1  # a cold run times them all
     new = tmp_path / "new" / cache.DIRNAME
-    assert cache.seed_choices(source=cache.choices_source(path=earlier, key="k"), folder=new) == 1
+    assert cache.seed_choices(source=cache.choices_source(path=earlier), folder=new) == 1
     used_disk, choice = lookup(new)
     assert used_disk and len(timed) == 1  # nothing timed
     assert (choice.kwargs, choice.num_warps) == ({"BLOCK": 128}, 8)
@@ -155,7 +155,7 @@ def test_the_trainers_step_seeds_whichever_folder_triton_uses(tmp_path, clean_en
     _choice(tmp_path / "earlier" / cache.DIRNAME, "k1", "chunk_gla_fwd_kernel_o")
     if not in_run_dir:  # Triton's own folder, under TRITON_HOME
         clean_env.setenv("TRITON_HOME", str(tmp_path / "home"))
-    choices = cache.choices_source(path=tmp_path / "earlier", key="k")
+    choices = cache.choices_source(path=tmp_path / "earlier")
     folder = cache.prepare(workdir=tmp_path / "run", in_run_dir=in_run_dir, choices=choices)
     assert folder == (tmp_path / "run" / cache.DIRNAME if in_run_dir else tmp_path / "home" / ".triton" / "cache")
     assert [p.relative_to(folder).as_posix() for p in folder.rglob("*.json")] == [

@@ -125,18 +125,18 @@ def folder_in_use() -> pathlib.Path:
         return pathlib.Path(default_cache_dir())
 
 
-def choices_source(*, path: os.PathLike | str, key: str) -> pathlib.Path:
+def choices_source(*, path: os.PathLike | str) -> pathlib.Path:
     """The folder holding the autotuning choices named by ``path``: a run directory (its ``kernel_cache/``) or
-    a Triton cache folder. A ``ValueError`` naming ``key`` when it holds none (the trainer reports it as a
-    config error, before anything is built)."""
+    a Triton cache folder. A ``ValueError`` naming ``CHOICES_KEY`` when it holds none (the trainer reports it
+    as a config error, before anything is built)."""
     folder = pathlib.Path(path).expanduser()
     if (folder / DIRNAME).is_dir():
         folder = folder / DIRNAME
     if not folder.is_dir():
-        raise ValueError(f"{key}={str(path)!r}: no such folder (a run directory or a Triton cache folder)")
+        raise ValueError(f"{CHOICES_KEY}={str(path)!r}: no such folder (a run directory or a Triton cache folder)")
     if not has_choices(folder):
         raise ValueError(
-            f"{key}={str(path)!r}: {folder} holds no autotuning choices ({CHOICES}); a run writes them to its "
+            f"{CHOICES_KEY}={str(path)!r}: {folder} holds no autotuning choices ({CHOICES}); a run writes them to its "
             f"{DIRNAME}/ on a GPU once its first step is done"
         )
     return folder
