@@ -40,14 +40,17 @@ def _one_graph_each(model: nn.Module) -> bool:
     """Whether each block can compile to one graph: no FLA op that FLA marks `torch.compiler.disable` (every
     FLA Triton op on a GPU, except GLA's and DeltaNet's, which compiled mode makes custom ops). Where one is
     left, `fullgraph` is turned off with a warning: the block compiles around the op (graph breaks) rather
-    than the run stopping at its first step; `gin/parallel/compile.gin` serves every family."""
+    than the run stopping at its first step, so `gin/parallel/compile.gin` runs for every family; the warning
+    says how to compare with no compile, since graph breaks can cost more than fusion gives."""
     from flame_gin import kernels
 
     if kernels.traceable(model=model):
         return True
     log.warning(
         "compile: fullgraph off: %s call ops that are not graph nodes here (FLA's Triton ops, which FLA keeps "
-        "out of torch.compile): each block compiles around them, with graph breaks",
+        "out of torch.compile): each block compiles around them, with graph breaks, which can run slower than "
+        "no compile (RWKV-7 did, benchmarks/RESULTS.md); flame_gin.parallelize.compile=False compares "
+        "(gin/parallel/checkpointing.gin: checkpointing without compile)",
         ", ".join(kernels.untraced_layers(model=model)) or "FLA's kernels",
     )
     return False
