@@ -193,3 +193,21 @@ def run_baseline(
     del model, opt, loss
     free_memory(device)
     return result
+
+
+def run_baseline_or_oom(**kwargs) -> dict:
+    """`run_baseline`, or ``{"out_of_memory": ...}`` when the hand loop does not fit the device.
+
+    Why: a family and batch that the plain loop cannot hold (RWKV-7-340M at 16 x 2048 on an 80 GB card) is
+    itself a result, and the trainer's own figure is still wanted from the same process, after minutes of
+    autotuning. The exception (and with it the loop's model and optimizer, held by its frames) is dropped
+    before the memory is freed for the trainer."""
+    import torch
+
+    try:
+        return run_baseline(**kwargs)
+    except torch.OutOfMemoryError as err:
+        message = str(err).splitlines()[0]
+    free_memory(kwargs["device"])
+    _progress(f"out of memory: {message}")
+    return {"out_of_memory": message}

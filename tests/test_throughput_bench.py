@@ -187,3 +187,51 @@ def test_the_hand_loop_recomputes_every_block_with_baseline_ac(monkeypatch):
         assert len(calls) == forwards, (checkpointing, len(calls))
         losses.append(result["final_loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_hand_loop_out_of_memory_is_a_result_and_its_model_is_freed(monkeypatch, capsys):
+    """RWKV-7-340M's plain loop ran out of memory at its second step on an 80 GB H100, which ended the whole
+    benchmark before the trainer was measured. The error is now the baseline's result, and the loop's model
+    is gone (not held by the exception's frames) when the trainer starts."""
+    import gc
+    import weakref
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import hand_loop
+    import transformers
+    from fla.models import GLAConfig
+
+    import flame_gin.kernels
+
+    flame_gin.kernels.select(mode="reference")
+    config = GLAConfig(hidden_size=32, num_hidden_layers=1, num_heads=2, vocab_size=50, intermediate_size=64)
+    build, models, calls = transformers.AutoModelForCausalLM.from_config, [], []
+
+    def failing_at_step_two(cfg):
+        model = build(cfg)
+        models.append(weakref.ref(model))
+
+        def forward_hook(*_):
+            calls.append(1)
+            if len(calls) == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.95 GiB.\nmore detail")
+
+        model.model.layers[0].register_forward_pre_hook(forward_hook)
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", failing_at_step_two)
+    result = hand_loop.run_baseline_or_oom(
+        config=config,
+        loader=hand_loop.SyntheticLoader(vocab_size=50, seq_len=16, batch_size=2, seed=0, varlen=False),
+        device=torch.device("cpu"),
+        steps=3,
+        warmup=1,
+        lr=1e-3,
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        syncs=False,
+    )
+    assert result == {"out_of_memory": "CUDA out of memory. Tried to allocate 1.95 GiB."}
+    assert "hand loop: out of memory: CUDA out of memory" in capsys.readouterr().err
+    gc.collect()
+    assert models[0]() is None  # the loop's model was released
