@@ -108,7 +108,7 @@ class Loop:
         )
         self._start_step, self._start_time = self.state.step, time.monotonic()
         self._window_tokens, self._window_start = self.state.tokens_seen, time.perf_counter()
-        self._held_out = None
+        self._held_out, self.in_step = None, False
         if self.eval_loader is not None:
             self._held_out = HeldOutBatches(loader=self.eval_loader, max_batches=self.evaluation.batches)
 
@@ -118,7 +118,9 @@ class Loop:
             gc.disable()
         status = 0
         while self.state.step < self.train_steps:
+            self.in_step = True  # what a failure interrupted: the step itself, or the phases after it
             lr_now, step_start, data_wait = self.train_step()
+            self.in_step = False
             if self.state.step == self._start_step + 1:
                 after_first_step()
             self.log(lr_now=lr_now, step_start=step_start, data_wait=data_wait)

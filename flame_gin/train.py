@@ -43,12 +43,13 @@ def main(argv) -> int:
     import gin
     from flame_gin import configurables  # registers every configurable before parsing
     from flame_gin.checkpoint import CheckpointError
+    from flame_gin.out_of_memory import OutOfDeviceMemory
 
     search_paths = _GIN_SEARCH_PATHS.value or config_lib.default_search_paths()
     try:
         config_lib.parse(gin_files=_GIN_FILES.value, gin_bindings=_bindings(), search_paths=search_paths)
     except config_lib.ConfigError as e:
-        print(f"flame_gin: {e}", file=sys.stderr)
+        print(f"flame_gin: {_said(e)}", file=sys.stderr)
         return 2
     text = config_lib.config_text()
     if _PRINT_CONFIG.value:
@@ -58,16 +59,25 @@ def main(argv) -> int:
         config_lib.check_bindings_reached(root="flame_gin.run", command_line=_bindings())
         return configurables.run(config_text=text, on_first_step=gin.operative_config_str, stop_requested=_stop_flag())
     except config_lib.ConfigError as e:
-        print(f"flame_gin: {e}", file=sys.stderr)
+        print(f"flame_gin: {_said(e)}", file=sys.stderr)
         return 2
     except CheckpointError as e:  # damaged beyond fallback, or not the model's checkpoint
-        print(f"flame_gin: checkpoint: {e}", file=sys.stderr)
+        print(f"flame_gin: checkpoint: {_said(e)}", file=sys.stderr)
+        return 1
+    except OutOfDeviceMemory as e:  # the step, the micro-batch, what was kept and the ways out
+        print(f"flame_gin: {_said(e)}", file=sys.stderr)
         return 1
     except RuntimeError as e:
         if "Required bindings" in str(e) or "REQUIRED" in str(e):
-            print(f"flame_gin: {e}", file=sys.stderr)
+            print(f"flame_gin: {_said(e)}", file=sys.stderr)
             return 2
         raise
+
+
+def _said(error: BaseException) -> str:
+    """The error's own text, without the line gin appends to every error raised inside a configurable ("In call
+    to configurable 'run' (<function ...>)"): the command line names the fault, not the call path."""
+    return "\n".join(line for line in str(error).splitlines() if not line.startswith("  In call to configurable"))
 
 
 def _stop_flag():

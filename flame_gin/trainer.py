@@ -24,7 +24,9 @@ import pathlib
 import shutil
 from typing import Any, Callable
 
-from flame_gin import assembly, checkpoint, first_step, flops, kernels, metrics, optim, process
+import torch
+
+from flame_gin import assembly, checkpoint, first_step, flops, kernels, metrics, optim, out_of_memory, process
 from flame_gin import config as config_lib
 from flame_gin import downstream as downstream_lib
 from flame_gin import loop as loop_lib
@@ -254,9 +256,33 @@ def run(
     watch.start()
     try:
         status = loop.run(after_first_step=after_first_step)
+    except torch.OutOfMemoryError as err:
+        raise _out_of_memory(err=err, loop=loop, plan=plan, ckpt=ckpt, writer=writer, seq_len=seq_len) from err
     finally:
         watch.stop(completed=False)  # the loop failed before its first step ended, or nothing is left to stop
     return _finish(ckpt=ckpt, prof=prof, writer=writer, status=status)
+
+
+def _out_of_memory(*, err, loop, plan, ckpt, writer, seq_len: int) -> out_of_memory.OutOfDeviceMemory:
+    """Phase, when the device ran out of memory: the metrics written so far are flushed and the save in flight
+    finishes (its state precedes the failing step), then the error names the step, the micro-batch, the
+    newest committed checkpoint and the settings that lower memory (`flame_gin.out_of_memory`)."""
+    writer.flush()
+    if ckpt is not None:
+        ckpt.wait()
+    return out_of_memory.describe(
+        error=err,
+        in_step=loop.in_step,
+        step=loop.state.step,
+        micro_batch=plan.micro_batch,
+        seq_len=seq_len,
+        grad_accum_steps=loop.grad_accum_steps,
+        checkpointed=out_of_memory.checkpointed_blocks(loop.built.model),
+        device=plan.proc.device,
+        rank=plan.proc.rank,
+        world_size=plan.proc.world_size,
+        last_checkpoint=ckpt.latest_step() if ckpt is not None else None,
+    )
 
 
 def _clear_new_run_dir(*, fresh: bool, is_primary: bool, workdir: pathlib.Path, ckpt, writer) -> None:

@@ -1,0 +1,117 @@
+"""A run that runs out of device memory ends with one message (step, micro-batch, ways out) and loses nothing
+it had done: the save in flight is committed and the metrics written so far are readable.
+
+The error is raised where a GPU raises it (inside a training step, or in the evaluation after one) by wrapping
+the step functions: a CPU cannot run out of device memory on purpose.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing import event_accumulator
+
+from flame_gin import config as config_lib
+from flame_gin import configurables, steps
+from flame_gin.checkpoint import layout
+from flame_gin.out_of_memory import OutOfDeviceMemory
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TORCH_SAYS = "CUDA out of memory. Tried to allocate 1.95 GiB. GPU 0 has a total capacity of 79.18 GiB"
+BINDINGS = [
+    "TRAIN_STEPS = 6",
+    "WARMUP_STEPS = 0",
+    "CHECKPOINT_INTERVAL = 2",
+    "flame_gin.run.log_interval = 1",
+    "flame_gin.evaluation.interval = 2",
+    "flame_gin.evaluation.batches = 1",
+]
+
+
+def _failing_on_call(function, call: int):
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise torch.OutOfMemoryError(TORCH_SAYS + "\nOf the allocated memory 73.28 GiB is allocated by PyTorch")
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
+def _run(*, workdir, gin_files=()):
+    config_lib.parse(
+        gin_files=["gin/tiny.gin", *gin_files],
+        gin_bindings=[f"MODEL_DIR = {str(workdir)!r}", *BINDINGS],
+        search_paths=config_lib.default_search_paths(),
+    )
+    return configurables.run(config_text="", on_first_step=None, stop_requested=None)
+
+
+def test_a_step_out_of_memory_names_the_step_and_keeps_the_save_and_metrics(tmp_path, monkeypatch):
+    monkeypatch.setattr(steps, "forward_backward", _failing_on_call(steps.forward_backward, call=3))
+    with pytest.raises(OutOfDeviceMemory) as raised:
+        _run(workdir=tmp_path)
+    message = str(raised.value).splitlines()[0]  # gin appends the configurable's name on a line of its own
+    assert message.startswith(
+        f"out of device memory in step 3 (micro-batch 8 x 128 tokens, no block(s) checkpointed): {TORCH_SAYS}."
+    )
+    assert "--gin_file=gin/parallel/checkpointing.gin" in message  # no block recomputes yet: the first way out
+    assert "--gin.flame_gin.run.grad_accum_steps=2" in message
+    assert message.endswith("The newest committed checkpoint is step 2.")
+    assert layout.committed_steps(tmp_path / "checkpoints") == [2]  # the save in flight at the failure, committed
+    board = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    assert [event.step for event in board.Scalars("loss")] == [1, 2]
+    assert [event.step for event in board.Scalars("eval_loss")] == [2]
+
+
+def test_an_evaluation_out_of_memory_is_placed_after_its_step_and_knows_the_blocks_recompute(tmp_path, monkeypatch):
+    monkeypatch.setattr(steps, "evaluate", _failing_on_call(steps.evaluate, call=2))  # the evaluation of step 4
+    with pytest.raises(OutOfDeviceMemory) as raised:
+        _run(workdir=tmp_path, gin_files=["gin/parallel/checkpointing.gin"])
+    message = str(raised.value).splitlines()[0]  # gin appends the configurable's name on a line of its own
+    assert message.startswith(
+        "out of device memory after step 4 (logging, evaluation or checkpointing) (micro-batch 8 x 128 tokens, "
+        "2 block(s) checkpointed)"
+    )
+    assert "checkpointing.gin" not in message  # already recomputing every block
+    assert message.endswith("The newest committed checkpoint is step 2.")  # step 4's save comes after its evaluation
+
+
+_CLI = """
+import sys, torch
+from flame_gin import steps, train
+real, calls = steps.forward_backward, []
+def failing(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.95 GiB.")
+    return real(*args, **kwargs)
+steps.forward_backward = failing
+sys.argv = ["flame_gin", *sys.argv[1:]]
+train.run_main()
+"""
+
+
+@pytest.mark.slow
+def test_the_command_line_prints_one_message_and_exits_1(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLI, "--gin_file=gin/tiny.gin", f"--workdir={tmp_path}"]
+        + [f"--gin.{b.replace(' = ', '=')}" for b in BINDINGS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if line.startswith("flame_gin: ")]
+    assert len(said) == 1 and said[0].startswith("flame_gin: out of device memory in step 2 (micro-batch 8 x 128")
+    assert said[0].endswith("No checkpoint was committed.")
+    assert proc.stderr.rstrip().endswith(said[0])  # the last thing printed, nothing after it
