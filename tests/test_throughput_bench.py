@@ -146,6 +146,12 @@ def test_compiled_short_conv_saves_one_input_copy_for_backward():
     assert len(input_sized) <= 2, rows  # the block's output and one padded input copy
 
 
+# The hand loop's settings in the in-process tests: 3 steps of a tiny model on the CPU.
+HAND_LOOP = dict(
+    device=torch.device("cpu"), steps=3, warmup=1, lr=1e-3, weight_decay=0.1, max_grad_norm=1.0, syncs=False
+)
+
+
 def test_the_hand_loop_recomputes_every_block_with_baseline_ac(monkeypatch):
     """`--baseline_ac` must make the reference loop checkpoint its blocks (else its figure at GLA-1B 16 x 2048
     would be an out-of-memory, or a loop other than the one compared): each block then runs its forward twice
@@ -172,18 +178,7 @@ def test_the_hand_loop_recomputes_every_block_with_baseline_ac(monkeypatch):
     for checkpointing, forwards in ((False, 2 * 3), (True, 2 * 2 * 3)):
         calls.clear()
         loader = hand_loop.SyntheticLoader(vocab_size=50, seq_len=16, batch_size=2, seed=0, varlen=False)
-        result = hand_loop.run_baseline(
-            config=config,
-            loader=loader,
-            device=torch.device("cpu"),
-            steps=3,
-            warmup=1,
-            lr=1e-3,
-            weight_decay=0.1,
-            max_grad_norm=1.0,
-            syncs=False,
-            checkpointing=checkpointing,
-        )
+        result = hand_loop.run_baseline(config=config, loader=loader, checkpointing=checkpointing, **HAND_LOOP)
         assert len(calls) == forwards, (checkpointing, len(calls))
         losses.append(result["final_loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
@@ -220,17 +215,8 @@ def test_a_hand_loop_out_of_memory_is_a_result_and_its_model_is_freed(monkeypatc
         return model
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", failing_at_step_two)
-    result = hand_loop.run_baseline_or_oom(
-        config=config,
-        loader=hand_loop.SyntheticLoader(vocab_size=50, seq_len=16, batch_size=2, seed=0, varlen=False),
-        device=torch.device("cpu"),
-        steps=3,
-        warmup=1,
-        lr=1e-3,
-        weight_decay=0.1,
-        max_grad_norm=1.0,
-        syncs=False,
-    )
+    loader = hand_loop.SyntheticLoader(vocab_size=50, seq_len=16, batch_size=2, seed=0, varlen=False)
+    result = hand_loop.run_baseline_or_oom(config=config, loader=loader, **HAND_LOOP)
     assert result == {"out_of_memory": "CUDA out of memory. Tried to allocate 1.95 GiB."}
     assert "hand loop: out of memory: CUDA out of memory" in capsys.readouterr().err
     gc.collect()
