@@ -61,8 +61,8 @@ def main():
     import transformers
 
     import gin
-    from flame_gin import config as config_lib  # noqa: F401 (registers gin)
-    from flame_gin import kernels
+    from flame_gin import config as config_lib
+    from flame_gin import configurables, kernels  # noqa: F401 (configurables: registers flame_gin.run and the rest)
     from flame_gin.parallel.compile import configure_dynamo
 
     config_lib.parse(

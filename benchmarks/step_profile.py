@@ -55,8 +55,8 @@ def main():
     import transformers
 
     import gin
-    from flame_gin import config as config_lib  # noqa: F401 (registers gin)
-    from flame_gin import kernels
+    from flame_gin import config as config_lib
+    from flame_gin import configurables, kernels  # noqa: F401 (configurables: registers flame_gin.run and the rest)
 
     config_lib.parse(
         gin_files=args.gin_file,
@@ -65,6 +65,11 @@ def main():
     )
     model_config = gin.query_parameter("flame_gin.run.model_config").scoped_configurable_fn()
     batch, seq = (config_lib.bound_value(f"flame_gin.run.{name}") for name in ("batch_size", "seq_len"))
+    if not torch.cuda.is_available():  # after the config, so that its errors come first on any machine
+        sys.exit(
+            f"step_profile: profiling the {model_config.model_type} hand loop ({batch} x {seq}) needs a CUDA GPU; "
+            "--trace reads a trainer's trace on any machine"
+        )
     kernels.select(mode="triton")
     device = torch.device("cuda")
     torch.manual_seed(0)

@@ -221,3 +221,47 @@ def test_a_hand_loop_out_of_memory_is_a_result_and_its_model_is_freed(monkeypatc
     assert "hand loop: out of memory: CUDA out of memory" in capsys.readouterr().err
     gc.collect()
     assert models[0]() is None  # the loop's model was released
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_saved_activations_command_runs_and_its_json_line_adds_up():
+    """The script's own command, at a tiny size: it parses the experiment's gin files (which needs the
+    configurables registered), partitions one compiled block and prints one sound JSON line last."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "saved_activations.py"),
+            "--gin_file=gin/gla.gin",
+            "--tokens=64",
+            *[f"--gin_bindings={b}" for b in TINY],
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (line["family"], line["tokens"], line["batch"], line["seq_len"], line["layers"]) == ("gla", 64, 2, 32, 1)
+    assert line["saved_tensors"] > 0 and line["mib_per_block"] > 0
+    # the per-block total at `tokens` is the fixed part plus the part that grows with tokens
+    assert line["mib_per_block"] == pytest.approx(
+        line["fixed_mib_per_block"] + 64 * line["mib_per_token_per_block"], abs=0.02
+    )
+
+
+def test_step_profile_reads_the_experiment_config_before_it_needs_a_gpu():
+    """The profile's command parses the experiment's gin files (the configurables must be registered first:
+    an import once missing made it stop at `flame_gin.run`), builds the model config, and only then asks for
+    the GPU it profiles on."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_profile.py"), "--gin_file=gin/gla.gin", "--steps=3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "step_profile: profiling the gla hand loop (16 x 2048) needs a CUDA GPU" in proc.stderr
