@@ -5,7 +5,9 @@ Why: a compiled block's peak memory is set by these tensors, and which ones the 
 how the block's ops are written (a shifted copy that is saved once per lag costs as much as the input again).
 The partition does not depend on the device, so this runs on a CPU in seconds (kernel mode "compiled", bf16
 autocast, one block of the gin-configured model) and answers before a GPU run is spent on it.
-  python3 benchmarks/saved_activations.py --gin_file=gin/delta_net.gin --tokens=2048
+  python3 benchmarks/saved_activations.py --gin_file=gin/delta_net.gin --tokens=2048 [--stream_dtype=bfloat16]
+(``--stream_dtype``: the residual stream entering the block; float32 is what one GPU's float32 parameters
+under autocast give, bfloat16 what FSDP's bf16 parameters give.)
 Prints the largest saved tensors and one JSON line last: MiB per block for `tokens` tokens and, from a second
 partition at twice the tokens, the part that grows with tokens (activations) apart from the part that does
 not (bf16 weight copies), scaled to the configured batch and all layers.
@@ -21,9 +23,12 @@ import sys
 import torch
 
 
-def saved_tensors(block: torch.nn.Module, *, tokens: int, hidden: int) -> list[tuple[int, str, tuple, str]]:
+def saved_tensors(
+    block: torch.nn.Module, *, tokens: int, hidden: int, stream_dtype: torch.dtype = torch.float32
+) -> list[tuple[int, str, tuple, str]]:
     """(bytes, dtype, shape, node name) of each forward-graph output of the compiled block, largest first (the
-    block's own output included)."""
+    block's own output included). ``stream_dtype``: the dtype of the hidden states entering the block (float32
+    where the embedding's output is, as with float32 parameters under autocast)."""
     from functorch.compile import min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
 
@@ -44,7 +49,7 @@ def saved_tensors(block: torch.nn.Module, *, tokens: int, hidden: int) -> list[t
         partition_fn=min_cut_rematerialization_partition,
     )
     block.compile(backend=backend, fullgraph=True, dynamic=False)
-    x = torch.randn(1, tokens, hidden, requires_grad=True)
+    x = torch.randn(1, tokens, hidden, dtype=stream_dtype, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         block(x)
     return sorted(rows, reverse=True)
@@ -56,6 +61,12 @@ def main():
     parser.add_argument("--gin_bindings", action="append", default=[])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument(
+        "--stream_dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="dtype of the residual stream entering the block (parallelize.stream_dtype)",
+    )
     args = parser.parse_args()
 
     import transformers
@@ -81,7 +92,9 @@ def main():
     def mib_saved(tokens):
         torch._dynamo.reset()
         block = transformers.AutoModelForCausalLM.from_config(config).model.layers[0]
-        rows = saved_tensors(block, tokens=tokens, hidden=config.hidden_size)
+        rows = saved_tensors(
+            block, tokens=tokens, hidden=config.hidden_size, stream_dtype=getattr(torch, args.stream_dtype)
+        )
         return rows, sum(r[0] for r in rows) / 2**20
 
     rows, mib = mib_saved(args.tokens)
@@ -94,6 +107,7 @@ def main():
             {
                 "family": config.model_type,
                 "tokens": args.tokens,
+                "stream_dtype": args.stream_dtype,
                 "mib_per_block": round(mib, 2),
                 "saved_tensors": len(rows),
                 "batch": batch,

@@ -225,15 +225,19 @@ def test_a_hand_loop_out_of_memory_is_a_result_and_its_model_is_freed(monkeypatc
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_saved_activations_command_runs_and_its_json_line_adds_up():
+@pytest.mark.parametrize("stream_dtype", ["float32", "bfloat16"])
+def test_saved_activations_command_runs_and_its_json_line_adds_up(stream_dtype):
     """The script's own command, at a tiny size: it parses the experiment's gin files (which needs the
-    configurables registered), partitions one compiled block and prints one sound JSON line last."""
+    configurables registered), partitions one compiled block and prints one sound JSON line last; the block's
+    input is saved in the residual stream's dtype."""
     proc = subprocess.run(
         [
             sys.executable,
             str(ROOT / "benchmarks" / "saved_activations.py"),
             "--gin_file=gin/gla.gin",
             "--tokens=64",
+            f"--stream_dtype={stream_dtype}",
+            "--top=100",
             *[f"--gin_bindings={b}" for b in TINY],
         ],
         cwd=ROOT,
@@ -244,11 +248,13 @@ def test_saved_activations_command_runs_and_its_json_line_adds_up():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (line["family"], line["tokens"], line["batch"], line["seq_len"], line["layers"]) == ("gla", 64, 2, 32, 1)
-    assert line["saved_tensors"] > 0 and line["mib_per_block"] > 0
+    assert line["stream_dtype"] == stream_dtype and line["saved_tensors"] > 0 and line["mib_per_block"] > 0
     # the per-block total at `tokens` is the fixed part plus the part that grows with tokens
     assert line["mib_per_block"] == pytest.approx(
         line["fixed_mib_per_block"] + 64 * line["mib_per_token_per_block"], abs=0.02
     )
+    block_input = [row for row in proc.stdout.splitlines() if row.rstrip().endswith(" primals_2")]
+    assert len(block_input) == 1 and f"torch.{stream_dtype}" in block_input[0], proc.stdout[-2000:]
 
 
 def test_step_profile_reads_the_experiment_config_before_it_needs_a_gpu():
