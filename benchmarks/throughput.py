@@ -271,7 +271,7 @@ def main(argv):
         out["baseline"] = {k: _round(v) for k, v in base.items()}
         print("baseline:", json.dumps(out["baseline"]), flush=True)
     if FLAGS.baseline_syncs:
-        synced = hand_loop.run_baseline(
+        synced = hand_loop.run_baseline_or_oom(
             config=model_config,
             loader=baseline_loader(),
             lr=lr,

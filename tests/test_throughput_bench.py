@@ -271,3 +271,34 @@ def test_step_profile_reads_the_experiment_config_before_it_needs_a_gpu():
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "step_profile: profiling the gla hand loop (16 x 2048) needs a CUDA GPU" in proc.stderr
+
+
+_OOM_BENCH = """
+import runpy, sys, torch
+sys.path.insert(0, "benchmarks")
+import hand_loop
+def out_of_memory(**kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.95 GiB.\\nmore")
+hand_loop.run_baseline = out_of_memory
+sys.argv = ["throughput.py", *sys.argv[1:]]
+runpy.run_path("benchmarks/throughput.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_benchmark_measures_the_trainer_when_the_hand_loop_runs_out_of_memory():
+    proc = subprocess.run(
+        [sys.executable, "-c", _OOM_BENCH, "--gin_file=gin/gla.gin", "--steps=3", "--warmup=1"]
+        + [f"--gin_bindings={b}" for b in TINY],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line["baseline"] == {"out_of_memory": "CUDA out of memory. Tried to allocate 1.95 GiB."}
+    assert "ratio" not in line and "baseline_mfu_vendor" not in line
+    assert line["flame_gin"]["tokens_per_second"] > 0 and line["tokens_per_second"] > 0
