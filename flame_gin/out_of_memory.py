@@ -75,4 +75,4 @@ def describe(
         if last_checkpoint is not None
         else "No checkpoint was committed"
     )
-    return OutOfDeviceMemory(". ".join(sentences) + ".")
+    return OutOfDeviceMemory(". ".join(sentence.rstrip(".") for sentence in sentences) + ".")

@@ -114,4 +114,5 @@ def test_the_command_line_prints_one_message_and_exits_1(tmp_path):
     said = [line for line in proc.stderr.splitlines() if line.startswith("flame_gin: ")]
     assert len(said) == 1 and said[0].startswith("flame_gin: out of device memory in step 2 (micro-batch 8 x 128")
     assert said[0].endswith("No checkpoint was committed.")
+    assert "1.95 GiB. What lowers memory" in said[0]  # torch's own full stop, not doubled
     assert proc.stderr.rstrip().endswith(said[0])  # the last thing printed, nothing after it
