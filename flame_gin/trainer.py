@@ -25,6 +25,7 @@ import shutil
 from typing import Any, Callable
 
 import torch
+from absl import logging
 
 from flame_gin import assembly, checkpoint, first_step, flops, kernels, metrics, optim, out_of_memory, process
 from flame_gin import config as config_lib
@@ -43,11 +44,14 @@ def _after_first_step(
     train_timeout_seconds: float | None,
     groups: list,
     watch: first_step.Watch,
+    headroom: Callable[[], None],
 ) -> None:
-    """Phase, once after this process's first step: its duration is logged, collectives get the training-time
-    timeout (the first step's compilation and autotuning are over), the operative config (what gin really used)
-    is written, and the compiled blocks' artifacts are kept for a resume."""
+    """Phase, once after this process's first step: its duration is logged, then its memory where little is
+    left (``headroom``), collectives get the training-time timeout (the first step's compilation and autotuning
+    are over), the operative config (what gin really used) is written, and the compiled blocks' artifacts are
+    kept for a resume."""
     watch.stop(completed=True)
+    headroom()
     if train_timeout_seconds is not None:
         process.set_timeout(seconds=train_timeout_seconds, groups=groups)
     if on_first_step is not None and is_primary:
@@ -252,6 +256,9 @@ def run(
         train_timeout_seconds=train_timeout_seconds,
         groups=built.mesh_groups,
         watch=watch,
+        headroom=functools.partial(
+            _warn_if_near_full, device=proc.device, model=built.model, micro_batch=plan.micro_batch, loop=loop
+        ),
     )
     watch.start()
     try:
@@ -261,6 +268,21 @@ def run(
     finally:
         watch.stop(completed=False)  # the loop failed before its first step ended, or nothing is left to stop
     return _finish(ckpt=ckpt, prof=prof, writer=writer, status=status)
+
+
+def _warn_if_near_full(*, device, model, micro_batch: int, loop) -> None:
+    """On a GPU, a warning when the first step's peak allocation leaves under 10% of the device's memory."""
+    if device.type != "cuda":
+        return
+    warning = out_of_memory.headroom_warning(
+        peak_gib=process.peak_memory_gib(device),
+        capacity_gib=torch.cuda.get_device_properties(device).total_memory / 2**30,
+        checkpointed=out_of_memory.checkpointed_blocks(model),
+        micro_batch=micro_batch,
+        grad_accum_steps=loop.grad_accum_steps,
+    )
+    if warning:
+        logging.warning(warning)
 
 
 def _out_of_memory(*, err, loop, plan, ckpt, writer, seq_len: int) -> out_of_memory.OutOfDeviceMemory:

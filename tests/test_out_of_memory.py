@@ -116,3 +116,21 @@ def test_the_command_line_prints_one_message_and_exits_1(tmp_path):
     assert said[0].endswith("No checkpoint was committed.")
     assert "1.95 GiB. What lowers memory" in said[0]  # torch's own full stop, not doubled
     assert proc.stderr.rstrip().endswith(said[0])  # the last thing printed, nothing after it
+
+
+def test_a_first_step_near_the_device_limit_is_warned_about_with_the_ways_out():
+    """RWKV-7-340M at 16 x 2048 peaked at 75.2 of an H100's 79.2 GiB: the run goes on, but the user is told, with
+    the settings that lower memory; at 37 GiB (GLA-340M compiled) nothing is said."""
+    from flame_gin.out_of_memory import headroom_warning
+
+    near = headroom_warning(peak_gib=75.23, capacity_gib=79.18, checkpointed=0, micro_batch=16, grad_accum_steps=1)
+    assert near.startswith("the first step's peak allocation is 75.2 GiB of the device's 79.2 GiB (95%)")
+    assert "--gin_file=gin/parallel/checkpointing.gin" in near and "grad_accum_steps=2" in near
+    checkpointed = headroom_warning(
+        peak_gib=75.0, capacity_gib=79.18, checkpointed=24, micro_batch=1, grad_accum_steps=1
+    )
+    assert "checkpointing.gin" not in checkpointed and "grad_accum_steps" not in checkpointed  # neither applies
+    assert "gin/parallel/fsdp.gin" in checkpointed
+    assert (
+        headroom_warning(peak_gib=37.03, capacity_gib=79.18, checkpointed=0, micro_batch=16, grad_accum_steps=1) is None
+    )
