@@ -5,7 +5,8 @@ minutes into a run (after the first step's autotuning), and says nothing about t
 micro-batch, whether the blocks were already checkpointed, what was saved. The trainer catches it around the
 loop, lets the checkpoint save in flight finish and the metrics written so far reach disk (nothing the run had
 done before the failing step is lost), and raises `OutOfDeviceMemory` with that context and the settings that
-lower memory; the command line prints it without a traceback and exits 1.
+lower memory; the command line prints it without a traceback and exits 1. A first step that leaves under 10% of
+the device free gets the same settings in a warning (`headroom_warning`), before the run gets that far.
 """
 
 from __future__ import annotations
