@@ -134,3 +134,24 @@ def test_a_first_step_near_the_device_limit_is_warned_about_with_the_ways_out():
     assert (
         headroom_warning(peak_gib=37.03, capacity_gib=79.18, checkpointed=0, micro_batch=16, grad_accum_steps=1) is None
     )
+
+
+def _losses(workdir) -> dict[int, float]:
+    board = event_accumulator.EventAccumulator(str(workdir / "tensorboard"))
+    board.Reload()
+    return {event.step: event.value for event in board.Scalars("loss")}
+
+
+def test_the_way_out_resumes_the_same_run_with_every_block_recomputed(tmp_path, monkeypatch):
+    """The user's path after the message: add gin/parallel/checkpointing.gin and run the same command again. The
+    run resumes from the newest committed checkpoint and continues as the uninterrupted run would have (float32
+    on a CPU: recomputation changes nothing)."""
+    _run(workdir=tmp_path / "straight")
+    with monkeypatch.context() as patch:
+        patch.setattr(steps, "forward_backward", _failing_on_call(steps.forward_backward, call=5))
+        with pytest.raises(OutOfDeviceMemory, match="in step 5 .* The newest committed checkpoint is step 4"):
+            _run(workdir=tmp_path / "resumed")
+    _run(workdir=tmp_path / "resumed", gin_files=["gin/parallel/checkpointing.gin"])
+    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
+    assert [resumed[s] for s in (5, 6)] == pytest.approx([straight[s] for s in (5, 6)], rel=1e-6)
