@@ -61,7 +61,8 @@ def describe(
         )
     sentences.append(_ways_out(checkpointed=checkpointed, micro_batch=micro_batch, grad_accum_steps=grad_accum_steps))
     sentences.append(
-        f"The newest committed checkpoint is step {last_checkpoint}"
+        f"The newest committed checkpoint is step {last_checkpoint}: the same command with one of these settings "
+        "resumes from it"
         if last_checkpoint is not None
         else "No checkpoint was committed"
     )

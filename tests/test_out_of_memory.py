@@ -43,10 +43,10 @@ def _failing_on_call(function, call: int):
     return wrapped
 
 
-def _run(*, workdir, gin_files=()):
+def _run(*, workdir, gin_files=(), bindings=()):
     config_lib.parse(
         gin_files=["gin/tiny.gin", *gin_files],
-        gin_bindings=[f"MODEL_DIR = {str(workdir)!r}", *BINDINGS],
+        gin_bindings=[f"MODEL_DIR = {str(workdir)!r}", *BINDINGS, *bindings],
         search_paths=config_lib.default_search_paths(),
     )
     return configurables.run(config_text="", on_first_step=None, stop_requested=None)
@@ -62,7 +62,9 @@ def test_a_step_out_of_memory_names_the_step_and_keeps_the_save_and_metrics(tmp_
     )
     assert "--gin_file=gin/parallel/checkpointing.gin" in message  # no block recomputes yet: the first way out
     assert "--gin.flame_gin.run.grad_accum_steps=2" in message
-    assert message.endswith("The newest committed checkpoint is step 2.")
+    assert message.endswith(
+        "The newest committed checkpoint is step 2: the same command with one of these settings resumes from it."
+    )
     assert layout.committed_steps(tmp_path / "checkpoints") == [2]  # the save in flight at the failure, committed
     board = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
     board.Reload()
@@ -80,7 +82,9 @@ def test_an_evaluation_out_of_memory_is_placed_after_its_step_and_knows_the_bloc
         "2 block(s) checkpointed)"
     )
     assert "checkpointing.gin" not in message  # already recomputing every block
-    assert message.endswith("The newest committed checkpoint is step 2.")  # step 4's save comes after its evaluation
+    assert message.endswith(
+        "The newest committed checkpoint is step 2: the same command with one of these settings resumes from it."
+    )  # step 4's save comes after its evaluation
 
 
 _CLI = """
@@ -142,16 +146,21 @@ def _losses(workdir) -> dict[int, float]:
     return {event.step: event.value for event in board.Scalars("loss")}
 
 
-def test_the_way_out_resumes_the_same_run_with_every_block_recomputed(tmp_path, monkeypatch):
-    """The user's path after the message: add gin/parallel/checkpointing.gin and run the same command again. The
-    run resumes from the newest committed checkpoint and continues as the uninterrupted run would have (float32
-    on a CPU: recomputation changes nothing)."""
+@pytest.mark.parametrize(
+    "gin_files, bindings",
+    [(["gin/parallel/checkpointing.gin"], []), ([], ["flame_gin.run.grad_accum_steps = 2"])],
+    ids=["every_block_recomputed", "half_the_micro_batch"],
+)
+def test_each_way_out_resumes_the_same_run(tmp_path, monkeypatch, gin_files, bindings):
+    """The user's path after the message: the same command with one of the settings it names. The run resumes
+    from the newest committed checkpoint and continues as the uninterrupted run would have (float32 on a CPU:
+    recomputation changes nothing; two micro-batches of 4 sum what one of 8 does, up to rounding)."""
     _run(workdir=tmp_path / "straight")
     with monkeypatch.context() as patch:
         patch.setattr(steps, "forward_backward", _failing_on_call(steps.forward_backward, call=5))
         with pytest.raises(OutOfDeviceMemory, match="in step 5 .* The newest committed checkpoint is step 4"):
             _run(workdir=tmp_path / "resumed")
-    _run(workdir=tmp_path / "resumed", gin_files=["gin/parallel/checkpointing.gin"])
+    _run(workdir=tmp_path / "resumed", gin_files=gin_files, bindings=bindings)
     straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
     assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4, 5, 6]
     assert [resumed[s] for s in (5, 6)] == pytest.approx([straight[s] for s in (5, 6)], rel=1e-6)
