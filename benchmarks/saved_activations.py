@@ -65,7 +65,7 @@ def main():
         "--stream_dtype",
         default="float32",
         choices=("float32", "bfloat16"),
-        help="dtype of the residual stream entering the block (parallelize.stream_dtype)",
+        help="dtype of the residual stream entering the block (float32: one GPU's float32 parameters under autocast)",
     )
     args = parser.parse_args()
 

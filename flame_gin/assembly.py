@@ -266,7 +266,7 @@ def optimizer(*, built: Built, settings, device: torch.device, steps_follow: boo
     gradients and optimizer states cannot fit the device is refused first (`memory.check_states_fit`; the
     settings' ``states_per_parameter``, 0 for an optimizer that does not declare it). A seed checkpoint
     (``steps_follow=False``) allocates no state and is made for a larger mesh, so it is never refused."""
-    capacity = _device_capacity(device) if steps_follow else None
+    capacity = process.device_capacity(device) if steps_follow else None
     if capacity is not None:
         from flame_gin.parallel import memory
 
@@ -283,11 +283,6 @@ def optimizer(*, built: Built, settings, device: torch.device, steps_follow: boo
 
         pipeline_lib.stage_local_optimizer_state(opt, mesh=built.mesh["dp_replicate", "dp_shard", "cp", "tp"])
     return opt
-
-
-def _device_capacity(device: torch.device) -> int | None:
-    """The GPU's total memory in bytes; None on the host, whose memory can swap, so it is no hard bound."""
-    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
 def build(

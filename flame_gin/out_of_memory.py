@@ -53,10 +53,10 @@ def describe(
         f"out of device memory {where} ({rank_part}micro-batch {micro_batch} x {seq_len} tokens, "
         f"{checkpointed or 'no'} block(s) checkpointed): {torch_says}"
     ]
-    if device.type == "cuda":
-        capacity = torch.cuda.get_device_properties(device).total_memory / 2**30
+    capacity = process.device_capacity(device)
+    if capacity is not None:
         sentences.append(
-            f"The device holds {capacity:.1f} GiB; this process's peak allocation was "
+            f"The device holds {capacity / 2**30:.1f} GiB; this process's peak allocation was "
             f"{process.peak_memory_gib(device):.1f} GiB"
         )
     sentences.append(_ways_out(checkpointed=checkpointed, micro_batch=micro_batch, grad_accum_steps=grad_accum_steps))

@@ -140,6 +140,11 @@ def set_timeout(*, seconds: float, groups=()) -> None:
         dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 
+def device_capacity(device: torch.device) -> int | None:
+    """The GPU's total memory in bytes; None on the host, whose memory can swap, so it is no hard bound."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """Peak memory of this process: allocated device memory on CUDA, the resident set size on CPU."""
     if device.type == "cuda":

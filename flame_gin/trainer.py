@@ -257,7 +257,11 @@ def run(
         groups=built.mesh_groups,
         watch=watch,
         headroom=functools.partial(
-            _warn_if_near_full, device=proc.device, model=built.model, micro_batch=plan.micro_batch, loop=loop
+            _warn_if_near_full,
+            device=proc.device,
+            model=built.model,
+            micro_batch=plan.micro_batch,
+            grad_accum_steps=grad_accum_steps,
         ),
     )
     watch.start()
@@ -270,16 +274,17 @@ def run(
     return _finish(ckpt=ckpt, prof=prof, writer=writer, status=status)
 
 
-def _warn_if_near_full(*, device, model, micro_batch: int, loop) -> None:
+def _warn_if_near_full(*, device, model, micro_batch: int, grad_accum_steps: int) -> None:
     """On a GPU, a warning when the first step's peak allocation leaves under 10% of the device's memory."""
-    if device.type != "cuda":
+    capacity = process.device_capacity(device)
+    if capacity is None:
         return
     warning = out_of_memory.headroom_warning(
         peak_gib=process.peak_memory_gib(device),
-        capacity_gib=torch.cuda.get_device_properties(device).total_memory / 2**30,
+        capacity_gib=capacity / 2**30,
         checkpointed=out_of_memory.checkpointed_blocks(model),
         micro_batch=micro_batch,
-        grad_accum_steps=loop.grad_accum_steps,
+        grad_accum_steps=grad_accum_steps,
     )
     if warning:
         logging.warning(warning)

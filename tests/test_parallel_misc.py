@@ -265,7 +265,7 @@ def test_a_sharded_parameter_counts_its_local_shard():
 def test_the_optimizer_phase_refuses_states_beyond_the_device_as_a_config_error(monkeypatch):
     """The trainer's phase 5 with the device's capacity stubbed (a CPU machine has no GPU to ask): the shipped
     AdamW counts its two states and the refusal comes as a ConfigError (one line, exit 2), before any state."""
-    from flame_gin import assembly, optim
+    from flame_gin import assembly, optim, process
     from flame_gin.config import ConfigError
 
     model = torch.nn.Linear(100, 100)
@@ -273,17 +273,17 @@ def test_the_optimizer_phase_refuses_states_beyond_the_device_as_a_config_error(
         model=model, runtime=None, mesh=None, mesh_groups=[], group=None, loss_fn=None, prepare=None, pp_group=None
     )
     need = 10_100 * 4 * 4
-    monkeypatch.setattr(assembly, "_device_capacity", lambda device: need - 1)
+    monkeypatch.setattr(process, "device_capacity", lambda device: need - 1)
     with pytest.raises(ConfigError, match="10,100 parameters on this rank with their gradients and 2 optimizer"):
         assembly.optimizer(built=built, settings=optim.AdamW(lr=1e-3), device=torch.device("cpu"))
     seed_only = assembly.optimizer(  # a seed checkpoint for a larger mesh: no step, no state, no refusal
         built=built, settings=optim.AdamW(lr=1e-3), device=torch.device("cpu"), steps_follow=False
     )
     assert isinstance(seed_only, torch.optim.AdamW)
-    monkeypatch.setattr(assembly, "_device_capacity", lambda device: need)
+    monkeypatch.setattr(process, "device_capacity", lambda device: need)
     opt = assembly.optimizer(built=built, settings=optim.AdamW(lr=1e-3), device=torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW)
-    monkeypatch.setattr(assembly, "_device_capacity", lambda device: None)  # the host: nothing checked
+    monkeypatch.setattr(process, "device_capacity", lambda device: None)  # the host: nothing checked
     assert isinstance(
         assembly.optimizer(built=built, settings=optim.AdamW(lr=1e-3), device=torch.device("cpu")), torch.optim.AdamW
     )
