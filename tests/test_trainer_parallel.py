@@ -85,6 +85,10 @@ SINGLE = {  # run after the parallel runs; "resume_*" continue the parallel run 
 }
 ONE_RANK = {  # torchrun with one process: a one-rank process group and mesh
     "fsdp_one_rank": (REF_STEPS, ["--gin_file=gin/parallel/fsdp_one_gpu.gin", FP32]),
+    "fsdp_one_rank_offload": (
+        REF_STEPS,
+        ["--gin_file=gin/parallel/fsdp_one_gpu.gin", FP32, "--gin.flame_gin.parallelize.cpu_offload=True"],
+    ),
 }
 
 
@@ -194,6 +198,14 @@ def test_fsdp_matches_replicated_then_resumes_in_one_process(runs):
 def test_fsdp_on_one_rank_shards_and_matches_the_plain_run(runs):
     losses, log = runs["fsdp_one_rank"]
     assert "data parallel: fsdp over ('dp_shard_cp',) (1 ranks)" in log
+    assert_close(losses, runs["reference"][0], range(1, REF_STEPS + 1), rtol=1e-5)
+
+
+def test_cpu_offload_on_one_rank_trains_as_the_plain_run(runs):
+    # FSDP's offload policy keeps parameters, gradients and AdamW states on the host (unpinned on a CPU-only
+    # machine, where pinning needs a GPU); the losses are the plain run's.
+    losses, log = runs["fsdp_one_rank_offload"]
+    assert "(1 ranks)" in log and "optimizer states kept on the host (FSDP's offload)" in log
     assert_close(losses, runs["reference"][0], range(1, REF_STEPS + 1), rtol=1e-5)
 
 

@@ -55,7 +55,7 @@ def apply_data_parallel(
     mp = MixedPrecisionPolicy(
         param_dtype=_dtype(param_dtype, "param_dtype"), reduce_dtype=_dtype(reduce_dtype, "reduce_dtype")
     )
-    offload = CPUOffloadPolicy() if cpu_offload else None
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else None
     reshard = reshard_after_forward and mode == "fsdp"
     kwargs = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     if offload is not None:

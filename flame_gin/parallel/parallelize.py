@@ -129,12 +129,13 @@ def parallelize(
         )
     if dp_mesh is not None:
         log.info(
-            "data parallel: %s over %s (%d ranks), parameters %s, gradient reduction %s",
+            "data parallel: %s over %s (%d ranks), parameters %s, gradient reduction %s%s",
             data_parallel,
             dp_mesh.mesh_dim_names,
             dp_mesh.size(),
             param_dtype,
             reduce_dtype,
+            "; parameters, gradients and optimizer states kept on the host (FSDP's offload)" if cpu_offload else "",
         )
         apply_data_parallel(
             model,
