@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import pathlib
 from typing import Any, Callable
 
@@ -265,17 +266,20 @@ def optimizer(*, built: Built, settings, device: torch.device, steps_follow: boo
     keeps the state of its own parameters. When training steps follow on a GPU, a model whose parameters,
     gradients and optimizer states cannot fit the device is refused first (`memory.check_states_fit`; the
     settings' ``states_per_parameter``, 0 for an optimizer that does not declare it). A seed checkpoint
-    (``steps_follow=False``) allocates no state and is made for a larger mesh, so it is never refused."""
+    (``steps_follow=False``) allocates no state and is made for a larger mesh, so it is never refused. Under
+    FSDP's CPU offload the same holds for the host (`memory.check_host_fits`)."""
     capacity = process.device_capacity(device) if steps_follow else None
-    if capacity is not None:
+    if capacity is not None:  # a GPU run; whatever FSDP's offload keeps on the host must fit there
         from flame_gin.parallel import memory
 
+        states = getattr(settings, "states_per_parameter", 0)
         with as_config_error():
-            memory.check_states_fit(
+            memory.check_states_fit(model=built.model, device=device, capacity_bytes=capacity, optimizer_states=states)
+            memory.check_host_fits(
                 model=built.model,
-                device=device,
-                capacity_bytes=capacity,
-                optimizer_states=getattr(settings, "states_per_parameter", 0),
+                optimizer_states=states,
+                available_bytes=process.host_available(),
+                local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
             )
     opt = settings.build(model=built.model)
     if built.runtime is not None:

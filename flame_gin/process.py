@@ -145,6 +145,14 @@ def device_capacity(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
+def host_available() -> int:
+    """Bytes the host can still give this node's processes: available memory plus free swap (psutil).
+    Offloaded states that exceed it end in the kernel's out-of-memory kill, which no Python handler sees."""
+    import psutil
+
+    return psutil.virtual_memory().available + psutil.swap_memory().free
+
+
 def peak_memory_gib(device: torch.device) -> float:
     """Peak memory of this process: allocated device memory on CUDA, the resident set size on CPU."""
     if device.type == "cuda":

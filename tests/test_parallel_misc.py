@@ -287,3 +287,33 @@ def test_the_optimizer_phase_refuses_states_beyond_the_device_as_a_config_error(
     assert isinstance(
         assembly.optimizer(built=built, settings=optim.AdamW(lr=1e-3), device=torch.device("cpu")), torch.optim.AdamW
     )
+
+
+def test_offloaded_states_beyond_the_host_are_refused_before_the_optimizer(monkeypatch):
+    """FSDP's offload on a GPU rank: the parameters already sit on the host; their gradients and AdamW's two
+    states (12 of the 16 bytes per fp32 parameter) must fit what the host has left, times the node's ranks.
+    The optimizer phase asks psutil for the host's memory, here stubbed, and refuses with a ConfigError."""
+    from flame_gin import assembly, optim, process
+    from flame_gin.config import ConfigError
+    from flame_gin.parallel.memory import check_host_fits
+
+    model = torch.nn.Linear(100, 100)
+    still = 10_100 * 4 * 3
+    check_host_fits(model=model, optimizer_states=2, available_bytes=still, local_ranks=1)  # exactly fits
+    with pytest.raises(ValueError) as err:
+        check_host_fits(model=model, optimizer_states=2, available_bytes=2 * still - 1, local_ranks=2)
+    text = str(err.value)
+    assert "keeps 10,100 parameters of this rank on the host" in text and "2 rank(s) on this host" in text
+    assert "more GPUs or hosts" in text
+    built = assembly.Built(
+        model=model, runtime=None, mesh=None, mesh_groups=[], group=None, loss_fn=None, prepare=None, pp_group=None
+    )
+    monkeypatch.setattr(process, "device_capacity", lambda device: 2**40)  # a GPU with room; states on the host
+    monkeypatch.setattr(process, "host_available", lambda: still - 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match="add 0.0 GiB there"):
+        assembly.optimizer(built=built, settings=optim.AdamW(lr=1e-3), device=torch.device("cpu"))
+    monkeypatch.setattr(process, "host_available", lambda: still)
+    assert isinstance(
+        assembly.optimizer(built=built, settings=optim.AdamW(lr=1e-3), device=torch.device("cpu")), torch.optim.AdamW
+    )

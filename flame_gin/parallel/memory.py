@@ -214,3 +214,22 @@ def check_states_fit(*, model: nn.Module, device: torch.device, capacity_bytes: 
             "offload (gin/parallel/fsdp.gin, or gin/parallel/fsdp_one_gpu.gin under torchrun --nproc_per_node=1 on "
             "one GPU, plus --gin.flame_gin.parallelize.cpu_offload=True), or train a smaller model"
         )
+
+
+def check_host_fits(*, model: nn.Module, optimizer_states: int, available_bytes: int, local_ranks: int) -> None:
+    """Raises ValueError when the gradients and optimizer states that FSDP's CPU offload will add on the host
+    exceed what the host has left (``local_ranks`` processes of this node each add their share).
+
+    Why: they are allocated at the first backward and the first optimizer step, after minutes of autotuning,
+    and a host out of memory ends the run by the kernel's kill: no message, nothing saved. Called once the
+    model is placed (the offloaded parameters themselves are already on the host) and before the optimizer."""
+    count, nbytes = device_state_bytes(model=model, device_type="cpu", optimizer_states=optimizer_states)
+    still = nbytes * (1 + optimizer_states) // (2 + optimizer_states)  # each parameter's bytes are already held
+    if count and still * local_ranks > available_bytes:
+        raise ValueError(
+            f"FSDP's CPU offload keeps {count:,} parameters of this rank on the host; their gradients and "
+            f"{optimizer_states} optimizer states each will add {still / GIB:.1f} GiB there ({local_ranks} rank(s) "
+            f"on this host: {still * local_ranks / GIB:.1f} GiB), but it has {available_bytes / GIB:.1f} GiB left "
+            "(available memory and free swap): the run would be killed at its first step. Spread the model over "
+            "more GPUs or hosts (each rank offloads only its shard), or train a smaller model"
+        )
