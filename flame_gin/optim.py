@@ -82,9 +82,9 @@ class AdamW:
     ``lr`` is the peak learning rate (the schedule multiplies it), ``weight_decay`` applies to the ``decay``
     group only (see ``parameter_groups``), ``decay_all`` decays every parameter, norms, biases and embeddings
     too (flame's choice: an ablation to reproduce its optimizer, `gin/ablations/decay_all.gin`), ``fused`` None
-    picks the fused kernel when every parameter is on a GPU, or on the host under a GPU run's offload. Another optimizer fits the run when it has
-    ``lr`` and ``build(model=)``; its ``states_per_parameter`` (0 when absent) is what the trainer's memory
-    check counts besides parameters and gradients.
+    picks the fused kernel when every parameter is on a GPU, or on the host under a GPU run's offload. Another
+    optimizer fits the run when it has ``lr`` and ``build(model=)``; its ``states_per_parameter`` (0 when
+    absent) is what the trainer's memory check counts besides parameters and gradients.
     """
 
     states_per_parameter: ClassVar[int] = 2  # exp_avg and exp_avg_sq, each the parameter's shape and dtype
