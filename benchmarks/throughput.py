@@ -10,8 +10,9 @@ and reports flame_gin's speed as a ratio of it.
 The gin files give the model, batch and sequence length; the trainer (``flame_gin.run``) is called with a
 synthetic random-token loader (``--data=synthetic``, default; varlen when ``flame_gin.run.varlen = True``) or
 with the loader the gin files bind (``--data=gin``). The last line printed is one JSON object: steady-state
-tokens/s after ``--warmup`` steps, peak memory, time to the first step, FLOPs per token and MFU against both
-the vendor peak and the bf16 matrix-product peak measured on this device. Where the hand loop runs out of
+tokens/s after ``--warmup`` steps, peak memory (and the host's, which bounds offloaded runs), time to the first
+step, FLOPs per token and MFU against both the vendor peak and the bf16 matrix-product peak measured on this
+device. Where the hand loop runs out of
 memory, its entry says so and the line has no ratio; the trainer is still measured.
 """
 
@@ -309,6 +310,9 @@ def main(argv):
     out["tokens_per_second"] = round(ours["tokens_per_second"])
     out["peak_memory_gib"] = _round(ours["peak_memory_gib"], 2)
     out["time_to_first_step_s"] = _round(ours["time_to_first_step_s"], 2)
+    # the process's peak resident memory: on a GPU, what FSDP's CPU offload (pinned parameters and gradients,
+    # AdamW states) and the loaders hold on the host, whose size bounds the largest offloaded model
+    out["host_peak_gib"] = _round(process.peak_memory_gib(torch.device("cpu")), 2)
     out["mfu_vendor"] = mfu(ours["tokens_per_second"], vendor_peak)
     out["mfu_measured"] = mfu(ours["tokens_per_second"], measured)
     if FLAGS.baseline and "tokens_per_second" in base:  # no ratio where the hand loop ran out of memory

@@ -51,6 +51,10 @@ def test_benchmark_varlen_json_line(tmp_path):
         line["flame_gin"]["tokens_per_second"] / line["baseline"]["tokens_per_second"], rel=1e-2
     )
     assert line["flops_per_token"] > 0
+    # the process's peak resident set: at least the imported torch, below this machine's memory
+    import psutil
+
+    assert 0.2 < line["host_peak_gib"] < psutil.virtual_memory().total / 2**30
     progress = [ln for ln in proc.stderr.splitlines() if ln.startswith("hand loop: ")]
     assert progress[0].startswith("hand loop: model built on cpu") and progress[-1].startswith("hand loop: step 3/3")
     # Both loops learn something real from the same synthetic data (vocabulary 256: ln 256 ~ 5.55 at the start).
