@@ -289,7 +289,7 @@ def test_the_optimizer_phase_refuses_states_beyond_the_device_as_a_config_error(
     )
 
 
-def test_offloaded_states_beyond_the_host_are_refused_before_the_optimizer(monkeypatch):
+def test_offloaded_states_beyond_the_host_are_refused_before_the_optimizer(monkeypatch, caplog):
     """FSDP's offload on a GPU rank: the parameters already sit on the host; their gradients and AdamW's two
     states (12 of the 16 bytes per fp32 parameter) must fit what the host has left, times the node's ranks.
     The optimizer phase asks psutil for the host's memory, here stubbed, and refuses with a ConfigError."""
@@ -299,7 +299,9 @@ def test_offloaded_states_beyond_the_host_are_refused_before_the_optimizer(monke
 
     model = torch.nn.Linear(100, 100)
     still = 10_100 * 4 * 3
-    check_host_fits(model=model, optimizer_states=2, available_bytes=still, local_ranks=1)  # exactly fits
+    with caplog.at_level(logging.INFO, logger="flame_gin.parallel.memory"):
+        check_host_fits(model=model, optimizer_states=2, available_bytes=still, local_ranks=1)  # exactly fits
+    assert "10,100 parameters with their gradients and 2 optimizer states each take 0.0 GiB" in caplog.text
     with pytest.raises(ValueError) as err:
         check_host_fits(model=model, optimizer_states=2, available_bytes=2 * still - 1, local_ranks=2)
     text = str(err.value)

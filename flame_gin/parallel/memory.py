@@ -225,6 +225,15 @@ def check_host_fits(*, model: nn.Module, optimizer_states: int, available_bytes:
     model is placed (the offloaded parameters themselves are already on the host) and before the optimizer."""
     count, nbytes = device_state_bytes(model=model, device_type="cpu", optimizer_states=optimizer_states)
     still = nbytes * (1 + optimizer_states) // (2 + optimizer_states)  # each parameter's bytes are already held
+    if count:  # the start-up estimate counted these as the rank's device memory
+        log.info(
+            "FSDP's CPU offload: %s parameters with their gradients and %d optimizer states each take %.1f GiB "
+            "of the host's memory on this rank (%.1f GiB free)",
+            f"{count:,}",
+            optimizer_states,
+            nbytes / GIB,
+            available_bytes / GIB,
+        )
     if count and still * local_ranks > available_bytes:
         raise ValueError(
             f"FSDP's CPU offload keeps {count:,} parameters of this rank on the host; their gradients and "
