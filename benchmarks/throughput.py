@@ -12,8 +12,8 @@ synthetic random-token loader (``--data=synthetic``, default; varlen when ``flam
 with the loader the gin files bind (``--data=gin``). The last line printed is one JSON object: steady-state
 tokens/s after ``--warmup`` steps, peak memory (and the host's, which bounds offloaded runs), time to the first
 step, FLOPs per token and MFU against both the vendor peak and the bf16 matrix-product peak measured on this
-device. Where the hand loop runs out of
-memory, its entry says so and the line has no ratio; the trainer is still measured.
+device. Where the hand loop runs out of memory, its entry says so and the line has no ratio; the trainer is
+still measured.
 """
 
 from __future__ import annotations

@@ -141,7 +141,8 @@ def set_timeout(*, seconds: float, groups=()) -> None:
 
 
 def device_capacity(device: torch.device) -> int | None:
-    """The GPU's total memory in bytes; None on the host, whose memory can swap, so it is no hard bound."""
+    """The GPU's total memory in bytes; None on a CPU-only run, which is not checked against its memory
+    (it can swap; an offloaded GPU run's host share is checked apart, against `host_available`)."""
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 

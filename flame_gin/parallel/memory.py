@@ -224,17 +224,18 @@ def check_host_fits(*, model: nn.Module, optimizer_states: int, available_bytes:
     and a host out of memory ends the run by the kernel's kill: no message, nothing saved. Called once the
     model is placed (the offloaded parameters themselves are already on the host) and before the optimizer."""
     count, nbytes = device_state_bytes(model=model, device_type="cpu", optimizer_states=optimizer_states)
+    if not count:  # nothing offloaded
+        return
     still = nbytes * (1 + optimizer_states) // (2 + optimizer_states)  # each parameter's bytes are already held
-    if count:  # the start-up estimate counted these as the rank's device memory
-        log.info(
-            "FSDP's CPU offload: %s parameters with their gradients and %d optimizer states each take %.1f GiB "
-            "of the host's memory on this rank (%.1f GiB free)",
-            f"{count:,}",
-            optimizer_states,
-            nbytes / GIB,
-            available_bytes / GIB,
-        )
-    if count and still * local_ranks > available_bytes:
+    log.info(  # the start-up estimate counted these as the rank's device memory
+        "FSDP's CPU offload: %s parameters with their gradients and %d optimizer states each take %.1f GiB "
+        "of the host's memory on this rank (%.1f GiB free)",
+        f"{count:,}",
+        optimizer_states,
+        nbytes / GIB,
+        available_bytes / GIB,
+    )
+    if still * local_ranks > available_bytes:
         raise ValueError(
             f"FSDP's CPU offload keeps {count:,} parameters of this rank on the host; their gradients and "
             f"{optimizer_states} optimizer states each will add {still / GIB:.1f} GiB there ({local_ranks} rank(s) "
