@@ -143,12 +143,18 @@ def plan(
     train_timeout_seconds: float | None,
     nccl_trace_buffer_size: int | None,
     kernel_choices_from: str | None = None,
+    host_collectives: bool = False,
 ) -> Plan:
     """Phase 1: the process group, then every cheap check (schedule, parallel degrees, batch arithmetic,
     whether the family runs on this device, the kernel and loss modes, the run directory, the folder of
-    autotuning choices named to start from)."""
+    autotuning choices named to start from). ``host_collectives``: the process group carries host tensors too
+    (FSDP's CPU offload, ``process.backend``)."""
     with as_config_error():
-        proc = process.init(timeout_seconds=init_timeout_seconds, nccl_trace_buffer_size=nccl_trace_buffer_size)
+        proc = process.init(
+            timeout_seconds=init_timeout_seconds,
+            nccl_trace_buffer_size=nccl_trace_buffer_size,
+            host_collectives=host_collectives,
+        )
         if train_timeout_seconds is not None and train_timeout_seconds <= 0:
             raise ValueError(f"train_timeout_seconds={train_timeout_seconds} must be positive")
     # What needs neither FLA nor the model config first: importing FLA alone takes ~12 s on a CPU.

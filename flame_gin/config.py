@@ -8,12 +8,13 @@ and ``operative_config.gin`` (what was really used) after the first step.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pathlib
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import gin
 
@@ -126,6 +127,23 @@ def bound_value(name: str, default=_REQUIRED):
     while isinstance(value, gin.config.ConfigurableReference) and value.configurable.name == "macro":
         value = value.scoped_configurable_fn()
     return value
+
+
+def bound_keyword(fn: Callable[..., Any] | None, name: str, default: Any = None) -> Any:
+    """The value ``fn`` will get for its keyword ``name`` when it is called: a ``functools.partial``'s keyword,
+    or else the gin binding of a configurable (gin hands ``@flame_gin.parallelize`` over as the configurable
+    itself, whose bindings apply only at its call); ``default`` otherwise. For a choice that must be made
+    before ``fn`` runs: FSDP's offload, bound on ``parallelize``, decides the process group's backend."""
+    if fn is None:
+        return default
+    if isinstance(fn, functools.partial):
+        if name in fn.keywords:
+            return fn.keywords[name]
+        fn = fn.func
+    try:
+        return gin.get_bindings(fn).get(name, default)
+    except ValueError:  # not a gin configurable: a plain function binds nothing
+        return default
 
 
 def config_text() -> str:

@@ -158,7 +158,7 @@ class Loop:
                 runtime=self.built.runtime, batches=batches, tokens=tokens, device=self.device, group=self.built.group
             )
         grad_norm = steps.clip_grad_norm(
-            model=self.built.model, max_grad_norm=self.max_grad_norm, pp_group=self.built.pp_group
+            model=self.built.model, max_grad_norm=self.max_grad_norm, device=self.device, pp_group=self.built.pp_group
         )
         lr_now = self.lr * self.lr_schedule(self.state.step)
         skipped = steps.apply(

@@ -1,8 +1,9 @@
 """Process-level set-up: the process group, the device, seeding and determinism, and a clean shutdown.
 
 The trainer runs the same way under ``python -m`` (one process) and ``torchrun`` (``WORLD_SIZE`` set):
-NCCL on GPUs, gloo on CPUs. Shutdown passes a barrier before destroying the group: without it a fast rank
-can tear the group down while a slow one is still inside a collective and the job aborts after finishing.
+NCCL on GPUs, gloo on CPUs, and both on GPUs whose parameters FSDP keeps on the host (``backend``). Shutdown
+passes a barrier before destroying the group: without it a fast rank can tear the group down while a slow one
+is still inside a collective and the job aborts after finishing.
 """
 
 from __future__ import annotations
@@ -32,8 +33,23 @@ class ProcessInfo:
         return self.rank == 0
 
 
+def backend(*, device_type: str, host_collectives: bool) -> str:
+    """The process group's backend: NCCL on GPUs, gloo on CPUs; with ``host_collectives`` a GPU run's group
+    also carries host tensors through gloo. FSDP's CPU offload needs that: its gradients, and so the gradient
+    norm that clipping all-reduces over the mesh, live on the host, which NCCL refuses ("No backend type
+    associated with device type cpu" at the first step). It is not the default because every group of the
+    mesh then opens gloo's connections too, and gloo picks its own network interface on multi-NIC nodes."""
+    if device_type != "cuda":
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if host_collectives else "nccl"
+
+
 def init(
-    *, timeout_seconds: float = 600.0, device_type: str = "auto", nccl_trace_buffer_size: int | None = None
+    *,
+    timeout_seconds: float = 600.0,
+    device_type: str = "auto",
+    nccl_trace_buffer_size: int | None = None,
+    host_collectives: bool = False,
 ) -> ProcessInfo:
     """Initialises the default process group when launched by torchrun (also for one process, so that a mesh,
     e.g. FSDP over one GPU, can be built), and picks this process's device.
@@ -42,7 +58,7 @@ def init(
     all-gathers, checkpoint restore). ``nccl_trace_buffer_size`` (entries of NCCL's flight recorder, which keeps
     the last collectives of each rank for a post-mortem of a hang) must be set before the group exists, so it
     is exported here as ``TORCH_NCCL_TRACE_BUFFER_SIZE`` and ``TORCH_FR_BUFFER_SIZE`` (its name from torch 2.11);
-    None leaves the environment as it is.
+    None leaves the environment as it is. ``host_collectives``: see ``backend``.
     """
     if nccl_trace_buffer_size is not None:
         if nccl_trace_buffer_size < 0:
@@ -63,7 +79,7 @@ def init(
         device = torch.device("cpu")
     if (world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not dist.is_initialized():
         dist.init_process_group(
-            backend="nccl" if device_type == "cuda" else "gloo",
+            backend=backend(device_type=device_type, host_collectives=host_collectives),
             timeout=datetime.timedelta(seconds=timeout_seconds),
             device_id=device if device_type == "cuda" else None,
         )

@@ -106,24 +106,26 @@ def pipeline_forward_backward(
     return process.all_reduce_sum(total, group=group)
 
 
-def clip_grad_norm(*, model, max_grad_norm: float, pp_group=None) -> torch.Tensor:
-    """The global gradient norm as a device tensor (clipped to ``max_grad_norm`` when it is positive).
+def clip_grad_norm(*, model, max_grad_norm: float, device: torch.device, pp_group=None) -> torch.Tensor:
+    """The global gradient norm as a tensor on ``device`` (clipped to ``max_grad_norm`` when it is positive).
 
     With ``pp_group`` (pipeline ranks) the norm covers every stage: each rank's squared norm is summed over the
-    group before the common clipping factor is applied.
+    group before the common clipping factor is applied. Under FSDP's CPU offload the gradients, and so their
+    norm, are on the host: the norm comes back on ``device`` anyway, where the loss is, so that the step's
+    values stay together until they are logged.
     """
     params = [p for p in model.parameters() if p.grad is not None]
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
     if pp_group is None:
         norm = torch.nn.utils.clip_grad_norm_(params, limit)
-        return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
+        return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float().to(device)
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).float()
     squared = norm**2
     dist.all_reduce(squared, group=pp_group)
     total = squared.sqrt()
     torch.nn.utils.clip_grads_with_norm_(params, limit, total)
-    return total
+    return total.to(device)
 
 
 def apply(
@@ -134,13 +136,14 @@ def apply(
 
     A fused AdamW drops the step on the device (its ``found_inf`` input, as under a gradient scaler: no
     parameter, moment or step-count change), so the host never waits for the GPU; other optimizers read the
-    flag back.
+    flag back. Under FSDP's CPU offload the fused step runs on the host: the flag is copied there first, and
+    waited for (torch's own copy of it would not be: the host kernel could read the flag before it lands).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr_now
     bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float() if skip_nonfinite else None
     if bad is not None and optimizer.defaults.get("fused"):
-        optimizer.found_inf = bad
+        optimizer.found_inf = bad.to(_parameters_device(optimizer))
         try:
             optimizer.step()
         finally:
@@ -149,6 +152,11 @@ def apply(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return bad if bad is not None else torch.zeros((), device=loss.device)
+
+
+def _parameters_device(optimizer) -> torch.device:
+    """Where the optimizer's parameters, and so its fused step, are (a fused optimizer keeps them together)."""
+    return next(p.device for group in optimizer.param_groups for p in group["params"])
 
 
 class StepTally:

@@ -175,6 +175,7 @@ def run(
         train_timeout_seconds=train_timeout_seconds,
         nccl_trace_buffer_size=nccl_trace_buffer_size,
         kernel_choices_from=kernel_choices_from,
+        host_collectives=bool(config_lib.bound_keyword(parallelize, "cpu_offload", False)),
     )
     process.seed_everything(seed=seed, deterministic=deterministic)
     proc, dims = plan.proc, plan.dims

@@ -160,3 +160,49 @@ def test_a_part_turned_off_on_the_command_line_leaves_its_file_bindings_with_a_w
     with caplog.at_level("WARNING"):
         config_lib.check_bindings_reached(root="flame_gin.run", command_line=off)
     assert "@flame_gin.checkpointer): flame_gin.checkpointer.async_save" in caplog.text
+
+
+def test_bound_keyword_reads_a_partial_or_the_configurables_gin_binding():
+    import functools
+
+    config_lib.parse(
+        gin_files=["gin/tiny.gin", "gin/parallel/fsdp_one_gpu.gin"],
+        gin_bindings=["MODEL_DIR = '/tmp/x'", "flame_gin.parallelize.cpu_offload = True"],
+        search_paths=config_lib.default_search_paths(),
+    )
+    parallelize = config_lib.bound_value("flame_gin.run.parallelize").scoped_configurable_fn  # what the run gets
+    assert config_lib.bound_keyword(parallelize, "cpu_offload", False) is True
+    assert config_lib.bound_keyword(parallelize, "compile", "unbound") == "unbound"
+    assert config_lib.bound_keyword(functools.partial(parallelize, cpu_offload=False), "cpu_offload") is False
+    assert config_lib.bound_keyword(lambda **_: None, "cpu_offload", False) is False
+    assert config_lib.bound_keyword(None, "cpu_offload", False) is False
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_the_offload_binding_reaches_the_process_group_before_it_exists(monkeypatch, offload):
+    """FSDP's CPU offload is bound on parallelize, which runs long after the process group is made; the group
+    must carry host tensors from the start (clipping all-reduces the host gradients' norm)."""
+    from flame_gin import process
+
+    config_lib.parse(
+        gin_files=["gin/tiny.gin", "gin/parallel/fsdp_one_gpu.gin"],
+        gin_bindings=["MODEL_DIR = '/tmp/x'", f"flame_gin.parallelize.cpu_offload = {offload}"],
+        search_paths=config_lib.default_search_paths(),
+    )
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def init(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(process, "init", init)
+    with pytest.raises(Stop):
+        configurables.run(config_text="")
+    assert seen["host_collectives"] is offload
+    assert process.backend(device_type="cuda", host_collectives=seen["host_collectives"]) == (
+        "cuda:nccl,cpu:gloo" if offload else "nccl"
+    )
+    assert process.backend(device_type="cpu", host_collectives=seen["host_collectives"]) == "gloo"

@@ -20,7 +20,7 @@ def _model_and_optimizer(*, fused: bool):
 def _step(model, optimizer, *, poison: bool):
     loss = model(torch.ones(2, 4)).square().mean() * (math.nan if poison else 1.0)
     loss.backward()
-    norm = steps.clip_grad_norm(model=model, max_grad_norm=1.0)
+    norm = steps.clip_grad_norm(model=model, max_grad_norm=1.0, device=torch.device("cpu"))
     return steps.apply(optimizer=optimizer, lr_now=0.1, loss=loss.detach(), grad_norm=norm, skip_nonfinite=True)
 
 
@@ -54,6 +54,30 @@ def test_fused_and_plain_adamw_take_the_same_steps_around_a_skip():
         runs.append([p.detach() for p in model.parameters()])
     for plain, fused in zip(*runs):
         torch.testing.assert_close(fused, plain)
+
+
+def test_the_norm_comes_back_where_the_loss_is_and_the_skip_flag_goes_where_the_parameters_are():
+    """FSDP's CPU offload keeps gradients and the fused AdamW step on the host while the loss is on the GPU.
+    Here the meta device stands in for the other device: the norm follows ``device``, not the gradients, and
+    the fused step's ``found_inf`` follows the parameters, not the loss."""
+    model, optimizer = _model_and_optimizer(fused=False)
+    model(torch.ones(2, 4)).square().mean().backward()
+    norm = steps.clip_grad_norm(model=model, max_grad_norm=1.0, device=torch.device("meta"))
+    assert norm.device.type == "meta" and all(p.grad.device.type == "cpu" for p in model.parameters())
+
+    class HostFused:  # a fused optimizer whose parameters sit on another device than the loss
+        defaults = {"fused": True}
+        param_groups = [{"params": [torch.empty(3, device="meta")]}]
+
+        def step(self):
+            self.flag_device = self.found_inf.device
+
+        def zero_grad(self, set_to_none):
+            pass
+
+    host = HostFused()
+    steps.apply(optimizer=host, lr_now=0.1, loss=torch.tensor(1.0), grad_norm=torch.tensor(0.5), skip_nonfinite=True)
+    assert host.flag_device.type == "meta"
 
 
 def test_tally_reads_last_values_and_skips_and_tokens_since_last_read():
