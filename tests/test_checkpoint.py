@@ -258,3 +258,45 @@ def test_a_step_damaged_twice_keeps_both_copies_aside(tmp_path):
     second.mkdir()
     assert layout.damaged_dir(root=tmp_path, step=3).name == f"3{layout.DAMAGED_SUFFIX}3"
     assert layout.committed_steps(tmp_path) == []
+
+
+@pytest.mark.parametrize("room", ["fits", "short"])
+def test_an_async_save_without_host_room_for_its_copies_is_written_before_save_returns(
+    tmp_path, monkeypatch, caplog, room
+):
+    """Host-resident tensors (all of them here, as under FSDP's CPU offload) are copied for an asynchronous
+    save only when the copies fit: 3 float32 arrays per parameter (weights, two AdamW moments) plus each
+    parameter's float32 step count, against four fifths of the host's available memory."""
+    import threading
+
+    from flame_gin import process
+    from flame_gin.checkpoint import writer
+
+    model, opt = _fresh()
+    _train(model, opt, steps=2, seed=1)
+    params = list(model.parameters())
+    need = 3 * 4 * sum(p.numel() for p in params) + 4 * len(params)
+    available = need / 0.8 + (64 if room == "fits" else -64)
+    monkeypatch.setattr(process, "host_available", lambda: available)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    release = threading.Event()
+    real_write = writer.write_process_db
+
+    def held_write(**kwargs):  # an asynchronous write cannot finish before the test lets it
+        if threading.current_thread() is not threading.main_thread():
+            assert release.wait(timeout=60)
+        return real_write(**kwargs)
+
+    monkeypatch.setattr(writer, "write_process_db", held_write)
+    ckpt = Checkpointer(directory=tmp_path, async_save=True)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    assert ckpt.save(step=2, model=model, optimizer=opt, extra={"s": 2}, config_text="")
+    _train(model, opt, steps=1, seed=9)  # training goes on after save returns
+    assert ckpt.latest_step() == (None if room == "fits" else 2)
+    assert ("written synchronously" in caplog.text) == (room == "short")
+    release.set()
+    ckpt.close()
+    fresh, _ = _fresh(seed=7)
+    Checkpointer(directory=tmp_path).restore(model=fresh)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, expected[k]), k

@@ -1,9 +1,10 @@
 """Saving and restoring training state: atomic, asynchronous, sharded.
 
 `Checkpointer` owns a checkpoint root (see `layout` for what is on disk). A save copies this rank's shards to
-host memory while the caller waits (`last_blocked_seconds`), then writes them in a background thread; the step
-directory appears under its final name only once every rank has written and the primary has merged the
-databases, so a crash at any moment leaves the previous checkpoint as the latest one. Collectives of the
+host memory while the caller waits (`last_blocked_seconds`), then writes them in a background thread (when the
+host has no room for copies of what already lives there, it writes the tensors themselves before returning).
+The step directory appears under its final name only once every rank has written and the primary has merged
+the databases, so a crash at any moment leaves the previous checkpoint as the latest one. Collectives of the
 checkpoint run on a private gloo group, so a background save never interleaves with the loop's collectives.
 """
 
@@ -20,6 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from flame_gin import process
 from flame_gin.checkpoint import layout, reader, settings, shards, writer
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ class Checkpointer:
         self.restored_extras: list[dict] = []
         # Host copies reused from one save to the next (one save in flight).
         self._buffers: dict[str, dict] = {"model": {}, "optimizer": {}}
+        self._told_sync = False
 
     @property
     def directory(self) -> pathlib.Path:
@@ -162,16 +165,17 @@ class Checkpointer:
             log.info("checkpoint step %d already committed; not saved again", step)
             return False
         init_ns = time.time_ns()
-        copy = self._pool is not None
         from torch.distributed.checkpoint import state_dict as dcp_state  # ~1 s: imported at the first save
 
-        model_snap = writer.snapshot(
-            tensors=dcp_state.get_model_state_dict(model), copy=copy, buffers=self._buffers["model"]
-        )
-        opt_snap, opt_other = None, None
+        parts = {"model": dcp_state.get_model_state_dict(model)}
+        opt_other = None
         if optimizer is not None:
-            tensors, opt_other = shards.flatten_optimizer(dcp_state.get_optimizer_state_dict(model, optimizer))
-            opt_snap = writer.snapshot(tensors=tensors, copy=copy, buffers=self._buffers["optimizer"])
+            parts["optimizer"], opt_other = shards.flatten_optimizer(
+                dcp_state.get_optimizer_state_dict(model, optimizer)
+            )
+        copy = self._pool is not None and self._copies_fit(parts)
+        taken = {name: writer.snapshot(tensors=t, copy=copy, buffers=self._buffers[name]) for name, t in parts.items()}
+        model_snap, opt_snap = taken["model"], taken.get("optimizer")
         snaps = {layout.MODEL_ITEM: model_snap}
         if opt_snap is not None:
             snaps[layout.OPTIMIZER_ITEM] = opt_snap
@@ -200,12 +204,32 @@ class Checkpointer:
             step=step, model_snap=model_snap, opt_snap=opt_snap, side=side, init_ns=init_ns
         )
         self._last_save_time = time.monotonic()
-        if self._pool is None:
+        if not copy:  # the arrays are the live tensors: written before training goes on
             job()
         else:
             self._pending = self._pool.submit(job)
         self.last_blocked_seconds = time.monotonic() - start
         return True
+
+    def _copies_fit(self, parts: dict[str, dict]) -> bool:
+        """Whether an asynchronous save's host copies of host-resident tensors fit the host's available memory
+        (with a fifth of it left for the writer and the page cache), counted once per rank of the node. Under
+        FSDP's CPU offload, parameters and AdamW states already fill most of the host; a copy of them would end
+        the run in the kernel's out-of-memory kill at its first save. When they do not fit on any rank, every
+        rank writes this save from the live tensors instead, while training waits."""
+        need = sum(writer.host_copy_bytes(tensors=t, buffers=self._buffers[name]) for name, t in parts.items())
+        room = process.host_available() * 0.8 / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if all(self._all_gather(need <= room)):
+            return True
+        if not self._told_sync:
+            log.warning(
+                "checkpoint: this rank's asynchronous save would copy %.1f GiB of tensors kept on the host, more "
+                "than the %.1f GiB it can take; saves are written synchronously (training waits for each write)",
+                need / 2**30,
+                room / 2**30,
+            )
+            self._told_sync = True
+        return False
 
     def _write(self, *, step, model_snap, opt_snap, side, init_ns) -> None:
         start = time.monotonic()

@@ -86,6 +86,20 @@ def snapshot(*, tensors: dict[str, torch.Tensor], copy: bool, buffers: dict | No
     return out
 
 
+def host_copy_bytes(*, tensors: dict[str, torch.Tensor], buffers: dict | None) -> int:
+    """Bytes that ``snapshot(copy=True)`` would newly take on the host for tensors that already live there:
+    every tensor of a CPU run, the parameters and optimizer states that FSDP's CPU offload keeps on the host.
+    Buffers kept from an earlier save are reused and not counted. A GPU tensor is left out: its host copy is
+    the only way to write it at all."""
+    total = 0
+    for name, tensor in tensors.items():
+        local = shards.local_tensor(tensor)
+        buf = None if buffers is None else buffers.get(name)
+        if local.device.type == "cpu" and (buf is None or buf.shape != local.shape or buf.dtype != local.dtype):
+            total += local.numel() * local.element_size()
+    return total
+
+
 def _host_copy(*, name: str, tensor: torch.Tensor, buffers: dict | None) -> torch.Tensor:
     buf = None if buffers is None else buffers.get(name)
     if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
