@@ -266,10 +266,9 @@ def test_an_async_save_without_host_room_for_its_copies_is_written_before_save_r
 ):
     """Host-resident tensors (all of them here, as under FSDP's CPU offload) are copied for an asynchronous
     save only when the copies fit: 3 float32 arrays per parameter (weights, two AdamW moments) plus each
-    parameter's float32 step count, against four fifths of the host's available memory."""
+    parameter's float32 step count, against four fifths of the host's available memory (swap not counted)."""
     import threading
 
-    from flame_gin import process
     from flame_gin.checkpoint import writer
 
     model, opt = _fresh()
@@ -277,7 +276,7 @@ def test_an_async_save_without_host_room_for_its_copies_is_written_before_save_r
     params = list(model.parameters())
     need = 3 * 4 * sum(p.numel() for p in params) + 4 * len(params)
     available = need / 0.8 + (64 if room == "fits" else -64)
-    monkeypatch.setattr(process, "host_available", lambda: available)
+    monkeypatch.setattr(writer, "host_room", lambda: available)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     release = threading.Event()
     real_write = writer.write_process_db

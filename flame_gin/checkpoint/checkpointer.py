@@ -21,7 +21,6 @@ import time
 import torch
 import torch.distributed as dist
 
-from flame_gin import process
 from flame_gin.checkpoint import layout, reader, settings, shards, writer
 
 log = logging.getLogger(__name__)
@@ -218,7 +217,7 @@ class Checkpointer:
         the run in the kernel's out-of-memory kill at its first save. When they do not fit on any rank, every
         rank writes this save from the live tensors instead, while training waits."""
         need = sum(writer.host_copy_bytes(tensors=t, buffers=self._buffers[name]) for name, t in parts.items())
-        room = process.host_available() * 0.8 / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        room = writer.host_room() * 0.8 / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if all(self._all_gather(need <= room)):
             return True
         if not self._told_sync:

@@ -86,6 +86,15 @@ def snapshot(*, tensors: dict[str, torch.Tensor], copy: bool, buffers: dict | No
     return out
 
 
+def host_room() -> int:
+    """Bytes of host memory free for new copies: psutil's available memory. Swap is not counted (unlike the
+    start-up check of offloaded states): a save copied into swap would be slower than writing the live
+    tensors while training waits."""
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def host_copy_bytes(*, tensors: dict[str, torch.Tensor], buffers: dict | None) -> int:
     """Bytes that ``snapshot(copy=True)`` would newly take on the host for tensors that already live there:
     every tensor of a CPU run, the parameters and optimizer states that FSDP's CPU offload keeps on the host.
