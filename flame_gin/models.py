@@ -13,10 +13,12 @@ import contextlib
 import difflib
 import importlib
 import inspect
+import os
 import time
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
+import torch.distributed as dist
 from absl import logging
 from torch import nn
 
@@ -205,24 +207,49 @@ def _floating_tensors(model: nn.Module):
 
 def _fill_from_constructor(*, model: nn.Module, config, names: list[str], seed: int) -> None:
     """Fills the NaN entries of ``names`` with the values the family's constructor gives on the CPU. The log
-    line gives the CPU build's seconds: it is part of the start-up (11 s for RWKV-7-340M on a GPU machine)."""
-    start = time.perf_counter()
+    line gives the CPU build's seconds: it is part of the start-up (11 s for RWKV-7-340M on a GPU machine,
+    most of it the orthogonal initialisations' QR decompositions, which grow with the cube of the width).
+
+    Under a process group only rank 0 constructs the copy, with the threads of every rank of its node
+    (torchrun gives each rank one), and broadcasts the tensors, so every rank holds the same values without one
+    copy of the whole model per rank in the host's memory (28 GB each at 7B) and one single-threaded
+    construction per rank competing for the cores. The others wait for it within the start-up timeout
+    (``init_timeout_seconds``). The values are FLA's construction under the seed; their last bits follow the
+    thread count (the QR decompositions round differently with more threads), as in any one-process build."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    tensors = dict(_floating_tensors(model))
+    if world == 1 or dist.get_rank() == 0:
+        start = time.perf_counter()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(min(os.cpu_count() or 1, threads * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        try:
+            reference = _constructed(config=config, seed=seed)
+        finally:
+            torch.set_num_threads(threads)
+        logging.info(
+            "model family %s: %d tensor(s) set only by the constructor (%s); taken from a CPU build (%.1f s%s)",
+            config.model_type,
+            len(names),
+            ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""),
+            time.perf_counter() - start,
+            f", on rank 0 for all {world} ranks" if world > 1 else "",
+        )
+        with torch.no_grad():
+            for name in names:
+                tensor = tensors[name]
+                tensor.copy_(torch.where(torch.isnan(tensor), reference[name].to(tensor), tensor))
+    if world > 1:
+        for name in names:
+            dist.broadcast(tensors[name].detach(), src=0)
+
+
+def _constructed(*, config, seed: int) -> dict[str, torch.Tensor]:
+    """Every floating-point tensor of the model as the family's own constructor builds it on the CPU under
+    ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device("cpu"):
-            reference = dict(_floating_tensors(_transformers().AutoModelForCausalLM.from_config(config)))
-    logging.info(
-        "model family %s: %d tensor(s) set only by the constructor (%s); taken from a CPU build (%.1f s)",
-        config.model_type,
-        len(names),
-        ", ".join(names[:4]) + (", ..." if len(names) > 4 else ""),
-        time.perf_counter() - start,
-    )
-    tensors = dict(_floating_tensors(model))
-    with torch.no_grad():
-        for name in names:
-            tensor = tensors[name]
-            tensor.copy_(torch.where(torch.isnan(tensor), reference[name].to(tensor), tensor))
+            return dict(_floating_tensors(_transformers().AutoModelForCausalLM.from_config(config)))
 
 
 def count_parameters(model: nn.Module, *, exclude_embeddings: bool = False) -> int:

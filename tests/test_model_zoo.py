@@ -226,3 +226,21 @@ def test_meta_skips_are_undone_after_the_build_and_a_missing_one_is_ignored(monk
     assert models.count_parameters(models.build_meta_model(config=config)) > 0
     assert fla.layers.rwkv7.RWKV7Attention.__dict__["_initialize_weights"] is original
     assert not hasattr(fla.layers.rwkv7.RWKV7Attention, "_gone")
+
+
+def constructor_values_from_rank_0(rank: int, world: int) -> None:
+    """(Run by ``tests/test_parallel_dist.py`` on 2 gloo ranks.) A family whose layers initialise in their
+    constructors: only rank 0 constructs the CPU copy, and every rank ends with the values FLA's own
+    construction gives one process under the seed."""
+    config = _parse(f"include 'model/rwkv7.gin'\n{TINY}")
+    calls = []
+    real = models._constructed
+    models._constructed = lambda **kwargs: calls.append(kwargs["seed"]) or real(**kwargs)
+    try:
+        ours = _floating(models.build_model(config=config, device="cpu", seed=4))
+    finally:
+        models._constructed = real
+    assert calls == ([4] if rank == 0 else []), f"rank {rank} constructed {len(calls)} copies"
+    expected = _fla_values(config, 4)
+    assert ours.keys() == expected.keys()
+    assert all(torch.equal(ours[name], value) for name, value in expected.items())

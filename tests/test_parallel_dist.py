@@ -74,6 +74,7 @@ TWO = {
     "pp_gpipe_llama": (PP, ("llama", dict(pp=2), "GPipe"), {}),
     "pp_1f1b_gla": (PP, ("gla", dict(pp=2), "1F1B"), {}),
     "pp_interleaved_llama": (PP, ("llama", dict(pp=2), "Interleaved1F1B"), dict(stages_per_rank=2, microbatches=4)),
+    "constructor_values_from_rank_0_rwkv7": ("test_model_zoo:constructor_values_from_rank_0", (), {}),
 }
 FOUR = {
     "named_meshes": (MESH, (), {}),
