@@ -302,12 +302,13 @@ def build(
     parallelize: Callable[..., Any] | None,
     pipeline: Callable[..., Any] | None,
     init_timeout_seconds: float,
+    restoring: bool = False,
 ) -> Built:
     """Phase 5: the model materialised with the seed's initialisation, the device mesh, the parallelisms, and
     the loss: one process keeps the plain path (bitwise the same losses), a mesh calls the whole parallelised
-    model."""
+    model. ``restoring``: the run resumes its own checkpoint (``models.build_model``)."""
     proc, dims = plan.proc, plan.dims
-    model = models.build_model(config=plan.model_config, device=proc.device, seed=seed)
+    model = models.build_model(config=plan.model_config, device=proc.device, seed=seed, restoring=restoring)
     mesh = dims.build(device_type=proc.device.type) if dist.is_initialized() else None
     names = (*mesh_lib.MESH_DIMS, "dp", "dp_shard_cp", "dp_cp")
     mesh_groups = [mesh[name].get_group() for name in names] if mesh is not None else []

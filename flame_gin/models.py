@@ -160,7 +160,9 @@ def build_meta_model(*, config: transformers.PretrainedConfig) -> nn.Module:
         ) from e
 
 
-def build_model(*, config: transformers.PretrainedConfig, device: torch.device | str, seed: int) -> nn.Module:
+def build_model(
+    *, config: transformers.PretrainedConfig, device: torch.device | str, seed: int, restoring: bool = False
+) -> nn.Module:
     """The model on ``device``, initialised identically for a given seed.
 
     Built on meta, then its storage allocated on ``device`` and filled with NaN; modules' own
@@ -171,6 +173,11 @@ def build_model(*, config: transformers.PretrainedConfig, device: torch.device |
     on the CPU under the same seed, so no uninitialised memory is ever trained; a family whose layers initialise
     themselves in their constructors (``families.Traits.init_in_constructor``) takes every value from there.
     Anything still not finite is an error naming the tensor.
+
+    ``restoring``: the run resumes its own checkpoint, which overwrites every tensor of the state dict before
+    the first step. The constructor's values are then taken only for tensors outside it (RWKV-6, RWKV-7 and
+    MoM have none, so a resumed run of theirs builds no CPU copy: minutes at 7B); the others stay NaN until
+    the restore, after which ``check_restored`` confirms that none is left.
     """
     device = torch.device(device)
     model = build_meta_model(config=config)
@@ -188,12 +195,30 @@ def build_model(*, config: transformers.PretrainedConfig, device: torch.device |
                     reset()
             model.init_weights()
     untouched = [name for name, tensor in tensors.items() if torch.isnan(tensor).any()]
-    if untouched:
-        _fill_from_constructor(model=model, config=config, names=untouched, seed=seed)
+    saved = set(model.state_dict()) if restoring else set()
+    left = [name for name in untouched if name in saved]
+    if left:
+        logging.info(
+            "model family %s: %d tensor(s) set only by the constructor are left to the checkpoint being resumed",
+            config.model_type,
+            len(left),
+        )
+    if len(left) < len(untouched):
+        _fill_from_constructor(model=model, config=config, names=[n for n in untouched if n not in saved], seed=seed)
     for name, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():
+        if name not in left and not torch.isfinite(tensor).all():
             raise ValueError(f"model family {config.model_type!r}: {name} is not finite after initialisation")
     return model
+
+
+def check_restored(*, model: nn.Module) -> None:
+    """Raises ValueError naming the first parameter or buffer that still holds NaN after a restore: one that
+    ``build_model(restoring=True)`` left to a checkpoint that did not bring it (or a checkpoint saved with NaN
+    in it). Each rank checks its own shards."""
+    for name, tensor in _floating_tensors(model):
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        if torch.isnan(local).any():
+            raise ValueError(f"{name} holds NaN after the restore: the checkpoint did not set it")
 
 
 def _floating_tensors(model: nn.Module):

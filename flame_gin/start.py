@@ -35,6 +35,11 @@ class Start:
     init_from_hf: str | None = None
     seed_checkpoint_only: bool = False
 
+    def resumes(self, *, ckpt) -> bool:
+        """Whether the run restores its own checkpoint (so every saved tensor comes from there), known before
+        the model is built; a run that only writes its seed checkpoint restores nothing."""
+        return not self.seed_checkpoint_only and _resumes(ckpt=ckpt, restore_step=self.restore_step)
+
     def resume_or_initialise(self, *, ckpt, model, optimizer, loader) -> dict | None:
         """``resume_or_initialise`` with these settings."""
         return resume_or_initialise(
@@ -62,6 +67,10 @@ def data_states(extras: list[dict]) -> list[dict]:
     return [streams[k] for k in sorted(streams)]
 
 
+def _resumes(*, ckpt, restore_step: int | None) -> bool:
+    return ckpt is not None and (restore_step is not None or ckpt.latest_step() is not None)
+
+
 def resume_or_initialise(
     *,
     ckpt,
@@ -76,7 +85,7 @@ def resume_or_initialise(
 
     Returns None for a run that starts at step 0 (fresh or warm-started).
     """
-    if ckpt is not None and (restore_step is not None or ckpt.latest_step() is not None):
+    if _resumes(ckpt=ckpt, restore_step=restore_step):
         latest = ckpt.latest_step()
         own = ckpt.restore(model=model, optimizer=optimizer, step=restore_step)
         if restore_step is not None and latest is not None and latest > restore_step:

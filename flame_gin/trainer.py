@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from absl import logging
 
-from flame_gin import assembly, checkpoint, first_step, flops, kernels, metrics, optim, out_of_memory, process
+from flame_gin import assembly, checkpoint, first_step, flops, kernels, metrics, models, optim, out_of_memory, process
 from flame_gin import config as config_lib
 from flame_gin import downstream as downstream_lib
 from flame_gin import loop as loop_lib
@@ -203,6 +203,7 @@ def run(
             parallelize=parallelize,
             pipeline=pipeline,
             init_timeout_seconds=init_timeout_seconds,
+            restoring=start.resumes(ckpt=ckpt),
         )
         opt = assembly.optimizer(
             built=built, settings=optimizer, device=proc.device, steps_follow=not start.seed_checkpoint_only
@@ -216,6 +217,11 @@ def run(
         start_lib.save_seed(workdir=workdir_path, model=built.model, config_text=config_text)
         return _finish(ckpt=ckpt, prof=None, writer=writer, status=0)
     restored = start.resume_or_initialise(ckpt=ckpt, model=built.model, optimizer=opt, loader=loaders[0])
+    if restored is not None:  # what build_model left to the checkpoint must have come from it
+        try:
+            models.check_restored(model=built.model)
+        except ValueError as e:
+            raise checkpoint.CheckpointError(f"step {restored['step']}: {e}") from None
     prof = profiler(workdir=str(workdir_path), rank=proc.rank) if profiler is not None else None
     # 7. The loop; 8. the final save, flush, shut down.
     loop = loop_lib.Loop(

@@ -363,3 +363,54 @@ def test_every_fla_class_without_a_body_prefix_has_its_body_named_in_the_traits(
             unnamed.append(family)
             assert families.traits(family).body, f"{family}: {causal_lm.__name__} names no body"
     assert "lightnet" in unnamed and "mom" in unnamed
+
+
+@pytest.mark.slow
+def test_a_resumed_rwkv7_run_takes_its_constructor_values_from_the_checkpoint_alone(tmp_path, monkeypatch):
+    """RWKV-7's layers set every value in their constructors, so a fresh run builds a copy of the model on the
+    CPU (minutes at 7B). A resumed run leaves those values to its checkpoint: it builds no copy, and its steps
+    are the uninterrupted run's."""
+    from flame_gin.checkpoint import REQUEUE_EXIT_CODE
+
+    def train(workdir, stop_after=None):
+        config_lib.parse(  # as _parse, with the checkpoints this test resumes from
+            gin_files=["gin/tiny.gin", "gin/model/rwkv7.gin"],
+            gin_bindings=[
+                f"MODEL_DIR = {str(workdir)!r}",
+                f"TRAIN_STEPS = {STEPS}",
+                "WARMUP_STEPS = 1",
+                *TINY,
+                *CPU_FAMILIES["rwkv7"],
+                "flame_gin.evaluation.interval = 0",
+                "flame_gin.run.log_interval = 1",
+                "flame_gin.run.kernel_cache = False",
+            ],
+            search_paths=config_lib.default_search_paths(),
+        )
+        polls = []
+        stop = (lambda: polls.append(1) or len(polls) > stop_after) if stop_after else None
+        return configurables.run(config_text="", on_first_step=None, stop_requested=stop)
+
+    built = []
+    real = models._constructed
+    monkeypatch.setattr(models, "_constructed", lambda **kwargs: built.append(kwargs["seed"]) or real(**kwargs))
+    assert train(tmp_path / "whole") == 0
+    assert train(tmp_path / "resumed", stop_after=2) == REQUEUE_EXIT_CODE
+    assert len(built) == 2  # the two fresh starts
+    assert train(tmp_path / "resumed") == 0
+    assert len(built) == 2, "the resumed run built a CPU copy of the model"
+    whole, resumed = _losses(tmp_path / "whole"), _losses(tmp_path / "resumed")
+    assert len(whole) == STEPS and resumed[-2:] == whole[-2:]
+
+
+def test_a_tensor_left_to_a_checkpoint_that_did_not_set_it_is_named(tmp_path):
+    model = models.build_model(
+        config=models.build_config(family="gla", overrides=dict(hidden_size=32, num_hidden_layers=1, num_heads=2)),
+        device="cpu",
+        seed=0,
+    )
+    models.check_restored(model=model)  # every value set: nothing to say
+    with torch.no_grad():
+        model.model.layers[0].attn_norm.weight[3] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.attn_norm\.weight holds NaN after the restore"):
+        models.check_restored(model=model)
