@@ -181,7 +181,8 @@ class StepTally:
 
     def read(self) -> tuple[float, float, int, int]:
         """(last loss, last gradient norm, steps skipped and tokens trained since the last read)."""
-        loss, norm = self._last if self._last is not None else (torch.tensor(math.nan),) * 2
+        # No step yet (a finished run started again): NaN, on the device like the counts it is stacked with.
+        loss, norm = self._last if self._last is not None else (self._skipped.new_full((), math.nan),) * 2
         values = torch.stack(
             [loss.double(), norm.double(), self._skipped.double(), self._tokens.double()]
         ).tolist()  # float64: token counts exact below 2**53

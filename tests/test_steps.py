@@ -90,6 +90,23 @@ def test_tally_reads_last_values_and_skips_and_tokens_since_last_read():
     assert tally.read() == (1.0, 0.75, 0, 0)
 
 
+def test_a_tally_read_before_any_step_stacks_values_of_one_device(monkeypatch):
+    """A finished run started again reads its tally without having taken a step: the NaN it reports for loss
+    and gradient norm must sit on the tally's device, or stacking them with the device counts fails on a GPU
+    (on a CPU every tensor is on the host anyway). The meta device stands in for the GPU."""
+    stacked = []
+    real = torch.stack
+
+    def stack(tensors, *args, **kwargs):
+        stacked.append({t.device.type for t in tensors})
+        return real([torch.zeros(()) for _ in tensors])  # host values, so the read-back can go on
+
+    tally = steps.StepTally(device=torch.device("meta"))
+    monkeypatch.setattr(torch, "stack", stack)
+    tally.read()
+    assert stacked == [{"meta"}]
+
+
 def test_stop_vote_on_one_process_answers_at_once():
     asked = iter([False, True])
     vote = steps.StopVote(stop_requested=lambda: next(asked), device=torch.device("cpu"), world_size=1)

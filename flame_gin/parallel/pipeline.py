@@ -187,7 +187,10 @@ def pipeline_step(
     kwargs = {"target": labels, "losses": losses} if runtime.has_last else {}
     args = (input_ids,) if runtime.has_first else ()
     runtime.schedule.step(*args, **kwargs)
-    total = torch.stack([part.detach().float() for part in losses]).sum() if losses else torch.zeros(())
+    if losses:
+        total = torch.stack([part.detach().float() for part in losses]).sum()
+    else:  # a stage before the last: its share is zero, on the device the all-reduce runs on
+        total = torch.zeros((), device=global_tokens.device)
     total = total.reshape(()).clone()
     dist.all_reduce(total, group=runtime.group)
     return total
