@@ -56,10 +56,12 @@ def valid_tokens(batches: list[dict]) -> int:
 def global_tokens(*, local: int, device: torch.device, group) -> int | torch.Tensor:
     """The step's valid-label count over ``group`` (data and context ranks): the int itself on one rank; on
     several, the all-reduced count as an int64 device tensor, never read back here (the loss divides by it on
-    the device; ``StepTally`` reads it with the logged values)."""
+    the device; ``StepTally`` reads it with the logged values). The count reaches the device as a fill
+    kernel's argument (``torch.full``): ``torch.tensor(local, device=...)`` would copy it from host memory,
+    which on a GPU waits for the stream, i.e. for the previous step to finish."""
     if process.group_size(group) == 1:
         return local
-    return process.all_reduce_sum(torch.tensor(local, dtype=torch.int64, device=device), group=group)
+    return process.all_reduce_sum(torch.full((), local, dtype=torch.int64, device=device), group=group)
 
 
 def forward_backward(
@@ -96,7 +98,7 @@ def pipeline_forward_backward(
     pipeline rank gets back is summed over ``group`` (data ranks) into the global mean."""
     from flame_gin.parallel.pipeline import pipeline_step
 
-    count = tokens.float() if torch.is_tensor(tokens) else torch.tensor(float(tokens), device=device)
+    count = tokens.float() if torch.is_tensor(tokens) else torch.full((), float(tokens), device=device)
     total = torch.zeros((), device=device)
     for batch in batches:
         with autocast(device):
@@ -216,7 +218,7 @@ class StopVote:
             if self._event is not True:
                 self._event.synchronize()
             decided = bool(self._host.numpy() > 0)
-        flag = process.all_reduce_sum(torch.tensor(float(local), device=self._device))
+        flag = process.all_reduce_sum(torch.full((), float(local), device=self._device))
         self._host.copy_(flag, non_blocking=self._device.type == "cuda")
         if self._device.type == "cuda":
             self._event = torch.cuda.Event()

@@ -257,7 +257,8 @@ def test_interleaved_pipeline_two_stages_per_rank_matches_single_process_then_re
 
 def test_no_host_reads_outside_logging_and_saving_steps_and_the_stop_vote_agrees(runs):
     """Each step on a 2-rank mesh reads no tensor back to the host (``.item()``, ``bool``, ``float``, ``int``,
-    ``.tolist()``) outside the logging/saving step; the stop asked of rank 1
+    ``.tolist()``) and makes none from host data on the device (``torch.tensor(..., device=)``, whose copy waits
+    for the GPU's stream) outside the logging/saving step; the stop asked of rank 1
     alone after step 3 stops both ranks after step 4 with the requeue code."""
     _, text = runs["ddp_host_reads"]
     reads = json.loads(re.search(r"HOST_READS (\{.*\})", text).group(1))
@@ -313,7 +314,7 @@ def _count_host_reads() -> None:
     counts, step = {}, [0]
     names = ("item", "__bool__", "__float__", "__int__", "tolist")
     originals = {name: getattr(torch.Tensor, name) for name in names}
-    fetch = steps.fetch
+    fetch, tensor = steps.fetch, torch.tensor
 
     def counting(name):
         def read(self, *args, **kwargs):
@@ -322,13 +323,18 @@ def _count_host_reads() -> None:
 
         return read
 
+    def made_on_a_device(*args, **kwargs):  # host data copied to a device: on a GPU that copy waits for the stream
+        if kwargs.get("device") is not None:
+            counts[step[0]] = counts.get(step[0], 0) + 1
+        return tensor(*args, **kwargs)
+
     def next_step(*args, **kwargs):
         step[0] += 1
         return fetch(*args, **kwargs)
 
     for name in names:
         setattr(torch.Tensor, name, counting(name))
-    steps.fetch = next_step
+    steps.fetch, torch.tensor = next_step, made_on_a_device
     try:
         status = configurables.run(
             config_text=config_lib.config_text(), stop_requested=lambda: os.environ["RANK"] == "1" and step[0] >= 3
@@ -336,7 +342,7 @@ def _count_host_reads() -> None:
     finally:
         for name in names:
             setattr(torch.Tensor, name, originals[name])
-        steps.fetch = fetch
+        steps.fetch, torch.tensor = fetch, tensor
     if os.environ.get("RANK", "0") == "0":
         print(
             "HOST_READS "
