@@ -286,6 +286,7 @@ def optimizer(*, built: Built, settings, device: torch.device, steps_follow: boo
                 optimizer_states=states,
                 available_bytes=process.host_available(),
                 local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                pinned_gradients=torch.cuda.is_available(),  # FSDP's offload pins where a GPU exists
             )
     opt = settings.build(model=built.model)
     if built.runtime is not None:

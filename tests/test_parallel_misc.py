@@ -302,6 +302,13 @@ def test_offloaded_states_beyond_the_host_are_refused_before_the_optimizer(monke
     with caplog.at_level(logging.INFO, logger="flame_gin.parallel.memory"):
         check_host_fits(model=model, optimizer_states=2, available_bytes=still, local_ranks=1)  # exactly fits
     assert "10,100 parameters with their gradients and 2 optimizer states each take 0.0 GiB" in caplog.text
+    # Pinned gradients (a GPU run) take power-of-two blocks: 40,000 weight bytes -> 65,536, 400 bias -> 512.
+    pinned = 65_536 + 512 + 10_100 * 4 * 2
+    check_host_fits(model=model, optimizer_states=2, available_bytes=pinned, local_ranks=1, pinned_gradients=True)
+    with pytest.raises(ValueError, match="will add 0.0 GiB"):
+        check_host_fits(
+            model=model, optimizer_states=2, available_bytes=pinned - 1, local_ranks=1, pinned_gradients=True
+        )
     with pytest.raises(ValueError) as err:
         check_host_fits(model=model, optimizer_states=2, available_bytes=2 * still - 1, local_ranks=2)
     text = str(err.value)

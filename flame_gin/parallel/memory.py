@@ -199,6 +199,10 @@ def device_state_bytes(*, model: nn.Module, device_type: str, optimizer_states: 
     return count, nbytes
 
 
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 def check_states_fit(*, model: nn.Module, device: torch.device, capacity_bytes: int, optimizer_states: int) -> None:
     """Raises ValueError when the parameters, gradients and optimizer states alone exceed the device.
 
@@ -216,17 +220,26 @@ def check_states_fit(*, model: nn.Module, device: torch.device, capacity_bytes: 
         )
 
 
-def check_host_fits(*, model: nn.Module, optimizer_states: int, available_bytes: int, local_ranks: int) -> None:
+def check_host_fits(
+    *, model: nn.Module, optimizer_states: int, available_bytes: int, local_ranks: int, pinned_gradients: bool = False
+) -> None:
     """Raises ValueError when the gradients and optimizer states that FSDP's CPU offload will add on the host
     exceed what the host has left (``local_ranks`` processes of this node each add their share).
 
     Why: they are allocated at the first backward and the first optimizer step, after minutes of autotuning,
     and a host out of memory ends the run by the kernel's kill: no message, nothing saved. Called once the
-    model is placed (the offloaded parameters themselves are already on the host) and before the optimizer."""
+    model is placed (the offloaded parameters themselves are already on the host) and before the optimizer.
+    ``pinned_gradients`` (a GPU run: FSDP copies the gradients into pinned memory) counts each gradient at its
+    size rounded up to a power of two, the blocks torch's pinned host allocator hands out: for GLA-7B that is
+    7.9 GiB more than the gradients' own 25.1 GiB, and on one H100 host the run took 9.3 GiB more than the
+    plain count (benchmarks/RESULTS.md, tenth round)."""
     count, nbytes = device_state_bytes(model=model, device_type="cpu", optimizer_states=optimizer_states)
     if not count:  # nothing offloaded
         return
-    still = nbytes * (1 + optimizer_states) // (2 + optimizer_states)  # each parameter's bytes are already held
+    held = [_local(param) for param in model.parameters()]
+    sizes = [t.numel() * t.element_size() for t in held if t.device.type == "cpu"]
+    grads = sum((1 << (n - 1).bit_length()) if pinned_gradients and n else n for n in sizes)
+    still = grads + optimizer_states * sum(sizes)  # each parameter's own bytes are already held
     log.info(  # the start-up estimate counted these as the rank's device memory
         "FSDP's CPU offload: %s parameters with their gradients and %d optimizer states each take %.1f GiB "
         "of the host's memory on this rank (%.1f GiB free)",
