@@ -56,7 +56,7 @@ GPU_ONLY = [
 STEPS = 4
 
 
-def _parse(workdir: pathlib.Path, gin_files: list[str], bindings: list[str]) -> None:
+def _parse(workdir: pathlib.Path, gin_files: list[str], bindings: list[str], *, checkpoints: bool = False) -> None:
     config_lib.parse(
         gin_files=["gin/tiny.gin", *gin_files],
         gin_bindings=[
@@ -67,7 +67,7 @@ def _parse(workdir: pathlib.Path, gin_files: list[str], bindings: list[str]) -> 
             *bindings,
             "flame_gin.evaluation.interval = 0",
             "flame_gin.run.log_interval = 1",
-            "flame_gin.run.checkpointer = None",
+            *([] if checkpoints else ["flame_gin.run.checkpointer = None"]),
             "flame_gin.run.kernel_cache = False",
         ],
         search_paths=config_lib.default_search_paths(),
@@ -373,20 +373,7 @@ def test_a_resumed_rwkv7_run_takes_its_constructor_values_from_the_checkpoint_al
     from flame_gin.checkpoint import REQUEUE_EXIT_CODE
 
     def train(workdir, stop_after=None):
-        config_lib.parse(  # as _parse, with the checkpoints this test resumes from
-            gin_files=["gin/tiny.gin", "gin/model/rwkv7.gin"],
-            gin_bindings=[
-                f"MODEL_DIR = {str(workdir)!r}",
-                f"TRAIN_STEPS = {STEPS}",
-                "WARMUP_STEPS = 1",
-                *TINY,
-                *CPU_FAMILIES["rwkv7"],
-                "flame_gin.evaluation.interval = 0",
-                "flame_gin.run.log_interval = 1",
-                "flame_gin.run.kernel_cache = False",
-            ],
-            search_paths=config_lib.default_search_paths(),
-        )
+        _parse(workdir, ["gin/model/rwkv7.gin"], CPU_FAMILIES["rwkv7"], checkpoints=True)
         polls = []
         stop = (lambda: polls.append(1) or len(polls) > stop_after) if stop_after else None
         return configurables.run(config_text="", on_first_step=None, stop_requested=stop)
