@@ -35,6 +35,11 @@ def is_dtensor(tensor) -> bool:
     return module is not None and isinstance(tensor, module.DTensor)
 
 
+def local_tensor(tensor):
+    """The tensor this rank holds: a DTensor's local shard, any other tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
 @dataclasses.dataclass(frozen=True)
 class ParallelDims:
     """Validated parallel degrees; `build()` turns them into a named `DeviceMesh`."""

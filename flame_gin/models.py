@@ -23,6 +23,7 @@ from absl import logging
 from torch import nn
 
 from flame_gin import families
+from flame_gin import mesh as mesh_lib
 
 if TYPE_CHECKING:
     import transformers
@@ -216,8 +217,7 @@ def check_restored(*, model: nn.Module) -> None:
     ``build_model(restoring=True)`` left to a checkpoint that did not bring it (or a checkpoint saved with NaN
     in it). Each rank checks its own shards."""
     for name, tensor in _floating_tensors(model):
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        if torch.isnan(local).any():
+        if torch.isnan(mesh_lib.local_tensor(tensor)).any():
             raise ValueError(f"{name} holds NaN after the restore: the checkpoint did not set it")
 
 

@@ -92,7 +92,7 @@ class Checkpointer:
         self.last_saved_bytes = 0
         self.restored_extras: list[dict] = []
         # Host copies reused from one save to the next (one save in flight).
-        self._buffers: dict[str, dict] = {"model": {}, "optimizer": {}}
+        self._buffers: dict[str, dict] = {layout.MODEL_ITEM: {}, layout.OPTIMIZER_ITEM: {}}
         self._told_sync = False
 
     @property
@@ -166,18 +166,15 @@ class Checkpointer:
         init_ns = time.time_ns()
         from torch.distributed.checkpoint import state_dict as dcp_state  # ~1 s: imported at the first save
 
-        parts = {"model": dcp_state.get_model_state_dict(model)}
+        parts = {layout.MODEL_ITEM: dcp_state.get_model_state_dict(model)}
         opt_other = None
         if optimizer is not None:
-            parts["optimizer"], opt_other = shards.flatten_optimizer(
+            parts[layout.OPTIMIZER_ITEM], opt_other = shards.flatten_optimizer(
                 dcp_state.get_optimizer_state_dict(model, optimizer)
             )
         copy = self._pool is not None and self._copies_fit(parts)
-        taken = {name: writer.snapshot(tensors=t, copy=copy, buffers=self._buffers[name]) for name, t in parts.items()}
-        model_snap, opt_snap = taken["model"], taken.get("optimizer")
-        snaps = {layout.MODEL_ITEM: model_snap}
-        if opt_snap is not None:
-            snaps[layout.OPTIMIZER_ITEM] = opt_snap
+        snaps = {name: writer.snapshot(tensors=t, copy=copy, buffers=self._buffers[name]) for name, t in parts.items()}
+        model_snap, opt_snap = snaps[layout.MODEL_ITEM], snaps.get(layout.OPTIMIZER_ITEM)
         # Every rank's extra and the arrays it knows: with pipeline stages, no rank
         # holds every array, and `_METADATA` must still list the whole tree.
         gathered = self._all_gather(

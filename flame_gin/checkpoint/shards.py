@@ -80,11 +80,6 @@ def from_numpy(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank holds (the local shard of a DTensor)."""
-    return tensor.to_local() if mesh_lib.is_dtensor(tensor) else tensor
-
-
 def box_of(*, name: str, tensor: torch.Tensor) -> Box:
     """Where this rank's part of `tensor` sits in the global array."""
     if not mesh_lib.is_dtensor(tensor):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from flame_gin import mesh as mesh_lib
 from flame_gin.checkpoint import layout, shards
 
 # zarr v3 bytes-to-bytes codecs per compression setting.
@@ -57,7 +58,7 @@ def snapshot(*, tensors: dict[str, torch.Tensor], copy: bool, buffers: dict | No
         if box.contiguous:
             chunks = shards.shard_chunks(tensor=tensor)
             write = shards.is_writer(tensor=tensor) and not box.empty
-            local = shards.local_tensor(tensor) if write else None
+            local = mesh_lib.local_tensor(tensor) if write else None
             offset = box.offset
         else:  # nested sharding of one dim: gather, first rank writes it all
             full = tensor.full_tensor()
@@ -102,16 +103,21 @@ def host_copy_bytes(*, tensors: dict[str, torch.Tensor], buffers: dict | None) -
     the only way to write it at all."""
     total = 0
     for name, tensor in tensors.items():
-        local = shards.local_tensor(tensor)
-        buf = None if buffers is None else buffers.get(name)
-        if local.device.type == "cpu" and (buf is None or buf.shape != local.shape or buf.dtype != local.dtype):
+        local = mesh_lib.local_tensor(tensor)
+        if local.device.type == "cpu" and _reusable(name=name, tensor=local, buffers=buffers) is None:
             total += local.numel() * local.element_size()
     return total
 
 
-def _host_copy(*, name: str, tensor: torch.Tensor, buffers: dict | None) -> torch.Tensor:
+def _reusable(*, name: str, tensor: torch.Tensor, buffers: dict | None) -> torch.Tensor | None:
+    """The host buffer an earlier save kept for ``name``, when it can hold ``tensor`` again."""
     buf = None if buffers is None else buffers.get(name)
-    if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
+    return buf if buf is not None and buf.shape == tensor.shape and buf.dtype == tensor.dtype else None
+
+
+def _host_copy(*, name: str, tensor: torch.Tensor, buffers: dict | None) -> torch.Tensor:
+    buf = _reusable(name=name, tensor=tensor, buffers=buffers)
+    if buf is None:
         pin = tensor.device.type == "cuda"
         buf = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
         if buffers is not None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from flame_gin import families
-from flame_gin.mesh import ParallelDims
+from flame_gin.mesh import ParallelDims, local_tensor
 
 log = logging.getLogger(__name__)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -192,15 +192,11 @@ def device_state_bytes(*, model: nn.Module, device_type: str, optimizer_states: 
     nothing on the GPU. Gradients and optimizer states take the parameter's dtype (torch's AdamW does)."""
     count = nbytes = 0
     for param in model.parameters():
-        local = param.to_local() if hasattr(param, "to_local") else param
+        local = local_tensor(param)
         if local.device.type == device_type:
             count += local.numel()
             nbytes += local.numel() * local.element_size() * (2 + optimizer_states)
     return count, nbytes
-
-
-def _local(param: torch.Tensor) -> torch.Tensor:
-    return param.to_local() if hasattr(param, "to_local") else param
 
 
 def check_states_fit(*, model: nn.Module, device: torch.device, capacity_bytes: int, optimizer_states: int) -> None:
@@ -233,11 +229,12 @@ def check_host_fits(
     size rounded up to a power of two, the blocks torch's pinned host allocator hands out: for GLA-7B that is
     7.9 GiB more than the gradients' own 25.1 GiB, and on one H100 host the run took 9.3 GiB more than the
     plain count (benchmarks/RESULTS.md, tenth round)."""
-    count, nbytes = device_state_bytes(model=model, device_type="cpu", optimizer_states=optimizer_states)
+    held = [t for t in map(local_tensor, model.parameters()) if t.device.type == "cpu"]
+    count = sum(t.numel() for t in held)
     if not count:  # nothing offloaded
         return
-    held = [_local(param) for param in model.parameters()]
-    sizes = [t.numel() * t.element_size() for t in held if t.device.type == "cpu"]
+    sizes = [t.numel() * t.element_size() for t in held]
+    nbytes = sum(sizes) * (2 + optimizer_states)
     grads = sum((1 << (n - 1).bit_length()) if pinned_gradients and n else n for n in sizes)
     still = grads + optimizer_states * sum(sizes)  # each parameter's own bytes are already held
     log.info(  # the start-up estimate counted these as the rank's device memory
