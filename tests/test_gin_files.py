@@ -179,8 +179,5 @@ def test_header_command_binds_a_whole_run(name):
         assert gin.query_parameter(f"flame_gin.{needed}") is not None, f"{name}: flame_gin.{needed}"
     assert gin.query_parameter("flame_gin.model_config.family"), f"{name}: no model family"
     # FSDP on one rank needs torchrun's process group; a plain `python -m` of such a header is refused at start
-    try:
-        one_rank = gin.query_parameter("flame_gin.parallelize.fsdp_on_one_rank")
-    except ValueError:  # not bound
-        one_rank = False
+    one_rank = config_lib.bound_value("flame_gin.parallelize.fsdp_on_one_rank", default=False)
     assert not one_rank or command[0] == "torchrun", f"{name}: fsdp_on_one_rank needs torchrun --nproc_per_node=1"
